@@ -1,0 +1,134 @@
+//! `herald.v1.PushService` over tonic: a thin edge that converts protobuf
+//! messages to [`Node`] calls, counts and times every RPC, and maps
+//! [`crate::error::Error`] to precise status codes.
+
+use crate::node::Node;
+use crate::proto::push_service_server::PushService;
+use crate::proto::*;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+use tonic::{Request, Response, Status};
+
+pub struct PushApi {
+    node: Arc<Node>,
+}
+
+impl PushApi {
+    pub fn new(node: Arc<Node>) -> Self {
+        PushApi { node }
+    }
+}
+
+/// Runs one RPC body, recording its count, outcome and latency.
+async fn observed<T>(rpc: &'static str, body: impl Future<Output = crate::error::Result<T>>) -> Result<Response<T>, Status> {
+    let start = Instant::now();
+    let result = body.await.map(Response::new).map_err(Status::from);
+    let code = match &result {
+        Ok(_) => "OK".to_string(),
+        Err(s) => format!("{:?}", s.code()),
+    };
+    metrics::counter!("herald_rpc_total", "rpc" => rpc, "code" => code).increment(1);
+    metrics::histogram!("herald_rpc_duration_seconds", "rpc" => rpc).record(start.elapsed().as_secs_f64());
+    result
+}
+
+#[tonic::async_trait]
+impl PushService for PushApi {
+    async fn send_to_user(&self, req: Request<SendToUserRequest>) -> Result<Response<SendToUserResponse>, Status> {
+        let r = req.into_inner();
+        observed("SendToUser", async {
+            let deliveries = self.node.send_to_user(&r.user_ids, &r.topic, &r.payload_json, r.transient).await?;
+            Ok(SendToUserResponse {
+                deliveries: deliveries
+                    .into_iter()
+                    .map(|d| Delivery { user_id: d.user_id, message_id: d.message_id, online: d.online })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn broadcast(&self, req: Request<BroadcastRequest>) -> Result<Response<BroadcastResponse>, Status> {
+        let r = req.into_inner();
+        observed("Broadcast", async {
+            Ok(BroadcastResponse { message_id: self.node.broadcast(&r.topic, &r.payload_json).await? })
+        })
+        .await
+    }
+
+    async fn is_online(&self, req: Request<IsOnlineRequest>) -> Result<Response<IsOnlineResponse>, Status> {
+        let r = req.into_inner();
+        observed("IsOnline", async {
+            let counts = self.node.is_online(&r.user_ids).await?;
+            Ok(IsOnlineResponse {
+                users: r
+                    .user_ids
+                    .into_iter()
+                    .zip(counts)
+                    .map(|(user_id, n)| UserPresence { user_id, online: n > 0, connections: n })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn unread_count(&self, req: Request<UnreadCountRequest>) -> Result<Response<UnreadCountResponse>, Status> {
+        let r = req.into_inner();
+        observed("UnreadCount", async { Ok(UnreadCountResponse { count: self.node.unread_count(&r.user_id).await? }) })
+            .await
+    }
+
+    async fn mark_read(&self, req: Request<MarkReadRequest>) -> Result<Response<MarkReadResponse>, Status> {
+        let r = req.into_inner();
+        observed("MarkRead", async {
+            Ok(MarkReadResponse { unread: self.node.mark_read(&r.user_id, &r.up_to_message_id).await? })
+        })
+        .await
+    }
+
+    async fn disconnect_user(
+        &self,
+        req: Request<DisconnectUserRequest>,
+    ) -> Result<Response<DisconnectUserResponse>, Status> {
+        let r = req.into_inner();
+        observed("DisconnectUser", async {
+            Ok(DisconnectUserResponse { closed: self.node.disconnect_user(&r.user_id, &r.reason).await? })
+        })
+        .await
+    }
+
+    async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        observed("Stats", async {
+            let s = self.node.stats().await?;
+            let n = s.node;
+            let mut nodes: Vec<NodeStats> = s
+                .cluster
+                .nodes
+                .iter()
+                .map(|i| NodeStats { node_id: i.node_id.clone(), connections: i.connections, users: i.users, ..Default::default() })
+                .collect();
+            // This node's own entry carries its full local figures.
+            let me = NodeStats {
+                node_id: n.node_id.clone(),
+                connections: n.connections,
+                users: n.users,
+                uptime_seconds: n.uptime_seconds,
+                messages_delivered: n.messages_delivered,
+                broker_events_received: n.broker_events_received,
+            };
+            match nodes.iter_mut().find(|x| x.node_id == me.node_id) {
+                Some(x) => *x = me.clone(),
+                None => nodes.push(me.clone()),
+            }
+            nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+            Ok(StatsResponse {
+                online_users: s.cluster.online_users,
+                connections: nodes.iter().map(|x| x.connections).sum(),
+                node: Some(me),
+                nodes,
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,267 @@
+//! This node's connections: who is connected here, and each connection's
+//! bounded outbound queue.
+//!
+//! The registry is sharded by user id; each shard is a std `Mutex` held only
+//! for map updates and non-blocking queue pushes, never across an `.await`.
+//! Lock order is shard, then connection; a connection task takes only its
+//! own connection lock.
+//!
+//! Each connection's queue is a `VecDeque` behind the connection's own lock,
+//! woken through a `Notify`. An idle connection's queue owns no heap memory
+//! (a channel would preallocate a block of slots per connection). When a
+//! push finds the queue full, the client is too slow: the connection is
+//! marked for close with 1013 and its frames are dropped; stored messages
+//! stay in the inbox for the client's resume.
+
+use crate::backend::{Dispatch, Event};
+use crate::protocol::{self, Frame, MessageId};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+const SHARDS: usize = 64;
+
+/// Close codes the server uses.
+pub mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const TOO_BIG: u16 = 1009;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    pub const DISCONNECTED: u16 = 4001;
+    pub const TOO_MANY_CONNECTIONS: u16 = 4029;
+}
+
+/// One queued frame. `id` is set for stored messages only.
+pub struct Outbound {
+    pub id: Option<MessageId>,
+    pub frame: Frame,
+}
+
+struct ConnState {
+    queue: VecDeque<Outbound>,
+    close: Option<(u16, String)>,
+}
+
+/// A connection as the hub and its task share it. Dropped when both the
+/// registry entry and the task are gone.
+pub struct Conn {
+    pub id: u64,
+    pub user: Arc<str>,
+    capacity: usize,
+    state: Mutex<ConnState>,
+    wake: Notify,
+}
+
+impl Conn {
+    /// Queues a frame; false if the connection is closing or just became
+    /// too slow. Never blocks.
+    fn push(&self, out: Outbound) -> bool {
+        // Short critical section: no await, no allocation beyond the queue.
+        let mut st = self.state.lock().unwrap();
+        if st.close.is_some() {
+            return false;
+        }
+        if st.queue.len() >= self.capacity {
+            st.queue = VecDeque::new();
+            st.close = Some((close::TRY_AGAIN_LATER, "send queue full: client too slow".into()));
+            drop(st);
+            metrics::counter!("herald_slow_client_closes_total").increment(1);
+            self.wake.notify_one();
+            return false;
+        }
+        st.queue.push_back(out);
+        drop(st);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Asks the connection task to close with `code`; the first request wins.
+    pub fn close(&self, code: u16, reason: &str) {
+        let mut st = self.state.lock().unwrap();
+        if st.close.is_none() {
+            st.close = Some((code, reason.chars().take(120).collect()));
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Waits until there is something to do.
+    pub async fn wait(&self) {
+        self.wake.notified().await
+    }
+
+    /// Moves every queued frame into `out` (batched writes) and reports a
+    /// pending close request.
+    pub fn take(&self, out: &mut Vec<Outbound>) -> Option<(u16, String)> {
+        let mut st = self.state.lock().unwrap();
+        out.extend(st.queue.drain(..));
+        if st.queue.capacity() > 64 {
+            st.queue = VecDeque::new(); // give back what a burst grew
+        }
+        st.close.clone()
+    }
+
+    /// Pushes a frame for this connection only (replies, replay overflow).
+    pub fn send(&self, frame: Frame) -> bool {
+        self.push(Outbound { id: None, frame })
+    }
+}
+
+/// The registry of this node's connections.
+pub struct Hub {
+    hasher: RandomState,
+    shards: Box<[Mutex<HashMap<Arc<str>, Vec<Arc<Conn>>>>]>,
+    next_id: AtomicU64,
+    node_tag: String,
+    connections: AtomicUsize,
+    users: AtomicUsize,
+    /// Message frames queued to connections.
+    pub delivered: AtomicU64,
+    /// Events received from the broker.
+    pub events_received: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(node_id: &str) -> Arc<Hub> {
+        Arc::new(Hub {
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            next_id: AtomicU64::new(1),
+            node_tag: node_id.to_string(),
+            connections: AtomicUsize::new(0),
+            users: AtomicUsize::new(0),
+            delivered: AtomicU64::new(0),
+            events_received: AtomicU64::new(0),
+        })
+    }
+
+    fn shard(&self, user: &str) -> &Mutex<HashMap<Arc<str>, Vec<Arc<Conn>>>> {
+        &self.shards[(self.hasher.hash_one(user) as usize) % SHARDS]
+    }
+
+    /// Registers a new connection of `user`; returns it and whether it is the
+    /// user's first on this node (the caller then subscribes the node).
+    pub fn register(&self, user: &str, queue_capacity: usize) -> (Arc<Conn>, bool) {
+        let mut shard = self.shard(user).lock().unwrap();
+        let key: Arc<str> = match shard.get_key_value(user) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(user),
+        };
+        let conn = Arc::new(Conn {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            user: key.clone(),
+            capacity: queue_capacity,
+            state: Mutex::new(ConnState { queue: VecDeque::new(), close: None }),
+            wake: Notify::new(),
+        });
+        let list = shard.entry(key).or_default();
+        list.push(conn.clone());
+        let first = list.len() == 1;
+        drop(shard);
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        if first {
+            self.users.fetch_add(1, Ordering::Relaxed);
+        }
+        (conn, first)
+    }
+
+    /// Removes a connection; true if it was the user's last on this node.
+    pub fn unregister(&self, conn: &Conn) -> bool {
+        let mut shard = self.shard(&conn.user).lock().unwrap();
+        let Some(list) = shard.get_mut(&*conn.user) else { return false };
+        let before = list.len();
+        list.retain(|c| c.id != conn.id);
+        if list.len() == before {
+            return false;
+        }
+        let last = list.is_empty();
+        if last {
+            shard.remove(&*conn.user);
+        }
+        drop(shard);
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+        if last {
+            self.users.fetch_sub(1, Ordering::Relaxed);
+        }
+        last
+    }
+
+    /// A connection id unique in the cluster: node id plus a local counter.
+    pub fn conn_label(&self, conn: &Conn) -> String {
+        format!("{}-{}", self.node_tag, conn.id)
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed) as u64
+    }
+
+    pub fn users(&self) -> u64 {
+        self.users.load(Ordering::Relaxed) as u64
+    }
+
+    /// Local connections of each user.
+    pub fn local_counts(&self, users: &[String]) -> Vec<u32> {
+        users.iter().map(|u| self.shard(u).lock().unwrap().get(u.as_str()).map_or(0, |l| l.len() as u32)).collect()
+    }
+
+    /// Whether this node holds a connection of `user` right now.
+    pub fn has_user(&self, user: &str) -> bool {
+        self.shard(user).lock().unwrap().contains_key(user)
+    }
+
+    /// Every user connected here (for re-subscribing after a backend outage).
+    pub fn users_snapshot(&self) -> Vec<String> {
+        self.shards.iter().flat_map(|s| s.lock().unwrap().keys().map(|k| k.to_string()).collect::<Vec<_>>()).collect()
+    }
+
+    /// Asks every connection to close (graceful shutdown).
+    pub fn close_all(&self, code: u16, reason: &str) {
+        for shard in self.shards.iter() {
+            for conn in shard.lock().unwrap().values().flatten() {
+                conn.close(code, reason);
+            }
+        }
+    }
+
+    fn for_user(&self, user: &str, mut f: impl FnMut(&Conn)) {
+        if let Some(list) = self.shard(user).lock().unwrap().get(user) {
+            for c in list {
+                f(c);
+            }
+        }
+    }
+}
+
+impl Dispatch for Hub {
+    fn dispatch(&self, event: Event) {
+        self.events_received.fetch_add(1, Ordering::Relaxed);
+        match event {
+            Event::Message { user, id, frame } => {
+                let mut n = 0u64;
+                self.for_user(&user, |c| n += c.push(Outbound { id, frame: frame.clone() }) as u64);
+                self.delivered.fetch_add(n, Ordering::Relaxed);
+                metrics::counter!("herald_messages_delivered_total").increment(n);
+            }
+            Event::Unread { user, count } => {
+                let frame = protocol::unread_frame(count);
+                self.for_user(&user, |c| {
+                    c.send(frame.clone());
+                });
+            }
+            Event::Disconnect { user, reason } => {
+                self.for_user(&user, |c| c.close(close::DISCONNECTED, &reason));
+            }
+            Event::Broadcast { frame } => {
+                let mut n = 0u64;
+                for shard in self.shards.iter() {
+                    for conn in shard.lock().unwrap().values().flatten() {
+                        n += conn.push(Outbound { id: None, frame: frame.clone() }) as u64;
+                    }
+                }
+                self.delivered.fetch_add(n, Ordering::Relaxed);
+                metrics::counter!("herald_messages_delivered_total").increment(n);
+            }
+        }
+    }
+}

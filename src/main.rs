@@ -1,0 +1,73 @@
+use clap::Parser;
+use herald::config::{Cli, Command, Config};
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Token(t) => {
+            println!("{}", herald::auth::mint(&t.jwt_secret, &t.user, t.ttl));
+            ExitCode::SUCCESS
+        }
+        Command::Serve(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let cfg = match Config::resolve(args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("herald: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let listeners = match herald::server::Listeners::bind(&cfg).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("herald: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let (ws, grpc, admin) = listeners.addrs();
+            if cfg.jwt_secret_generated {
+                let token = herald::auth::mint(&cfg.jwt_secret, "demo", std::time::Duration::from_secs(24 * 3600));
+                println!("No --jwt-secret configured: generated one for this run only.");
+                println!("  HERALD_JWT_SECRET={}", cfg.jwt_secret);
+                println!("Demo token for user \"demo\" (24h):");
+                println!("  {token}");
+                println!("  ws://{ws}/ws?token={token}");
+            }
+            println!("herald ready: ws=ws://{ws}/ws grpc={grpc} admin=http://{admin}");
+            match herald::server::run(cfg, listeners, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

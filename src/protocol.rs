@@ -1,0 +1,185 @@
+//! Wire protocol v1: message ids, the JSON frames the server sends, and the
+//! frames it accepts from clients.
+//!
+//! Server frames are serialized exactly once, into a [`Frame`] (a
+//! reference-counted UTF-8 buffer), and that one buffer is shared by every
+//! connection that sends it: fan-out to N sockets costs N reference-count
+//! increments, not N serializations.
+
+use serde::Deserialize;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A serialized server frame, shared between connections. Cloning is cheap.
+pub type Frame = tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Position of a stored message in one user's inbox: `"<unix ms>-<seq>"`,
+/// the same shape as a Redis stream id, ordered by `(ms, seq)`.
+///
+/// Ids only compare within one user's inbox. `0-0` sorts before every real
+/// message and serves as "nothing read yet".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl MessageId {
+    pub const ZERO: MessageId = MessageId { ms: 0, seq: 0 };
+
+    /// The next id after `self` at wall-clock time `now_ms`; never goes
+    /// backwards, even if the clock does.
+    pub fn next(self, now_ms: u64) -> MessageId {
+        if now_ms > self.ms {
+            MessageId { ms: now_ms, seq: 0 }
+        } else {
+            MessageId { ms: self.ms, seq: self.seq + 1 }
+        }
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Why a string is not a stored-message id.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a stored message id (expected \"<unix ms>-<seq>\", e.g. \"1732390000000-0\")")]
+pub struct BadMessageId(pub String);
+
+impl FromStr for MessageId {
+    type Err = BadMessageId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadMessageId(s.chars().take(64).collect());
+        let (ms, seq) = s.split_once('-').ok_or_else(bad)?;
+        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return Err(bad());
+        }
+        Ok(MessageId { ms: ms.parse().map_err(|_| bad())?, seq: seq.parse().map_err(|_| bad())? })
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// An id for a live-only message (transient send or broadcast): `t<ms>-<n>`.
+/// The `t` keeps it from ever being mistaken for a resume position.
+pub fn live_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // A random start keeps ids of different processes apart; they are labels,
+    // never positions, so uniqueness is all they need.
+    let base = *START.get_or_init(|| rand::random::<u32>() as u64);
+    format!("t{}-{}", now_ms(), base.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed)))
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a str always serializes")
+}
+
+/// `{"type":"message",...}`. `payload_json` must already be validated JSON;
+/// it is copied in verbatim so the browser sees exactly what the caller sent.
+pub fn message_frame(id: &str, topic: &str, payload_json: &str, ts: u64, transient: bool) -> String {
+    let mut s = String::with_capacity(64 + id.len() + topic.len() + payload_json.len());
+    s.push_str("{\"type\":\"message\",\"id\":");
+    s.push_str(&json_str(id));
+    s.push_str(",\"topic\":");
+    s.push_str(&json_str(topic));
+    s.push_str(",\"data\":");
+    s.push_str(payload_json);
+    s.push_str(",\"ts\":");
+    s.push_str(&ts.to_string());
+    if transient {
+        s.push_str(",\"transient\":true");
+    }
+    s.push('}');
+    s
+}
+
+pub fn welcome_frame(conn: &str, user: &str, unread: u64, resumed: Option<bool>) -> Frame {
+    let mut s = format!(
+        "{{\"type\":\"welcome\",\"conn\":{},\"user\":{},\"unread\":{}",
+        json_str(conn),
+        json_str(user),
+        unread
+    );
+    if let Some(r) = resumed {
+        s.push_str(if r { ",\"resumed\":true" } else { ",\"resumed\":false" });
+    }
+    s.push('}');
+    s.into()
+}
+
+pub fn unread_frame(count: u64) -> Frame {
+    format!("{{\"type\":\"unread\",\"count\":{count}}}").into()
+}
+
+pub fn pong_frame() -> Frame {
+    Frame::from_static("{\"type\":\"pong\"}")
+}
+
+pub fn error_frame(code: &str, message: &str) -> Frame {
+    format!("{{\"type\":\"error\",\"code\":{},\"message\":{}}}", json_str(code), json_str(message)).into()
+}
+
+/// What a client may send. Anything else is answered with an error frame.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Marks `up_to` and every older message read.
+    Read { up_to: String },
+    Ping,
+}
+
+/// Parses an untrusted client frame; the error is the message for the
+/// error frame sent back.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, String> {
+    serde_json::from_str(text).map_err(|e| {
+        let mut m = e.to_string();
+        m.truncate(200);
+        format!("malformed frame: {m}; expected {{\"type\":\"read\",\"up_to\":\"<id>\"}} or {{\"type\":\"ping\"}}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_order_and_parse() {
+        let a: MessageId = "1700000000000-2".parse().unwrap();
+        let b: MessageId = "1700000000000-10".parse().unwrap();
+        assert!(a < b);
+        assert_eq!(b.to_string(), "1700000000000-10");
+        for bad in ["", "-", "1-", "-1", "a-1", "1-2-3", "t1-2", "1 -2", "99999999999999999999999-1"] {
+            assert!(bad.parse::<MessageId>().is_err(), "{bad:?}");
+        }
+        assert_eq!(a.next(a.ms - 5), MessageId { ms: a.ms, seq: 3 });
+        assert_eq!(a.next(a.ms + 1), MessageId { ms: a.ms + 1, seq: 0 });
+    }
+
+    #[test]
+    fn frames_are_valid_json_with_payload_verbatim() {
+        let f = message_frame("1-0", "a\"b", "{ \"x\" : [1, 2] }", 5, false);
+        assert!(f.contains("\"data\":{ \"x\" : [1, 2] }"));
+        let v: serde_json::Value = serde_json::from_str(&f).unwrap();
+        assert_eq!(v["topic"], "a\"b");
+        let w: serde_json::Value = serde_json::from_str(welcome_frame("c", "u\n", 3, Some(false)).as_str()).unwrap();
+        assert_eq!(w["resumed"], false);
+        assert!(live_id().starts_with('t'));
+    }
+
+    #[test]
+    fn client_frames() {
+        assert!(matches!(parse_client_frame(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping)));
+        assert!(matches!(parse_client_frame(r#"{"type":"read","up_to":"1-0"}"#), Ok(ClientFrame::Read { .. })));
+        assert!(parse_client_frame(r#"{"type":"nope"}"#).is_err());
+        assert!(parse_client_frame("not json").is_err());
+    }
+}

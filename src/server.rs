@@ -1,0 +1,257 @@
+//! Listeners and the node's lifecycle: bind, serve, drain.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests bind
+//! port 0 and stop the node themselves. Shutdown order: stop accepting,
+//! close every WebSocket with 1001, let in-flight RPCs finish, then return
+//! once every connection task is done (or a deadline passes).
+
+use crate::auth::{ApiKey, TokenVerifier};
+use crate::config::Config;
+use crate::hub::close;
+use crate::node::Node;
+use crate::proto::push_service_server::PushServiceServer;
+use crate::ws::Gateway;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
+
+/// A connection slot of the public listener; the slot frees when the last
+/// clone drops.
+#[derive(Clone)]
+pub struct ConnPermit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+/// How long shutdown waits for connections to take their close frames.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The three listeners of a node.
+pub struct Listeners {
+    pub ws: TcpListener,
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(cfg: &Config) -> std::io::Result<Listeners> {
+        let bind = |a: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a} ({what}): {e}")))
+        };
+        Ok(Listeners {
+            ws: bind(cfg.ws_listen, "--ws-listen").await?,
+            grpc: bind(cfg.grpc_listen, "--grpc-listen").await?,
+            admin: bind(cfg.admin_listen, "--admin-listen").await?,
+        })
+    }
+
+    /// The actual addresses (the ports, when bound to port 0).
+    pub fn addrs(&self) -> (SocketAddr, SocketAddr, SocketAddr) {
+        (
+            self.ws.local_addr().expect("bound"),
+            self.grpc.local_addr().expect("bound"),
+            self.admin.local_addr().expect("bound"),
+        )
+    }
+}
+
+/// The process-wide Prometheus recorder (the `metrics` facade is global).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0])
+                .expect("static buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed (tests embedding
+            // several nodes): the handle then renders an empty registry.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Builds the node for `cfg`: Redis-backed when a Redis URL is configured,
+/// embedded otherwise.
+pub async fn build_node(cfg: Config) -> Result<Arc<Node>, crate::error::Error> {
+    match cfg.redis_url.clone() {
+        None => Ok(Node::in_memory(cfg)),
+        Some(url) => crate::backend::redis::node(cfg, &url).await,
+    }
+}
+
+/// Runs a node until `shutdown` resolves, then drains it.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let metrics = metrics_handle();
+    let node = build_node(cfg.clone()).await?;
+    let (ws_addr, grpc_addr, admin_addr) = listeners.addrs();
+    tracing::info!(node = %cfg.node_id, %ws_addr, %grpc_addr, %admin_addr,
+        backend = if cfg.redis_url.is_some() { "redis" } else { "memory" }, "herald node serving");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tasks = TaskTracker::new();
+
+    // gRPC: health, reflection (v1 and v1alpha) and the PushService.
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<PushServiceServer<crate::grpc::PushApi>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let push = tonic::service::interceptor::InterceptedService::new(
+        PushServiceServer::new(crate::grpc::PushApi::new(node.clone()))
+            .max_decoding_message_size(cfg.limits.max_payload_bytes + 1024 * 1024),
+        ApiKey(cfg.api_key.as_deref().map(Arc::from)),
+    );
+    let mut grpc_stop = stop_rx.clone();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_svc)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(push)
+            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listeners.grpc), async move {
+                stopped(&mut grpc_stop).await;
+            }),
+    );
+
+    // Public listener: WebSocket gateway.
+    let gateway = Arc::new(Gateway {
+        node: node.clone(),
+        verifier: TokenVerifier::new(&cfg.jwt_secret, cfg.limits.max_user_id_bytes),
+        tasks: tasks.clone(),
+    });
+    let permits = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let public = tokio::spawn(accept_loop(listeners.ws, stop_rx.clone(), tasks.clone(), Some(permits), {
+        let gateway = gateway.clone();
+        move |req| gateway.clone().handle(req)
+    }));
+
+    // Admin listener: /metrics and /healthz.
+    let admin = tokio::spawn(accept_loop(listeners.admin, stop_rx.clone(), tasks.clone(), None, {
+        let node = node.clone();
+        move |req| {
+            let node = node.clone();
+            let metrics = metrics.clone();
+            async move { Ok(admin(&node, &metrics, req)) }
+        }
+    }));
+
+    shutdown.await;
+    tracing::info!("shutting down: closing connections with 1001, finishing in-flight RPCs");
+    let _ = stop_tx.send(true);
+    let _ = public.await;
+    let _ = admin.await;
+    node.hub.close_all(close::GOING_AWAY, "server shutting down");
+    tasks.close();
+    if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait()).await.is_err() {
+        tracing::warn!("some connections did not close within {DRAIN_DEADLINE:?}");
+    }
+    match grpc.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
+    }
+    node.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves once shutdown has been signalled.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn admin(node: &Node, metrics: &PrometheusHandle, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
+        "/healthz" => (StatusCode::OK, "text/plain", format!("ok {}\n", node.cfg.node_id)),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
+    r
+}
+
+/// Accepts HTTP/1.1 connections until told to stop. With `permits`, a
+/// permit is taken before each accept and held for the connection's life
+/// (through a WebSocket upgrade too), so a full node stops accepting instead
+/// of failing later. Accept errors (EMFILE, say) back off exponentially.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    tasks: TaskTracker,
+    permits: Option<Arc<Semaphore>>,
+    handler: F,
+) where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, hyper::Error>> + Send + 'static,
+{
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = match &permits {
+            Some(p) => tokio::select! {
+                p = p.clone().acquire_owned() => Some(Arc::new(p.expect("never closed"))),
+                _ = stopped(&mut stop) => return,
+            },
+            None => None,
+        };
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => { backoff = Duration::from_millis(5); s }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let mut stop = stop.clone();
+        tasks.spawn(async move {
+            let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                // The WebSocket task takes this along, keeping the permit for
+                // the socket's whole life.
+                if let Some(p) = &permit {
+                    req.extensions_mut().insert(ConnPermit(p.clone()));
+                }
+                handler(req)
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,295 @@
+//! The public listener: the WebSocket handshake on `/ws` (token check before
+//! any upgrade) and the per-connection task.
+//!
+//! One task per connection does everything for it: it writes queued frames
+//! (all that are queued, then one flush), reads client frames, and sends
+//! heartbeats. There is no second task and no channel per connection; the
+//! hub's queue and the socket's buffers are the connection's whole memory.
+
+use crate::auth::TokenVerifier;
+use crate::error::Error;
+use crate::hub::{close, Conn, Outbound};
+use crate::node::Node;
+use crate::protocol::{self, ClientFrame, MessageId};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::task::TaskTracker;
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// What the public listener needs to serve a request.
+pub struct Gateway {
+    pub node: Arc<Node>,
+    pub verifier: TokenVerifier,
+    /// Connection tasks, so shutdown can wait for their close frames.
+    pub tasks: TaskTracker,
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+impl Gateway {
+    /// Serves one HTTP request on the public listener.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+        match (req.method(), req.uri().path()) {
+            (&hyper::Method::GET, "/ws") => Ok(self.upgrade(req)),
+            (&hyper::Method::GET, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
+            (&hyper::Method::GET, "/") => Ok(text(
+                StatusCode::OK,
+                "Herald push node. Connect a WebSocket to /ws?token=<JWT>.\n",
+            )),
+            _ => Ok(text(StatusCode::NOT_FOUND, "not found\n")),
+        }
+    }
+
+    fn upgrade(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let mut token = None;
+        let mut since = None;
+        if let Some(q) = req.uri().query() {
+            for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+                match &*k {
+                    "token" => token = Some(v.into_owned()),
+                    "since" if !v.is_empty() => since = Some(v.into_owned()),
+                    _ => {}
+                }
+            }
+        }
+        if token.is_none() {
+            token = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::to_string);
+        }
+        let Some(token) = token else {
+            metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized").increment(1);
+            return text(StatusCode::UNAUTHORIZED, "missing token: pass ?token=<JWT> or Authorization: Bearer <JWT>\n");
+        };
+        let user = match self.verifier.verify(&token) {
+            Ok(u) => u,
+            Err(why) => {
+                metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized").increment(1);
+                return text(StatusCode::UNAUTHORIZED, format!("{why}\n"));
+            }
+        };
+        let since: Option<MessageId> = match since.map(|s| s.parse()) {
+            None => None,
+            Some(Ok(id)) => Some(id),
+            Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("since: {e}\n")),
+        };
+        let headers = req.headers();
+        let is_upgrade = headers
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("upgrade")))
+            && headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        if !is_upgrade {
+            return text(StatusCode::UPGRADE_REQUIRED, "this endpoint speaks WebSocket only\n");
+        }
+        if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+            return text(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13\n");
+        }
+        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+            return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+        };
+        let accept = derive_accept_key(key.as_bytes());
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let permit = req.extensions_mut().remove::<crate::server::ConnPermit>();
+        let gw = self.clone();
+        self.tasks.spawn(async move {
+            let _permit = permit;
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let limits = &gw.node.cfg.limits;
+                    let config = WebSocketConfig::default()
+                        .read_buffer_size(4096)
+                        .write_buffer_size(16 * 1024)
+                        .max_write_buffer_size(8 * 1024 * 1024)
+                        .max_message_size(Some(limits.max_client_frame_bytes))
+                        .max_frame_size(Some(limits.max_client_frame_bytes));
+                    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                    run(gw.node.clone(), user, since, ws).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header"));
+        r
+    }
+}
+
+async fn send_close(ws: &mut Socket, code: u16, reason: &str) {
+    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() };
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+}
+
+/// One connection's whole life, from attach to detach.
+async fn run(node: Arc<Node>, user: String, since: Option<MessageId>, mut ws: Socket) {
+    let conn = match node.attach(&user).await {
+        Ok(c) => c,
+        Err(Error::ResourceExhausted(m)) => {
+            metrics::counter!("herald_ws_rejected_total", "reason" => "too_many_connections").increment(1);
+            return send_close(&mut ws, close::TOO_MANY_CONNECTIONS, &m).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot attach connection");
+            return send_close(&mut ws, close::TRY_AGAIN_LATER, "backend unavailable, retry shortly").await;
+        }
+    };
+    metrics::counter!("herald_ws_connections_total").increment(1);
+    let end = serve(&node, &conn, since, &mut ws).await;
+    node.detach(&conn).await;
+    if let Some((code, reason)) = end {
+        send_close(&mut ws, code, &reason).await;
+    }
+}
+
+/// Why a connection ended: `Some` to send a close frame, `None` if the
+/// socket is already gone or closed.
+type End = Option<(u16, String)>;
+
+async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Socket) -> End {
+    let heartbeat = node.cfg.heartbeat;
+    // A write that cannot finish within two heartbeats means a dead peer.
+    let write_timeout = heartbeat * 2;
+    let replay = match node.replay(&conn.user, since).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "replay failed");
+            return Some((close::TRY_AGAIN_LATER, "backend unavailable, retry shortly".into()));
+        }
+    };
+    let welcome = protocol::welcome_frame(&node.hub.conn_label(conn), &conn.user, replay.unread, replay.resumed);
+    let mut head = replay.head;
+    let greet = async {
+        ws.feed(Message::Text(welcome)).await?;
+        for (_, frame) in replay.messages {
+            ws.feed(Message::Text(frame)).await?;
+        }
+        ws.flush().await
+    };
+    match tokio::time::timeout(write_timeout, greet).await {
+        Ok(Ok(())) => {}
+        _ => return None,
+    }
+
+    let mut batch: Vec<Outbound> = Vec::new();
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = Instant::now();
+    loop {
+        tokio::select! {
+            _ = conn.wait() => {
+                let closing = conn.take(&mut batch);
+                let write = async {
+                    for out in batch.drain(..) {
+                        if let Some(id) = out.id {
+                            // Already sent by the replay (or a duplicate).
+                            if id <= head { continue; }
+                            head = id;
+                        }
+                        ws.feed(Message::Text(out.frame)).await?;
+                    }
+                    ws.flush().await
+                };
+                match tokio::time::timeout(write_timeout, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return None,
+                    Err(_) => {
+                        metrics::counter!("herald_write_timeouts_total").increment(1);
+                        return None;
+                    }
+                }
+                batch.clear();
+                if closing.is_some() {
+                    return closing;
+                }
+            }
+            msg = ws.next() => {
+                last_seen = Instant::now();
+                match msg {
+                    None => return None,
+                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                        metrics::counter!("herald_client_frames_rejected_total", "reason" => "too_big").increment(1);
+                        return Some((close::TOO_BIG, format!("frame exceeds {} bytes", node.cfg.limits.max_client_frame_bytes)));
+                    }
+                    Some(Err(WsError::Capacity(_))) => {
+                        return Some((close::TOO_BIG, "frame too big".into()));
+                    }
+                    Some(Err(_)) => return None,
+                    Some(Ok(Message::Text(t))) => {
+                        if let Some(reply) = client_frame(node, conn, t.as_str()).await {
+                            conn.send(reply);
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        conn.send(protocol::error_frame("bad_frame", "binary frames are not part of the protocol; send JSON text frames"));
+                    }
+                    Some(Ok(Message::Ping(_))) => {
+                        // tungstenite queued the pong; push it out now.
+                        if ws.flush().await.is_err() { return None; }
+                    }
+                    Some(Ok(Message::Close(_))) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), ws.flush()).await;
+                        return None;
+                    }
+                    Some(Ok(_)) => {}
+                }
+            }
+            _ = ticker.tick() => {
+                if last_seen.elapsed() >= heartbeat * 2 {
+                    metrics::counter!("herald_heartbeat_timeouts_total").increment(1);
+                    return Some((1000, "heartbeat timeout".into()));
+                }
+                match tokio::time::timeout(write_timeout, ws.send(Message::Ping(Bytes::new()))).await {
+                    Ok(Ok(())) => {}
+                    _ => return None,
+                }
+            }
+        }
+    }
+}
+
+/// Handles one untrusted client text frame; returns the reply, if any.
+async fn client_frame(node: &Node, conn: &Conn, text: &str) -> Option<protocol::Frame> {
+    match protocol::parse_client_frame(text) {
+        Ok(ClientFrame::Ping) => Some(protocol::pong_frame()),
+        Ok(ClientFrame::Read { up_to }) => match node.client_read(&conn.user, &up_to).await {
+            // Every connection of the user, this one included, gets the new
+            // count through the broker when it changed.
+            Ok(_) => None,
+            Err(Error::InvalidArgument(m)) => Some(protocol::error_frame("bad_request", &m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "read failed");
+                Some(protocol::error_frame("unavailable", "could not mark read: backend unavailable, retry shortly"))
+            }
+        },
+        Err(m) => {
+            metrics::counter!("herald_client_frames_rejected_total", "reason" => "malformed").increment(1);
+            Some(protocol::error_frame("bad_frame", &m))
+        }
+    }
+}
