@@ -1,0 +1,263 @@
+//! Test harness: real nodes on ephemeral loopback ports, real tonic and
+//! WebSocket clients. Every node a test starts is stopped by the test (or
+//! aborted on drop).
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use herald::config::{Config, ServeArgs};
+use herald::proto::push_service_client::PushServiceClient;
+use herald::proto::*;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tonic::transport::Channel;
+
+pub const SECRET: &str = "test-secret-0123456789";
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub fn args() -> ServeArgs {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    ServeArgs {
+        ws_listen: Some(any),
+        grpc_listen: Some(any),
+        admin_listen: Some(any),
+        jwt_secret: Some(SECRET.into()),
+        ..Default::default()
+    }
+}
+
+pub struct TestNode {
+    pub ws: SocketAddr,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub node_id: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestNode {
+    pub async fn start() -> TestNode {
+        Self::start_with(args()).await
+    }
+
+    pub async fn start_with(args: ServeArgs) -> TestNode {
+        Self::try_start_with(args).await.expect("node starts")
+    }
+
+    pub async fn try_start_with(args: ServeArgs) -> Result<TestNode, String> {
+        let cfg = Config::resolve(args)?;
+        let node_id = cfg.node_id.clone();
+        let listeners = herald::server::Listeners::bind(&cfg).await.map_err(|e| e.to_string())?;
+        let (ws, grpc, admin) = listeners.addrs();
+        let (tx, rx) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), String>>();
+        let task = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            // Report startup errors (a Redis that is not there) to the caller.
+            let res = herald::server::run(cfg, listeners, async {
+                if let Some(t) = ready_tx.take() {
+                    let _ = t.send(Ok(()));
+                }
+                shutdown.await
+            })
+            .await;
+            if let (Err(e), Some(t)) = (res, ready_tx.take()) {
+                let _ = t.send(Err(e.to_string()));
+            }
+        });
+        ready_rx.await.map_err(|_| "node task ended".to_string())??;
+        Ok(TestNode { ws, grpc, admin, node_id, stop: Some(tx), task: Some(task) })
+    }
+
+    pub async fn client(&self) -> PushServiceClient<Channel> {
+        PushServiceClient::connect(format!("http://{}", self.grpc)).await.expect("gRPC connects")
+    }
+
+    pub fn ws_url(&self, token: &str, since: Option<&str>) -> String {
+        match since {
+            Some(s) => format!("ws://{}/ws?token={token}&since={s}", self.ws),
+            None => format!("ws://{}/ws?token={token}", self.ws),
+        }
+    }
+
+    /// Connects as `user` and returns the socket and its welcome frame.
+    pub async fn connect(&self, user: &str) -> (Ws, Value) {
+        self.connect_since(user, None).await
+    }
+
+    pub async fn connect_since(&self, user: &str, since: Option<&str>) -> (Ws, Value) {
+        let mut ws = self.connect_raw(user, since).await;
+        let welcome = ws.next_json().await;
+        assert_eq!(welcome["type"], "welcome", "first frame is welcome: {welcome}");
+        (ws, welcome)
+    }
+
+    pub async fn connect_raw(&self, user: &str, since: Option<&str>) -> Ws {
+        let url = self.ws_url(&token(user), since);
+        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connects");
+        Ws { stream }
+    }
+
+    /// Stops the node (graceful shutdown) and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+        }
+    }
+
+    /// Stops the node abruptly: no close frames, no clean leave (like a
+    /// crash, as far as the cluster can tell).
+    pub fn kill(mut self) {
+        self.stop.take();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> String {
+        http_get(self.admin, path).await
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+pub fn token(user: &str) -> String {
+    herald::auth::mint(SECRET, user, Duration::from_secs(3600))
+}
+
+pub fn uid(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// A bare HTTP/1.1 GET; returns status line, headers and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await.expect("response in time").unwrap();
+    out
+}
+
+pub struct Ws {
+    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Ws {
+    /// The next JSON text frame (control frames skipped); panics after 5 s.
+    pub async fn next_json(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("a frame within 5 s")
+                .expect("socket open")
+                .expect("no socket error");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(t.as_str()).expect("frames are JSON"),
+                Message::Close(c) => panic!("unexpected close: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame of `type` `kind`, skipping others.
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.next_json().await;
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    /// Asserts no text frame arrives within `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Text(t)))) => panic!("expected silence, got {t}"),
+                Ok(Some(Ok(_))) => continue,
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code (text frames
+    /// before it are returned too).
+    pub async fn expect_close(&mut self) -> (u16, String, Vec<Value>) {
+        let mut frames = vec![];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.stream.next()).await.expect("close within 10 s") {
+                Some(Ok(Message::Close(Some(c)))) => return (u16::from(c.code), c.reason.to_string(), frames),
+                Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new(), frames),
+                Some(Ok(Message::Text(t))) => frames.push(serde_json::from_str(t.as_str()).unwrap()),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.stream.send(Message::Text(v.to_string().into())).await.unwrap();
+    }
+
+    pub async fn send_text(&mut self, t: &str) {
+        self.stream.send(Message::Text(t.to_string().into())).await.unwrap();
+    }
+}
+
+pub async fn send(c: &mut PushServiceClient<Channel>, users: &[&str], payload: &str) -> SendToUserResponse {
+    c.send_to_user(SendToUserRequest {
+        user_ids: users.iter().map(|u| u.to_string()).collect(),
+        topic: "t".into(),
+        payload_json: payload.into(),
+        transient: false,
+    })
+    .await
+    .expect("SendToUser succeeds")
+    .into_inner()
+}
+
+pub async fn online(c: &mut PushServiceClient<Channel>, user: &str) -> u32 {
+    c.is_online(IsOnlineRequest { user_ids: vec![user.into()] }).await.unwrap().into_inner().users[0].connections
+}
+
+pub async fn unread(c: &mut PushServiceClient<Channel>, user: &str) -> u64 {
+    c.unread_count(UnreadCountRequest { user_id: user.into() }).await.unwrap().into_inner().count
+}
+
+/// Polls `f` until it returns true or `WAIT` passes.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if f().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
