@@ -22,6 +22,34 @@ pub enum Command {
     Serve(ServeArgs),
     /// Mint a WebSocket token (HS256 JWT) for a user with the configured secret.
     Token(TokenArgs),
+    /// Send a message to users through a node's gRPC API (a small client).
+    Send(SendArgs),
+    /// Load-test a Herald cluster (or a comparison server).
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    /// Recipients (repeat or comma-separate).
+    #[arg(long = "user", short = 'u', required_unless_present = "broadcast", value_delimiter = ',')]
+    pub users: Vec<String>,
+    /// The payload: any JSON value.
+    pub payload_json: String,
+    /// The message topic.
+    #[arg(long, default_value = "")]
+    pub topic: String,
+    /// Live-only: do not store.
+    #[arg(long)]
+    pub transient: bool,
+    /// Send to every connection instead (no --user needed).
+    #[arg(long, conflicts_with = "transient")]
+    pub broadcast: bool,
+    /// The node's gRPC address.
+    #[arg(long, env = "HERALD_GRPC", default_value = "http://127.0.0.1:50051")]
+    pub grpc: String,
+    /// API key, if the node requires one.
+    #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {

@@ -10,6 +10,8 @@ async fn main() -> ExitCode {
             println!("{}", herald::auth::mint(&t.jwt_secret, &t.user, t.ttl));
             ExitCode::SUCCESS
         }
+        Command::Send(args) => herald::cli::send(args).await,
+        Command::Bench(args) => herald::bench::run(args).await,
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
