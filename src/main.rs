@@ -42,6 +42,7 @@ async fn main() -> ExitCode {
                 println!("Demo token for user \"demo\" (24h):");
                 println!("  {token}");
                 println!("  ws://{ws}/ws?token={token}");
+                println!("Demo page: http://{ws}/?token={token}");
             }
             println!("herald ready: ws=ws://{ws}/ws grpc={grpc} admin=http://{admin}");
             match herald::server::run(cfg, listeners, shutdown_signal()).await {

@@ -28,6 +28,15 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 
+/// The demo page and the browser client, embedded in the binary so a node
+/// serves them with no files beside it: (path, content type, body).
+const DEMO: &[(&str, &str, &str)] = &[
+    ("/", "text/html; charset=utf-8", include_str!("../clients/js/demo/index.html")),
+    ("/demo/app.js", "text/javascript; charset=utf-8", include_str!("../clients/js/demo/app.js")),
+    ("/demo/style.css", "text/css; charset=utf-8", include_str!("../clients/js/demo/style.css")),
+    ("/herald.js", "text/javascript; charset=utf-8", include_str!("../clients/js/herald.js")),
+];
+
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// What the public listener needs to serve a request.
@@ -51,11 +60,16 @@ impl Gateway {
         match (req.method(), req.uri().path()) {
             (&hyper::Method::GET, "/ws") => Ok(self.upgrade(req)),
             (&hyper::Method::GET, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
-            (&hyper::Method::GET, "/") => Ok(text(
-                StatusCode::OK,
-                "Herald push node. Connect a WebSocket to /ws?token=<JWT>.\n",
-            )),
-            _ => Ok(text(StatusCode::NOT_FOUND, "not found\n")),
+            (&hyper::Method::GET, path) => Ok(match DEMO.iter().find(|(p, _, _)| *p == path) {
+                Some((_, ctype, body)) => {
+                    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+                    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                    r
+                }
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            }),
+            _ => Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")),
         }
     }
 
