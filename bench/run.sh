@@ -1,0 +1,376 @@
+#!/usr/bin/env bash
+# Herald benchmarks: Herald (1 node; 2 nodes + Redis) side by side with
+# Socket.IO 4 (2 processes + the same Redis) and herald-floor (a bare fan-out),
+# driven by `herald bench` in the same run, on this machine's loopback.
+#
+#   bash bench/run.sh          full run; rewrites the tables in BENCHMARKS.md
+#   bash bench/run.sh smoke    tiny run for CI (< 2 min): exits non-zero on
+#                              errors, lost or duplicated messages, never on
+#                              timings; writes nothing outside $BENCH_OUT
+#
+# It installs what it needs (npm ci in bench/socketio; redis-server through
+# apt-get if missing), builds the binaries, starts Redis on a free loopback
+# port, and runs every experiment on each system in turn (alternating, so
+# that a noisy neighbour hurts every system alike). Every server it starts
+# listens on 127.0.0.1 only and is stopped when the script ends.
+#
+# Sizes (environment variables, full-run defaults in brackets):
+#   SYSTEMS            systems to run [herald1 herald2 socketio floor]
+#   ROUNDS             repetitions of the whole set; the tables show medians [1]
+#   UNICAST_CONNS      clients for the unicast experiments [10000]
+#   FIXED_RATES        fixed rates measured first, deliveries/s [5000 10000]
+#   RAMP_START         first rate of the step-up search [2000]
+#   STEP_SECS          seconds per rate step [4]
+#   SLO_P99            latency objective of the search [50ms]
+#   BATCH              users per call of the batched experiment [100]
+#   BROADCAST_CONNS    clients for the broadcast experiment [10000]
+#   BROADCASTS         broadcasts of the sustained phase [40]
+#   IDLE_SIZES         idle connection counts [10000 50000]
+#   IDLE_HOLD          how long idle connections are held [10s]
+#   BIG_IDLE           idle connections on one Herald node, no errors [100000]
+#   BENCH_OUT          where JSON results and logs go [bench-out]
+#   BENCH_PROFILE      cargo profile: release, or debug (smoke default) [release]
+set -euo pipefail
+
+MODE=${1:-full}
+case "$MODE" in full | smoke) ;; *)
+    echo "usage: bash bench/run.sh [full|smoke]" >&2
+    exit 2
+    ;;
+esac
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+if [ "$MODE" = smoke ]; then
+    : "${SYSTEMS:=herald1 herald2 socketio floor}"
+    : "${UNICAST_CONNS:=200}" "${FIXED_RATES:=500}" "${STEP_SECS:=2}" "${BATCH:=20}"
+    : "${BROADCAST_CONNS:=200}" "${BROADCASTS:=10}" "${IDLE_SIZES:=200}" "${IDLE_HOLD:=1s}"
+    : "${BIG_IDLE:=0}" "${ROUNDS:=1}" "${BENCH_PROFILE:=debug}"
+    : "${BENCH_OUT:=$ROOT/bench-out/smoke}"
+else
+    : "${SYSTEMS:=herald1 herald2 socketio floor}"
+    : "${UNICAST_CONNS:=10000}" "${FIXED_RATES:=5000 10000}" "${STEP_SECS:=4}" "${BATCH:=100}"
+    : "${BROADCAST_CONNS:=10000}" "${BROADCASTS:=40}" "${IDLE_SIZES:=10000 50000}" "${IDLE_HOLD:=10s}"
+    : "${BIG_IDLE:=100000}" "${ROUNDS:=1}" "${BENCH_PROFILE:=release}"
+    : "${BENCH_OUT:=$ROOT/bench-out/full}"
+fi
+: "${RAMP_START:=2000}" "${SLO_P99:=50ms}"
+SECRET="bench-secret-$RANDOM$RANDOM"
+LOGS="$BENCH_OUT/logs"
+rm -rf "$BENCH_OUT"
+mkdir -p "$LOGS"
+
+say() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+    say "error: $*"
+    exit 1
+}
+
+# --- processes we start, stopped on exit -----------------------------------
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+stop_pids() {
+    local p
+    for p in "$@"; do kill "$p" 2>/dev/null || true; done
+    for p in "$@"; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    local keep=() q
+    for q in "${PIDS[@]}"; do
+        local gone=0
+        for p in "$@"; do [ "$p" = "$q" ] && gone=1; done
+        [ $gone = 1 ] || keep+=("$q")
+    done
+    PIDS=("${keep[@]+"${keep[@]}"}")
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_ready LOG PID PATTERN: until PATTERN is in LOG (20 s), or the process died.
+wait_ready() {
+    for _ in $(seq 200); do
+        grep -q "$3" "$1" 2>/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || {
+            tail -5 "$1" >&2
+            return 1
+        }
+        sleep 0.1
+    done
+    tail -5 "$1" >&2
+    return 1
+}
+
+# --- open files: every client and server socket is a file descriptor --------
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FD_LIMIT=$(ulimit -n)
+[ "$FD_LIMIT" = unlimited ] && FD_LIMIT=1048576
+MAX_CONNS=$((FD_LIMIT - 512))
+say "open-file limit $FD_LIMIT: at most $MAX_CONNS connections per process"
+
+# --- install and build --------------------------------------------------------
+need_redis=0
+for s in $SYSTEMS; do case $s in herald2 | socketio) need_redis=1 ;; esac; done
+if [ $need_redis = 1 ] && ! command -v redis-server >/dev/null; then
+    say "installing redis-server (apt-get)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } >"$LOGS/apt.log" 2>&1 ||
+        die "could not install redis-server (see $LOGS/apt.log)"
+fi
+if [[ " $SYSTEMS " == *" socketio "* ]]; then
+    command -v node >/dev/null || die "Node.js is needed for the Socket.IO server"
+    say "npm ci in bench/socketio"
+    (cd bench/socketio && npm ci --no-audit --no-fund --loglevel=error) >"$LOGS/npm.log" 2>&1 ||
+        die "npm ci failed (see $LOGS/npm.log)"
+fi
+say "cargo build --bins ($BENCH_PROFILE)"
+if [ "$BENCH_PROFILE" = release ]; then
+    cargo build --release --bins >"$LOGS/build.log" 2>&1 || die "build failed (see $LOGS/build.log)"
+else
+    cargo build --bins >"$LOGS/build.log" 2>&1 || die "build failed (see $LOGS/build.log)"
+fi
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+HERALD="$TARGET_DIR/$BENCH_PROFILE/herald"
+FLOOR="$TARGET_DIR/$BENCH_PROFILE/herald-floor"
+[ -x "$HERALD" ] && [ -x "$FLOOR" ] || die "binaries not found in $TARGET_DIR/$BENCH_PROFILE"
+
+# --- Redis --------------------------------------------------------------------
+REDIS_PID=""
+REDIS_PORT=""
+if [ $need_redis = 1 ]; then
+    REDIS_PORT=$(free_port)
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+        --protected-mode yes --maxclients 10000 >"$LOGS/redis.log" 2>&1 &
+    REDIS_PID=$!
+    PIDS+=("$REDIS_PID")
+    wait_ready "$LOGS/redis.log" "$REDIS_PID" "Ready to accept connections" || die "Redis did not start"
+    say "redis on 127.0.0.1:$REDIS_PORT (pid $REDIS_PID)"
+fi
+REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+redis_flush() {
+    [ -n "$REDIS_PID" ] || return 0
+    if command -v redis-cli >/dev/null; then redis-cli -p "$REDIS_PORT" flushall >/dev/null; fi
+}
+
+# --- systems ------------------------------------------------------------------
+# start_system NAME sets: SYS_ARGS (target, URLs, secret), SYS_PIDS (bench
+# --pid flags: servers, plus redis when used), SYS_SERVER_PIDS.
+SYS_ARGS=()
+SYS_PIDS=()
+SYS_SERVER_PIDS=()
+start_herald_node() { # ID USE_REDIS: sets HN_PID HN_WS HN_GRPC
+    local id=$1 redis=$2 admin log
+    HN_WS=$(free_port)
+    HN_GRPC=$(free_port)
+    admin=$(free_port)
+    log="$LOGS/$id-$RUN_TAG.log"
+    local extra=()
+    [ "$redis" = 1 ] && extra=(--redis-url "$REDIS_URL")
+    "$HERALD" serve --ws-listen "127.0.0.1:$HN_WS" --grpc-listen "127.0.0.1:$HN_GRPC" --admin-listen "127.0.0.1:$admin" \
+        --jwt-secret "$SECRET" --node-id "$id" "${extra[@]+"${extra[@]}"}" >"$log" 2>&1 &
+    HN_PID=$!
+    PIDS+=("$HN_PID")
+    SYS_SERVER_PIDS+=("$HN_PID")
+    wait_ready "$log" "$HN_PID" "herald ready"
+}
+start_system() {
+    local name=$1 a b p1 p2 pid1 log
+    SYS_ARGS=()
+    SYS_PIDS=()
+    SYS_SERVER_PIDS=()
+    redis_flush
+    case $name in
+    herald1)
+        start_herald_node h1 0 || return 1
+        SYS_ARGS=(--target herald --jwt-secret "$SECRET" --ws "ws://127.0.0.1:$HN_WS/ws" --api "http://127.0.0.1:$HN_GRPC")
+        SYS_PIDS=(--pid "herald=$HN_PID")
+        ;;
+    herald2)
+        start_herald_node h1 1 || return 1
+        pid1=$HN_PID a=$HN_WS b=$HN_GRPC
+        start_herald_node h2 1 || return 1
+        SYS_ARGS=(--target herald --jwt-secret "$SECRET" --ws "ws://127.0.0.1:$a/ws,ws://127.0.0.1:$HN_WS/ws"
+            --api "http://127.0.0.1:$b,http://127.0.0.1:$HN_GRPC")
+        SYS_PIDS=(--pid "herald-h1=$pid1" --pid "herald-h2=$HN_PID" --pid "redis=$REDIS_PID")
+        ;;
+    socketio)
+        p1=$(free_port)
+        p2=$(free_port)
+        for port in "$p1" "$p2"; do
+            log="$LOGS/socketio-$port-$RUN_TAG.log"
+            (cd bench/socketio && PORT=$port HOST=127.0.0.1 REDIS_URL=$REDIS_URL exec node server.js) >"$log" 2>&1 &
+            local pid=$!
+            PIDS+=("$pid")
+            SYS_SERVER_PIDS+=("$pid")
+            wait_ready "$log" "$pid" "socketio ready" || return 1
+        done
+        SYS_ARGS=(--target socketio --ws "ws://127.0.0.1:$p1/socket.io/,ws://127.0.0.1:$p2/socket.io/"
+            --api "http://127.0.0.1:$p1,http://127.0.0.1:$p2")
+        SYS_PIDS=(--pid "socketio-1=${SYS_SERVER_PIDS[0]}" --pid "socketio-2=${SYS_SERVER_PIDS[1]}" --pid "redis=$REDIS_PID")
+        ;;
+    floor)
+        p1=$(free_port)
+        log="$LOGS/floor-$RUN_TAG.log"
+        "$FLOOR" --listen "127.0.0.1:$p1" >"$log" 2>&1 &
+        pid1=$!
+        PIDS+=("$pid1")
+        SYS_SERVER_PIDS=("$pid1")
+        wait_ready "$log" "$pid1" "herald-floor ready" || return 1
+        SYS_ARGS=(--target floor --ws "ws://127.0.0.1:$p1/ws" --api "http://127.0.0.1:$p1")
+        SYS_PIDS=(--pid "floor=$pid1")
+        ;;
+    *) die "unknown system $name" ;;
+    esac
+}
+stop_system() {
+    stop_pids "${SYS_SERVER_PIDS[@]+"${SYS_SERVER_PIDS[@]}"}"
+    sleep 0.5
+}
+
+# --- experiments -----------------------------------------------------------------
+FAILED=0
+CHECK=()
+[ "$MODE" = smoke ] && CHECK=(--check)
+COMMANDS="$BENCH_OUT/commands.txt"
+: >"$COMMANDS"
+
+# run_bench NAME SYSTEM ARGS...: starts SYSTEM fresh, runs herald bench, stops it.
+run_bench() {
+    local name=$1 system=$2
+    shift 2
+    RUN_TAG="$name-r$ROUND"
+    local json="$BENCH_OUT/r$ROUND/$name.json" log="$LOGS/bench-$name-r$ROUND.log"
+    mkdir -p "$BENCH_OUT/r$ROUND"
+    if ! start_system "$system"; then
+        say "FAIL $name: $system did not start (see $LOGS)"
+        stop_system
+        printf '{"label":"%s","system":"%s","ok":false,"problems":["server did not start"]}\n' "$name" "$system" >"$json"
+        FAILED=$((FAILED + 1))
+        return 0
+    fi
+    local args=(bench "$@" "${SYS_ARGS[@]}" "${SYS_PIDS[@]}" --label "$name" --out "$json" "${CHECK[@]+"${CHECK[@]}"}")
+    # The command as anyone can rerun it (the secret and ports are per run).
+    echo "herald ${args[*]}" | sed -e "s/$SECRET/\$SECRET/g" >>"$COMMANDS"
+    local rc=0
+    "$HERALD" "${args[@]}" >"$log.out" 2>"$log" || rc=$?
+    stop_system
+    if [ $rc != 0 ]; then
+        FAILED=$((FAILED + 1))
+        say "FAIL $name (exit $rc):"
+        sed 's/^/    /' "$log.out" >&2
+        [ -s "$json" ] || printf '{"label":"%s","system":"%s","ok":false,"problems":["bench exited %s"]}\n' "$name" "$system" "$rc" >"$json"
+    else
+        say "ok   $name: $(grep -E 'max sustained|sustained broadcast|one broadcast|idle:|fixed|control' "$log.out" | head -3 | sed 's/^ *//' | tr '\n' ';')"
+    fi
+    # Remember which system it was for the report.
+    python3 - "$json" "$system" <<'EOF'
+import json, sys
+p, system = sys.argv[1], sys.argv[2]
+d = json.load(open(p))
+d["system"] = system
+json.dump(d, open(p, "w"), indent=1)
+EOF
+}
+
+has() { [[ " $SYSTEMS " == *" $1 "* ]]; }
+ramp_args() {
+    local rates
+    rates=$(echo "$FIXED_RATES" | tr ' ' ',')
+    if [ "$MODE" = smoke ]; then echo "--rate $rates"; else echo "--rate $rates --ramp --ramp-start $RAMP_START --slo-p99 $SLO_P99"; fi
+}
+
+python3 - "$BENCH_OUT/meta.json" "$MODE" <<EOF
+import json, subprocess, sys, datetime, os
+def sh(c):
+    try: return subprocess.run(c, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception: return ""
+meta = {
+  "mode": sys.argv[2],
+  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+  "nproc": sh("nproc"),
+  "cpu": sh("lscpu | sed -n 's/^Model name: *//p' | head -1"),
+  "memory": sh("free -h | awk '/^Mem:/{print \$2}'"),
+  "kernel": sh("uname -sr"),
+  "fd_limit": "$FD_LIMIT",
+  "rustc": sh("rustc --version"),
+  "node": sh("node --version"),
+  "redis": sh("redis-server --version | awk '{print \$3}'"),
+  "socketio": sh("node -p 'require(\"./bench/socketio/node_modules/socket.io/package.json\").version' 2>/dev/null"),
+  "redis_adapter": sh("node -p 'require(\"./bench/socketio/node_modules/@socket.io/redis-adapter/package.json\").version' 2>/dev/null"),
+  "git": sh("git rev-parse --short HEAD"),
+}
+meta["settings"] = dict(SYSTEMS="$SYSTEMS", ROUNDS="$ROUNDS", UNICAST_CONNS="$UNICAST_CONNS", FIXED_RATES="$FIXED_RATES",
+  RAMP_START="$RAMP_START", STEP_SECS="$STEP_SECS", SLO_P99="$SLO_P99", BATCH="$BATCH", BROADCAST_CONNS="$BROADCAST_CONNS",
+  BROADCASTS="$BROADCASTS", IDLE_SIZES="$IDLE_SIZES", IDLE_HOLD="$IDLE_HOLD", BIG_IDLE="$BIG_IDLE", BENCH_PROFILE="$BENCH_PROFILE")
+json.dump(meta, open(sys.argv[1], "w"), indent=1)
+EOF
+
+T0=$(date +%s)
+for ROUND in $(seq "$ROUNDS"); do
+    say "round $ROUND of $ROUNDS: systems $SYSTEMS"
+    # Unicast, live-only: fixed moderate rate, then step up to the max sustained.
+    for s in $SYSTEMS; do
+        # shellcheck disable=SC2046
+        run_bench "unicast-transient-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" $(ramp_args) \
+            $([ "${s#herald}" != "$s" ] && echo --transient)
+    done
+    # Unicast, stored (Herald only: the others have no store).
+    for s in $SYSTEMS; do
+        case $s in herald*) ;; *) continue ;; esac
+        # shellcheck disable=SC2046
+        run_bench "unicast-stored-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" $(ramp_args)
+    done
+    # Unicast, BATCH users per call, live-only.
+    for s in $SYSTEMS; do
+        # shellcheck disable=SC2046
+        run_bench "unicast-batch-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" --users-per-call "$BATCH" \
+            $(ramp_args) $([ "${s#herald}" != "$s" ] && echo --transient)
+    done
+    # Broadcast to every connection.
+    for s in $SYSTEMS; do
+        run_bench "broadcast-$s" "$s" broadcast -c "$BROADCAST_CONNS" --single 10 --broadcasts "$BROADCASTS" --in-flight 4
+    done
+    # Control queries (Herald only).
+    for s in $SYSTEMS; do
+        case $s in herald*) ;; *) continue ;; esac
+        run_bench "control-$s" "$s" control -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" --users-per-call 10
+    done
+    # Idle connections: resident memory per connection.
+    for n in $IDLE_SIZES; do
+        if [ "$n" -gt "$MAX_CONNS" ]; then
+            say "skip idle-$n: the open-file limit ($FD_LIMIT) allows $MAX_CONNS connections per process"
+            continue
+        fi
+        for s in $SYSTEMS; do
+            run_bench "idle-$n-$s" "$s" idle -c "$n" --hold "$IDLE_HOLD" --connect-concurrency 500
+        done
+    done
+    if [ "$BIG_IDLE" -gt 0 ] && has herald1; then
+        if [ "$BIG_IDLE" -gt "$MAX_CONNS" ]; then
+            say "skip idle-big: the open-file limit ($FD_LIMIT) allows $MAX_CONNS connections per process"
+        else
+            run_bench "idle-big-herald1" herald1 idle -c "$BIG_IDLE" --hold 30s --connect-concurrency 500 --check
+        fi
+    fi
+done
+say "done in $(($(date +%s) - T0)) s; results in $BENCH_OUT"
+
+if [ "$MODE" = full ]; then
+    python3 bench/report.py "$BENCH_OUT" BENCHMARKS.md && say "wrote BENCHMARKS.md"
+else
+    python3 bench/report.py "$BENCH_OUT" - >"$BENCH_OUT/summary.md" || true
+fi
+if [ $FAILED -gt 0 ]; then
+    say "$FAILED bench run(s) failed"
+    exit 1
+fi

@@ -1,0 +1,139 @@
+//! The sending side: Herald's gRPC PushService, or the bench protocol's HTTP
+//! endpoints on the comparison servers:
+//!
+//! * `POST /send` `{"users":["u1",...],"payload":<JSON>}`: the payload to
+//!   every connection of each user (one call, many users).
+//! * `POST /broadcast` `{"payload":<JSON>}`: the payload to every connection.
+//!
+//! Both answer 200 once the message is handed to the server's fan-out.
+
+use super::http::HttpPool;
+use crate::proto::push_service_client::PushServiceClient;
+use crate::proto::{BroadcastRequest, IsOnlineRequest, SendToUserRequest, UnreadCountRequest};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use tonic::transport::{Channel, Endpoint};
+
+pub enum Api {
+    Grpc { nodes: Vec<Vec<PushServiceClient<Channel>>>, api_key: Option<String>, rr: AtomicUsize },
+    Http { nodes: Vec<HttpPool> },
+}
+
+impl Api {
+    pub async fn grpc(urls: &[String], channels: usize, api_key: Option<String>) -> Result<Api, String> {
+        let mut nodes = Vec::new();
+        for u in urls {
+            let mut chans = Vec::new();
+            for _ in 0..channels.max(1) {
+                let ep = Endpoint::from_shared(u.clone())
+                    .map_err(|e| format!("--api {u:?}: {e}"))?
+                    .tcp_nodelay(true)
+                    .connect_timeout(std::time::Duration::from_secs(5));
+                let ch = ep.connect().await.map_err(|e| format!("cannot reach gRPC API at {u}: {e}"))?;
+                chans.push(PushServiceClient::new(ch).max_decoding_message_size(64 << 20));
+            }
+            nodes.push(chans);
+        }
+        Ok(Api::Grpc { nodes, api_key, rr: AtomicUsize::new(0) })
+    }
+
+    pub fn http(urls: &[String], conns_per_node: usize) -> Result<Api, String> {
+        Ok(Api::Http { nodes: urls.iter().map(|u| HttpPool::new(u, conns_per_node)).collect::<Result<_, _>>()? })
+    }
+
+    pub fn nodes(&self) -> usize {
+        match self {
+            Api::Grpc { nodes, .. } => nodes.len(),
+            Api::Http { nodes } => nodes.len(),
+        }
+    }
+
+    fn client(&self, node: usize) -> (PushServiceClient<Channel>, Option<&str>) {
+        let Api::Grpc { nodes, api_key, rr } = self else { unreachable!("gRPC only") };
+        let chans = &nodes[node % nodes.len()];
+        (chans[rr.fetch_add(1, Relaxed) % chans.len()].clone(), api_key.as_deref())
+    }
+
+    fn req<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(k) = key {
+            if let Ok(v) = format!("Bearer {k}").parse() {
+                r.metadata_mut().insert("authorization", v);
+            }
+        }
+        r
+    }
+
+    async fn post(pool: &HttpPool, path: &str, body: String) -> Result<(), String> {
+        match pool.request("POST", path, body.as_bytes()).await {
+            Ok((200, _)) => Ok(()),
+            Ok((s, b)) => Err(format!("POST {path}: HTTP {s}: {}", String::from_utf8_lossy(&b).chars().take(200).collect::<String>())),
+            Err(e) => Err(format!("POST {path}: {e}")),
+        }
+    }
+
+    /// One send to `users` through API node `node`.
+    pub async fn send(&self, node: usize, users: Vec<String>, payload: String, transient: bool) -> Result<(), String> {
+        match self {
+            Api::Grpc { .. } => {
+                let (mut c, key) = self.client(node);
+                let r = SendToUserRequest { user_ids: users, topic: String::new(), payload_json: payload, transient };
+                c.send_to_user(Self::req(r, key)).await.map(|_| ()).map_err(|s| format!("SendToUser: {}: {}", s.code(), s.message()))
+            }
+            Api::Http { nodes } => {
+                let mut body = String::with_capacity(32 + payload.len() + users.len() * 24);
+                body.push_str("{\"users\":[");
+                for (k, u) in users.iter().enumerate() {
+                    if k > 0 {
+                        body.push(',');
+                    }
+                    body.push('"');
+                    body.push_str(u); // bench user ids need no escaping
+                    body.push('"');
+                }
+                body.push_str("],\"payload\":");
+                body.push_str(&payload);
+                body.push('}');
+                Self::post(&nodes[node % nodes.len()], "/send", body).await
+            }
+        }
+    }
+
+    pub async fn broadcast(&self, node: usize, payload: String) -> Result<(), String> {
+        match self {
+            Api::Grpc { .. } => {
+                let (mut c, key) = self.client(node);
+                let r = BroadcastRequest { topic: String::new(), payload_json: payload };
+                c.broadcast(Self::req(r, key)).await.map(|_| ()).map_err(|s| format!("Broadcast: {}: {}", s.code(), s.message()))
+            }
+            Api::Http { nodes } => Self::post(&nodes[node % nodes.len()], "/broadcast", format!("{{\"payload\":{payload}}}")).await,
+        }
+    }
+
+    /// IsOnline for `users`; returns how many were online.
+    pub async fn is_online(&self, node: usize, users: Vec<String>) -> Result<usize, String> {
+        let (mut c, key) = self.client(node);
+        let r = c
+            .is_online(Self::req(IsOnlineRequest { user_ids: users }, key))
+            .await
+            .map_err(|s| format!("IsOnline: {}: {}", s.code(), s.message()))?;
+        Ok(r.into_inner().users.iter().filter(|u| u.online).count())
+    }
+
+    pub async fn unread(&self, node: usize, user: String) -> Result<u64, String> {
+        let (mut c, key) = self.client(node);
+        let r = c
+            .unread_count(Self::req(UnreadCountRequest { user_id: user }, key))
+            .await
+            .map_err(|s| format!("UnreadCount: {}: {}", s.code(), s.message()))?;
+        Ok(r.into_inner().count)
+    }
+}
+
+/// A bench payload of about `bytes` bytes: `{"seq":N,"t":T,"p":"xxxx"}`.
+pub fn payload(seq: u64, t_ns: u64, bytes: usize) -> String {
+    let mut s = format!("{{\"seq\":{seq},\"t\":{t_ns},\"p\":\"");
+    let pad = bytes.saturating_sub(s.len() + 2);
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}");
+    s
+}
