@@ -260,7 +260,8 @@ run_bench() {
     fi
     local args=(bench "$@" "${SYS_ARGS[@]}" "${SYS_PIDS[@]}" --label "$name" --out "$json" "${CHECK[@]+"${CHECK[@]}"}")
     # The command as anyone can rerun it (the secret and ports are per run).
-    echo "herald ${args[*]}" | sed -e "s/$SECRET/\$SECRET/g" >>"$COMMANDS"
+    echo "herald ${args[*]}" | sed -E -e "s/$SECRET/\$SECRET/g" -e "s#$ROOT/##g" -e 's/127\.0\.0\.1:[0-9]+/127.0.0.1:PORT/g' \
+        -e 's/=[0-9]+( |$)/=PID\1/g' >>"$COMMANDS"
     local rc=0
     "$HERALD" "${args[@]}" >"$log.out" 2>"$log" || rc=$?
     stop_system
