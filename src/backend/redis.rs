@@ -15,7 +15,6 @@
 //! | `herald:broadcast` | channel | broadcast frames | every node |
 //! | `herald:nodes` | sorted set | node id, scored by lease expiry (Redis clock, ms) | renewed every lease/3 |
 //! | `herald:node:<id>:conns` | hash | user -> live connections on that node | written only by that node; expires 3 leases after its last renewal |
-//! | `herald:node:<id>:info` | hash | `connections`, `users` of that node | as above |
 //!
 //! Unread count = `seq - max(rn, seq - XLEN)`: messages stored after the
 //! read cursor that are still retained, in O(1).
@@ -81,13 +80,6 @@ pub mod keys {
     }
     pub fn node_conns(node: &str) -> String {
         let (a, b) = node_conns_parts();
-        format!("{a}{node}{b}")
-    }
-    pub fn node_info_parts() -> (String, &'static str) {
-        (format!("{PREFIX}node:"), ":info")
-    }
-    pub fn node_info(node: &str) -> String {
-        let (a, b) = node_info_parts();
         format!("{a}{node}{b}")
     }
 }
@@ -222,38 +214,38 @@ end
 return counts
 "#;
 
-/// KEYS: nodes. ARGV: conns prefix, conns suffix, info prefix, info suffix.
-/// Returns {online users, node, connections, users, node, ...}.
+/// KEYS: nodes. ARGV: conns prefix, conns suffix. Returns {online users,
+/// node, connections, users, node, ...} over live nodes, from the nodes'
+/// presence hashes (exact, O(online users): an ops call).
 const CLUSTER: &str = r#"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 local seen, online, out = {}, 0, {0}
 for _, node in ipairs(live) do
-  for _, u in ipairs(redis.call('HKEYS', ARGV[1] .. node .. ARGV[2])) do
-    if not seen[u] then seen[u] = true online = online + 1 end
+  local kv = redis.call('HGETALL', ARGV[1] .. node .. ARGV[2])
+  local conns = 0
+  for i = 1, #kv, 2 do
+    conns = conns + tonumber(kv[i + 1])
+    if not seen[kv[i]] then seen[kv[i]] = true online = online + 1 end
   end
-  local info = redis.call('HMGET', ARGV[3] .. node .. ARGV[4], 'connections', 'users')
   out[#out + 1] = node
-  out[#out + 1] = tonumber(info[1] or '0')
-  out[#out + 1] = tonumber(info[2] or '0')
+  out[#out + 1] = conns
+  out[#out + 1] = #kv / 2
 end
 out[1] = online
 return out
 "#;
 
-/// KEYS: nodes, this node's conns, this node's info. ARGV: node id, lease
-/// ms, connections, users. Renews the lease (Redis clock) and forgets nodes
-/// dead for a minute.
+/// KEYS: nodes, this node's conns. ARGV: node id, lease ms. Renews the
+/// lease (Redis clock) and forgets nodes dead for a minute.
 const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local lease = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
-redis.call('HSET', KEYS[3], 'connections', ARGV[3], 'users', ARGV[4])
 redis.call('PEXPIRE', KEYS[2], lease * 3)
-redis.call('PEXPIRE', KEYS[3], lease * 3)
 return now
 "#;
 
@@ -515,8 +507,7 @@ impl Presence for RedisBackend {
 
     async fn cluster(&self) -> Result<Cluster> {
         let (a, b) = keys::node_conns_parts();
-        let (c, d) = keys::node_info_parts();
-        let args: [&[u8]; 4] = [a.as_bytes(), b.as_bytes(), c.as_bytes(), d.as_bytes()];
+        let args: [&[u8]; 2] = [a.as_bytes(), b.as_bytes()];
         let v = array(self.run_one(self.scripts.cluster.cmd(&[&keys::nodes()], &args)).await?)?;
         let online_users = int(v.first().ok_or_else(|| bad(&Value::Nil))?)? as u64;
         let nodes = v[1..]
@@ -541,7 +532,6 @@ impl Presence for RedisBackend {
             .ignore()
             .cmd("DEL")
             .arg(keys::node_conns(&self.node_id))
-            .arg(keys::node_info(&self.node_id))
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;
@@ -799,10 +789,9 @@ impl Registrar {
     }
 
     async fn renew(&self) -> Result<()> {
-        let (nodes, conns, info) = (keys::nodes(), keys::node_conns(&self.node_id), keys::node_info(&self.node_id));
+        let (nodes, conns) = (keys::nodes(), keys::node_conns(&self.node_id));
         let lease = self.lease.as_millis().to_string();
-        let (c, u) = (self.hub.connections().to_string(), self.hub.users().to_string());
-        let cmd = self.scripts.renew.cmd(&[&nodes, &conns, &info], &[self.node_id.as_bytes(), lease.as_bytes(), c.as_bytes(), u.as_bytes()]);
+        let cmd = self.scripts.renew.cmd(&[&nodes, &conns], &[self.node_id.as_bytes(), lease.as_bytes()]);
         let mut conn = self.conn.clone();
         match cmd.query_async::<Value>(&mut conn).await {
             Err(e) if is_noscript(&e) => {

@@ -359,3 +359,108 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A node as a real `herald serve` process (so it can be killed with
+/// SIGKILL like a crashed machine). Killed on drop.
+pub struct NodeProcess {
+    pub ws: SocketAddr,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub node_id: String,
+    child: Option<std::process::Child>,
+}
+
+impl NodeProcess {
+    /// Starts a node on `redis_url` with a short lease; `extra` flags are
+    /// appended.
+    pub fn start(node_id: &str, redis_url: &str, extra: &[&str]) -> NodeProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["serve", "--ws-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--jwt-secret", SECRET, "--node-id", node_id, "--redis-url", redis_url, "--node-lease", "1s"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("herald binary runs");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let ready = loop {
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("herald ready:") => break l,
+                Some(Ok(_)) => continue,
+                _ => {
+                    let _ = child.kill();
+                    panic!("node {node_id} exited before it was ready");
+                }
+            }
+        };
+        // Keep draining stdout so the node never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let field = |k: &str| -> SocketAddr {
+            let v = ready.split_whitespace().find_map(|w| w.strip_prefix(k)).expect("address in ready line");
+            v.trim_start_matches("ws://").trim_start_matches("http://").trim_end_matches("/ws").parse().unwrap()
+        };
+        NodeProcess {
+            ws: field("ws="),
+            grpc: field("grpc="),
+            admin: field("admin="),
+            node_id: node_id.to_string(),
+            child: Some(child),
+        }
+    }
+
+    pub async fn client(&self) -> PushServiceClient<Channel> {
+        PushServiceClient::connect(format!("http://{}", self.grpc)).await.expect("gRPC connects")
+    }
+
+    pub async fn connect(&self, user: &str) -> (Ws, Value) {
+        self.connect_since(user, None).await
+    }
+
+    pub async fn connect_since(&self, user: &str, since: Option<&str>) -> (Ws, Value) {
+        let url = match since {
+            Some(s) => format!("ws://{}/ws?token={}&since={s}", self.ws, token(user)),
+            None => format!("ws://{}/ws?token={}", self.ws, token(user)),
+        };
+        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connects");
+        let mut ws = Ws { stream };
+        let welcome = ws.next_json().await;
+        assert_eq!(welcome["type"], "welcome", "first frame is welcome: {welcome}");
+        (ws, welcome)
+    }
+
+    /// SIGKILL: no close frames, no leaving the cluster.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the graceful path.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn stats(&self) -> StatsResponse {
+        self.client().await.stats(StatsRequest {}).await.unwrap().into_inner()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
