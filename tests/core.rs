@@ -560,6 +560,25 @@ async fn reflection_health_and_metrics(b: Backend) {
     node.stop().await;
 }
 
+#[tokio::test]
+async fn api_key_guards_the_push_service_but_not_health() {
+    let mut a = args();
+    a.api_key = Some("k-123456".into());
+    let node = TestNode::start_on(Backend::Memory, a).await;
+    let mut c = node.client().await;
+    let e = c.stats(StatsRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("authorization"), "{}", e.message());
+    let e = c.stats(herald::cli::with_key(&Some("wrong".into()), StatsRequest {})).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let ok = c.stats(herald::cli::with_key(&Some("k-123456".into()), StatsRequest {})).await.unwrap();
+    assert_eq!(ok.into_inner().node.unwrap().node_id, node.node_id);
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc)).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    assert!(health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok());
+    node.stop().await;
+}
+
 /// Runs each test on both backends.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
