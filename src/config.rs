@@ -274,3 +274,45 @@ impl Config {
         Ok(cfg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let path = std::env::temp_dir().join(format!("herald-config-{}.toml", rand::random::<u32>()));
+        std::fs::write(
+            &path,
+            "grpc_listen = \"127.0.0.1:6000\"\nnode_id = \"from-file\"\njwt_secret = \"file-secret-123\"\nheartbeat = \"2s\"\ninbox_max_age = \"1h\"\n",
+        )
+        .unwrap();
+        let cfg = Config::resolve(ServeArgs {
+            config: Some(path.clone()),
+            node_id: Some("from-flag".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(cfg.node_id, "from-flag");
+        assert_eq!(cfg.grpc_listen.port(), 6000);
+        assert_eq!(cfg.ws_listen.port(), 8080);
+        assert_eq!(cfg.jwt_secret, "file-secret-123");
+        assert!(!cfg.jwt_secret_generated);
+        assert_eq!(cfg.heartbeat, Duration::from_secs(2));
+        assert_eq!(cfg.inbox.max_age, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn bad_config_is_a_clear_error() {
+        let path = std::env::temp_dir().join(format!("herald-config-{}.toml", rand::random::<u32>()));
+        std::fs::write(&path, "no_such_key = 1\n").unwrap();
+        let err = Config::resolve(ServeArgs { config: Some(path.clone()), ..Default::default() }).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("no_such_key"), "{err}");
+        let err = Config::resolve(ServeArgs { jwt_secret: Some("short".into()), ..Default::default() }).unwrap_err();
+        assert!(err.contains("at least 8 bytes"));
+        let generated = Config::resolve(ServeArgs::default()).unwrap();
+        assert!(generated.jwt_secret_generated && generated.jwt_secret.len() >= 32);
+    }
+}

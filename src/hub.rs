@@ -41,6 +41,16 @@ pub struct Outbound {
 struct ConnState {
     queue: VecDeque<Outbound>,
     close: Option<(u16, String)>,
+    /// Live delivery had a gap (the broker reconnected): catch up from the
+    /// inbox before trusting live traffic again.
+    resync: bool,
+}
+
+/// What a connection task must do besides writing its queued frames.
+#[derive(Debug, Default)]
+pub struct Pending {
+    pub close: Option<(u16, String)>,
+    pub resync: bool,
 }
 
 /// A connection as the hub and its task share it. Dropped when both the
@@ -92,14 +102,19 @@ impl Conn {
     }
 
     /// Moves every queued frame into `out` (batched writes) and reports a
-    /// pending close request.
-    pub fn take(&self, out: &mut Vec<Outbound>) -> Option<(u16, String)> {
+    /// pending close request or resync.
+    pub fn take(&self, out: &mut Vec<Outbound>) -> Pending {
         let mut st = self.state.lock().unwrap();
         out.extend(st.queue.drain(..));
         if st.queue.capacity() > 64 {
             st.queue = VecDeque::new(); // give back what a burst grew
         }
-        st.close.clone()
+        Pending { close: st.close.clone(), resync: std::mem::take(&mut st.resync) }
+    }
+
+    fn request_resync(&self) {
+        self.state.lock().unwrap().resync = true;
+        self.wake.notify_one();
     }
 
     /// Pushes a frame for this connection only (replies, replay overflow).
@@ -152,7 +167,7 @@ impl Hub {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             user: key.clone(),
             capacity: queue_capacity,
-            state: Mutex::new(ConnState { queue: VecDeque::new(), close: None }),
+            state: Mutex::new(ConnState { queue: VecDeque::new(), close: None, resync: false }),
             wake: Notify::new(),
         });
         let list = shard.entry(key).or_default();
@@ -213,6 +228,16 @@ impl Hub {
     /// Every user connected here (for re-subscribing after a backend outage).
     pub fn users_snapshot(&self) -> Vec<String> {
         self.shards.iter().flat_map(|s| s.lock().unwrap().keys().map(|k| k.to_string()).collect::<Vec<_>>()).collect()
+    }
+
+    /// Asks every connection to catch up from the inbox (after a broker
+    /// reconnect, when live events may have been missed).
+    pub fn resync_all(&self) {
+        for shard in self.shards.iter() {
+            for conn in shard.lock().unwrap().values().flatten() {
+                conn.request_resync();
+            }
+        }
     }
 
     /// Asks every connection to close (graceful shutdown).

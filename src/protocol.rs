@@ -86,20 +86,31 @@ fn json_str(s: &str) -> String {
 /// `{"type":"message",...}`. `payload_json` must already be validated JSON;
 /// it is copied in verbatim so the browser sees exactly what the caller sent.
 pub fn message_frame(id: &str, topic: &str, payload_json: &str, ts: u64, transient: bool) -> String {
-    let mut s = String::with_capacity(64 + id.len() + topic.len() + payload_json.len());
-    s.push_str("{\"type\":\"message\",\"id\":");
-    s.push_str(&json_str(id));
-    s.push_str(",\"topic\":");
-    s.push_str(&json_str(topic));
-    s.push_str(",\"data\":");
-    s.push_str(payload_json);
-    s.push_str(",\"ts\":");
-    s.push_str(&ts.to_string());
-    if transient {
-        s.push_str(",\"transient\":true");
-    }
-    s.push('}');
+    let (head, tail) = message_frame_parts(topic, payload_json, ts, transient);
+    let mut s = String::with_capacity(head.len() + id.len() + tail.len());
+    s.push_str(&head);
+    s.push_str(id);
+    s.push_str(&tail);
     s
+}
+
+/// A message frame split around its id, for a backend that assigns the id
+/// while storing (the Redis inbox script joins `head + id + tail`). Ids are
+/// made of digits, `-` and `t` only, so they need no JSON escaping.
+pub fn message_frame_parts(topic: &str, payload_json: &str, ts: u64, transient: bool) -> (String, String) {
+    let head = "{\"type\":\"message\",\"id\":\"".to_string();
+    let mut tail = String::with_capacity(48 + topic.len() + payload_json.len());
+    tail.push_str("\",\"topic\":");
+    tail.push_str(&json_str(topic));
+    tail.push_str(",\"data\":");
+    tail.push_str(payload_json);
+    tail.push_str(",\"ts\":");
+    tail.push_str(&ts.to_string());
+    if transient {
+        tail.push_str(",\"transient\":true");
+    }
+    tail.push('}');
+    (head, tail)
 }
 
 pub fn welcome_frame(conn: &str, user: &str, unread: u64, resumed: Option<bool>) -> Frame {

@@ -217,7 +217,30 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
     loop {
         tokio::select! {
             _ = conn.wait() => {
-                let closing = conn.take(&mut batch);
+                let pending = conn.take(&mut batch);
+                if pending.resync {
+                    // Live delivery had a gap: fetch what was stored after
+                    // the last message this connection saw, then go on
+                    // (live frames at or below it are dropped below).
+                    match node.replay(&conn.user, Some(head)).await {
+                        Ok(r) => {
+                            let mut caught: Vec<Outbound> = Vec::with_capacity(r.messages.len() + batch.len());
+                            for (id, frame) in r.messages {
+                                if id > head {
+                                    head = id;
+                                    caught.push(Outbound { id: None, frame });
+                                }
+                            }
+                            caught.append(&mut batch);
+                            batch = caught;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "catch-up after broker reconnect failed");
+                            return Some((close::TRY_AGAIN_LATER, "backend unavailable, reconnect with since".into()));
+                        }
+                    }
+                }
+                let closing = pending.close;
                 let write = async {
                     for out in batch.drain(..) {
                         if let Some(id) = out.id {

@@ -1,5 +1,5 @@
-//! One node on the embedded backend, driven by real tonic and WebSocket
-//! clients.
+//! One node, driven by real tonic and WebSocket clients. Every test runs
+//! twice: on the embedded backend and on a private real redis-server.
 mod common;
 
 use common::*;
@@ -9,9 +9,8 @@ use serde_json::json;
 use std::time::Duration;
 use tonic::Code;
 
-#[tokio::test]
-async fn two_devices_receive_and_another_user_does_not() {
-    let node = TestNode::start().await;
+async fn two_devices_receive_and_another_user_does_not(b: Backend) {
+    let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let (alice, bob) = (uid("alice"), uid("bob"));
     let (mut a1, w1) = node.connect(&alice).await;
@@ -38,9 +37,8 @@ async fn two_devices_receive_and_another_user_does_not() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn payload_reaches_the_browser_byte_for_byte() {
-    let node = TestNode::start().await;
+async fn payload_reaches_the_browser_byte_for_byte(b: Backend) {
+    let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let u = uid("raw");
     let (mut ws, _) = node.connect(&u).await;
@@ -56,9 +54,8 @@ async fn payload_reaches_the_browser_byte_for_byte() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn offline_user_gets_unread_count_and_replay_on_connect() {
-    let node = TestNode::start().await;
+async fn offline_user_gets_unread_count_and_replay_on_connect(b: Backend) {
+    let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let u = uid("off");
     let mut ids = vec![];
@@ -81,11 +78,10 @@ async fn offline_user_gets_unread_count_and_replay_on_connect() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn replay_is_capped_to_the_newest_unread_but_welcome_counts_all() {
+async fn replay_is_capped_to_the_newest_unread_but_welcome_counts_all(b: Backend) {
     let mut a = args();
     a.replay_limit = Some(2);
-    let node = TestNode::start_with(a).await;
+    let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let u = uid("cap");
     let mut ids = vec![];
@@ -100,9 +96,8 @@ async fn replay_is_capped_to_the_newest_unread_but_welcome_counts_all() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn read_on_one_device_updates_the_badge_on_the_other() {
-    let node = TestNode::start().await;
+async fn read_on_one_device_updates_the_badge_on_the_other(b: Backend) {
+    let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let u = uid("badge");
     let r1 = send(&mut c, &[&u], "1").await.deliveries[0].message_id.clone();
@@ -136,9 +131,8 @@ async fn read_on_one_device_updates_the_badge_on_the_other() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn mark_read_partial_and_never_backwards() {
-    let node = TestNode::start().await;
+async fn mark_read_partial_and_never_backwards(b: Backend) {
+    let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let u = uid("mr");
     let mut ids = vec![];
@@ -157,9 +151,8 @@ async fn mark_read_partial_and_never_backwards() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn is_online_disconnect_user_and_stats() {
-    let node = TestNode::start().await;
+async fn is_online_disconnect_user_and_stats(b: Backend) {
+    let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let u = uid("pres");
     assert_eq!(online(&mut c, &u).await, 0);
@@ -210,9 +203,8 @@ async fn is_online_disconnect_user_and_stats() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn broadcast_reaches_everyone_live_only() {
-    let node = TestNode::start().await;
+async fn broadcast_reaches_everyone_live_only(b: Backend) {
+    let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let (u1, u2) = (uid("b1"), uid("b2"));
     let (mut w1, _) = node.connect(&u1).await;
@@ -236,9 +228,8 @@ async fn broadcast_reaches_everyone_live_only() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn transient_messages_are_live_only() {
-    let node = TestNode::start().await;
+async fn transient_messages_are_live_only(b: Backend) {
+    let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let (on, off) = (uid("on"), uid("off"));
     let (mut ws, _) = node.connect(&on).await;
@@ -265,9 +256,8 @@ async fn transient_messages_are_live_only() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn resume_with_since_gets_exactly_the_missed_messages() {
-    let node = TestNode::start().await;
+async fn resume_with_since_gets_exactly_the_missed_messages(b: Backend) {
+    let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let u = uid("resume");
     let (mut ws, _) = node.connect(&u).await;
@@ -296,11 +286,10 @@ async fn resume_with_since_gets_exactly_the_missed_messages() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn retention_trims_and_resume_reports_the_gap() {
+async fn retention_trims_and_resume_reports_the_gap(b: Backend) {
     let mut a = args();
     a.inbox_max_messages = Some(3);
-    let node = TestNode::start_with(a).await;
+    let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let u = uid("trim");
     let mut ids = vec![];
@@ -315,9 +304,8 @@ async fn retention_trims_and_resume_reports_the_gap() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn messages_sent_while_connecting_arrive_once_in_order() {
-    let node = TestNode::start().await;
+async fn messages_sent_while_connecting_arrive_once_in_order(b: Backend) {
+    let node = TestNode::start(b).await;
     let c = node.client().await;
     for round in 0..5 {
         let u = uid(&format!("race{round}"));
@@ -346,11 +334,10 @@ async fn messages_sent_while_connecting_arrive_once_in_order() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn bad_rpc_input_is_invalid_argument_and_node_keeps_serving() {
+async fn bad_rpc_input_is_invalid_argument_and_node_keeps_serving(b: Backend) {
     let mut a = args();
     a.max_payload_bytes = Some(1024);
-    let node = TestNode::start_with(a).await;
+    let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let req = |users: Vec<String>, payload: &str| SendToUserRequest {
         user_ids: users,
@@ -390,11 +377,10 @@ async fn bad_rpc_input_is_invalid_argument_and_node_keeps_serving() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn bad_client_frames() {
+async fn bad_client_frames(b: Backend) {
     let mut a = args();
     a.max_client_frame_bytes = Some(4096);
-    let node = TestNode::start_with(a).await;
+    let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let u = uid("frames");
     let (mut ws, _) = node.connect(&u).await;
@@ -422,11 +408,10 @@ async fn bad_client_frames() {
     assert_eq!(other.next_of("pong").await["type"], "pong");
     node.stop().await;
 }
-#[tokio::test]
-async fn slow_client_is_closed_with_1013_and_keeps_its_messages() {
+async fn slow_client_is_closed_with_1013_and_keeps_its_messages(b: Backend) {
     let mut a = args();
     a.send_queue = Some(8);
-    let node = TestNode::start_with(a).await;
+    let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let (slow, fast) = (uid("slow"), uid("fast"));
     let (mut slow_ws, _) = node.connect(&slow).await;
@@ -456,11 +441,10 @@ async fn slow_client_is_closed_with_1013_and_keeps_its_messages() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn connection_cap_per_user() {
+async fn connection_cap_per_user(b: Backend) {
     let mut a = args();
     a.max_connections_per_user = Some(2);
-    let node = TestNode::start_with(a).await;
+    let node = TestNode::start_on(b, a).await;
     let u = uid("cap");
     let (_a, _) = node.connect(&u).await;
     let (_b, _) = node.connect(&u).await;
@@ -472,9 +456,8 @@ async fn connection_cap_per_user() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn handshake_rejections_are_http_errors_without_upgrade() {
-    let node = TestNode::start().await;
+async fn handshake_rejections_are_http_errors_without_upgrade(b: Backend) {
+    let node = TestNode::start(b).await;
     use tokio_tungstenite::tungstenite::Error;
     let expired = expired_token();
     for (url, status) in [
@@ -515,11 +498,10 @@ fn expired_token() -> String {
     .unwrap()
 }
 
-#[tokio::test]
-async fn heartbeat_closes_silent_connections() {
+async fn heartbeat_closes_silent_connections(b: Backend) {
     let mut a = args();
     a.heartbeat = Some(Duration::from_millis(150));
-    let node = TestNode::start_with(a).await;
+    let node = TestNode::start_on(b, a).await;
     let u = uid("hb");
     let (mut ws, _) = node.connect(&u).await;
     // Not polling the socket means not answering pings.
@@ -535,9 +517,8 @@ async fn heartbeat_closes_silent_connections() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn graceful_shutdown_closes_sockets_with_1001() {
-    let node = TestNode::start().await;
+async fn graceful_shutdown_closes_sockets_with_1001(b: Backend) {
+    let node = TestNode::start(b).await;
     let (mut ws, _) = node.connect(&uid("bye")).await;
     let stopping = tokio::spawn(node.stop());
     let (code, _, _) = ws.expect_close().await;
@@ -545,9 +526,8 @@ async fn graceful_shutdown_closes_sockets_with_1001() {
     stopping.await.unwrap();
 }
 
-#[tokio::test]
-async fn reflection_health_and_metrics() {
-    let node = TestNode::start().await;
+async fn reflection_health_and_metrics(b: Backend) {
+    let node = TestNode::start(b).await;
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc)).unwrap().connect().await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     let r = health
@@ -579,3 +559,57 @@ async fn reflection_health_and_metrics() {
     assert!(metrics.contains("herald_messages_pushed_total"));
     node.stop().await;
 }
+
+#[tokio::test]
+async fn api_key_guards_the_push_service_but_not_health() {
+    let mut a = args();
+    a.api_key = Some("k-123456".into());
+    let node = TestNode::start_on(Backend::Memory, a).await;
+    let mut c = node.client().await;
+    let e = c.stats(StatsRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("authorization"), "{}", e.message());
+    let e = c.stats(herald::cli::with_key(&Some("wrong".into()), StatsRequest {})).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let ok = c.stats(herald::cli::with_key(&Some("k-123456".into()), StatsRequest {})).await.unwrap();
+    assert_eq!(ok.into_inner().node.unwrap().node_id, node.node_id);
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc)).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    assert!(health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok());
+    node.stop().await;
+}
+
+/// Runs each test on both backends.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Memory).await } )*
+        }
+        mod redis {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Redis).await } )*
+        }
+    };
+}
+
+on_both_backends!(
+    two_devices_receive_and_another_user_does_not,
+    payload_reaches_the_browser_byte_for_byte,
+    offline_user_gets_unread_count_and_replay_on_connect,
+    replay_is_capped_to_the_newest_unread_but_welcome_counts_all,
+    read_on_one_device_updates_the_badge_on_the_other,
+    mark_read_partial_and_never_backwards,
+    is_online_disconnect_user_and_stats,
+    broadcast_reaches_everyone_live_only,
+    transient_messages_are_live_only,
+    resume_with_since_gets_exactly_the_missed_messages,
+    retention_trims_and_resume_reports_the_gap,
+    messages_sent_while_connecting_arrive_once_in_order,
+    bad_rpc_input_is_invalid_argument_and_node_keeps_serving,
+    bad_client_frames,
+    slow_client_is_closed_with_1013_and_keeps_its_messages,
+    connection_cap_per_user,
+    handshake_rejections_are_http_errors_without_upgrade,
+    heartbeat_closes_silent_connections,
+    graceful_shutdown_closes_sockets_with_1001,
+    reflection_health_and_metrics
+);

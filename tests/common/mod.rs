@@ -38,11 +38,36 @@ pub struct TestNode {
     pub node_id: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// A private Redis for a single-node test on the Redis backend.
+    redis: Option<RedisServer>,
+}
+
+/// Which backend a single-node test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis,
 }
 
 impl TestNode {
-    pub async fn start() -> TestNode {
-        Self::start_with(args()).await
+    pub async fn start(b: Backend) -> TestNode {
+        Self::start_on(b, args()).await
+    }
+
+    /// A node on backend `b` with `args`; on Redis, with a private
+    /// redis-server that lives as long as the node.
+    pub async fn start_on(b: Backend, mut args: ServeArgs) -> TestNode {
+        let redis = match b {
+            Backend::Memory => None,
+            Backend::Redis => {
+                let r = RedisServer::start();
+                args.redis_url = Some(r.url());
+                Some(r)
+            }
+        };
+        let mut node = Self::start_with(args).await;
+        node.redis = redis;
+        node
     }
 
     pub async fn start_with(args: ServeArgs) -> TestNode {
@@ -74,7 +99,7 @@ impl TestNode {
             }
         });
         ready_rx.await.map_err(|_| "node task ended".to_string())??;
-        Ok(TestNode { ws, grpc, admin, node_id, stop: Some(tx), task: Some(task) })
+        Ok(TestNode { ws, grpc, admin, node_id, stop: Some(tx), task: Some(task), redis: None })
     }
 
     pub async fn client(&self) -> PushServiceClient<Channel> {
@@ -259,5 +284,183 @@ where
             panic!("timed out waiting for: {what}");
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A real `redis-server` on a free loopback port, with an append-only file
+/// (fsync always) in a private directory so a restart keeps the data.
+/// Killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("herald-test-redis-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = RedisServer { port: free_port(), dir, child: None };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", "always", "--loglevel", "warning", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (Debian: apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut buf = [0u8; 64];
+                if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false) {
+                    return;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A node as a real `herald serve` process (so it can be killed with
+/// SIGKILL like a crashed machine). Killed on drop.
+pub struct NodeProcess {
+    pub ws: SocketAddr,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub node_id: String,
+    child: Option<std::process::Child>,
+}
+
+impl NodeProcess {
+    /// Starts a node on `redis_url` with a short lease; `extra` flags are
+    /// appended.
+    pub fn start(node_id: &str, redis_url: &str, extra: &[&str]) -> NodeProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["serve", "--ws-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--jwt-secret", SECRET, "--node-id", node_id, "--redis-url", redis_url, "--node-lease", "1s"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("herald binary runs");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let ready = loop {
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("herald ready:") => break l,
+                Some(Ok(_)) => continue,
+                _ => {
+                    let _ = child.kill();
+                    panic!("node {node_id} exited before it was ready");
+                }
+            }
+        };
+        // Keep draining stdout so the node never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let field = |k: &str| -> SocketAddr {
+            let v = ready.split_whitespace().find_map(|w| w.strip_prefix(k)).expect("address in ready line");
+            v.trim_start_matches("ws://").trim_start_matches("http://").trim_end_matches("/ws").parse().unwrap()
+        };
+        NodeProcess {
+            ws: field("ws="),
+            grpc: field("grpc="),
+            admin: field("admin="),
+            node_id: node_id.to_string(),
+            child: Some(child),
+        }
+    }
+
+    pub async fn client(&self) -> PushServiceClient<Channel> {
+        PushServiceClient::connect(format!("http://{}", self.grpc)).await.expect("gRPC connects")
+    }
+
+    pub async fn connect(&self, user: &str) -> (Ws, Value) {
+        self.connect_since(user, None).await
+    }
+
+    pub async fn connect_since(&self, user: &str, since: Option<&str>) -> (Ws, Value) {
+        let url = match since {
+            Some(s) => format!("ws://{}/ws?token={}&since={s}", self.ws, token(user)),
+            None => format!("ws://{}/ws?token={}", self.ws, token(user)),
+        };
+        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connects");
+        let mut ws = Ws { stream };
+        let welcome = ws.next_json().await;
+        assert_eq!(welcome["type"], "welcome", "first frame is welcome: {welcome}");
+        (ws, welcome)
+    }
+
+    /// SIGKILL: no close frames, no leaving the cluster.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the graceful path.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn stats(&self) -> StatsResponse {
+        self.client().await.stats(StatsRequest {}).await.unwrap().into_inner()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }

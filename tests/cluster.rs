@@ -1,0 +1,247 @@
+//! A cluster: several `herald serve` processes sharing one real
+//! redis-server.
+mod common;
+
+use common::*;
+use herald::proto::*;
+use serde_json::json;
+use std::time::Duration;
+use tonic::Code;
+
+fn cluster(n: usize) -> (RedisServer, Vec<NodeProcess>) {
+    let redis = RedisServer::start();
+    let nodes = (0..n).map(|i| NodeProcess::start(&format!("n{}", i + 1), &redis.url(), &[])).collect();
+    (redis, nodes)
+}
+
+#[tokio::test]
+async fn cross_node_delivery_reaches_only_involved_nodes() {
+    let (_redis, nodes) = cluster(3);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let u = uid("xnode");
+    let (mut on_a, _) = a.connect(&u).await;
+    let (mut on_b, _) = b.connect(&u).await;
+    let before = c.stats().await.node.unwrap().broker_events_received;
+
+    // Sent through the node that holds none of the user's connections.
+    let mut via_c = c.client().await;
+    let r = send(&mut via_c, &[&u], r#"{"n":1}"#).await;
+    assert!(r.deliveries[0].online, "presence is cluster-wide");
+    let id = &r.deliveries[0].message_id;
+    assert_eq!(on_a.next_of("message").await["id"], id.as_str());
+    assert_eq!(on_b.next_of("message").await["id"], id.as_str());
+
+    // 100 unicasts later, the uninvolved node has received none of them.
+    for i in 0..100 {
+        send(&mut via_c, &[&u], &i.to_string()).await;
+    }
+    for _ in 0..100 {
+        on_a.next_of("message").await;
+        on_b.next_of("message").await;
+    }
+    let sc = c.stats().await;
+    assert_eq!(sc.node.unwrap().broker_events_received, before, "node c holds no connection of the user");
+    let sa = a.stats().await.node.unwrap();
+    assert!(sa.broker_events_received >= 101);
+    assert!(sa.messages_delivered >= 101);
+    // Stats lists the live nodes.
+    let ids: Vec<String> = sc.nodes.iter().map(|n| n.node_id.clone()).collect();
+    assert_eq!(ids, vec!["n1", "n2", "n3"]);
+    assert_eq!(sc.connections, 2);
+    assert_eq!(sc.online_users, 1);
+}
+
+#[tokio::test]
+async fn presence_unread_and_badge_agree_across_nodes() {
+    let (_redis, nodes) = cluster(2);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let u = uid("agree");
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    assert_eq!(online(&mut ca, &u).await, 0);
+    let ids: Vec<String> = {
+        let mut v = vec![];
+        for i in 0..3 {
+            v.push(send(&mut ca, &[&u], &i.to_string()).await.deliveries[0].message_id.clone());
+        }
+        v
+    };
+    assert_eq!(unread(&mut ca, &u).await, 3);
+    assert_eq!(unread(&mut cb, &u).await, 3);
+
+    let (mut phone, w) = a.connect(&u).await;
+    let (mut laptop, w2) = b.connect(&u).await;
+    assert_eq!(w["unread"], 3);
+    assert_eq!(w2["unread"], 3);
+    for n in [&mut ca, &mut cb] {
+        assert_eq!(online(n, &u).await, 2);
+    }
+    for _ in 0..3 {
+        phone.next_of("message").await;
+        laptop.next_of("message").await;
+    }
+    // A read on node a's device moves the badge on node b's device.
+    phone.send_json(json!({"type":"read","up_to": ids[1]})).await;
+    assert_eq!(laptop.next_of("unread").await["count"], 1);
+    assert_eq!(phone.next_of("unread").await["count"], 1, "the reading device too");
+    assert_eq!(unread(&mut cb, &u).await, 1);
+    // MarkRead through b reaches a.
+    cb.mark_read(MarkReadRequest { user_id: u.clone(), up_to_message_id: String::new() }).await.unwrap();
+    assert_eq!(phone.next_of("unread").await["count"], 0);
+    // DisconnectUser through a closes the device on b too.
+    let d = ca
+        .disconnect_user(DisconnectUserRequest { user_id: u.clone(), reason: "logout".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.closed, 2);
+    assert_eq!(laptop.expect_close().await.0, 4001);
+    assert_eq!(phone.expect_close().await.0, 4001);
+    eventually("offline everywhere", || {
+        let (mut ca, mut cb, u) = (ca.clone(), cb.clone(), u.clone());
+        async move { online(&mut ca, &u).await == 0 && online(&mut cb, &u).await == 0 }
+    })
+    .await;
+    // Broadcast reaches both nodes once.
+    let (mut x, _) = a.connect(&uid("bx")).await;
+    let (mut y, _) = b.connect(&uid("by")).await;
+    let r = cb.broadcast(BroadcastRequest { topic: "all".into(), payload_json: "1".into() }).await.unwrap().into_inner();
+    assert_eq!(x.next_of("message").await["id"], r.message_id.as_str());
+    assert_eq!(y.next_of("message").await["id"], r.message_id.as_str());
+    x.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn killed_node_goes_offline_within_the_lease_and_devices_resume_elsewhere() {
+    let (_redis, mut nodes) = cluster(2);
+    let u = uid("crash");
+    let mut sender = nodes[1].client().await;
+    let (mut dev, _) = nodes[0].connect(&u).await;
+    let mut got = vec![];
+    for i in 0..5 {
+        send(&mut sender, &[&u], &i.to_string()).await;
+        got.push(dev.next_of("message").await["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(online(&mut sender, &u).await, 1);
+    nodes[0].kill9();
+    let killed_at = std::time::Instant::now();
+    // Messages stored while the device has no node.
+    let mut missed = vec![];
+    for i in 5..10 {
+        missed.push(send(&mut sender, &[&u], &i.to_string()).await.deliveries[0].message_id.clone());
+    }
+    eventually("killed node's user reads offline", || {
+        let (mut c, u) = (sender.clone(), u.clone());
+        async move { online(&mut c, &u).await == 0 }
+    })
+    .await;
+    assert!(killed_at.elapsed() < Duration::from_secs(4), "offline within the 1 s lease (plus renew slack)");
+    let s = nodes[1].stats().await;
+    assert_eq!(s.nodes.len(), 1, "the dead node left Stats");
+
+    // The device reconnects to the surviving node with `since`.
+    let (mut dev, w) = nodes[1].connect_since(&u, Some(got.last().unwrap())).await;
+    assert_eq!(w["resumed"], true);
+    for id in &missed {
+        assert_eq!(dev.next_json().await["id"], id.as_str());
+    }
+    dev.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn burst_during_reconnect_loses_and_duplicates_nothing() {
+    let (_redis, nodes) = cluster(2);
+    let u = uid("burst");
+    let total = 400usize;
+    let sender = {
+        let mut c = nodes[1].client().await;
+        let u = u.clone();
+        tokio::spawn(async move {
+            let mut ids = vec![];
+            for i in 0..total {
+                ids.push(send(&mut c, &[&u], &i.to_string()).await.deliveries[0].message_id.clone());
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            ids
+        })
+    };
+    let mut got: Vec<String> = vec![];
+    let mut hops = 0;
+    let (mut ws, _) = nodes[0].connect(&u).await;
+    while got.len() < total {
+        let m = ws.next_of("message").await;
+        got.push(m["id"].as_str().unwrap().to_string());
+        // Every 60 messages the device drops its socket and reconnects
+        // to the other node from where it was.
+        if got.len() % 60 == 0 && got.len() < total {
+            hops += 1;
+            drop(ws);
+            let (next, w) = nodes[hops % 2].connect_since(&u, Some(got.last().unwrap())).await;
+            assert_eq!(w["resumed"], true);
+            ws = next;
+        }
+    }
+    let sent = sender.await.unwrap();
+    assert_eq!(got, sent, "every message exactly once, in order, across {hops} reconnects");
+    ws.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn redis_outage_is_unavailable_then_full_service_without_restart() {
+    let (mut redis, nodes) = cluster(2);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let u = uid("outage");
+    let (mut on_a, _) = a.connect(&u).await;
+    let (mut on_b, _) = b.connect(&u).await;
+    let mut cb = b.client().await;
+    let first = send(&mut cb, &[&u], "1").await.deliveries[0].message_id.clone();
+    on_a.next_of("message").await;
+    on_b.next_of("message").await;
+
+    redis.stop();
+    let started = std::time::Instant::now();
+    let e = cb
+        .send_to_user(SendToUserRequest { user_ids: vec![u.clone()], topic: "t".into(), payload_json: "2".into(), transient: false })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("unavailable"), "{}", e.message());
+    assert!(started.elapsed() < Duration::from_secs(5), "fails fast");
+    let e = cb.unread_count(UnreadCountRequest { user_id: u.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    // Nodes keep their sockets and answer pings.
+    on_a.send_json(json!({"type":"ping"})).await;
+    assert_eq!(on_a.next_of("pong").await["type"], "pong");
+
+    redis.restart();
+    // Full service again, same processes.
+    eventually("SendToUser works again", || {
+        let (mut c, u) = (cb.clone(), u.clone());
+        async move {
+            c.send_to_user(SendToUserRequest { user_ids: vec![u], topic: "t".into(), payload_json: "3".into(), transient: false })
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    // The devices that stayed connected get the new message live
+    // (re-subscribed), and nothing twice.
+    let m = on_a.next_of("message").await;
+    assert_eq!(m["data"], 3);
+    let m = on_b.next_of("message").await;
+    assert_eq!(m["data"], 3);
+    assert_eq!(unread(&mut cb, &u).await, 2);
+    let mut ca = a.client().await;
+    eventually("presence re-registered", || {
+        let (mut c, u) = (ca.clone(), u.clone());
+        async move { online(&mut c, &u).await == 2 }
+    })
+    .await;
+    let (_w, welcome) = a.connect_since(&uid("fresh"), None).await;
+    assert_eq!(welcome["unread"], 0);
+    let r = send(&mut ca, &[&u], "4").await;
+    assert_ne!(r.deliveries[0].message_id, first);
+    assert_eq!(on_b.next_of("message").await["data"], 4);
+}
