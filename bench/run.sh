@@ -29,7 +29,7 @@
 #   IDLE_HOLD          how long idle connections are held [10s]
 #   BIG_IDLE           idle connections on one Herald node, no errors [100000]
 #   BENCH_OUT          where JSON results and logs go [bench-out]
-#   BENCH_PROFILE      cargo profile: release, or debug (smoke default) [release]
+#   BENCH_PROFILE      cargo profile of the binaries: release or debug [release]
 set -euo pipefail
 
 MODE=${1:-full}
@@ -45,7 +45,7 @@ if [ "$MODE" = smoke ]; then
     : "${SYSTEMS:=herald1 herald2 socketio floor}"
     : "${UNICAST_CONNS:=200}" "${FIXED_RATES:=500}" "${STEP_SECS:=2}" "${BATCH:=20}"
     : "${BROADCAST_CONNS:=200}" "${BROADCASTS:=10}" "${IDLE_SIZES:=200}" "${IDLE_HOLD:=1s}"
-    : "${BIG_IDLE:=0}" "${ROUNDS:=1}" "${BENCH_PROFILE:=debug}"
+    : "${BIG_IDLE:=0}" "${ROUNDS:=1}" "${BENCH_PROFILE:=release}"
     : "${BENCH_OUT:=$ROOT/bench-out/smoke}"
 else
     : "${SYSTEMS:=herald1 herald2 socketio floor}"
