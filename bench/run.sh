@@ -30,6 +30,10 @@
 #   BIG_IDLE           idle connections on one Herald node, no errors [100000]
 #   BENCH_OUT          where JSON results and logs go [bench-out]
 #   BENCH_PROFILE      cargo profile of the binaries: release or debug [release]
+#   EXPERIMENTS        which to run [unicast-transient unicast-stored unicast-batch broadcast control idle]
+#   HERALD_SERVER_BIN  run this herald binary as the server (A/B test of a patched build);
+#                      the bench client stays the one built here
+#   WRITE_REPORT       1: rewrite BENCHMARKS.md after a full run [1 when full]
 set -euo pipefail
 
 MODE=${1:-full}
@@ -55,6 +59,8 @@ else
     : "${BENCH_OUT:=$ROOT/bench-out/full}"
 fi
 : "${RAMP_START:=2000}" "${SLO_P99:=50ms}"
+: "${EXPERIMENTS:=unicast-transient unicast-stored unicast-batch broadcast control idle}"
+if [ "$MODE" = full ]; then : "${WRITE_REPORT:=1}"; else : "${WRITE_REPORT:=0}"; fi
 SECRET="bench-secret-$RANDOM$RANDOM"
 LOGS="$BENCH_OUT/logs"
 rm -rf "$BENCH_OUT"
@@ -143,6 +149,8 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 HERALD="$TARGET_DIR/$BENCH_PROFILE/herald"
 FLOOR="$TARGET_DIR/$BENCH_PROFILE/herald-floor"
 [ -x "$HERALD" ] && [ -x "$FLOOR" ] || die "binaries not found in $TARGET_DIR/$BENCH_PROFILE"
+SERVER="${HERALD_SERVER_BIN:-$HERALD}"
+[ -x "$SERVER" ] || die "HERALD_SERVER_BIN=$SERVER is not an executable"
 
 # --- Redis --------------------------------------------------------------------
 REDIS_PID=""
@@ -176,7 +184,7 @@ start_herald_node() { # ID USE_REDIS: sets HN_PID HN_WS HN_GRPC
     log="$LOGS/$id-$RUN_TAG.log"
     local extra=()
     [ "$redis" = 1 ] && extra=(--redis-url "$REDIS_URL")
-    "$HERALD" serve --ws-listen "127.0.0.1:$HN_WS" --grpc-listen "127.0.0.1:$HN_GRPC" --admin-listen "127.0.0.1:$admin" \
+    "$SERVER" serve --ws-listen "127.0.0.1:$HN_WS" --grpc-listen "127.0.0.1:$HN_GRPC" --admin-listen "127.0.0.1:$admin" \
         --jwt-secret "$SECRET" --node-id "$id" "${extra[@]+"${extra[@]}"}" >"$log" 2>&1 &
     HN_PID=$!
     PIDS+=("$HN_PID")
@@ -284,6 +292,7 @@ EOF
 }
 
 has() { [[ " $SYSTEMS " == *" $1 "* ]]; }
+want() { [[ " $EXPERIMENTS " == *" $1 "* ]]; }
 ramp_args() {
     local rates
     rates=$(echo "$FIXED_RATES" | tr ' ' ',')
@@ -312,7 +321,8 @@ meta = {
 }
 meta["settings"] = dict(SYSTEMS="$SYSTEMS", ROUNDS="$ROUNDS", UNICAST_CONNS="$UNICAST_CONNS", FIXED_RATES="$FIXED_RATES",
   RAMP_START="$RAMP_START", STEP_SECS="$STEP_SECS", SLO_P99="$SLO_P99", BATCH="$BATCH", BROADCAST_CONNS="$BROADCAST_CONNS",
-  BROADCASTS="$BROADCASTS", IDLE_SIZES="$IDLE_SIZES", IDLE_HOLD="$IDLE_HOLD", BIG_IDLE="$BIG_IDLE", BENCH_PROFILE="$BENCH_PROFILE")
+  BROADCASTS="$BROADCASTS", IDLE_SIZES="$IDLE_SIZES", IDLE_HOLD="$IDLE_HOLD", BIG_IDLE="$BIG_IDLE", BENCH_PROFILE="$BENCH_PROFILE", EXPERIMENTS="$EXPERIMENTS",
+  HERALD_SERVER_BIN="${HERALD_SERVER_BIN:+patched}")
 json.dump(meta, open(sys.argv[1], "w"), indent=1)
 EOF
 
@@ -320,34 +330,34 @@ T0=$(date +%s)
 for ROUND in $(seq "$ROUNDS"); do
     say "round $ROUND of $ROUNDS: systems $SYSTEMS"
     # Unicast, live-only: fixed moderate rate, then step up to the max sustained.
-    for s in $SYSTEMS; do
+    want unicast-transient && for s in $SYSTEMS; do
         # shellcheck disable=SC2046
         run_bench "unicast-transient-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" $(ramp_args) \
             $([ "${s#herald}" != "$s" ] && echo --transient)
     done
     # Unicast, stored (Herald only: the others have no store).
-    for s in $SYSTEMS; do
+    want unicast-stored && for s in $SYSTEMS; do
         case $s in herald*) ;; *) continue ;; esac
         # shellcheck disable=SC2046
         run_bench "unicast-stored-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" $(ramp_args)
     done
     # Unicast, BATCH users per call, live-only.
-    for s in $SYSTEMS; do
+    want unicast-batch && for s in $SYSTEMS; do
         # shellcheck disable=SC2046
         run_bench "unicast-batch-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" --users-per-call "$BATCH" \
             $(ramp_args) $([ "${s#herald}" != "$s" ] && echo --transient)
     done
     # Broadcast to every connection.
-    for s in $SYSTEMS; do
+    want broadcast && for s in $SYSTEMS; do
         run_bench "broadcast-$s" "$s" broadcast -c "$BROADCAST_CONNS" --single 10 --broadcasts "$BROADCASTS" --in-flight 4
     done
     # Control queries (Herald only).
-    for s in $SYSTEMS; do
+    want control && for s in $SYSTEMS; do
         case $s in herald*) ;; *) continue ;; esac
         run_bench "control-$s" "$s" control -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" --users-per-call 10
     done
     # Idle connections: resident memory per connection.
-    for n in $IDLE_SIZES; do
+    want idle && for n in $IDLE_SIZES; do
         if [ "$n" -gt "$MAX_CONNS" ]; then
             say "skip idle-$n: the open-file limit ($FD_LIMIT) allows $MAX_CONNS connections per process"
             continue
@@ -356,7 +366,7 @@ for ROUND in $(seq "$ROUNDS"); do
             run_bench "idle-$n-$s" "$s" idle -c "$n" --hold "$IDLE_HOLD" --connect-concurrency 500
         done
     done
-    if [ "$BIG_IDLE" -gt 0 ] && has herald1; then
+    if want idle && [ "$BIG_IDLE" -gt 0 ] && has herald1; then
         if [ "$BIG_IDLE" -gt "$MAX_CONNS" ]; then
             say "skip idle-big: the open-file limit ($FD_LIMIT) allows $MAX_CONNS connections per process"
         else
@@ -366,7 +376,7 @@ for ROUND in $(seq "$ROUNDS"); do
 done
 say "done in $(($(date +%s) - T0)) s; results in $BENCH_OUT"
 
-if [ "$MODE" = full ]; then
+if [ "$WRITE_REPORT" = 1 ]; then
     python3 bench/report.py "$BENCH_OUT" BENCHMARKS.md && say "wrote BENCHMARKS.md"
 else
     python3 bench/report.py "$BENCH_OUT" - >"$BENCH_OUT/summary.md" || true

@@ -1173,12 +1173,13 @@ async fn control_step(ctx: &Arc<Ctx>, rate: Option<f64>) -> Value {
                 let ctx = ctx.clone();
                 workers.push(tokio::spawn(async move {
                     let mut rng = Rng::new();
+                    let stride = ctx.args.concurrency.max(1) as u64;
                     let mut k = w as u64;
                     while now_ns() < t0 + dur_ns {
                         let s = now_ns();
                         one(k, &mut rng).await;
                         ctx.fleet.hists.record(w, now_ns().saturating_sub(s));
-                        k += a_conc(&ctx);
+                        k += stride;
                     }
                 }));
             }
@@ -1211,10 +1212,6 @@ async fn control_step(ctx: &Arc<Ctx>, rate: Option<f64>) -> Value {
         );
     }
     v
-}
-
-fn a_conc(ctx: &Ctx) -> u64 {
-    ctx.args.concurrency.max(1) as u64
 }
 
 async fn control(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String>) {
