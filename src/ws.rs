@@ -196,7 +196,7 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
             return Some((close::TRY_AGAIN_LATER, "backend unavailable, retry shortly".into()));
         }
     };
-    let welcome = protocol::welcome_frame(&node.hub.conn_label(conn), &conn.user, replay.unread, replay.resumed);
+    let welcome = protocol::welcome_frame(&node.hub.conn_label(conn), &conn.user, replay.unread, replay.messages.len(), replay.resumed);
     let mut head = replay.head;
     let greet = async {
         ws.feed(Message::Text(welcome)).await?;
