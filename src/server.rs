@@ -132,6 +132,20 @@ pub async fn run(
             }),
     );
 
+    // The one heartbeat timer of all connections.
+    let heartbeat = {
+        let hub = node.hub.clone();
+        let every = cfg.heartbeat;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                hub.heartbeat_all();
+            }
+        })
+    };
+
     // Public listener: WebSocket gateway.
     let gateway = Arc::new(Gateway {
         node: node.clone(),
@@ -160,6 +174,7 @@ pub async fn run(
     let _ = public.await;
     let _ = admin.await;
     node.hub.close_all(close::GOING_AWAY, "server shutting down");
+    heartbeat.abort();
     tasks.close();
     if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait()).await.is_err() {
         tracing::warn!("some connections did not close within {DRAIN_DEADLINE:?}");
