@@ -647,9 +647,9 @@ struct Registrar {
 }
 
 /// Turns a pub/sub message into an event for the hub.
-fn decode(channel: &str, payload: &[u8]) -> Option<Event> {
+fn decode(broadcast_channel: &str, channel: &str, payload: &[u8]) -> Option<Event> {
     let text = std::str::from_utf8(payload).ok()?;
-    if channel == keys::broadcast_channel() {
+    if channel == broadcast_channel {
         return Some(Event::Broadcast { frame: Frame::from(text) });
     }
     let user: Arc<str> = Arc::from(keys::channel_user(channel)?);
@@ -677,6 +677,7 @@ impl Registrar {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>, ready: oneshot::Sender<Result<()>>) {
         let mut ready = Some(ready);
         let mut backoff = Duration::from_millis(100);
+        let broadcast_channel = keys::broadcast_channel();
         let mut renew = tokio::time::interval(self.lease / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -740,7 +741,7 @@ impl Registrar {
                 tokio::select! {
                     msg = stream.next() => match msg {
                         Some(m) => {
-                            if let Some(e) = decode(m.get_channel_name(), m.get_payload_bytes()) {
+                            if let Some(e) = decode(&broadcast_channel, m.get_channel_name(), m.get_payload_bytes()) {
                                 self.hub.dispatch(e);
                             }
                         }
