@@ -44,6 +44,8 @@ struct ConnState {
     /// Live delivery had a gap (the broker reconnected): catch up from the
     /// inbox before trusting live traffic again.
     resync: bool,
+    /// The node's heartbeat ticked: check for silence, send a ping.
+    heartbeat: bool,
 }
 
 /// What a connection task must do besides writing its queued frames.
@@ -51,6 +53,7 @@ struct ConnState {
 pub struct Pending {
     pub close: Option<(u16, String)>,
     pub resync: bool,
+    pub heartbeat: bool,
 }
 
 /// A connection as the hub and its task share it. Dropped when both the
@@ -109,11 +112,20 @@ impl Conn {
         if st.queue.capacity() > 64 {
             st.queue = VecDeque::new(); // give back what a burst grew
         }
-        Pending { close: st.close.clone(), resync: std::mem::take(&mut st.resync) }
+        Pending {
+            close: st.close.clone(),
+            resync: std::mem::take(&mut st.resync),
+            heartbeat: std::mem::take(&mut st.heartbeat),
+        }
     }
 
     fn request_resync(&self) {
         self.state.lock().unwrap().resync = true;
+        self.wake.notify_one();
+    }
+
+    fn tick(&self) {
+        self.state.lock().unwrap().heartbeat = true;
         self.wake.notify_one();
     }
 
@@ -167,7 +179,7 @@ impl Hub {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             user: key.clone(),
             capacity: queue_capacity,
-            state: Mutex::new(ConnState { queue: VecDeque::new(), close: None, resync: false }),
+            state: Mutex::new(ConnState { queue: VecDeque::new(), close: None, resync: false, heartbeat: false }),
             wake: Notify::new(),
         });
         let list = shard.entry(key).or_default();
@@ -236,6 +248,16 @@ impl Hub {
         for shard in self.shards.iter() {
             for conn in shard.lock().unwrap().values().flatten() {
                 conn.request_resync();
+            }
+        }
+    }
+
+    /// One heartbeat tick for every connection: each checks its silence and
+    /// pings its client. One node-wide timer instead of one per connection.
+    pub fn heartbeat_all(&self) {
+        for shard in self.shards.iter() {
+            for conn in shard.lock().unwrap().values().flatten() {
+                conn.tick();
             }
         }
     }

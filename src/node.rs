@@ -121,21 +121,20 @@ impl Node {
         self.check_users(users)?;
         self.check_message(topic, payload_json)?;
         let ts = protocol::now_ms();
-        let presence = self.backend.presence.lookup(users);
-        let (ids, online) = if transient {
+        // `online` comes from the publish itself (did a node holding the
+        // user receive it?), so a send costs no separate presence lookup.
+        let (ids, online): (Vec<String>, Vec<bool>) = if transient {
             let id = protocol::live_id();
             let frame: Frame = protocol::message_frame(&id, topic, payload_json, ts, true).into();
             let events = users
                 .iter()
                 .map(|u| Event::Message { user: Arc::from(u.as_str()), id: None, frame: frame.clone() })
                 .collect();
-            let (sent, online) = tokio::join!(self.backend.broker.publish(events), presence);
-            sent?;
-            (vec![id; users.len()], online?)
+            let online = self.backend.broker.publish(events).await?;
+            (vec![id; users.len()], online)
         } else {
-            let append = self.backend.inbox.append(users, NewMessage { topic, payload_json, ts });
-            let (ids, online) = tokio::join!(append, presence);
-            (ids?.into_iter().map(|i| i.to_string()).collect(), online?)
+            let stored = self.backend.inbox.append(users, NewMessage { topic, payload_json, ts }).await?;
+            stored.into_iter().map(|(id, online)| (id.to_string(), online)).unzip()
         };
         metrics::counter!("herald_messages_pushed_total", "kind" => if transient { "transient" } else { "stored" })
             .increment(users.len() as u64);
@@ -143,7 +142,7 @@ impl Node {
             .iter()
             .zip(ids)
             .zip(online)
-            .map(|((u, message_id), n)| Delivery { user_id: u.clone(), message_id, online: n > 0 })
+            .map(|((u, message_id), online)| Delivery { user_id: u.clone(), message_id, online })
             .collect())
     }
 

@@ -113,12 +113,16 @@ pub fn message_frame_parts(topic: &str, payload_json: &str, ts: u64, transient: 
     (head, tail)
 }
 
-pub fn welcome_frame(conn: &str, user: &str, unread: u64, resumed: Option<bool>) -> Frame {
+/// `replay` is the number of stored messages that follow before live
+/// traffic, so a client can tell replayed messages (already counted in
+/// `unread`) from new ones.
+pub fn welcome_frame(conn: &str, user: &str, unread: u64, replay: usize, resumed: Option<bool>) -> Frame {
     let mut s = format!(
-        "{{\"type\":\"welcome\",\"conn\":{},\"user\":{},\"unread\":{}",
+        "{{\"type\":\"welcome\",\"conn\":{},\"user\":{},\"unread\":{},\"replay\":{}",
         json_str(conn),
         json_str(user),
-        unread
+        unread,
+        replay
     );
     if let Some(r) = resumed {
         s.push_str(if r { ",\"resumed\":true" } else { ",\"resumed\":false" });
@@ -181,7 +185,7 @@ mod tests {
         assert!(f.contains("\"data\":{ \"x\" : [1, 2] }"));
         let v: serde_json::Value = serde_json::from_str(&f).unwrap();
         assert_eq!(v["topic"], "a\"b");
-        let w: serde_json::Value = serde_json::from_str(welcome_frame("c", "u\n", 3, Some(false)).as_str()).unwrap();
+        let w: serde_json::Value = serde_json::from_str(welcome_frame("c", "u\n", 3, 0, Some(false)).as_str()).unwrap();
         assert_eq!(w["resumed"], false);
         assert!(live_id().starts_with('t'));
     }

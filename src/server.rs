@@ -65,6 +65,26 @@ impl Listeners {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit: every connection
+/// is a file descriptor, and distributions default the soft limit to 1024.
+/// Returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim = want;
+            }
+        }
+    }
+    lim.rlim_cur as u64
+}
+
 /// The process-wide Prometheus recorder (the `metrics` facade is global).
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -99,6 +119,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let metrics = metrics_handle();
+    // Every connection is a file descriptor: hold at most what the
+    // open-files limit allows (less a reserve for Redis, gRPC and logs), so
+    // a full node stops accepting instead of failing accepts with EMFILE.
+    let fds = raise_fd_limit() as usize;
+    let max_connections = cfg.limits.max_connections.min(fds.saturating_sub(256).max(16));
+    if max_connections < cfg.limits.max_connections {
+        tracing::info!(open_files_limit = fds, max_connections,
+            "connections capped by the open-files limit; raise `ulimit -n` to hold more");
+    }
     let node = build_node(cfg.clone()).await?;
     let (ws_addr, grpc_addr, admin_addr) = listeners.addrs();
     tracing::info!(node = %cfg.node_id, %ws_addr, %grpc_addr, %admin_addr,
@@ -132,13 +161,27 @@ pub async fn run(
             }),
     );
 
+    // The one heartbeat timer of all connections.
+    let heartbeat = {
+        let hub = node.hub.clone();
+        let every = cfg.heartbeat;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                hub.heartbeat_all();
+            }
+        })
+    };
+
     // Public listener: WebSocket gateway.
     let gateway = Arc::new(Gateway {
         node: node.clone(),
         verifier: TokenVerifier::new(&cfg.jwt_secret, cfg.limits.max_user_id_bytes),
         tasks: tasks.clone(),
     });
-    let permits = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let permits = Arc::new(Semaphore::new(max_connections));
     let public = tokio::spawn(accept_loop(listeners.ws, stop_rx.clone(), tasks.clone(), Some(permits), {
         let gateway = gateway.clone();
         move |req| gateway.clone().handle(req)
@@ -160,6 +203,7 @@ pub async fn run(
     let _ = public.await;
     let _ = admin.await;
     node.hub.close_all(close::GOING_AWAY, "server shutting down");
+    heartbeat.abort();
     tasks.close();
     if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait()).await.is_err() {
         tracing::warn!("some connections did not close within {DRAIN_DEADLINE:?}");

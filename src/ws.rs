@@ -2,9 +2,10 @@
 //! any upgrade) and the per-connection task.
 //!
 //! One task per connection does everything for it: it writes queued frames
-//! (all that are queued, then one flush), reads client frames, and sends
-//! heartbeats. There is no second task and no channel per connection; the
-//! hub's queue and the socket's buffers are the connection's whole memory.
+//! (all that are queued, then one flush), reads client frames, and answers
+//! the node's heartbeat ticks. There is no second task, no channel and no
+//! timer per connection; the hub's queue, the socket's buffers and a small
+//! task state are the connection's whole memory (see BENCHMARKS.md).
 
 use crate::auth::TokenVerifier;
 use crate::error::Error;
@@ -134,7 +135,7 @@ impl Gateway {
                 Ok(upgraded) => {
                     let limits = &gw.node.cfg.limits;
                     let config = WebSocketConfig::default()
-                        .read_buffer_size(4096)
+                        .read_buffer_size(512)
                         .write_buffer_size(16 * 1024)
                         .max_write_buffer_size(8 * 1024 * 1024)
                         .max_message_size(Some(limits.max_client_frame_bytes))
@@ -155,29 +156,40 @@ impl Gateway {
     }
 }
 
+/// The closing handshake: send our close frame, then keep reading (and
+/// dropping) until the client's close frame arrives, so the client reads
+/// our frame before the TCP connection goes away. Bounded by 2 s.
 async fn send_close(ws: &mut Socket, code: u16, reason: &str) {
     let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() };
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if ws.close(Some(frame)).await.is_err() {
+            return;
+        }
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
 }
 
 /// One connection's whole life, from attach to detach.
 async fn run(node: Arc<Node>, user: String, since: Option<MessageId>, mut ws: Socket) {
-    let conn = match node.attach(&user).await {
+    // Futures awaited once (attach, close) are boxed so that they do not
+    // widen the state every idle connection's task keeps.
+    let conn = match Box::pin(node.attach(&user)).await {
         Ok(c) => c,
         Err(Error::ResourceExhausted(m)) => {
             metrics::counter!("herald_ws_rejected_total", "reason" => "too_many_connections").increment(1);
-            return send_close(&mut ws, close::TOO_MANY_CONNECTIONS, &m).await;
+            return Box::pin(send_close(&mut ws, close::TOO_MANY_CONNECTIONS, &m)).await;
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot attach connection");
-            return send_close(&mut ws, close::TRY_AGAIN_LATER, "backend unavailable, retry shortly").await;
+            return Box::pin(send_close(&mut ws, close::TRY_AGAIN_LATER, "backend unavailable, retry shortly")).await;
         }
     };
     metrics::counter!("herald_ws_connections_total").increment(1);
     let end = serve(&node, &conn, since, &mut ws).await;
-    node.detach(&conn).await;
+    Box::pin(node.detach(&conn)).await;
     if let Some((code, reason)) = end {
-        send_close(&mut ws, code, &reason).await;
+        Box::pin(send_close(&mut ws, code, &reason)).await;
     }
 }
 
@@ -189,30 +201,26 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
     let heartbeat = node.cfg.heartbeat;
     // A write that cannot finish within two heartbeats means a dead peer.
     let write_timeout = heartbeat * 2;
-    let replay = match node.replay(&conn.user, since).await {
+    let replay = match Box::pin(node.replay(&conn.user, since)).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "replay failed");
             return Some((close::TRY_AGAIN_LATER, "backend unavailable, retry shortly".into()));
         }
     };
-    let welcome = protocol::welcome_frame(&node.hub.conn_label(conn), &conn.user, replay.unread, replay.resumed);
+    let welcome = protocol::welcome_frame(&node.hub.conn_label(conn), &conn.user, replay.unread, replay.messages.len(), replay.resumed);
     let mut head = replay.head;
-    let greet = async {
-        ws.feed(Message::Text(welcome)).await?;
-        for (_, frame) in replay.messages {
-            ws.feed(Message::Text(frame)).await?;
-        }
-        ws.flush().await
-    };
-    match tokio::time::timeout(write_timeout, greet).await {
-        Ok(Ok(())) => {}
-        _ => return None,
+    let mut batch: Vec<Outbound> = Vec::with_capacity(replay.messages.len() + 1);
+    batch.push(Outbound { id: None, frame: welcome });
+    batch.extend(replay.messages.into_iter().map(|(_, frame)| Outbound { id: None, frame }));
+    if !Box::pin(write(ws, &mut batch, &mut head, write_timeout, false)).await {
+        return None;
     }
+    batch = Vec::new();
 
-    let mut batch: Vec<Outbound> = Vec::new();
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // While idle, the task waits here on two things only: its hub entry
+    // (frames, close, resync, heartbeat ticks from the node's one heartbeat
+    // timer) and the socket. No per-connection timer exists.
     let mut last_seen = Instant::now();
     loop {
         tokio::select! {
@@ -221,16 +229,11 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                 if pending.resync {
                     // Live delivery had a gap: fetch what was stored after
                     // the last message this connection saw, then go on
-                    // (live frames at or below it are dropped below).
-                    match node.replay(&conn.user, Some(head)).await {
+                    // (live frames at or below it are dropped in write).
+                    match Box::pin(node.replay(&conn.user, Some(head))).await {
                         Ok(r) => {
                             let mut caught: Vec<Outbound> = Vec::with_capacity(r.messages.len() + batch.len());
-                            for (id, frame) in r.messages {
-                                if id > head {
-                                    head = id;
-                                    caught.push(Outbound { id: None, frame });
-                                }
-                            }
+                            caught.extend(r.messages.into_iter().map(|(id, frame)| Outbound { id: Some(id), frame }));
                             caught.append(&mut batch);
                             batch = caught;
                         }
@@ -240,29 +243,20 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                         }
                     }
                 }
-                let closing = pending.close;
-                let write = async {
-                    for out in batch.drain(..) {
-                        if let Some(id) = out.id {
-                            // Already sent by the replay (or a duplicate).
-                            if id <= head { continue; }
-                            head = id;
-                        }
-                        ws.feed(Message::Text(out.frame)).await?;
-                    }
-                    ws.flush().await
-                };
-                match tokio::time::timeout(write_timeout, write).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return None,
-                    Err(_) => {
-                        metrics::counter!("herald_write_timeouts_total").increment(1);
+                if pending.heartbeat && last_seen.elapsed() >= heartbeat * 2 {
+                    metrics::counter!("herald_heartbeat_timeouts_total").increment(1);
+                    return Some((1000, "heartbeat timeout".into()));
+                }
+                if !batch.is_empty() || pending.heartbeat {
+                    if !Box::pin(write(ws, &mut batch, &mut head, write_timeout, pending.heartbeat)).await {
                         return None;
                     }
+                    if batch.capacity() > 64 {
+                        batch = Vec::new(); // give back what a burst grew
+                    }
                 }
-                batch.clear();
-                if closing.is_some() {
-                    return closing;
+                if pending.close.is_some() {
+                    return pending.close;
                 }
             }
             msg = ws.next() => {
@@ -278,7 +272,7 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                     }
                     Some(Err(_)) => return None,
                     Some(Ok(Message::Text(t))) => {
-                        if let Some(reply) = client_frame(node, conn, t.as_str()).await {
+                        if let Some(reply) = Box::pin(client_frame(node, conn, t.as_str())).await {
                             conn.send(reply);
                         }
                     }
@@ -287,25 +281,48 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                     }
                     Some(Ok(Message::Ping(_))) => {
                         // tungstenite queued the pong; push it out now.
-                        if ws.flush().await.is_err() { return None; }
+                        if !Box::pin(write(ws, &mut batch, &mut head, write_timeout, false)).await {
+                            return None;
+                        }
                     }
                     Some(Ok(Message::Close(_))) => {
-                        let _ = tokio::time::timeout(Duration::from_secs(2), ws.flush()).await;
+                        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(2), ws.flush())).await;
                         return None;
                     }
                     Some(Ok(_)) => {}
                 }
             }
-            _ = ticker.tick() => {
-                if last_seen.elapsed() >= heartbeat * 2 {
-                    metrics::counter!("herald_heartbeat_timeouts_total").increment(1);
-                    return Some((1000, "heartbeat timeout".into()));
+        }
+    }
+}
+
+/// Writes `batch` (all of it, then one flush), skipping stored messages at
+/// or below `head` (already sent by a replay, or duplicates) and advancing
+/// `head`. With `ping`, a WebSocket ping goes out after the batch. False
+/// when the socket failed or the write took longer than `timeout` (a peer
+/// that stopped reading).
+async fn write(ws: &mut Socket, batch: &mut Vec<Outbound>, head: &mut MessageId, timeout: Duration, ping: bool) -> bool {
+    let io = async {
+        for out in batch.drain(..) {
+            if let Some(id) = out.id {
+                if id <= *head {
+                    continue;
                 }
-                match tokio::time::timeout(write_timeout, ws.send(Message::Ping(Bytes::new()))).await {
-                    Ok(Ok(())) => {}
-                    _ => return None,
-                }
+                *head = id;
             }
+            ws.feed(Message::Text(out.frame)).await?;
+        }
+        if ping {
+            ws.feed(Message::Ping(Bytes::new())).await?;
+        }
+        ws.flush().await
+    };
+    match tokio::time::timeout(timeout, io).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            metrics::counter!("herald_write_timeouts_total").increment(1);
+            false
         }
     }
 }

@@ -67,6 +67,7 @@ async fn offline_user_gets_unread_count_and_replay_on_connect(b: Backend) {
     assert_eq!(unread(&mut c, &u).await, 3);
     let (mut ws, welcome) = node.connect(&u).await;
     assert_eq!(welcome["unread"], 3);
+    assert_eq!(welcome["replay"], 3);
     assert!(welcome.get("resumed").is_none());
     for (i, id) in ids.iter().enumerate() {
         let m = ws.next_json().await;
@@ -90,6 +91,7 @@ async fn replay_is_capped_to_the_newest_unread_but_welcome_counts_all(b: Backend
     }
     let (mut ws, welcome) = node.connect(&u).await;
     assert_eq!(welcome["unread"], 5);
+    assert_eq!(welcome["replay"], 2);
     assert_eq!(ws.next_json().await["id"], ids[3].as_str());
     assert_eq!(ws.next_json().await["id"], ids[4].as_str());
     ws.expect_silence(Duration::from_millis(200)).await;

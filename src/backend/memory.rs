@@ -117,11 +117,20 @@ impl Broker for MemoryBackend {
     async fn unsubscribe(&self, _user: &str) -> Result<()> {
         Ok(())
     }
-    async fn publish(&self, events: Vec<Event>) -> Result<()> {
-        for e in events {
-            self.hub.dispatch(e);
-        }
-        Ok(())
+    async fn publish(&self, events: Vec<Event>) -> Result<Vec<bool>> {
+        Ok(events
+            .into_iter()
+            .map(|e| {
+                let online = match &e {
+                    Event::Message { user, .. } | Event::Unread { user, .. } | Event::Disconnect { user, .. } => {
+                        self.hub.has_user(user)
+                    }
+                    Event::Broadcast { .. } => self.hub.connections() > 0,
+                };
+                self.hub.dispatch(e);
+                online
+            })
+            .collect())
     }
     async fn broadcast(&self, frame: Frame) -> Result<()> {
         self.hub.dispatch(Event::Broadcast { frame });
@@ -151,7 +160,7 @@ impl Presence for MemoryBackend {
 
 #[async_trait]
 impl Inbox for MemoryBackend {
-    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<MessageId>> {
+    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<(MessageId, bool)>> {
         let mut ids = Vec::with_capacity(users.len());
         for user in users {
             // Id assignment and delivery under one lock: connections see a
@@ -164,8 +173,9 @@ impl Inbox for MemoryBackend {
                     protocol::message_frame(&id.to_string(), msg.topic, msg.payload_json, msg.ts, false).into();
                 inbox.messages.push_back(Stored { id, ts: msg.ts, frame: frame.clone() });
                 inbox.trim(&self.cfg, msg.ts);
+                let online = self.hub.has_user(user);
                 self.hub.dispatch(Event::Message { user: Arc::from(user.as_str()), id: Some(id), frame });
-                ids.push(id);
+                ids.push((id, online));
             });
         }
         Ok(ids)

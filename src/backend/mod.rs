@@ -72,7 +72,9 @@ pub trait Broker: Send + Sync + 'static {
     /// has gone). Idempotent.
     async fn unsubscribe(&self, user: &str) -> Result<()>;
     /// Publishes live events to the nodes that hold each user (pipelined).
-    async fn publish(&self, events: Vec<Event>) -> Result<()>;
+    /// Returns, per event, whether some node holding the user (any node,
+    /// for a broadcast) received it: the user was online.
+    async fn publish(&self, events: Vec<Event>) -> Result<Vec<bool>>;
     /// Publishes a frame to every node once.
     async fn broadcast(&self, frame: Frame) -> Result<()>;
 }
@@ -113,8 +115,9 @@ pub trait Presence: Send + Sync + 'static {
 pub trait Inbox: Send + Sync + 'static {
     /// Stores one message for each user and publishes it to the user's
     /// connections in the same step, so the order in which connections see
-    /// stored messages is the order of their ids. Returns the ids in order.
-    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<MessageId>>;
+    /// stored messages is the order of their ids. Returns, in order, each
+    /// id and whether the publish reached a node holding the user (online).
+    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<(MessageId, bool)>>;
     /// Stored messages newer than the read cursor.
     async fn unread(&self, user: &str) -> Result<u64>;
     /// With `since`: every stored message after it. Without: the newest

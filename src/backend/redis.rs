@@ -126,7 +126,8 @@ end
 "#;
 
 /// KEYS: inbox, meta. ARGV: now, frame head, frame tail, max_len, max_age,
-/// ttl, channel. Assigns the id, stores, trims, publishes. Returns the id.
+/// ttl, channel. Assigns the id, stores, trims, publishes. Returns {id,
+/// number of nodes that received the publish}.
 const APPEND: &str = r#"
 local now = tonumber(ARGV[1])
 ensure(KEYS[2], now)
@@ -140,8 +141,8 @@ redis.call('HSET', KEYS[2], 'last', id)
 trim(KEYS[1], KEYS[2], now, tonumber(ARGV[5]), ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
-redis.call('PUBLISH', ARGV[7], 'm' .. id .. ' ' .. frame)
-return id
+local receivers = redis.call('PUBLISH', ARGV[7], 'm' .. id .. ' ' .. frame)
+return {id, receivers}
 "#;
 
 /// KEYS: inbox, meta. ARGV: now, max_age, since ('' for none), limit, ttl.
@@ -460,7 +461,7 @@ impl Broker for RedisBackend {
         Ok(())
     }
 
-    async fn publish(&self, events: Vec<Event>) -> Result<()> {
+    async fn publish(&self, events: Vec<Event>) -> Result<Vec<bool>> {
         let mut pipe = redis::pipe();
         for e in events {
             let (user, payload) = match e {
@@ -468,19 +469,20 @@ impl Broker for RedisBackend {
                 Event::Unread { user, count } => (user, format!("u{count}")),
                 Event::Disconnect { user, reason } => (user, format!("d{reason}")),
                 Event::Broadcast { frame } => {
-                    pipe.cmd("PUBLISH").arg(keys::broadcast_channel()).arg(frame.as_str()).ignore();
+                    pipe.cmd("PUBLISH").arg(keys::broadcast_channel()).arg(frame.as_str());
                     continue;
                 }
             };
-            pipe.cmd("PUBLISH").arg(keys::user_channel(&user)).arg(payload).ignore();
+            pipe.cmd("PUBLISH").arg(keys::user_channel(&user)).arg(payload);
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        // PUBLISH answers with the number of subscribed nodes.
+        let receivers: Vec<i64> = pipe.query_async(&mut conn).await?;
+        Ok(receivers.into_iter().map(|n| n > 0).collect())
     }
 
     async fn broadcast(&self, frame: Frame) -> Result<()> {
-        self.publish(vec![Event::Broadcast { frame }]).await
+        self.publish(vec![Event::Broadcast { frame }]).await.map(|_| ())
     }
 }
 
@@ -541,7 +543,7 @@ impl Presence for RedisBackend {
 
 #[async_trait]
 impl Inbox for RedisBackend {
-    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<MessageId>> {
+    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<(MessageId, bool)>> {
         // The frame around the id: the script puts the id it assigns between.
         let (head, tail) = protocol::message_frame_parts(msg.topic, msg.payload_json, msg.ts, false);
         let now = msg.ts.to_string();
@@ -558,7 +560,17 @@ impl Inbox for RedisBackend {
                 )
             })
             .collect();
-        self.run(cmds).await?.iter().map(msg_id).collect()
+        self.run(cmds)
+            .await?
+            .into_iter()
+            .map(|v| {
+                let v = array(v)?;
+                match v.as_slice() {
+                    [id, receivers] => Ok((msg_id(id)?, int(receivers)? > 0)),
+                    _ => Err(bad(&Value::Array(v))),
+                }
+            })
+            .collect()
     }
 
     async fn unread(&self, user: &str) -> Result<u64> {
@@ -635,9 +647,9 @@ struct Registrar {
 }
 
 /// Turns a pub/sub message into an event for the hub.
-fn decode(channel: &str, payload: &[u8]) -> Option<Event> {
+fn decode(broadcast_channel: &str, channel: &str, payload: &[u8]) -> Option<Event> {
     let text = std::str::from_utf8(payload).ok()?;
-    if channel == keys::broadcast_channel() {
+    if channel == broadcast_channel {
         return Some(Event::Broadcast { frame: Frame::from(text) });
     }
     let user: Arc<str> = Arc::from(keys::channel_user(channel)?);
@@ -665,6 +677,7 @@ impl Registrar {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>, ready: oneshot::Sender<Result<()>>) {
         let mut ready = Some(ready);
         let mut backoff = Duration::from_millis(100);
+        let broadcast_channel = keys::broadcast_channel();
         let mut renew = tokio::time::interval(self.lease / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -728,7 +741,7 @@ impl Registrar {
                 tokio::select! {
                     msg = stream.next() => match msg {
                         Some(m) => {
-                            if let Some(e) = decode(m.get_channel_name(), m.get_payload_bytes()) {
+                            if let Some(e) = decode(&broadcast_channel, m.get_channel_name(), m.get_payload_bytes()) {
                                 self.hub.dispatch(e);
                             }
                         }
