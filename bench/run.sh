@@ -30,6 +30,7 @@
 #   BIG_IDLE           idle connections on one Herald node, no errors [100000]
 #   BENCH_OUT          where JSON results and logs go [bench-out]
 #   BENCH_PROFILE      cargo profile of the binaries: release or debug [release]
+#   HERALD_BIN         a prebuilt herald binary (herald-floor beside it): no build
 #   EXPERIMENTS        which to run [unicast-transient unicast-stored unicast-batch broadcast control idle]
 #   HERALD_SERVER_BIN  run this herald binary as the server (A/B test of a patched build);
 #                      the bench client stays the one built here
@@ -139,16 +140,23 @@ if [[ " $SYSTEMS " == *" socketio "* ]]; then
     (cd bench/socketio && npm ci --no-audit --no-fund --loglevel=error) >"$LOGS/npm.log" 2>&1 ||
         die "npm ci failed (see $LOGS/npm.log)"
 fi
-say "cargo build --bins ($BENCH_PROFILE)"
-if [ "$BENCH_PROFILE" = release ]; then
-    cargo build --release --bins >"$LOGS/build.log" 2>&1 || die "build failed (see $LOGS/build.log)"
+if [ -n "${HERALD_BIN:-}" ] && [ -x "$HERALD_BIN" ] && [ -x "$(dirname "$HERALD_BIN")/herald-floor" ]; then
+    # Prebuilt binaries (CI builds them before): herald and herald-floor side by side.
+    HERALD="$HERALD_BIN"
+    FLOOR="$(dirname "$HERALD_BIN")/herald-floor"
+    say "using prebuilt $HERALD"
 else
-    cargo build --bins >"$LOGS/build.log" 2>&1 || die "build failed (see $LOGS/build.log)"
+    say "cargo build --bins ($BENCH_PROFILE)"
+    if [ "$BENCH_PROFILE" = release ]; then
+        cargo build --release --bins >"$LOGS/build.log" 2>&1 || die "build failed (see $LOGS/build.log)"
+    else
+        cargo build --bins >"$LOGS/build.log" 2>&1 || die "build failed (see $LOGS/build.log)"
+    fi
+    TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+    HERALD="$TARGET_DIR/$BENCH_PROFILE/herald"
+    FLOOR="$TARGET_DIR/$BENCH_PROFILE/herald-floor"
 fi
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-HERALD="$TARGET_DIR/$BENCH_PROFILE/herald"
-FLOOR="$TARGET_DIR/$BENCH_PROFILE/herald-floor"
-[ -x "$HERALD" ] && [ -x "$FLOOR" ] || die "binaries not found in $TARGET_DIR/$BENCH_PROFILE"
+[ -x "$HERALD" ] && [ -x "$FLOOR" ] || die "herald and herald-floor binaries not found ($HERALD, $FLOOR)"
 SERVER="${HERALD_SERVER_BIN:-$HERALD}"
 [ -x "$SERVER" ] || die "HERALD_SERVER_BIN=$SERVER is not an executable"
 
