@@ -112,6 +112,11 @@ pub struct BenchArgs {
     pub ramp_max: f64,
     #[arg(long, default_value_t = 2)]
     pub ramp_refine: u32,
+    /// A ramp step that fails on latency alone (nothing lost) is run again
+    /// this many times before it counts as failed: one stall of a shared
+    /// machine should not end the search.
+    #[arg(long, default_value_t = 1)]
+    pub ramp_retries: u32,
     /// The latency objective a step must meet to count as sustained.
     #[arg(long, default_value = "50ms", value_parser = duration)]
     pub slo_p99: Duration,
@@ -740,6 +745,23 @@ fn step_problems(steps: &[Step], problems: &mut Vec<String>) {
     }
 }
 
+/// One ramp step, run again (up to --ramp-retries) when it failed on
+/// latency alone; every run is kept in `steps`.
+async fn ramp_step(ctx: &Arc<Ctx>, rate: f64, steps: &mut Vec<Step>) -> Step {
+    let mut tries = 0;
+    loop {
+        settle(ctx).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = unicast_step(ctx, Some(rate), "ramp").await;
+        steps.push(s.clone());
+        let latency_only = !s.ok && s.why_not.iter().all(|w| w.starts_with("p99 "));
+        if s.ok || !latency_only || tries >= ctx.args.ramp_retries {
+            return s;
+        }
+        tries += 1;
+    }
+}
+
 async fn unicast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String>) {
     let a = &ctx.args;
     let mut steps: Vec<Step> = Vec::new();
@@ -757,12 +779,8 @@ async fn unicast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String>)
         let mut r = a.ramp_start.max(1.0);
         let mut fail: Option<f64> = None;
         loop {
-            settle(ctx).await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let s = unicast_step(ctx, Some(r), "ramp").await;
-            let ok = s.ok;
-            steps.push(s.clone());
-            if ok {
+            let s = ramp_step(ctx, r, &mut steps).await;
+            if s.ok {
                 best = Some(s);
                 if r >= a.ramp_max {
                     break;
@@ -782,10 +800,7 @@ async fn unicast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String>)
                 if mid < 100.0 {
                     break;
                 }
-                settle(ctx).await;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let s = unicast_step(ctx, Some(mid), "ramp").await;
-                steps.push(s.clone());
+                let s = ramp_step(ctx, mid, &mut steps).await;
                 if s.ok {
                     lo = mid;
                     best = Some(s);
