@@ -150,7 +150,7 @@ def generate(runs, meta, commands):
                 p99 = fig(runs, label, lambda r: get(fixed_step(r, rate) or {}, "latency", "p99_ms"))
                 row += f" {ms(p50)} / {ms(p99)} |"
             cpu = fig(runs, label, lambda r: get(fixed_step(r, rates[-1]) or {}, "cpu_us_per_delivery")) if rates else None
-            bench = fig(runs, label, lambda r: (lambda st_: st_["cpu"]["bench_us"] / st_["delivered"] if st_ and st_.get("delivered") else None)(fixed_step(r, rates[0]))) if rates else None
+            bench = fig(runs, label, lambda r: (lambda st_: st_["cpu"]["bench_us"] / st_["delivered"] if st_ and st_.get("delivered") else None)(fixed_step(r, rates[-1]))) if rates else None
             row += f" {f1(cpu)} | {f1(bench)} |"
             w(row)
     w("")
