@@ -31,6 +31,8 @@
 #   BENCH_OUT          where JSON results and logs go [bench-out]
 #   BENCH_PROFILE      cargo profile of the binaries: release or debug [release]
 #   HERALD_BIN         a prebuilt herald binary (herald-floor beside it): no build
+#   HERALD2_WORKERS    tokio worker threads of each of the two co-located Herald
+#                      nodes (TOKIO_WORKER_THREADS) [nproc / 2, at least 1]
 #   EXPERIMENTS        which to run [unicast-transient unicast-stored unicast-batch broadcast control idle]
 #   HERALD_SERVER_BIN  run this herald binary as the server (A/B test of a patched build);
 #                      the bench client stays the one built here
@@ -60,6 +62,8 @@ else
     : "${BENCH_OUT:=$ROOT/bench-out/full}"
 fi
 : "${RAMP_START:=2000}" "${SLO_P99:=50ms}"
+# Two nodes on one machine share its cores, as two Socket.IO processes do.
+: "${HERALD2_WORKERS:=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}"
 : "${EXPERIMENTS:=unicast-transient unicast-stored unicast-batch broadcast control idle}"
 if [ "$MODE" = full ]; then : "${WRITE_REPORT:=1}"; else : "${WRITE_REPORT:=0}"; fi
 SECRET="bench-secret-$RANDOM$RANDOM"
@@ -190,9 +194,9 @@ start_herald_node() { # ID USE_REDIS: sets HN_PID HN_WS HN_GRPC
     HN_GRPC=$(free_port)
     admin=$(free_port)
     log="$LOGS/$id-$RUN_TAG.log"
-    local extra=()
-    [ "$redis" = 1 ] && extra=(--redis-url "$REDIS_URL")
-    "$SERVER" serve --ws-listen "127.0.0.1:$HN_WS" --grpc-listen "127.0.0.1:$HN_GRPC" --admin-listen "127.0.0.1:$admin" \
+    local extra=() env=()
+    [ "$redis" = 1 ] && extra=(--redis-url "$REDIS_URL") && env=("TOKIO_WORKER_THREADS=$HERALD2_WORKERS")
+    env "${env[@]+"${env[@]}"}" "$SERVER" serve --ws-listen "127.0.0.1:$HN_WS" --grpc-listen "127.0.0.1:$HN_GRPC" --admin-listen "127.0.0.1:$admin" \
         --jwt-secret "$SECRET" --node-id "$id" "${extra[@]+"${extra[@]}"}" >"$log" 2>&1 &
     HN_PID=$!
     PIDS+=("$HN_PID")
@@ -329,7 +333,7 @@ meta = {
 }
 meta["settings"] = dict(SYSTEMS="$SYSTEMS", ROUNDS="$ROUNDS", UNICAST_CONNS="$UNICAST_CONNS", FIXED_RATES="$FIXED_RATES",
   RAMP_START="$RAMP_START", STEP_SECS="$STEP_SECS", SLO_P99="$SLO_P99", BATCH="$BATCH", BROADCAST_CONNS="$BROADCAST_CONNS",
-  BROADCASTS="$BROADCASTS", IDLE_SIZES="$IDLE_SIZES", IDLE_HOLD="$IDLE_HOLD", BIG_IDLE="$BIG_IDLE", BENCH_PROFILE="$BENCH_PROFILE", EXPERIMENTS="$EXPERIMENTS",
+  BROADCASTS="$BROADCASTS", IDLE_SIZES="$IDLE_SIZES", IDLE_HOLD="$IDLE_HOLD", BIG_IDLE="$BIG_IDLE", BENCH_PROFILE="$BENCH_PROFILE", EXPERIMENTS="$EXPERIMENTS", HERALD2_WORKERS="$HERALD2_WORKERS",
   HERALD_SERVER_BIN="${HERALD_SERVER_BIN:+patched}")
 json.dump(meta, open(sys.argv[1], "w"), indent=1)
 EOF
