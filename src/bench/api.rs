@@ -137,3 +137,19 @@ pub fn payload(seq: u64, t_ns: u64, bytes: usize) -> String {
     s.push_str("\"}");
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::payload;
+
+    #[test]
+    fn payload_has_the_requested_size_and_is_json() {
+        let p = payload(12345, 67890, 100);
+        assert_eq!(p.len(), 100);
+        let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+        assert_eq!(v["seq"], 12345);
+        assert_eq!(v["t"], 67890);
+        // Too small a size still gives valid JSON.
+        assert!(serde_json::from_str::<serde_json::Value>(&payload(1, 2, 5)).is_ok());
+    }
+}

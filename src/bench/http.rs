@@ -148,3 +148,15 @@ pub async fn get(url: &str) -> io::Result<String> {
     }
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn host_port_of_urls() {
+        assert_eq!(host_port("http://127.0.0.1:3000").unwrap(), "127.0.0.1:3000");
+        assert_eq!(host_port("http://localhost/x").unwrap(), "localhost:80");
+        assert!(host_port("ws://a:1").is_err());
+    }
+}

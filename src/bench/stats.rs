@@ -247,3 +247,26 @@ pub fn raise_fd_limit() -> u64 {
         r.rlim_cur as u64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_stays_in_range_and_percentiles_read_back() {
+        let mut r = Rng::new();
+        for n in [1usize, 2, 7, 1000] {
+            assert!((0..10_000).all(|_| r.below(n) < n));
+        }
+        let h = Hists::new(4);
+        for i in 1..=1000u64 {
+            h.record(i as usize, i * 1_000_000); // 1..1000 ms
+        }
+        let l = Latency::of(&h.merged());
+        assert_eq!(l.count, 1000);
+        assert!((l.p50_ms - 500.0).abs() < 2.0, "{l:?}");
+        assert!((l.p99_ms - 990.0).abs() < 5.0, "{l:?}");
+        assert!(Watched::parse("redis=42").is_ok() && Watched::parse("x=y").is_err());
+        assert!(cpu_us(std::process::id()).is_some() && rss_bytes(std::process::id()).unwrap() > 0);
+    }
+}
