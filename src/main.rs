@@ -34,7 +34,7 @@ async fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let (ws, grpc, admin) = listeners.addrs();
+            let (ws, _, _) = listeners.addrs();
             if cfg.jwt_secret_generated {
                 let token = herald::auth::mint(&cfg.jwt_secret, "demo", std::time::Duration::from_secs(24 * 3600));
                 println!("No --jwt-secret configured: generated one for this run only.");
@@ -44,7 +44,6 @@ async fn main() -> ExitCode {
                 println!("  ws://{ws}/ws?token={token}");
                 println!("Demo page: http://{ws}/?token={token}");
             }
-            println!("herald ready: ws=ws://{ws}/ws grpc={grpc} admin=http://{admin}");
             match herald::server::run(cfg, listeners, shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -197,6 +197,9 @@ pub async fn run(
         }
     }));
 
+    // The line scripts wait for: printed once the node really serves (the
+    // backend is up), on stdout.
+    println!("herald ready: ws=ws://{ws_addr}/ws grpc={grpc_addr} admin=http://{admin_addr}");
     shutdown.await;
     tracing::info!("shutting down: closing connections with 1001, finishing in-flight RPCs");
     let _ = stop_tx.send(true);
