@@ -114,6 +114,9 @@ pub struct ServeArgs {
     /// Node lease in Redis; a node that stops renewing it counts as dead after this long. [default: 15s]
     #[arg(long, env = "HERALD_NODE_LEASE", value_parser = duration)]
     pub node_lease: Option<Duration>,
+    /// Runtime worker threads. [default: one per core; give each of N nodes sharing a machine cores/N]
+    #[arg(long, env = "HERALD_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 /// The `[serve]`-less TOML file: the same keys as the flags.
@@ -137,6 +140,7 @@ struct FileConfig {
     replay_limit: Option<usize>,
     heartbeat: Option<String>,
     node_lease: Option<String>,
+    worker_threads: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -188,6 +192,8 @@ pub struct Config {
     pub inbox: InboxConfig,
     pub heartbeat: Duration,
     pub node_lease: Duration,
+    /// None: one per core.
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for Config {
@@ -270,6 +276,7 @@ impl Config {
                 .or(file_duration(&file.node_lease, "node_lease")?)
                 .unwrap_or(Duration::from_secs(15))
                 .max(Duration::from_millis(500)),
+            worker_threads: args.worker_threads.or(file.worker_threads).filter(|n| *n > 0),
         };
         Ok(cfg)
     }

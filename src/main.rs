@@ -2,9 +2,29 @@ use clap::Parser;
 use herald::config::{Cli, Command, Config};
 use std::process::ExitCode;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `serve` sizes its runtime from its configuration; the rest take the
+    // default (one worker per core).
+    let workers = match &cli.command {
+        Command::Serve(args) => Config::resolve(args.clone()).ok().and_then(|c| c.worker_threads),
+        _ => None,
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = workers {
+        runtime.worker_threads(n);
+    }
+    match runtime.build() {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("herald: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Token(t) => {
             println!("{}", herald::auth::mint(&t.jwt_secret, &t.user, t.ttl));
