@@ -30,7 +30,11 @@ impl TokenVerifier {
         validation.leeway = LEEWAY_SECS;
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_exp = true;
-        TokenVerifier { key: DecodingKey::from_secret(secret.as_bytes()), validation, max_user_id_bytes }
+        TokenVerifier {
+            key: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+            max_user_id_bytes,
+        }
     }
 
     /// The user id (`sub`) of a valid token; the error says what is wrong
@@ -43,7 +47,9 @@ impl TokenVerifier {
             use jsonwebtoken::errors::ErrorKind::*;
             match e.kind() {
                 ExpiredSignature => "token expired".to_string(),
-                InvalidSignature => "token signature does not match this cluster's secret".to_string(),
+                InvalidSignature => {
+                    "token signature does not match this cluster's secret".to_string()
+                }
                 MissingRequiredClaim(c) => format!("token lacks the required claim {c:?}"),
                 InvalidAlgorithm => "token must be signed with HS256".to_string(),
                 _ => format!("invalid token: {e}"),
@@ -51,7 +57,10 @@ impl TokenVerifier {
         })?;
         let sub = data.claims.sub;
         if sub.is_empty() || sub.len() > self.max_user_id_bytes {
-            return Err(format!("token subject must be 1 to {} bytes", self.max_user_id_bytes));
+            return Err(format!(
+                "token subject must be 1 to {} bytes",
+                self.max_user_id_bytes
+            ));
         }
         Ok(sub)
     }
@@ -60,8 +69,15 @@ impl TokenVerifier {
 /// Mints a token for `user`, valid for `ttl`.
 pub fn mint(secret: &str, user: &str, ttl: Duration) -> String {
     let exp = crate::protocol::now_ms() / 1000 + ttl.as_secs();
-    encode(&Header::new(Algorithm::HS256), &Claims { sub: user.to_string(), exp }, &EncodingKey::from_secret(secret.as_bytes()))
-        .expect("HS256 encoding cannot fail")
+    encode(
+        &Header::new(Algorithm::HS256),
+        &Claims {
+            sub: user.to_string(),
+            exp,
+        },
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 encoding cannot fail")
 }
 
 /// gRPC interceptor: with an API key configured, every PushService call must
@@ -73,10 +89,23 @@ pub struct ApiKey(pub Option<std::sync::Arc<str>>);
 impl tonic::service::Interceptor for ApiKey {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(key) = &self.0 else { return Ok(req) };
-        match req.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
-            Some(v) if v.strip_prefix("Bearer ").is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes())) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("the API key in `authorization: Bearer <key>` is wrong")),
-            None => Err(Status::unauthenticated("this node requires `authorization: Bearer <api key>` metadata")),
+        match req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(v)
+                if v.strip_prefix("Bearer ")
+                    .is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes())) =>
+            {
+                Ok(req)
+            }
+            Some(_) => Err(Status::unauthenticated(
+                "the API key in `authorization: Bearer <key>` is wrong",
+            )),
+            None => Err(Status::unauthenticated(
+                "this node requires `authorization: Bearer <api key>` metadata",
+            )),
         }
     }
 }
@@ -92,12 +121,27 @@ mod tests {
     #[test]
     fn round_trip_and_rejections() {
         let v = TokenVerifier::new("secret-one", 256);
-        assert_eq!(v.verify(&mint("secret-one", "alice", Duration::from_secs(60))).unwrap(), "alice");
-        assert!(v.verify(&mint("secret-two", "alice", Duration::from_secs(60))).unwrap_err().contains("signature"));
+        assert_eq!(
+            v.verify(&mint("secret-one", "alice", Duration::from_secs(60)))
+                .unwrap(),
+            "alice"
+        );
+        assert!(v
+            .verify(&mint("secret-two", "alice", Duration::from_secs(60)))
+            .unwrap_err()
+            .contains("signature"));
         assert!(v.verify("garbage").is_err());
         // Expired beyond the leeway.
         let exp = crate::protocol::now_ms() / 1000 - 120;
-        let old = encode(&Header::default(), &Claims { sub: "a".into(), exp }, &EncodingKey::from_secret(b"secret-one")).unwrap();
+        let old = encode(
+            &Header::default(),
+            &Claims {
+                sub: "a".into(),
+                exp,
+            },
+            &EncodingKey::from_secret(b"secret-one"),
+        )
+        .unwrap();
         assert_eq!(v.verify(&old).unwrap_err(), "token expired");
     }
 }

@@ -17,24 +17,35 @@ pub async fn send(args: SendArgs) -> ExitCode {
     let key = args.api_key.clone();
     let result = if args.broadcast {
         client
-            .broadcast(with_key(&key, BroadcastRequest {
-                topic: args.topic.clone(),
-                payload_json: args.payload_json.clone(),
-            }))
+            .broadcast(with_key(
+                &key,
+                BroadcastRequest {
+                    topic: args.topic.clone(),
+                    payload_json: args.payload_json.clone(),
+                },
+            ))
             .await
             .map(|r| println!("broadcast {}", r.into_inner().message_id))
     } else {
         client
-            .send_to_user(with_key(&key, SendToUserRequest {
-                user_ids: args.users.clone(),
-                topic: args.topic.clone(),
-                payload_json: args.payload_json.clone(),
-                transient: args.transient,
-            }))
+            .send_to_user(with_key(
+                &key,
+                SendToUserRequest {
+                    user_ids: args.users.clone(),
+                    topic: args.topic.clone(),
+                    payload_json: args.payload_json.clone(),
+                    transient: args.transient,
+                },
+            ))
             .await
             .map(|r| {
                 for d in r.into_inner().deliveries {
-                    println!("{}\t{}\t{}", d.user_id, d.message_id, if d.online { "online" } else { "offline" });
+                    println!(
+                        "{}\t{}\t{}",
+                        d.user_id,
+                        d.message_id,
+                        if d.online { "online" } else { "offline" }
+                    );
                 }
             })
     };

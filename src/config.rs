@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "herald", version, about = "Herald push server: gRPC control API in, WebSocket frames out")]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald push server: gRPC control API in, WebSocket frames out"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -31,7 +35,12 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct SendArgs {
     /// Recipients (repeat or comma-separate).
-    #[arg(long = "user", short = 'u', required_unless_present = "broadcast", value_delimiter = ',')]
+    #[arg(
+        long = "user",
+        short = 'u',
+        required_unless_present = "broadcast",
+        value_delimiter = ','
+    )]
     pub users: Vec<String>,
     /// The payload: any JSON value.
     pub payload_json: String,
@@ -198,8 +207,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config::resolve(ServeArgs { jwt_secret: Some("change-me".into()), ..Default::default() })
-            .expect("defaults are valid")
+        Config::resolve(ServeArgs {
+            jwt_secret: Some("change-me".into()),
+            ..Default::default()
+        })
+        .expect("defaults are valid")
     }
 }
 
@@ -214,9 +226,14 @@ impl Config {
             None => FileConfig::default(),
         };
         let file_duration = |v: &Option<String>, name: &str| -> Result<Option<Duration>, String> {
-            v.as_deref().map(|s| duration(s).map_err(|e| format!("config key {name}: {e}"))).transpose()
+            v.as_deref()
+                .map(|s| duration(s).map_err(|e| format!("config key {name}: {e}")))
+                .transpose()
         };
-        let ws_listen = args.ws_listen.or(file.ws_listen).unwrap_or(([127, 0, 0, 1], 8080).into());
+        let ws_listen = args
+            .ws_listen
+            .or(file.ws_listen)
+            .unwrap_or(([127, 0, 0, 1], 8080).into());
         let (jwt_secret, generated) = match args.jwt_secret.or(file.jwt_secret) {
             Some(s) if s.len() < 8 => return Err("the JWT secret must be at least 8 bytes".into()),
             Some(s) => (s, false),
@@ -226,23 +243,40 @@ impl Config {
             }
         };
         let node_id = args.node_id.or(file.node_id).unwrap_or_else(|| {
-            let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "herald".into());
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "herald".into());
             format!("{host}-{}", ws_listen.port())
         });
-        if node_id.is_empty() || node_id.len() > 128 || node_id.contains(|c: char| c.is_whitespace()) {
-            return Err(format!("node id {node_id:?} must be 1 to 128 bytes without spaces"));
+        if node_id.is_empty()
+            || node_id.len() > 128
+            || node_id.contains(|c: char| c.is_whitespace())
+        {
+            return Err(format!(
+                "node id {node_id:?} must be 1 to 128 bytes without spaces"
+            ));
         }
         let cfg = Config {
             node_id,
             ws_listen,
-            grpc_listen: args.grpc_listen.or(file.grpc_listen).unwrap_or(([127, 0, 0, 1], 50051).into()),
-            admin_listen: args.admin_listen.or(file.admin_listen).unwrap_or(([127, 0, 0, 1], 9091).into()),
+            grpc_listen: args
+                .grpc_listen
+                .or(file.grpc_listen)
+                .unwrap_or(([127, 0, 0, 1], 50051).into()),
+            admin_listen: args
+                .admin_listen
+                .or(file.admin_listen)
+                .unwrap_or(([127, 0, 0, 1], 9091).into()),
             jwt_secret,
             jwt_secret_generated: generated,
             api_key: args.api_key.or(file.api_key).filter(|k| !k.is_empty()),
             redis_url: args.redis_url.or(file.redis_url).filter(|u| !u.is_empty()),
             limits: Limits {
-                max_payload_bytes: args.max_payload_bytes.or(file.max_payload_bytes).unwrap_or(64 * 1024),
+                max_payload_bytes: args
+                    .max_payload_bytes
+                    .or(file.max_payload_bytes)
+                    .unwrap_or(64 * 1024),
                 max_users_per_call: 1000,
                 max_user_id_bytes: 256,
                 max_topic_bytes: 256,
@@ -256,10 +290,18 @@ impl Config {
                     .or(file.max_connections_per_user)
                     .unwrap_or(32)
                     .max(1),
-                max_connections: args.max_connections.or(file.max_connections).unwrap_or(500_000).max(1),
+                max_connections: args
+                    .max_connections
+                    .or(file.max_connections)
+                    .unwrap_or(500_000)
+                    .max(1),
             },
             inbox: InboxConfig {
-                max_messages: args.inbox_max_messages.or(file.inbox_max_messages).unwrap_or(1000).max(1),
+                max_messages: args
+                    .inbox_max_messages
+                    .or(file.inbox_max_messages)
+                    .unwrap_or(1000)
+                    .max(1),
                 max_age: args
                     .inbox_max_age
                     .or(file_duration(&file.inbox_max_age, "inbox_max_age")?)
@@ -276,7 +318,10 @@ impl Config {
                 .or(file_duration(&file.node_lease, "node_lease")?)
                 .unwrap_or(Duration::from_secs(15))
                 .max(Duration::from_millis(500)),
-            worker_threads: args.worker_threads.or(file.worker_threads).filter(|n| *n > 0),
+            worker_threads: args
+                .worker_threads
+                .or(file.worker_threads)
+                .filter(|n| *n > 0),
         };
         Ok(cfg)
     }
@@ -288,7 +333,8 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_the_file_overrides_defaults() {
-        let path = std::env::temp_dir().join(format!("herald-config-{}.toml", rand::random::<u32>()));
+        let path =
+            std::env::temp_dir().join(format!("herald-config-{}.toml", rand::random::<u32>()));
         std::fs::write(
             &path,
             "grpc_listen = \"127.0.0.1:6000\"\nnode_id = \"from-file\"\njwt_secret = \"file-secret-123\"\nheartbeat = \"2s\"\ninbox_max_age = \"1h\"\n",
@@ -312,12 +358,21 @@ mod tests {
 
     #[test]
     fn bad_config_is_a_clear_error() {
-        let path = std::env::temp_dir().join(format!("herald-config-{}.toml", rand::random::<u32>()));
+        let path =
+            std::env::temp_dir().join(format!("herald-config-{}.toml", rand::random::<u32>()));
         std::fs::write(&path, "no_such_key = 1\n").unwrap();
-        let err = Config::resolve(ServeArgs { config: Some(path.clone()), ..Default::default() }).unwrap_err();
+        let err = Config::resolve(ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
         std::fs::remove_file(&path).unwrap();
         assert!(err.contains("no_such_key"), "{err}");
-        let err = Config::resolve(ServeArgs { jwt_secret: Some("short".into()), ..Default::default() }).unwrap_err();
+        let err = Config::resolve(ServeArgs {
+            jwt_secret: Some("short".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(err.contains("at least 8 bytes"));
         let generated = Config::resolve(ServeArgs::default()).unwrap();
         assert!(generated.jwt_secret_generated && generated.jwt_secret.len() >= 32);

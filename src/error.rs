@@ -37,7 +37,10 @@ impl From<Error> for Status {
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),
             Error::Unavailable(m) => {
                 tracing::warn!(error = %m, "backend unavailable");
-                Status::new(Code::Unavailable, "the shared backend (Redis) is unavailable; retry shortly")
+                Status::new(
+                    Code::Unavailable,
+                    "the shared backend (Redis) is unavailable; retry shortly",
+                )
             }
             Error::Backend(m) => {
                 tracing::error!(error = %m, "backend error");

@@ -21,7 +21,10 @@ impl PushApi {
 }
 
 /// Runs one RPC body, recording its count, outcome and latency.
-async fn observed<T>(rpc: &'static str, body: impl Future<Output = crate::error::Result<T>>) -> Result<Response<T>, Status> {
+async fn observed<T>(
+    rpc: &'static str,
+    body: impl Future<Output = crate::error::Result<T>>,
+) -> Result<Response<T>, Status> {
     let start = Instant::now();
     let result = body.await.map(Response::new).map_err(Status::from);
     let code = match &result {
@@ -29,35 +32,54 @@ async fn observed<T>(rpc: &'static str, body: impl Future<Output = crate::error:
         Err(s) => format!("{:?}", s.code()),
     };
     metrics::counter!("herald_rpc_total", "rpc" => rpc, "code" => code).increment(1);
-    metrics::histogram!("herald_rpc_duration_seconds", "rpc" => rpc).record(start.elapsed().as_secs_f64());
+    metrics::histogram!("herald_rpc_duration_seconds", "rpc" => rpc)
+        .record(start.elapsed().as_secs_f64());
     result
 }
 
 #[tonic::async_trait]
 impl PushService for PushApi {
-    async fn send_to_user(&self, req: Request<SendToUserRequest>) -> Result<Response<SendToUserResponse>, Status> {
+    async fn send_to_user(
+        &self,
+        req: Request<SendToUserRequest>,
+    ) -> Result<Response<SendToUserResponse>, Status> {
         let r = req.into_inner();
         observed("SendToUser", async {
-            let deliveries = self.node.send_to_user(&r.user_ids, &r.topic, &r.payload_json, r.transient).await?;
+            let deliveries = self
+                .node
+                .send_to_user(&r.user_ids, &r.topic, &r.payload_json, r.transient)
+                .await?;
             Ok(SendToUserResponse {
                 deliveries: deliveries
                     .into_iter()
-                    .map(|d| Delivery { user_id: d.user_id, message_id: d.message_id, online: d.online })
+                    .map(|d| Delivery {
+                        user_id: d.user_id,
+                        message_id: d.message_id,
+                        online: d.online,
+                    })
                     .collect(),
             })
         })
         .await
     }
 
-    async fn broadcast(&self, req: Request<BroadcastRequest>) -> Result<Response<BroadcastResponse>, Status> {
+    async fn broadcast(
+        &self,
+        req: Request<BroadcastRequest>,
+    ) -> Result<Response<BroadcastResponse>, Status> {
         let r = req.into_inner();
         observed("Broadcast", async {
-            Ok(BroadcastResponse { message_id: self.node.broadcast(&r.topic, &r.payload_json).await? })
+            Ok(BroadcastResponse {
+                message_id: self.node.broadcast(&r.topic, &r.payload_json).await?,
+            })
         })
         .await
     }
 
-    async fn is_online(&self, req: Request<IsOnlineRequest>) -> Result<Response<IsOnlineResponse>, Status> {
+    async fn is_online(
+        &self,
+        req: Request<IsOnlineRequest>,
+    ) -> Result<Response<IsOnlineResponse>, Status> {
         let r = req.into_inner();
         observed("IsOnline", async {
             let counts = self.node.is_online(&r.user_ids).await?;
@@ -66,23 +88,39 @@ impl PushService for PushApi {
                     .user_ids
                     .into_iter()
                     .zip(counts)
-                    .map(|(user_id, n)| UserPresence { user_id, online: n > 0, connections: n })
+                    .map(|(user_id, n)| UserPresence {
+                        user_id,
+                        online: n > 0,
+                        connections: n,
+                    })
                     .collect(),
             })
         })
         .await
     }
 
-    async fn unread_count(&self, req: Request<UnreadCountRequest>) -> Result<Response<UnreadCountResponse>, Status> {
+    async fn unread_count(
+        &self,
+        req: Request<UnreadCountRequest>,
+    ) -> Result<Response<UnreadCountResponse>, Status> {
         let r = req.into_inner();
-        observed("UnreadCount", async { Ok(UnreadCountResponse { count: self.node.unread_count(&r.user_id).await? }) })
-            .await
+        observed("UnreadCount", async {
+            Ok(UnreadCountResponse {
+                count: self.node.unread_count(&r.user_id).await?,
+            })
+        })
+        .await
     }
 
-    async fn mark_read(&self, req: Request<MarkReadRequest>) -> Result<Response<MarkReadResponse>, Status> {
+    async fn mark_read(
+        &self,
+        req: Request<MarkReadRequest>,
+    ) -> Result<Response<MarkReadResponse>, Status> {
         let r = req.into_inner();
         observed("MarkRead", async {
-            Ok(MarkReadResponse { unread: self.node.mark_read(&r.user_id, &r.up_to_message_id).await? })
+            Ok(MarkReadResponse {
+                unread: self.node.mark_read(&r.user_id, &r.up_to_message_id).await?,
+            })
         })
         .await
     }
@@ -93,7 +131,9 @@ impl PushService for PushApi {
     ) -> Result<Response<DisconnectUserResponse>, Status> {
         let r = req.into_inner();
         observed("DisconnectUser", async {
-            Ok(DisconnectUserResponse { closed: self.node.disconnect_user(&r.user_id, &r.reason).await? })
+            Ok(DisconnectUserResponse {
+                closed: self.node.disconnect_user(&r.user_id, &r.reason).await?,
+            })
         })
         .await
     }
@@ -106,7 +146,12 @@ impl PushService for PushApi {
                 .cluster
                 .nodes
                 .iter()
-                .map(|i| NodeStats { node_id: i.node_id.clone(), connections: i.connections, users: i.users, ..Default::default() })
+                .map(|i| NodeStats {
+                    node_id: i.node_id.clone(),
+                    connections: i.connections,
+                    users: i.users,
+                    ..Default::default()
+                })
                 .collect();
             // This node's own entry carries its full local figures.
             let me = NodeStats {

@@ -77,7 +77,10 @@ impl Conn {
         }
         if st.queue.len() >= self.capacity {
             st.queue = VecDeque::new();
-            st.close = Some((close::TRY_AGAIN_LATER, "send queue full: client too slow".into()));
+            st.close = Some((
+                close::TRY_AGAIN_LATER,
+                "send queue full: client too slow".into(),
+            ));
             drop(st);
             metrics::counter!("herald_slow_client_closes_total").increment(1);
             self.wake.notify_one();
@@ -179,7 +182,12 @@ impl Hub {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             user: key.clone(),
             capacity: queue_capacity,
-            state: Mutex::new(ConnState { queue: VecDeque::new(), close: None, resync: false, heartbeat: false }),
+            state: Mutex::new(ConnState {
+                queue: VecDeque::new(),
+                close: None,
+                resync: false,
+                heartbeat: false,
+            }),
             wake: Notify::new(),
         });
         let list = shard.entry(key).or_default();
@@ -196,7 +204,9 @@ impl Hub {
     /// Removes a connection; true if it was the user's last on this node.
     pub fn unregister(&self, conn: &Conn) -> bool {
         let mut shard = self.shard(&conn.user).lock().unwrap();
-        let Some(list) = shard.get_mut(&*conn.user) else { return false };
+        let Some(list) = shard.get_mut(&*conn.user) else {
+            return false;
+        };
         let before = list.len();
         list.retain(|c| c.id != conn.id);
         if list.len() == before {
@@ -229,7 +239,16 @@ impl Hub {
 
     /// Local connections of each user.
     pub fn local_counts(&self, users: &[String]) -> Vec<u32> {
-        users.iter().map(|u| self.shard(u).lock().unwrap().get(u.as_str()).map_or(0, |l| l.len() as u32)).collect()
+        users
+            .iter()
+            .map(|u| {
+                self.shard(u)
+                    .lock()
+                    .unwrap()
+                    .get(u.as_str())
+                    .map_or(0, |l| l.len() as u32)
+            })
+            .collect()
     }
 
     /// Whether this node holds a connection of `user` right now.
@@ -239,7 +258,16 @@ impl Hub {
 
     /// Every user connected here (for re-subscribing after a backend outage).
     pub fn users_snapshot(&self) -> Vec<String> {
-        self.shards.iter().flat_map(|s| s.lock().unwrap().keys().map(|k| k.to_string()).collect::<Vec<_>>()).collect()
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .unwrap()
+                    .keys()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// Asks every connection to catch up from the inbox (after a broker
@@ -286,7 +314,12 @@ impl Dispatch for Hub {
         match event {
             Event::Message { user, id, frame } => {
                 let mut n = 0u64;
-                self.for_user(&user, |c| n += c.push(Outbound { id, frame: frame.clone() }) as u64);
+                self.for_user(&user, |c| {
+                    n += c.push(Outbound {
+                        id,
+                        frame: frame.clone(),
+                    }) as u64
+                });
                 self.delivered.fetch_add(n, Ordering::Relaxed);
                 metrics::counter!("herald_messages_delivered_total").increment(n);
             }
@@ -303,7 +336,10 @@ impl Dispatch for Hub {
                 let mut n = 0u64;
                 for shard in self.shards.iter() {
                     for conn in shard.lock().unwrap().values().flatten() {
-                        n += conn.push(Outbound { id: None, frame: frame.clone() }) as u64;
+                        n += conn.push(Outbound {
+                            id: None,
+                            frame: frame.clone(),
+                        }) as u64;
                     }
                 }
                 self.delivered.fetch_add(n, Ordering::Relaxed);

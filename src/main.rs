@@ -7,7 +7,9 @@ fn main() -> ExitCode {
     // `serve` sizes its runtime from its configuration; the rest take the
     // default (one worker per core).
     let workers = match &cli.command {
-        Command::Serve(args) => Config::resolve(args.clone()).ok().and_then(|c| c.worker_threads),
+        Command::Serve(args) => Config::resolve(args.clone())
+            .ok()
+            .and_then(|c| c.worker_threads),
         _ => None,
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -56,7 +58,11 @@ async fn run(cli: Cli) -> ExitCode {
             };
             let (ws, _, _) = listeners.addrs();
             if cfg.jwt_secret_generated {
-                let token = herald::auth::mint(&cfg.jwt_secret, "demo", std::time::Duration::from_secs(24 * 3600));
+                let token = herald::auth::mint(
+                    &cfg.jwt_secret,
+                    "demo",
+                    std::time::Duration::from_secs(24 * 3600),
+                );
                 println!("No --jwt-secret configured: generated one for this run only.");
                 println!("  HERALD_JWT_SECRET={}", cfg.jwt_secret);
                 println!("Demo token for user \"demo\" (24h):");

@@ -48,13 +48,23 @@ pub struct Node {
 
 impl Node {
     pub fn new(cfg: Config, hub: Arc<Hub>, backend: Backend) -> Arc<Node> {
-        Arc::new(Node { cfg, hub, backend, started: Instant::now() })
+        Arc::new(Node {
+            cfg,
+            hub,
+            backend,
+            started: Instant::now(),
+        })
     }
 
     /// A node on the embedded backend.
     pub fn in_memory(cfg: Config) -> Arc<Node> {
         let hub = Hub::new(&cfg.node_id);
-        let backend = crate::backend::memory::MemoryBackend::new(hub.clone(), &cfg.node_id, cfg.inbox.clone()).backend();
+        let backend = crate::backend::memory::MemoryBackend::new(
+            hub.clone(),
+            &cfg.node_id,
+            cfg.inbox.clone(),
+        )
+        .backend();
         Node::new(cfg, hub, backend)
     }
 
@@ -78,10 +88,14 @@ impl Node {
             return Err(Error::invalid("user_ids must name at least one user"));
         }
         if users.len() > max {
-            return Err(Error::invalid(format!("user_ids has {} entries; at most {max} per call", users.len())));
+            return Err(Error::invalid(format!(
+                "user_ids has {} entries; at most {max} per call",
+                users.len()
+            )));
         }
         for (i, u) in users.iter().enumerate() {
-            self.check_user(u).map_err(|e| Error::invalid(format!("user_ids[{i}]: {e}")))?;
+            self.check_user(u)
+                .map_err(|e| Error::invalid(format!("user_ids[{i}]: {e}")))?;
         }
         Ok(())
     }
@@ -102,13 +116,16 @@ impl Node {
             )));
         }
         if let Err(e) = serde_json::from_str::<&RawValue>(payload_json) {
-            return Err(Error::invalid(format!("payload_json is not valid JSON: {e}")));
+            return Err(Error::invalid(format!(
+                "payload_json is not valid JSON: {e}"
+            )));
         }
         Ok(())
     }
 
     fn parse_id(field: &str, id: &str) -> Result<MessageId> {
-        id.parse().map_err(|e| Error::invalid(format!("{field}: {e}")))
+        id.parse()
+            .map_err(|e| Error::invalid(format!("{field}: {e}")))
     }
 
     pub async fn send_to_user(
@@ -128,13 +145,31 @@ impl Node {
             let frame: Frame = protocol::message_frame(&id, topic, payload_json, ts, true).into();
             let events = users
                 .iter()
-                .map(|u| Event::Message { user: Arc::from(u.as_str()), id: None, frame: frame.clone() })
+                .map(|u| Event::Message {
+                    user: Arc::from(u.as_str()),
+                    id: None,
+                    frame: frame.clone(),
+                })
                 .collect();
             let online = self.backend.broker.publish(events).await?;
             (vec![id; users.len()], online)
         } else {
-            let stored = self.backend.inbox.append(users, NewMessage { topic, payload_json, ts }).await?;
-            stored.into_iter().map(|(id, online)| (id.to_string(), online)).unzip()
+            let stored = self
+                .backend
+                .inbox
+                .append(
+                    users,
+                    NewMessage {
+                        topic,
+                        payload_json,
+                        ts,
+                    },
+                )
+                .await?;
+            stored
+                .into_iter()
+                .map(|(id, online)| (id.to_string(), online))
+                .unzip()
         };
         metrics::counter!("herald_messages_pushed_total", "kind" => if transient { "transient" } else { "stored" })
             .increment(users.len() as u64);
@@ -142,14 +177,19 @@ impl Node {
             .iter()
             .zip(ids)
             .zip(online)
-            .map(|((u, message_id), online)| Delivery { user_id: u.clone(), message_id, online })
+            .map(|((u, message_id), online)| Delivery {
+                user_id: u.clone(),
+                message_id,
+                online,
+            })
             .collect())
     }
 
     pub async fn broadcast(&self, topic: &str, payload_json: &str) -> Result<String> {
         self.check_message(topic, payload_json)?;
         let id = protocol::live_id();
-        let frame = protocol::message_frame(&id, topic, payload_json, protocol::now_ms(), true).into();
+        let frame =
+            protocol::message_frame(&id, topic, payload_json, protocol::now_ms(), true).into();
         self.backend.broker.broadcast(frame).await?;
         metrics::counter!("herald_messages_pushed_total", "kind" => "broadcast").increment(1);
         Ok(id)
@@ -169,21 +209,38 @@ impl Node {
     /// connection of the user (on every node).
     pub async fn mark_read(&self, user: &str, up_to: &str) -> Result<u64> {
         self.check_user(user)?;
-        let up_to = if up_to.is_empty() { None } else { Some(Self::parse_id("up_to_message_id", up_to)?) };
+        let up_to = if up_to.is_empty() {
+            None
+        } else {
+            Some(Self::parse_id("up_to_message_id", up_to)?)
+        };
         let (count, changed) = self.backend.inbox.mark_read(user, up_to).await?;
         if changed {
-            self.backend.broker.publish(vec![Event::Unread { user: Arc::from(user), count }]).await?;
+            self.backend
+                .broker
+                .publish(vec![Event::Unread {
+                    user: Arc::from(user),
+                    count,
+                }])
+                .await?;
         }
         Ok(count)
     }
 
     pub async fn disconnect_user(&self, user: &str, reason: &str) -> Result<u32> {
         self.check_user(user)?;
-        let reason = if reason.is_empty() { "disconnected by the server" } else { reason };
+        let reason = if reason.is_empty() {
+            "disconnected by the server"
+        } else {
+            reason
+        };
         let n = self.backend.presence.lookup(&[user.to_string()]).await?[0];
         self.backend
             .broker
-            .publish(vec![Event::Disconnect { user: Arc::from(user), reason: Arc::from(reason) }])
+            .publish(vec![Event::Disconnect {
+                user: Arc::from(user),
+                reason: Arc::from(reason),
+            }])
             .await?;
         Ok(n)
     }
@@ -200,7 +257,10 @@ impl Node {
     }
 
     pub async fn stats(&self) -> Result<Stats> {
-        Ok(Stats { node: self.local_stats(), cluster: self.backend.presence.cluster().await? })
+        Ok(Stats {
+            node: self.local_stats(),
+            cluster: self.backend.presence.cluster().await?,
+        })
     }
 
     /// Registers a new connection of `user` and makes sure this node receives
@@ -209,10 +269,16 @@ impl Node {
         let cap = self.cfg.limits.max_connections_per_user;
         let existing = self.backend.presence.lookup(&[user.to_string()]).await?[0];
         if existing >= cap {
-            return Err(Error::ResourceExhausted(format!("user already has {existing} connections; the limit is {cap}")));
+            return Err(Error::ResourceExhausted(format!(
+                "user already has {existing} connections; the limit is {cap}"
+            )));
         }
         let (conn, first) = self.hub.register(user, self.cfg.limits.send_queue);
-        let subscribed = if first { self.backend.broker.subscribe(user).await } else { Ok(()) };
+        let subscribed = if first {
+            self.backend.broker.subscribe(user).await
+        } else {
+            Ok(())
+        };
         let registered = match subscribed {
             Ok(()) => self.backend.presence.connected(user).await,
             Err(e) => Err(e),
@@ -230,7 +296,10 @@ impl Node {
 
     /// What a newly attached connection sends before live traffic.
     pub async fn replay(&self, user: &str, since: Option<MessageId>) -> Result<Replay> {
-        self.backend.inbox.replay(user, since, self.cfg.inbox.replay_limit).await
+        self.backend
+            .inbox
+            .replay(user, since, self.cfg.inbox.replay_limit)
+            .await
     }
 
     /// A client's `read` frame.

@@ -35,7 +35,10 @@ impl MessageId {
         if now_ms > self.ms {
             MessageId { ms: now_ms, seq: 0 }
         } else {
-            MessageId { ms: self.ms, seq: self.seq + 1 }
+            MessageId {
+                ms: self.ms,
+                seq: self.seq + 1,
+            }
         }
     }
 }
@@ -48,7 +51,9 @@ impl fmt::Display for MessageId {
 
 /// Why a string is not a stored-message id.
 #[derive(Debug, thiserror::Error)]
-#[error("{0:?} is not a stored message id (expected \"<unix ms>-<seq>\", e.g. \"1732390000000-0\")")]
+#[error(
+    "{0:?} is not a stored message id (expected \"<unix ms>-<seq>\", e.g. \"1732390000000-0\")"
+)]
 pub struct BadMessageId(pub String);
 
 impl FromStr for MessageId {
@@ -56,16 +61,23 @@ impl FromStr for MessageId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || BadMessageId(s.chars().take(64).collect());
         let (ms, seq) = s.split_once('-').ok_or_else(bad)?;
-        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
         if !digits(ms) || !digits(seq) {
             return Err(bad());
         }
-        Ok(MessageId { ms: ms.parse().map_err(|_| bad())?, seq: seq.parse().map_err(|_| bad())? })
+        Ok(MessageId {
+            ms: ms.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
     }
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// An id for a live-only message (transient send or broadcast): `t<ms>-<n>`.
@@ -76,7 +88,11 @@ pub fn live_id() -> String {
     // A random start keeps ids of different processes apart; they are labels,
     // never positions, so uniqueness is all they need.
     let base = *START.get_or_init(|| rand::random::<u32>() as u64);
-    format!("t{}-{}", now_ms(), base.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed)))
+    format!(
+        "t{}-{}",
+        now_ms(),
+        base.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed))
+    )
 }
 
 fn json_str(s: &str) -> String {
@@ -85,7 +101,13 @@ fn json_str(s: &str) -> String {
 
 /// `{"type":"message",...}`. `payload_json` must already be validated JSON;
 /// it is copied in verbatim so the browser sees exactly what the caller sent.
-pub fn message_frame(id: &str, topic: &str, payload_json: &str, ts: u64, transient: bool) -> String {
+pub fn message_frame(
+    id: &str,
+    topic: &str,
+    payload_json: &str,
+    ts: u64,
+    transient: bool,
+) -> String {
     let (head, tail) = message_frame_parts(topic, payload_json, ts, transient);
     let mut s = String::with_capacity(head.len() + id.len() + tail.len());
     s.push_str(&head);
@@ -97,7 +119,12 @@ pub fn message_frame(id: &str, topic: &str, payload_json: &str, ts: u64, transie
 /// A message frame split around its id, for a backend that assigns the id
 /// while storing (the Redis inbox script joins `head + id + tail`). Ids are
 /// made of digits, `-` and `t` only, so they need no JSON escaping.
-pub fn message_frame_parts(topic: &str, payload_json: &str, ts: u64, transient: bool) -> (String, String) {
+pub fn message_frame_parts(
+    topic: &str,
+    payload_json: &str,
+    ts: u64,
+    transient: bool,
+) -> (String, String) {
     let head = "{\"type\":\"message\",\"id\":\"".to_string();
     let mut tail = String::with_capacity(48 + topic.len() + payload_json.len());
     tail.push_str("\",\"topic\":");
@@ -116,7 +143,13 @@ pub fn message_frame_parts(topic: &str, payload_json: &str, ts: u64, transient: 
 /// `replay` is the number of stored messages that follow before live
 /// traffic, so a client can tell replayed messages (already counted in
 /// `unread`) from new ones.
-pub fn welcome_frame(conn: &str, user: &str, unread: u64, replay: usize, resumed: Option<bool>) -> Frame {
+pub fn welcome_frame(
+    conn: &str,
+    user: &str,
+    unread: u64,
+    replay: usize,
+    resumed: Option<bool>,
+) -> Frame {
     let mut s = format!(
         "{{\"type\":\"welcome\",\"conn\":{},\"user\":{},\"unread\":{},\"replay\":{}",
         json_str(conn),
@@ -125,7 +158,11 @@ pub fn welcome_frame(conn: &str, user: &str, unread: u64, replay: usize, resumed
         replay
     );
     if let Some(r) = resumed {
-        s.push_str(if r { ",\"resumed\":true" } else { ",\"resumed\":false" });
+        s.push_str(if r {
+            ",\"resumed\":true"
+        } else {
+            ",\"resumed\":false"
+        });
     }
     s.push('}');
     s.into()
@@ -140,7 +177,12 @@ pub fn pong_frame() -> Frame {
 }
 
 pub fn error_frame(code: &str, message: &str) -> Frame {
-    format!("{{\"type\":\"error\",\"code\":{},\"message\":{}}}", json_str(code), json_str(message)).into()
+    format!(
+        "{{\"type\":\"error\",\"code\":{},\"message\":{}}}",
+        json_str(code),
+        json_str(message)
+    )
+    .into()
 }
 
 /// What a client may send. Anything else is answered with an error frame.
@@ -148,7 +190,9 @@ pub fn error_frame(code: &str, message: &str) -> Frame {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ClientFrame {
     /// Marks `up_to` and every older message read.
-    Read { up_to: String },
+    Read {
+        up_to: String,
+    },
     Ping,
 }
 
@@ -172,11 +216,27 @@ mod tests {
         let b: MessageId = "1700000000000-10".parse().unwrap();
         assert!(a < b);
         assert_eq!(b.to_string(), "1700000000000-10");
-        for bad in ["", "-", "1-", "-1", "a-1", "1-2-3", "t1-2", "1 -2", "99999999999999999999999-1"] {
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "a-1",
+            "1-2-3",
+            "t1-2",
+            "1 -2",
+            "99999999999999999999999-1",
+        ] {
             assert!(bad.parse::<MessageId>().is_err(), "{bad:?}");
         }
         assert_eq!(a.next(a.ms - 5), MessageId { ms: a.ms, seq: 3 });
-        assert_eq!(a.next(a.ms + 1), MessageId { ms: a.ms + 1, seq: 0 });
+        assert_eq!(
+            a.next(a.ms + 1),
+            MessageId {
+                ms: a.ms + 1,
+                seq: 0
+            }
+        );
     }
 
     #[test]
@@ -185,15 +245,22 @@ mod tests {
         assert!(f.contains("\"data\":{ \"x\" : [1, 2] }"));
         let v: serde_json::Value = serde_json::from_str(&f).unwrap();
         assert_eq!(v["topic"], "a\"b");
-        let w: serde_json::Value = serde_json::from_str(welcome_frame("c", "u\n", 3, 0, Some(false)).as_str()).unwrap();
+        let w: serde_json::Value =
+            serde_json::from_str(welcome_frame("c", "u\n", 3, 0, Some(false)).as_str()).unwrap();
         assert_eq!(w["resumed"], false);
         assert!(live_id().starts_with('t'));
     }
 
     #[test]
     fn client_frames() {
-        assert!(matches!(parse_client_frame(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping)));
-        assert!(matches!(parse_client_frame(r#"{"type":"read","up_to":"1-0"}"#), Ok(ClientFrame::Read { .. })));
+        assert!(matches!(
+            parse_client_frame(r#"{"type":"ping"}"#),
+            Ok(ClientFrame::Ping)
+        ));
+        assert!(matches!(
+            parse_client_frame(r#"{"type":"read","up_to":"1-0"}"#),
+            Ok(ClientFrame::Read { .. })
+        ));
         assert!(parse_client_frame(r#"{"type":"nope"}"#).is_err());
         assert!(parse_client_frame("not json").is_err());
     }

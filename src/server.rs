@@ -44,9 +44,9 @@ pub struct Listeners {
 impl Listeners {
     pub async fn bind(cfg: &Config) -> std::io::Result<Listeners> {
         let bind = |a: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(a)
-                .await
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a} ({what}): {e}")))
+            TcpListener::bind(a).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {a} ({what}): {e}"))
+            })
         };
         Ok(Listeners {
             ws: bind(cfg.ws_listen, "--ws-listen").await?,
@@ -69,14 +69,20 @@ impl Listeners {
 /// is a file descriptor, and distributions default the soft limit to 1024.
 /// Returns the limit now in force.
 pub fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return 0;
         }
         if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 lim = want;
             }
@@ -91,7 +97,9 @@ pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
-                .set_buckets(&[0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0])
+                .set_buckets(&[
+                    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                ])
                 .expect("static buckets")
                 .build_recorder();
             let handle = recorder.handle();
@@ -123,10 +131,16 @@ pub async fn run(
     // open-files limit allows (less a reserve for Redis, gRPC and logs), so
     // a full node stops accepting instead of failing accepts with EMFILE.
     let fds = raise_fd_limit() as usize;
-    let max_connections = cfg.limits.max_connections.min(fds.saturating_sub(256).max(16));
+    let max_connections = cfg
+        .limits
+        .max_connections
+        .min(fds.saturating_sub(256).max(16));
     if max_connections < cfg.limits.max_connections {
-        tracing::info!(open_files_limit = fds, max_connections,
-            "connections capped by the open-files limit; raise `ulimit -n` to hold more");
+        tracing::info!(
+            open_files_limit = fds,
+            max_connections,
+            "connections capped by the open-files limit; raise `ulimit -n` to hold more"
+        );
     }
     let node = build_node(cfg.clone()).await?;
     let (ws_addr, grpc_addr, admin_addr) = listeners.addrs();
@@ -138,7 +152,9 @@ pub async fn run(
 
     // gRPC: health, reflection (v1 and v1alpha) and the PushService.
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health.set_serving::<PushServiceServer<crate::grpc::PushApi>>().await;
+    health
+        .set_serving::<PushServiceServer<crate::grpc::PushApi>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -156,9 +172,12 @@ pub async fn run(
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(push)
-            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listeners.grpc), async move {
-                stopped(&mut grpc_stop).await;
-            }),
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listeners.grpc),
+                async move {
+                    stopped(&mut grpc_stop).await;
+                },
+            ),
     );
 
     // The one heartbeat timer of all connections.
@@ -182,20 +201,32 @@ pub async fn run(
         tasks: tasks.clone(),
     });
     let permits = Arc::new(Semaphore::new(max_connections));
-    let public = tokio::spawn(accept_loop(listeners.ws, stop_rx.clone(), tasks.clone(), Some(permits), {
-        let gateway = gateway.clone();
-        move |req| gateway.clone().handle(req)
-    }));
+    let public = tokio::spawn(accept_loop(
+        listeners.ws,
+        stop_rx.clone(),
+        tasks.clone(),
+        Some(permits),
+        {
+            let gateway = gateway.clone();
+            move |req| gateway.clone().handle(req)
+        },
+    ));
 
     // Admin listener: /metrics and /healthz.
-    let admin = tokio::spawn(accept_loop(listeners.admin, stop_rx.clone(), tasks.clone(), None, {
-        let node = node.clone();
-        move |req| {
+    let admin = tokio::spawn(accept_loop(
+        listeners.admin,
+        stop_rx.clone(),
+        tasks.clone(),
+        None,
+        {
             let node = node.clone();
-            let metrics = metrics.clone();
-            async move { Ok(admin(&node, &metrics, req)) }
-        }
-    }));
+            move |req| {
+                let node = node.clone();
+                let metrics = metrics.clone();
+                async move { Ok(admin(&node, &metrics, req)) }
+            }
+        },
+    ));
 
     // The line scripts wait for: printed once the node really serves (the
     // backend is up), on stdout.
@@ -205,10 +236,14 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = public.await;
     let _ = admin.await;
-    node.hub.close_all(close::GOING_AWAY, "server shutting down");
+    node.hub
+        .close_all(close::GOING_AWAY, "server shutting down");
     heartbeat.abort();
     tasks.close();
-    if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections did not close within {DRAIN_DEADLINE:?}");
     }
     match grpc.await {
@@ -226,15 +261,34 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-fn admin(node: &Node, metrics: &PrometheusHandle, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn admin(
+    node: &Node,
+    metrics: &PrometheusHandle,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
-        "/healthz" => (StatusCode::OK, "text/plain", format!("ok {}\n", node.cfg.node_id)),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
+        "/healthz" => (
+            StatusCode::OK,
+            "text/plain",
+            format!("ok {}\n", node.cfg.node_id),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ctype),
+    );
     r
 }
 

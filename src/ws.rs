@@ -32,10 +32,26 @@ use tokio_util::task::TaskTracker;
 /// The demo page and the browser client, embedded in the binary so a node
 /// serves them with no files beside it: (path, content type, body).
 const DEMO: &[(&str, &str, &str)] = &[
-    ("/", "text/html; charset=utf-8", include_str!("../clients/js/demo/index.html")),
-    ("/demo/app.js", "text/javascript; charset=utf-8", include_str!("../clients/js/demo/app.js")),
-    ("/demo/style.css", "text/css; charset=utf-8", include_str!("../clients/js/demo/style.css")),
-    ("/herald.js", "text/javascript; charset=utf-8", include_str!("../clients/js/herald.js")),
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("../clients/js/demo/index.html"),
+    ),
+    (
+        "/demo/app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../clients/js/demo/app.js"),
+    ),
+    (
+        "/demo/style.css",
+        "text/css; charset=utf-8",
+        include_str!("../clients/js/demo/style.css"),
+    ),
+    (
+        "/herald.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../clients/js/herald.js"),
+    ),
 ];
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -51,21 +67,29 @@ pub struct Gateway {
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.into())));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
 impl Gateway {
     /// Serves one HTTP request on the public listener.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, hyper::Error> {
         match (req.method(), req.uri().path()) {
             (&hyper::Method::GET, "/ws") => Ok(self.upgrade(req)),
             (&hyper::Method::GET, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
             (&hyper::Method::GET, path) => Ok(match DEMO.iter().find(|(p, _, _)| *p == path) {
                 Some((_, ctype, body)) => {
                     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-                    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
-                    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                    r.headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+                    r.headers_mut()
+                        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
                     r
                 }
                 None => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -96,12 +120,16 @@ impl Gateway {
         }
         let Some(token) = token else {
             metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized").increment(1);
-            return text(StatusCode::UNAUTHORIZED, "missing token: pass ?token=<JWT> or Authorization: Bearer <JWT>\n");
+            return text(
+                StatusCode::UNAUTHORIZED,
+                "missing token: pass ?token=<JWT> or Authorization: Bearer <JWT>\n",
+            );
         };
         let user = match self.verifier.verify(&token) {
             Ok(u) => u,
             Err(why) => {
-                metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized").increment(1);
+                metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized")
+                    .increment(1);
                 return text(StatusCode::UNAUTHORIZED, format!("{why}\n"));
             }
         };
@@ -114,13 +142,29 @@ impl Gateway {
         let is_upgrade = headers
             .get(header::CONNECTION)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("upgrade")))
-            && headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("upgrade"))
+            })
+            && headers
+                .get(header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
         if !is_upgrade {
-            return text(StatusCode::UPGRADE_REQUIRED, "this endpoint speaks WebSocket only\n");
+            return text(
+                StatusCode::UPGRADE_REQUIRED,
+                "this endpoint speaks WebSocket only\n",
+            );
         }
-        if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-            return text(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13\n");
+        if headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(|v| v.as_bytes())
+            != Some(b"13")
+        {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Version must be 13\n",
+            );
         }
         let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
             return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
@@ -140,7 +184,12 @@ impl Gateway {
                         .max_write_buffer_size(8 * 1024 * 1024)
                         .max_message_size(Some(limits.max_client_frame_bytes))
                         .max_frame_size(Some(limits.max_client_frame_bytes));
-                    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                    let ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(config),
+                    )
+                    .await;
                     run(gw.node.clone(), user, since, ws).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
@@ -151,7 +200,10 @@ impl Gateway {
         let h = r.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header"));
+        h.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+        );
         r
     }
 }
@@ -160,7 +212,10 @@ impl Gateway {
 /// dropping) until the client's close frame arrives, so the client reads
 /// our frame before the TCP connection goes away. Bounded by 2 s.
 async fn send_close(ws: &mut Socket, code: u16, reason: &str) {
-    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() };
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
+    };
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         if ws.close(Some(frame)).await.is_err() {
             return;
@@ -177,12 +232,18 @@ async fn run(node: Arc<Node>, user: String, since: Option<MessageId>, mut ws: So
     let conn = match Box::pin(node.attach(&user)).await {
         Ok(c) => c,
         Err(Error::ResourceExhausted(m)) => {
-            metrics::counter!("herald_ws_rejected_total", "reason" => "too_many_connections").increment(1);
+            metrics::counter!("herald_ws_rejected_total", "reason" => "too_many_connections")
+                .increment(1);
             return Box::pin(send_close(&mut ws, close::TOO_MANY_CONNECTIONS, &m)).await;
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot attach connection");
-            return Box::pin(send_close(&mut ws, close::TRY_AGAIN_LATER, "backend unavailable, retry shortly")).await;
+            return Box::pin(send_close(
+                &mut ws,
+                close::TRY_AGAIN_LATER,
+                "backend unavailable, retry shortly",
+            ))
+            .await;
         }
     };
     metrics::counter!("herald_ws_connections_total").increment(1);
@@ -205,14 +266,31 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "replay failed");
-            return Some((close::TRY_AGAIN_LATER, "backend unavailable, retry shortly".into()));
+            return Some((
+                close::TRY_AGAIN_LATER,
+                "backend unavailable, retry shortly".into(),
+            ));
         }
     };
-    let welcome = protocol::welcome_frame(&node.hub.conn_label(conn), &conn.user, replay.unread, replay.messages.len(), replay.resumed);
+    let welcome = protocol::welcome_frame(
+        &node.hub.conn_label(conn),
+        &conn.user,
+        replay.unread,
+        replay.messages.len(),
+        replay.resumed,
+    );
     let mut head = replay.head;
     let mut batch: Vec<Outbound> = Vec::with_capacity(replay.messages.len() + 1);
-    batch.push(Outbound { id: None, frame: welcome });
-    batch.extend(replay.messages.into_iter().map(|(_, frame)| Outbound { id: None, frame }));
+    batch.push(Outbound {
+        id: None,
+        frame: welcome,
+    });
+    batch.extend(
+        replay
+            .messages
+            .into_iter()
+            .map(|(_, frame)| Outbound { id: None, frame }),
+    );
     if !Box::pin(write(ws, &mut batch, &mut head, write_timeout, false)).await {
         return None;
     }
@@ -301,7 +379,13 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
 /// `head`. With `ping`, a WebSocket ping goes out after the batch. False
 /// when the socket failed or the write took longer than `timeout` (a peer
 /// that stopped reading).
-async fn write(ws: &mut Socket, batch: &mut Vec<Outbound>, head: &mut MessageId, timeout: Duration, ping: bool) -> bool {
+async fn write(
+    ws: &mut Socket,
+    batch: &mut Vec<Outbound>,
+    head: &mut MessageId,
+    timeout: Duration,
+    ping: bool,
+) -> bool {
     let io = async {
         for out in batch.drain(..) {
             if let Some(id) = out.id {
@@ -338,11 +422,15 @@ async fn client_frame(node: &Node, conn: &Conn, text: &str) -> Option<protocol::
             Err(Error::InvalidArgument(m)) => Some(protocol::error_frame("bad_request", &m)),
             Err(e) => {
                 tracing::warn!(error = %e, "read failed");
-                Some(protocol::error_frame("unavailable", "could not mark read: backend unavailable, retry shortly"))
+                Some(protocol::error_frame(
+                    "unavailable",
+                    "could not mark read: backend unavailable, retry shortly",
+                ))
             }
         },
         Err(m) => {
-            metrics::counter!("herald_client_frames_rejected_total", "reason" => "malformed").increment(1);
+            metrics::counter!("herald_client_frames_rejected_total", "reason" => "malformed")
+                .increment(1);
             Some(protocol::error_frame("bad_frame", &m))
         }
     }

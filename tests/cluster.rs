@@ -10,7 +10,9 @@ use tonic::Code;
 
 fn cluster(n: usize) -> (RedisServer, Vec<NodeProcess>) {
     let redis = RedisServer::start();
-    let nodes = (0..n).map(|i| NodeProcess::start(&format!("n{}", i + 1), &redis.url(), &[])).collect();
+    let nodes = (0..n)
+        .map(|i| NodeProcess::start(&format!("n{}", i + 1), &redis.url(), &[]))
+        .collect();
     (redis, nodes)
 }
 
@@ -40,7 +42,11 @@ async fn cross_node_delivery_reaches_only_involved_nodes() {
         on_b.next_of("message").await;
     }
     let sc = c.stats().await;
-    assert_eq!(sc.node.unwrap().broker_events_received, before, "node c holds no connection of the user");
+    assert_eq!(
+        sc.node.unwrap().broker_events_received,
+        before,
+        "node c holds no connection of the user"
+    );
     let sa = a.stats().await.node.unwrap();
     assert!(sa.broker_events_received >= 101);
     assert!(sa.messages_delivered >= 101);
@@ -62,7 +68,11 @@ async fn presence_unread_and_badge_agree_across_nodes() {
     let ids: Vec<String> = {
         let mut v = vec![];
         for i in 0..3 {
-            v.push(send(&mut ca, &[&u], &i.to_string()).await.deliveries[0].message_id.clone());
+            v.push(
+                send(&mut ca, &[&u], &i.to_string()).await.deliveries[0]
+                    .message_id
+                    .clone(),
+            );
         }
         v
     };
@@ -81,16 +91,30 @@ async fn presence_unread_and_badge_agree_across_nodes() {
         laptop.next_of("message").await;
     }
     // A read on node a's device moves the badge on node b's device.
-    phone.send_json(json!({"type":"read","up_to": ids[1]})).await;
+    phone
+        .send_json(json!({"type":"read","up_to": ids[1]}))
+        .await;
     assert_eq!(laptop.next_of("unread").await["count"], 1);
-    assert_eq!(phone.next_of("unread").await["count"], 1, "the reading device too");
+    assert_eq!(
+        phone.next_of("unread").await["count"],
+        1,
+        "the reading device too"
+    );
     assert_eq!(unread(&mut cb, &u).await, 1);
     // MarkRead through b reaches a.
-    cb.mark_read(MarkReadRequest { user_id: u.clone(), up_to_message_id: String::new() }).await.unwrap();
+    cb.mark_read(MarkReadRequest {
+        user_id: u.clone(),
+        up_to_message_id: String::new(),
+    })
+    .await
+    .unwrap();
     assert_eq!(phone.next_of("unread").await["count"], 0);
     // DisconnectUser through a closes the device on b too.
     let d = ca
-        .disconnect_user(DisconnectUserRequest { user_id: u.clone(), reason: "logout".into() })
+        .disconnect_user(DisconnectUserRequest {
+            user_id: u.clone(),
+            reason: "logout".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -105,7 +129,14 @@ async fn presence_unread_and_badge_agree_across_nodes() {
     // Broadcast reaches both nodes once.
     let (mut x, _) = a.connect(&uid("bx")).await;
     let (mut y, _) = b.connect(&uid("by")).await;
-    let r = cb.broadcast(BroadcastRequest { topic: "all".into(), payload_json: "1".into() }).await.unwrap().into_inner();
+    let r = cb
+        .broadcast(BroadcastRequest {
+            topic: "all".into(),
+            payload_json: "1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(x.next_of("message").await["id"], r.message_id.as_str());
     assert_eq!(y.next_of("message").await["id"], r.message_id.as_str());
     x.expect_silence(Duration::from_millis(200)).await;
@@ -120,7 +151,12 @@ async fn killed_node_goes_offline_within_the_lease_and_devices_resume_elsewhere(
     let mut got = vec![];
     for i in 0..5 {
         send(&mut sender, &[&u], &i.to_string()).await;
-        got.push(dev.next_of("message").await["id"].as_str().unwrap().to_string());
+        got.push(
+            dev.next_of("message").await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     assert_eq!(online(&mut sender, &u).await, 1);
     nodes[0].kill9();
@@ -128,14 +164,21 @@ async fn killed_node_goes_offline_within_the_lease_and_devices_resume_elsewhere(
     // Messages stored while the device has no node.
     let mut missed = vec![];
     for i in 5..10 {
-        missed.push(send(&mut sender, &[&u], &i.to_string()).await.deliveries[0].message_id.clone());
+        missed.push(
+            send(&mut sender, &[&u], &i.to_string()).await.deliveries[0]
+                .message_id
+                .clone(),
+        );
     }
     eventually("killed node's user reads offline", || {
         let (mut c, u) = (sender.clone(), u.clone());
         async move { online(&mut c, &u).await == 0 }
     })
     .await;
-    assert!(killed_at.elapsed() < Duration::from_secs(4), "offline within the 1 s lease (plus renew slack)");
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(4),
+        "offline within the 1 s lease (plus renew slack)"
+    );
     let s = nodes[1].stats().await;
     assert_eq!(s.nodes.len(), 1, "the dead node left Stats");
 
@@ -159,7 +202,11 @@ async fn burst_during_reconnect_loses_and_duplicates_nothing() {
         tokio::spawn(async move {
             let mut ids = vec![];
             for i in 0..total {
-                ids.push(send(&mut c, &[&u], &i.to_string()).await.deliveries[0].message_id.clone());
+                ids.push(
+                    send(&mut c, &[&u], &i.to_string()).await.deliveries[0]
+                        .message_id
+                        .clone(),
+                );
                 if i % 50 == 0 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -178,13 +225,18 @@ async fn burst_during_reconnect_loses_and_duplicates_nothing() {
         if got.len() % 60 == 0 && got.len() < total {
             hops += 1;
             drop(ws);
-            let (next, w) = nodes[hops % 2].connect_since(&u, Some(got.last().unwrap())).await;
+            let (next, w) = nodes[hops % 2]
+                .connect_since(&u, Some(got.last().unwrap()))
+                .await;
             assert_eq!(w["resumed"], true);
             ws = next;
         }
     }
     let sent = sender.await.unwrap();
-    assert_eq!(got, sent, "every message exactly once, in order, across {hops} reconnects");
+    assert_eq!(
+        got, sent,
+        "every message exactly once, in order, across {hops} reconnects"
+    );
     ws.expect_silence(Duration::from_millis(300)).await;
 }
 
@@ -196,20 +248,30 @@ async fn redis_outage_is_unavailable_then_full_service_without_restart() {
     let (mut on_a, _) = a.connect(&u).await;
     let (mut on_b, _) = b.connect(&u).await;
     let mut cb = b.client().await;
-    let first = send(&mut cb, &[&u], "1").await.deliveries[0].message_id.clone();
+    let first = send(&mut cb, &[&u], "1").await.deliveries[0]
+        .message_id
+        .clone();
     on_a.next_of("message").await;
     on_b.next_of("message").await;
 
     redis.stop();
     let started = std::time::Instant::now();
     let e = cb
-        .send_to_user(SendToUserRequest { user_ids: vec![u.clone()], topic: "t".into(), payload_json: "2".into(), transient: false })
+        .send_to_user(SendToUserRequest {
+            user_ids: vec![u.clone()],
+            topic: "t".into(),
+            payload_json: "2".into(),
+            transient: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("unavailable"), "{}", e.message());
     assert!(started.elapsed() < Duration::from_secs(5), "fails fast");
-    let e = cb.unread_count(UnreadCountRequest { user_id: u.clone() }).await.unwrap_err();
+    let e = cb
+        .unread_count(UnreadCountRequest { user_id: u.clone() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     // Nodes keep their sockets and answer pings.
     on_a.send_json(json!({"type":"ping"})).await;
@@ -220,9 +282,14 @@ async fn redis_outage_is_unavailable_then_full_service_without_restart() {
     eventually("SendToUser works again", || {
         let (mut c, u) = (cb.clone(), u.clone());
         async move {
-            c.send_to_user(SendToUserRequest { user_ids: vec![u], topic: "t".into(), payload_json: "3".into(), transient: false })
-                .await
-                .is_ok()
+            c.send_to_user(SendToUserRequest {
+                user_ids: vec![u],
+                topic: "t".into(),
+                payload_json: "3".into(),
+                transient: false,
+            })
+            .await
+            .is_ok()
         }
     })
     .await;

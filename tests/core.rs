@@ -29,7 +29,10 @@ async fn two_devices_receive_and_another_user_does_not(b: Backend) {
         let m = ws.next_of("message").await;
         assert_eq!(m["id"], id.as_str());
         assert_eq!(m["topic"], "t");
-        assert_eq!(m["data"], serde_json::from_str::<serde_json::Value>(payload).unwrap());
+        assert_eq!(
+            m["data"],
+            serde_json::from_str::<serde_json::Value>(payload).unwrap()
+        );
         assert!(m["ts"].as_u64().unwrap() > 1_600_000_000_000);
         assert!(m.get("transient").is_none());
     }
@@ -45,7 +48,12 @@ async fn payload_reaches_the_browser_byte_for_byte(b: Backend) {
     let payload = "{ \"a\" :\t\"\\u00e9\\n\" , \"b\": 1.50e3 }";
     send(&mut c, &[&u], payload).await;
     let raw = loop {
-        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws.stream)).await.unwrap().unwrap().unwrap() {
+        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws.stream))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
             tokio_tungstenite::tungstenite::Message::Text(t) => break t.to_string(),
             _ => continue,
         }
@@ -87,7 +95,11 @@ async fn replay_is_capped_to_the_newest_unread_but_welcome_counts_all(b: Backend
     let u = uid("cap");
     let mut ids = vec![];
     for i in 0..5 {
-        ids.push(send(&mut c, &[&u], &i.to_string()).await.deliveries[0].message_id.clone());
+        ids.push(
+            send(&mut c, &[&u], &i.to_string()).await.deliveries[0]
+                .message_id
+                .clone(),
+        );
     }
     let (mut ws, welcome) = node.connect(&u).await;
     assert_eq!(welcome["unread"], 5);
@@ -102,7 +114,9 @@ async fn read_on_one_device_updates_the_badge_on_the_other(b: Backend) {
     let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let u = uid("badge");
-    let r1 = send(&mut c, &[&u], "1").await.deliveries[0].message_id.clone();
+    let r1 = send(&mut c, &[&u], "1").await.deliveries[0]
+        .message_id
+        .clone();
     let _r2 = send(&mut c, &[&u], "2").await;
     let (mut phone, _) = node.connect(&u).await;
     let (mut laptop, w) = node.connect(&u).await;
@@ -119,12 +133,24 @@ async fn read_on_one_device_updates_the_badge_on_the_other(b: Backend) {
     phone.send_json(json!({"type":"read","up_to": r1})).await;
     laptop.expect_silence(Duration::from_millis(200)).await;
     // MarkRead over gRPC reaches both.
-    let left = c.mark_read(MarkReadRequest { user_id: u.clone(), up_to_message_id: String::new() }).await.unwrap();
+    let left = c
+        .mark_read(MarkReadRequest {
+            user_id: u.clone(),
+            up_to_message_id: String::new(),
+        })
+        .await
+        .unwrap();
     assert_eq!(left.into_inner().unread, 0);
     assert_eq!(laptop.next_of("unread").await["count"], 0);
     assert_eq!(phone.next_of("unread").await["count"], 0);
     // A bad id over gRPC is INVALID_ARGUMENT, over the socket an error frame.
-    let e = c.mark_read(MarkReadRequest { user_id: u.clone(), up_to_message_id: "nope".into() }).await.unwrap_err();
+    let e = c
+        .mark_read(MarkReadRequest {
+            user_id: u.clone(),
+            up_to_message_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("up_to_message_id"), "{}", e.message());
     phone.send_json(json!({"type":"read","up_to":"nope"})).await;
@@ -139,15 +165,41 @@ async fn mark_read_partial_and_never_backwards(b: Backend) {
     let u = uid("mr");
     let mut ids = vec![];
     for i in 0..4 {
-        ids.push(send(&mut c, &[&u], &i.to_string()).await.deliveries[0].message_id.clone());
+        ids.push(
+            send(&mut c, &[&u], &i.to_string()).await.deliveries[0]
+                .message_id
+                .clone(),
+        );
     }
-    let mr = |id: &str| MarkReadRequest { user_id: u.clone(), up_to_message_id: id.to_string() };
-    assert_eq!(c.mark_read(mr(&ids[1])).await.unwrap().into_inner().unread, 2);
-    assert_eq!(c.mark_read(mr(&ids[0])).await.unwrap().into_inner().unread, 2, "cursor never moves back");
-    assert_eq!(c.mark_read(mr("99999999999999-0")).await.unwrap().into_inner().unread, 0, "clamped to newest");
+    let mr = |id: &str| MarkReadRequest {
+        user_id: u.clone(),
+        up_to_message_id: id.to_string(),
+    };
+    assert_eq!(
+        c.mark_read(mr(&ids[1])).await.unwrap().into_inner().unread,
+        2
+    );
+    assert_eq!(
+        c.mark_read(mr(&ids[0])).await.unwrap().into_inner().unread,
+        2,
+        "cursor never moves back"
+    );
+    assert_eq!(
+        c.mark_read(mr("99999999999999-0"))
+            .await
+            .unwrap()
+            .into_inner()
+            .unread,
+        0,
+        "clamped to newest"
+    );
     let later = send(&mut c, &[&u], "4").await;
     assert!(!later.deliveries[0].message_id.is_empty());
-    assert_eq!(unread(&mut c, &u).await, 1, "a future id does not swallow later messages");
+    assert_eq!(
+        unread(&mut c, &u).await,
+        1,
+        "a future id does not swallow later messages"
+    );
     // Unknown user: zero, not an error.
     assert_eq!(unread(&mut c, &uid("nobody")).await, 0);
     node.stop().await;
@@ -162,7 +214,9 @@ async fn is_online_disconnect_user_and_stats(b: Backend) {
     let (mut b, _) = node.connect(&u).await;
     assert_eq!(online(&mut c, &u).await, 2);
     let r = c
-        .is_online(IsOnlineRequest { user_ids: vec![u.clone(), "ghost".into()] })
+        .is_online(IsOnlineRequest {
+            user_ids: vec![u.clone(), "ghost".into()],
+        })
         .await
         .unwrap()
         .into_inner();
@@ -188,7 +242,10 @@ async fn is_online_disconnect_user_and_stats(b: Backend) {
     .await;
 
     let d = c
-        .disconnect_user(DisconnectUserRequest { user_id: u.clone(), reason: "banned for spam".into() })
+        .disconnect_user(DisconnectUserRequest {
+            user_id: u.clone(),
+            reason: "banned for spam".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -212,7 +269,10 @@ async fn broadcast_reaches_everyone_live_only(b: Backend) {
     let (mut w1, _) = node.connect(&u1).await;
     let (mut w2, _) = node.connect(&u2).await;
     let r = c
-        .broadcast(BroadcastRequest { topic: "maintenance".into(), payload_json: r#"{"in":"5m"}"#.into() })
+        .broadcast(BroadcastRequest {
+            topic: "maintenance".into(),
+            payload_json: r#"{"in":"5m"}"#.into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -225,7 +285,13 @@ async fn broadcast_reaches_everyone_live_only(b: Backend) {
     }
     // Not stored.
     assert_eq!(unread(&mut c, &u1).await, 0);
-    let e = c.broadcast(BroadcastRequest { topic: String::new(), payload_json: "{".into() }).await.unwrap_err();
+    let e = c
+        .broadcast(BroadcastRequest {
+            topic: String::new(),
+            payload_json: "{".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     node.stop().await;
 }
@@ -263,12 +329,18 @@ async fn resume_with_since_gets_exactly_the_missed_messages(b: Backend) {
     let mut c = node.client().await;
     let u = uid("resume");
     let (mut ws, _) = node.connect(&u).await;
-    let first = send(&mut c, &[&u], "1").await.deliveries[0].message_id.clone();
+    let first = send(&mut c, &[&u], "1").await.deliveries[0]
+        .message_id
+        .clone();
     assert_eq!(ws.next_of("message").await["id"], first.as_str());
     drop(ws); // the connection drops without a close handshake
     let mut missed = vec![];
     for i in 2..=4 {
-        missed.push(send(&mut c, &[&u], &i.to_string()).await.deliveries[0].message_id.clone());
+        missed.push(
+            send(&mut c, &[&u], &i.to_string()).await.deliveries[0]
+                .message_id
+                .clone(),
+        );
     }
     let (mut ws, welcome) = node.connect_since(&u, Some(&first)).await;
     assert_eq!(welcome["resumed"], true);
@@ -296,7 +368,11 @@ async fn retention_trims_and_resume_reports_the_gap(b: Backend) {
     let u = uid("trim");
     let mut ids = vec![];
     for i in 0..5 {
-        ids.push(send(&mut c, &[&u], &i.to_string()).await.deliveries[0].message_id.clone());
+        ids.push(
+            send(&mut c, &[&u], &i.to_string()).await.deliveries[0]
+                .message_id
+                .clone(),
+        );
     }
     assert_eq!(unread(&mut c, &u).await, 3);
     let (_ws, w) = node.connect_since(&u, Some(&ids[0])).await;
@@ -317,7 +393,11 @@ async fn messages_sent_while_connecting_arrive_once_in_order(b: Backend) {
             tokio::spawn(async move {
                 let mut ids = vec![];
                 for i in 0..60 {
-                    ids.push(send(&mut c, &[&u], &i.to_string()).await.deliveries[0].message_id.clone());
+                    ids.push(
+                        send(&mut c, &[&u], &i.to_string()).await.deliveries[0]
+                            .message_id
+                            .clone(),
+                    );
                 }
                 ids
             })
@@ -327,7 +407,12 @@ async fn messages_sent_while_connecting_arrive_once_in_order(b: Backend) {
         let sent = sender.await.unwrap();
         let mut got = vec![];
         while got.len() < sent.len() {
-            got.push(ws.next_of("message").await["id"].as_str().unwrap().to_string());
+            got.push(
+                ws.next_of("message").await["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
             // Replay may be capped (100 by default; 60 fit).
         }
         assert_eq!(got, sent, "round {round}: every message once, in order");
@@ -349,27 +434,62 @@ async fn bad_rpc_input_is_invalid_argument_and_node_keeps_serving(b: Backend) {
     };
     let cases: Vec<(SendToUserRequest, &str)> = vec![
         (req(vec![], "1"), "at least one user"),
-        (req((0..1001).map(|i| i.to_string()).collect(), "1"), "at most 1000"),
-        (req(vec!["a".into(), "".into()], "1"), "user_ids[1]: user id must not be empty"),
-        (req(vec!["x".repeat(300)], "1"), "exceeds the limit of 256 bytes"),
+        (
+            req((0..1001).map(|i| i.to_string()).collect(), "1"),
+            "at most 1000",
+        ),
+        (
+            req(vec!["a".into(), "".into()], "1"),
+            "user_ids[1]: user id must not be empty",
+        ),
+        (
+            req(vec!["x".repeat(300)], "1"),
+            "exceeds the limit of 256 bytes",
+        ),
         (req(vec!["a".into()], "{not json"), "not valid JSON"),
         (req(vec!["a".into()], ""), "not valid JSON"),
-        (req(vec!["a".into()], &format!("\"{}\"", "x".repeat(2000))), "the limit is 1024 bytes"),
         (
-            SendToUserRequest { topic: "t".repeat(300), ..req(vec!["a".into()], "1") },
+            req(vec!["a".into()], &format!("\"{}\"", "x".repeat(2000))),
+            "the limit is 1024 bytes",
+        ),
+        (
+            SendToUserRequest {
+                topic: "t".repeat(300),
+                ..req(vec!["a".into()], "1")
+            },
             "topic of 300 bytes",
         ),
     ];
     for (r, want) in cases {
         let e = c.send_to_user(r).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
-        assert!(e.message().contains(want), "{:?} should contain {want:?}", e.message());
+        assert!(
+            e.message().contains(want),
+            "{:?} should contain {want:?}",
+            e.message()
+        );
     }
     for e in [
-        c.is_online(IsOnlineRequest { user_ids: vec![] }).await.unwrap_err(),
-        c.unread_count(UnreadCountRequest { user_id: String::new() }).await.unwrap_err(),
-        c.mark_read(MarkReadRequest { user_id: String::new(), up_to_message_id: String::new() }).await.unwrap_err(),
-        c.disconnect_user(DisconnectUserRequest { user_id: String::new(), reason: String::new() }).await.unwrap_err(),
+        c.is_online(IsOnlineRequest { user_ids: vec![] })
+            .await
+            .unwrap_err(),
+        c.unread_count(UnreadCountRequest {
+            user_id: String::new(),
+        })
+        .await
+        .unwrap_err(),
+        c.mark_read(MarkReadRequest {
+            user_id: String::new(),
+            up_to_message_id: String::new(),
+        })
+        .await
+        .unwrap_err(),
+        c.disconnect_user(DisconnectUserRequest {
+            user_id: String::new(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err(),
     ] {
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     }
@@ -386,14 +506,26 @@ async fn bad_client_frames(b: Backend) {
     let mut c = node.client().await;
     let u = uid("frames");
     let (mut ws, _) = node.connect(&u).await;
-    for bad in ["not json", "{}", r#"{"type":"shout"}"#, r#"{"type":"read"}"#, r#"{"type":"read","up_to":7}"#, "[1,2]"] {
+    for bad in [
+        "not json",
+        "{}",
+        r#"{"type":"shout"}"#,
+        r#"{"type":"read"}"#,
+        r#"{"type":"read","up_to":7}"#,
+        "[1,2]",
+    ] {
         ws.send_text(bad).await;
         let e = ws.next_json().await;
         assert_eq!(e["type"], "error", "{bad}");
         assert_eq!(e["code"], "bad_frame");
         assert!(e["message"].as_str().unwrap().contains("malformed frame"));
     }
-    ws.stream.send(tokio_tungstenite::tungstenite::Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    ws.stream
+        .send(tokio_tungstenite::tungstenite::Message::Binary(
+            vec![1, 2, 3].into(),
+        ))
+        .await
+        .unwrap();
     assert_eq!(ws.next_json().await["code"], "bad_frame");
     ws.send_json(json!({"type":"ping"})).await;
     assert_eq!(ws.next_json().await["type"], "pong");
@@ -401,7 +533,11 @@ async fn bad_client_frames(b: Backend) {
     send(&mut c, &[&u], "1").await;
     assert_eq!(ws.next_of("message").await["data"], 1);
     // Over the frame limit: 1009.
-    ws.send_text(&format!("{{\"type\":\"ping\",\"pad\":\"{}\"}}", "x".repeat(5000))).await;
+    ws.send_text(&format!(
+        "{{\"type\":\"ping\",\"pad\":\"{}\"}}",
+        "x".repeat(5000)
+    ))
+    .await;
     let (code, _, _) = ws.expect_close().await;
     assert_eq!(code, 1009);
     // Others unaffected.
@@ -433,8 +569,14 @@ async fn slow_client_is_closed_with_1013_and_keeps_its_messages(b: Backend) {
     assert!(got.len() < ids.len());
     // Everything is still stored: a resume from the last frame it got
     // delivers the rest.
-    let last = got.iter().rev().find(|f| f["type"] == "message").map(|f| f["id"].as_str().unwrap().to_string());
-    let (mut again, w) = node.connect_since(&slow, last.as_deref().or(Some("0-0"))).await;
+    let last = got
+        .iter()
+        .rev()
+        .find(|f| f["type"] == "message")
+        .map(|f| f["id"].as_str().unwrap().to_string());
+    let (mut again, w) = node
+        .connect_since(&slow, last.as_deref().or(Some("0-0")))
+        .await;
     let _ = w;
     let skip = got.iter().filter(|f| f["type"] == "message").count();
     for id in &ids[skip..] {
@@ -465,9 +607,19 @@ async fn handshake_rejections_are_http_errors_without_upgrade(b: Backend) {
     for (url, status) in [
         (format!("ws://{}/ws", node.ws), 401),
         (format!("ws://{}/ws?token=garbage", node.ws), 401),
-        (format!("ws://{}/ws?token={}", node.ws, herald::auth::mint("another-secret-xyz", "u", Duration::from_secs(60))), 401),
+        (
+            format!(
+                "ws://{}/ws?token={}",
+                node.ws,
+                herald::auth::mint("another-secret-xyz", "u", Duration::from_secs(60))
+            ),
+            401,
+        ),
         (format!("ws://{}/ws?token={expired}", node.ws), 401),
-        (format!("ws://{}/ws?token={}&since=yesterday", node.ws, token("u")), 400),
+        (
+            format!("ws://{}/ws?token={}&since=yesterday", node.ws, token("u")),
+            400,
+        ),
         (format!("ws://{}/nope?token={}", node.ws, token("u")), 404),
     ] {
         match tokio_tungstenite::connect_async(&url).await {
@@ -476,8 +628,14 @@ async fn handshake_rejections_are_http_errors_without_upgrade(b: Backend) {
         }
     }
     // Authorization header works as well as ?token=.
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{}/ws", node.ws)).unwrap();
-    req.headers_mut().insert("Authorization", format!("Bearer {}", token("hdr")).parse().unwrap());
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{}/ws", node.ws),
+    )
+    .unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token("hdr")).parse().unwrap(),
+    );
     let (stream, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let w = Ws { stream }.next_json().await;
     assert_eq!(w["user"], "hdr");
@@ -491,7 +649,11 @@ fn expired_token() -> String {
         sub: &'static str,
         exp: u64,
     }
-    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 120;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 120;
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &Claims { sub: "u", exp },
@@ -530,27 +692,52 @@ async fn graceful_shutdown_closes_sockets_with_1001(b: Backend) {
 
 async fn reflection_health_and_metrics(b: Backend) {
     let node = TestNode::start(b).await;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc)).unwrap().connect().await.unwrap();
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     let r = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "herald.v1.PushService".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "herald.v1.PushService".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse, ServerReflectionRequest,
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
     };
     let mut refl = ServerReflectionClient::new(ch);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut stream = refl.server_reflection_info(futures_util::stream::iter([req])).await.unwrap().into_inner();
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(futures_util::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
     let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("{resp:?}")
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"herald.v1.PushService".to_string()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"herald.v1.PushService".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
 
     let mut c = node.client().await;
     send(&mut c, &[&uid("m")], "1").await;
@@ -571,13 +758,34 @@ async fn api_key_guards_the_push_service_but_not_health() {
     let e = c.stats(StatsRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("authorization"), "{}", e.message());
-    let e = c.stats(herald::cli::with_key(&Some("wrong".into()), StatsRequest {})).await.unwrap_err();
+    let e = c
+        .stats(herald::cli::with_key(
+            &Some("wrong".into()),
+            StatsRequest {},
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let ok = c.stats(herald::cli::with_key(&Some("k-123456".into()), StatsRequest {})).await.unwrap();
+    let ok = c
+        .stats(herald::cli::with_key(
+            &Some("k-123456".into()),
+            StatsRequest {},
+        ))
+        .await
+        .unwrap();
     assert_eq!(ok.into_inner().node.unwrap().node_id, node.node_id);
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc)).unwrap().connect().await.unwrap();
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
-    assert!(health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok());
+    assert!(health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new()
+        })
+        .await
+        .is_ok());
     node.stop().await;
 }
 

@@ -3,7 +3,9 @@
 //! everything is lost when the process exits. It is the default so that a
 //! fresh machine runs Herald with one command; run a cluster with Redis.
 
-use super::{Backend, Broker, Cluster, Dispatch, Event, Inbox, NewMessage, NodeInfo, Presence, Replay};
+use super::{
+    Backend, Broker, Cluster, Dispatch, Event, Inbox, NewMessage, NodeInfo, Presence, Replay,
+};
 use crate::config::InboxConfig;
 use crate::error::Result;
 use crate::hub::Hub;
@@ -37,8 +39,16 @@ impl UserInbox {
     fn new() -> Self {
         // The creation mark is a virtual, already-trimmed message: a resume
         // position from before it (an earlier process, say) reads as lost.
-        let mark = MessageId { ms: protocol::now_ms(), seq: 0 };
-        UserInbox { messages: VecDeque::new(), last: mark, floor: mark, cursor: MessageId::ZERO }
+        let mark = MessageId {
+            ms: protocol::now_ms(),
+            seq: 0,
+        };
+        UserInbox {
+            messages: VecDeque::new(),
+            last: mark,
+            floor: mark,
+            cursor: MessageId::ZERO,
+        }
     }
 
     fn trim(&mut self, cfg: &InboxConfig, now: u64) {
@@ -85,14 +95,23 @@ impl MemoryBackend {
     }
 
     pub fn backend(self: &Arc<Self>) -> Backend {
-        Backend { broker: self.clone(), presence: self.clone(), inbox: self.clone() }
+        Backend {
+            broker: self.clone(),
+            presence: self.clone(),
+            inbox: self.clone(),
+        }
     }
 
     fn shard(&self, user: &str) -> &Mutex<HashMap<String, UserInbox>> {
         &self.inboxes[(self.hasher.hash_one(user) as usize) % SHARDS]
     }
 
-    fn with_inbox<T>(&self, user: &str, create: bool, f: impl FnOnce(Option<&mut UserInbox>) -> T) -> T {
+    fn with_inbox<T>(
+        &self,
+        user: &str,
+        create: bool,
+        f: impl FnOnce(Option<&mut UserInbox>) -> T,
+    ) -> T {
         let now = protocol::now_ms();
         let mut shard = self.shard(user).lock().unwrap();
         if create && !shard.contains_key(user) {
@@ -122,9 +141,9 @@ impl Broker for MemoryBackend {
             .into_iter()
             .map(|e| {
                 let online = match &e {
-                    Event::Message { user, .. } | Event::Unread { user, .. } | Event::Disconnect { user, .. } => {
-                        self.hub.has_user(user)
-                    }
+                    Event::Message { user, .. }
+                    | Event::Unread { user, .. }
+                    | Event::Disconnect { user, .. } => self.hub.has_user(user),
                     Event::Broadcast { .. } => self.hub.connections() > 0,
                 };
                 self.hub.dispatch(e);
@@ -152,7 +171,11 @@ impl Presence for MemoryBackend {
     async fn cluster(&self) -> Result<Cluster> {
         let users = self.hub.users();
         Ok(Cluster {
-            nodes: vec![NodeInfo { node_id: self.node_id.clone(), connections: self.hub.connections(), users }],
+            nodes: vec![NodeInfo {
+                node_id: self.node_id.clone(),
+                connections: self.hub.connections(),
+                users,
+            }],
             online_users: users,
         })
     }
@@ -160,7 +183,11 @@ impl Presence for MemoryBackend {
 
 #[async_trait]
 impl Inbox for MemoryBackend {
-    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<(MessageId, bool)>> {
+    async fn append(
+        &self,
+        users: &[String],
+        msg: NewMessage<'_>,
+    ) -> Result<Vec<(MessageId, bool)>> {
         let mut ids = Vec::with_capacity(users.len());
         for user in users {
             // Id assignment and delivery under one lock: connections see a
@@ -169,12 +196,26 @@ impl Inbox for MemoryBackend {
                 let inbox = inbox.expect("created");
                 let id = inbox.last.next(msg.ts);
                 inbox.last = id;
-                let frame: Frame =
-                    protocol::message_frame(&id.to_string(), msg.topic, msg.payload_json, msg.ts, false).into();
-                inbox.messages.push_back(Stored { id, ts: msg.ts, frame: frame.clone() });
+                let frame: Frame = protocol::message_frame(
+                    &id.to_string(),
+                    msg.topic,
+                    msg.payload_json,
+                    msg.ts,
+                    false,
+                )
+                .into();
+                inbox.messages.push_back(Stored {
+                    id,
+                    ts: msg.ts,
+                    frame: frame.clone(),
+                });
                 inbox.trim(&self.cfg, msg.ts);
                 let online = self.hub.has_user(user);
-                self.hub.dispatch(Event::Message { user: Arc::from(user.as_str()), id: Some(id), frame });
+                self.hub.dispatch(Event::Message {
+                    user: Arc::from(user.as_str()),
+                    id: Some(id),
+                    frame,
+                });
                 ids.push((id, online));
             });
         }
@@ -193,12 +234,19 @@ impl Inbox for MemoryBackend {
                 Some(since) => (inbox.after(since), Some(since >= inbox.floor)),
                 None => {
                     let first_unread = inbox.after(inbox.cursor);
-                    (first_unread.max(inbox.messages.len().saturating_sub(limit)), None)
+                    (
+                        first_unread.max(inbox.messages.len().saturating_sub(limit)),
+                        None,
+                    )
                 }
             };
             Replay {
                 unread,
-                messages: inbox.messages.range(start..).map(|m| (m.id, m.frame.clone())).collect(),
+                messages: inbox
+                    .messages
+                    .range(start..)
+                    .map(|m| (m.id, m.frame.clone()))
+                    .collect(),
                 resumed,
                 head: inbox.last,
             }
@@ -207,7 +255,9 @@ impl Inbox for MemoryBackend {
 
     async fn mark_read(&self, user: &str, up_to: Option<MessageId>) -> Result<(u64, bool)> {
         Ok(self.with_inbox(user, false, |inbox| {
-            let Some(inbox) = inbox else { return (0, false) };
+            let Some(inbox) = inbox else {
+                return (0, false);
+            };
             let before = inbox.unread();
             let target = up_to.unwrap_or(inbox.last).min(inbox.last);
             inbox.cursor = inbox.cursor.max(target);

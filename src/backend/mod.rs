@@ -26,7 +26,11 @@ use std::sync::Arc;
 pub enum Event {
     /// A message frame for every connection of `user`. `id` is set for stored
     /// messages, so a connection can drop what its replay already sent.
-    Message { user: Arc<str>, id: Option<MessageId>, frame: Frame },
+    Message {
+        user: Arc<str>,
+        id: Option<MessageId>,
+        frame: Frame,
+    },
     /// The user's unread count changed.
     Unread { user: Arc<str>, count: u64 },
     /// Close every connection of the user (close code 4001).
@@ -117,7 +121,8 @@ pub trait Inbox: Send + Sync + 'static {
     /// connections in the same step, so the order in which connections see
     /// stored messages is the order of their ids. Returns, in order, each
     /// id and whether the publish reached a node holding the user (online).
-    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<(MessageId, bool)>>;
+    async fn append(&self, users: &[String], msg: NewMessage<'_>)
+        -> Result<Vec<(MessageId, bool)>>;
     /// Stored messages newer than the read cursor.
     async fn unread(&self, user: &str) -> Result<u64>;
     /// With `since`: every stored message after it. Without: the newest

@@ -36,7 +36,9 @@
 //! node's presence, and asks every local connection to catch up from the
 //! inbox (what was published while it was away is not lost).
 
-use super::{Backend, Broker, Cluster, Dispatch, Event, Inbox, NewMessage, NodeInfo, Presence, Replay};
+use super::{
+    Backend, Broker, Cluster, Dispatch, Event, Inbox, NewMessage, NodeInfo, Presence, Replay,
+};
 use crate::config::{Config, InboxConfig};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
@@ -66,7 +68,10 @@ pub mod keys {
     }
     /// The user of a channel named by [`user_channel`].
     pub fn channel_user(channel: &str) -> Option<&str> {
-        channel.strip_prefix(PREFIX)?.strip_prefix('{')?.strip_suffix("}:ch")
+        channel
+            .strip_prefix(PREFIX)?
+            .strip_prefix('{')?
+            .strip_suffix("}:ch")
     }
     pub fn broadcast_channel() -> String {
         format!("{PREFIX}broadcast")
@@ -257,13 +262,22 @@ struct Script {
 
 impl Script {
     fn new(body: &str, prelude: bool) -> Script {
-        let code = if prelude { format!("{PRELUDE}\n{body}") } else { body.to_string() };
-        Script { inner: redis::Script::new(&code) }
+        let code = if prelude {
+            format!("{PRELUDE}\n{body}")
+        } else {
+            body.to_string()
+        };
+        Script {
+            inner: redis::Script::new(&code),
+        }
     }
     /// An EVALSHA command, for pipelines.
     fn cmd(&self, keys: &[&str], args: &[&[u8]]) -> redis::Cmd {
         let mut c = redis::cmd("EVALSHA");
-        c.arg(self.inner.get_hash()).arg(keys.len()).arg(keys).arg(args);
+        c.arg(self.inner.get_hash())
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args);
         c
     }
 }
@@ -291,14 +305,30 @@ impl Scripts {
         }
     }
     fn all(&self) -> [&Script; 7] {
-        [&self.append, &self.replay, &self.unread, &self.mark_read, &self.lookup, &self.cluster, &self.renew]
+        [
+            &self.append,
+            &self.replay,
+            &self.unread,
+            &self.mark_read,
+            &self.lookup,
+            &self.cluster,
+            &self.renew,
+        ]
     }
 }
 
 impl From<RedisError> for Error {
     fn from(e: RedisError) -> Error {
-        let busy = matches!(e.code(), Some("LOADING") | Some("BUSY") | Some("MASTERDOWN") | Some("READONLY"));
-        if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() || e.is_connection_dropped() || busy {
+        let busy = matches!(
+            e.code(),
+            Some("LOADING") | Some("BUSY") | Some("MASTERDOWN") | Some("READONLY")
+        );
+        if e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || busy
+        {
             Error::Unavailable(e.to_string())
         } else {
             Error::Backend(e.to_string())
@@ -313,7 +343,10 @@ fn is_noscript(e: &RedisError) -> bool {
 fn int(v: &Value) -> Result<i64> {
     match v {
         Value::Int(i) => Ok(*i),
-        Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).ok_or_else(|| bad(v)),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad(v)),
         _ => Err(bad(v)),
     }
 }
@@ -334,17 +367,25 @@ fn array(v: Value) -> Result<Vec<Value>> {
 }
 
 fn bad(v: &Value) -> Error {
-    Error::Backend(format!("unexpected reply from Redis: {:.200}", format!("{v:?}")))
+    Error::Backend(format!(
+        "unexpected reply from Redis: {:.200}",
+        format!("{v:?}")
+    ))
 }
 
 fn msg_id(v: &Value) -> Result<MessageId> {
-    string(v)?.parse().map_err(|e: protocol::BadMessageId| Error::Backend(e.to_string()))
+    string(v)?
+        .parse()
+        .map_err(|e: protocol::BadMessageId| Error::Backend(e.to_string()))
 }
 
 /// What the registrar is asked to do.
 enum Request {
     /// Make subscription and presence of `user` match the hub.
-    Sync { user: String, ack: Option<oneshot::Sender<Result<()>>> },
+    Sync {
+        user: String,
+        ack: Option<oneshot::Sender<Result<()>>>,
+    },
 }
 
 pub struct RedisBackend {
@@ -357,7 +398,8 @@ pub struct RedisBackend {
 
 /// Builds a node on Redis: checks the server, then starts the registrar.
 pub async fn node(cfg: Config, url: &str) -> Result<Arc<Node>> {
-    let client = redis::Client::open(url).map_err(|e| Error::invalid(format!("--redis-url {url:?}: {e}")))?;
+    let client = redis::Client::open(url)
+        .map_err(|e| Error::invalid(format!("--redis-url {url:?}: {e}")))?;
     let manager_cfg = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(1000)))
         .set_response_timeout(Some(Duration::from_secs(3)))
@@ -367,11 +409,25 @@ pub async fn node(cfg: Config, url: &str) -> Result<Arc<Node>> {
     let mut conn = ConnectionManager::new_with_config(client.clone(), manager_cfg)
         .await
         .map_err(|e| Error::Unavailable(format!("cannot reach Redis at {url}: {e}")))?;
-    let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await?;
-    let version = info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("0").trim().to_string();
-    let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("0")
+        .trim()
+        .to_string();
+    let major: u32 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
     if major < 7 {
-        return Err(Error::invalid(format!("Redis {version} is too old: Herald needs Redis 7.0 or newer")));
+        return Err(Error::invalid(format!(
+            "Redis {version} is too old: Herald needs Redis 7.0 or newer"
+        )));
     }
 
     let hub = Hub::new(&cfg.node_id);
@@ -399,9 +455,17 @@ pub async fn node(cfg: Config, url: &str) -> Result<Arc<Node>> {
     match tokio::time::timeout(Duration::from_secs(10), ready).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => return Err(e),
-        _ => return Err(Error::Unavailable("could not subscribe to Redis pub/sub".into())),
+        _ => {
+            return Err(Error::Unavailable(
+                "could not subscribe to Redis pub/sub".into(),
+            ))
+        }
     }
-    let backend = Backend { broker: backend.clone(), presence: backend.clone(), inbox: backend };
+    let backend = Backend {
+        broker: backend.clone(),
+        presence: backend.clone(),
+        inbox: backend,
+    };
     Ok(Node::new(cfg, hub, backend))
 }
 
@@ -434,18 +498,26 @@ impl RedisBackend {
     }
 
     async fn run_one(&self, cmd: redis::Cmd) -> Result<Value> {
-        self.run(vec![cmd]).await?.pop().ok_or_else(|| Error::Backend("empty pipeline reply".into()))
+        self.run(vec![cmd])
+            .await?
+            .pop()
+            .ok_or_else(|| Error::Backend("empty pipeline reply".into()))
     }
 
     /// Asks the registrar to sync `user` and waits for it.
     async fn sync(&self, user: &str) -> Result<()> {
         let (ack, done) = oneshot::channel();
         self.registrar
-            .send(Request::Sync { user: user.to_string(), ack: Some(ack) })
+            .send(Request::Sync {
+                user: user.to_string(),
+                ack: Some(ack),
+            })
             .map_err(|_| Error::Unavailable("registrar stopped".into()))?;
         match tokio::time::timeout(Duration::from_secs(5), done).await {
             Ok(Ok(r)) => r,
-            _ => Err(Error::Unavailable("Redis pub/sub did not confirm in time".into())),
+            _ => Err(Error::Unavailable(
+                "Redis pub/sub did not confirm in time".into(),
+            )),
         }
     }
 }
@@ -457,7 +529,10 @@ impl Broker for RedisBackend {
     }
 
     async fn unsubscribe(&self, user: &str) -> Result<()> {
-        let _ = self.registrar.send(Request::Sync { user: user.to_string(), ack: None });
+        let _ = self.registrar.send(Request::Sync {
+            user: user.to_string(),
+            ack: None,
+        });
         Ok(())
     }
 
@@ -469,11 +544,15 @@ impl Broker for RedisBackend {
                 Event::Unread { user, count } => (user, format!("u{count}")),
                 Event::Disconnect { user, reason } => (user, format!("d{reason}")),
                 Event::Broadcast { frame } => {
-                    pipe.cmd("PUBLISH").arg(keys::broadcast_channel()).arg(frame.as_str());
+                    pipe.cmd("PUBLISH")
+                        .arg(keys::broadcast_channel())
+                        .arg(frame.as_str());
                     continue;
                 }
             };
-            pipe.cmd("PUBLISH").arg(keys::user_channel(&user)).arg(payload);
+            pipe.cmd("PUBLISH")
+                .arg(keys::user_channel(&user))
+                .arg(payload);
         }
         let mut conn = self.conn.clone();
         // PUBLISH answers with the number of subscribed nodes.
@@ -482,7 +561,9 @@ impl Broker for RedisBackend {
     }
 
     async fn broadcast(&self, frame: Frame) -> Result<()> {
-        self.publish(vec![Event::Broadcast { frame }]).await.map(|_| ())
+        self.publish(vec![Event::Broadcast { frame }])
+            .await
+            .map(|_| ())
     }
 }
 
@@ -495,7 +576,10 @@ impl Presence for RedisBackend {
     }
 
     async fn disconnected(&self, user: &str) -> Result<()> {
-        let _ = self.registrar.send(Request::Sync { user: user.to_string(), ack: None });
+        let _ = self.registrar.send(Request::Sync {
+            user: user.to_string(),
+            ack: None,
+        });
         Ok(())
     }
 
@@ -503,14 +587,22 @@ impl Presence for RedisBackend {
         let (a, b) = keys::node_conns_parts();
         let mut args: Vec<&[u8]> = vec![a.as_bytes(), b.as_bytes()];
         args.extend(users.iter().map(|u| u.as_bytes()));
-        let v = self.run_one(self.scripts.lookup.cmd(&[&keys::nodes()], &args)).await?;
-        array(v)?.iter().map(|c| int(c).map(|n| n.max(0) as u32)).collect()
+        let v = self
+            .run_one(self.scripts.lookup.cmd(&[&keys::nodes()], &args))
+            .await?;
+        array(v)?
+            .iter()
+            .map(|c| int(c).map(|n| n.max(0) as u32))
+            .collect()
     }
 
     async fn cluster(&self) -> Result<Cluster> {
         let (a, b) = keys::node_conns_parts();
         let args: [&[u8]; 2] = [a.as_bytes(), b.as_bytes()];
-        let v = array(self.run_one(self.scripts.cluster.cmd(&[&keys::nodes()], &args)).await?)?;
+        let v = array(
+            self.run_one(self.scripts.cluster.cmd(&[&keys::nodes()], &args))
+                .await?,
+        )?;
         let online_users = int(v.first().ok_or_else(|| bad(&Value::Nil))?)? as u64;
         let nodes = v[1..]
             .chunks(3)
@@ -522,7 +614,10 @@ impl Presence for RedisBackend {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Cluster { nodes, online_users })
+        Ok(Cluster {
+            nodes,
+            online_users,
+        })
     }
 
     async fn leave(&self) -> Result<()> {
@@ -543,9 +638,14 @@ impl Presence for RedisBackend {
 
 #[async_trait]
 impl Inbox for RedisBackend {
-    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<(MessageId, bool)>> {
+    async fn append(
+        &self,
+        users: &[String],
+        msg: NewMessage<'_>,
+    ) -> Result<Vec<(MessageId, bool)>> {
         // The frame around the id: the script puts the id it assigns between.
-        let (head, tail) = protocol::message_frame_parts(msg.topic, msg.payload_json, msg.ts, false);
+        let (head, tail) =
+            protocol::message_frame_parts(msg.topic, msg.payload_json, msg.ts, false);
         let now = msg.ts.to_string();
         let max_len = self.cfg.max_messages.to_string();
         let max_age = self.max_age_ms().to_string();
@@ -556,7 +656,15 @@ impl Inbox for RedisBackend {
                 let (inbox, meta, ch) = (keys::inbox(u), keys::meta(u), keys::user_channel(u));
                 self.scripts.append.cmd(
                     &[&inbox, &meta],
-                    &[now.as_bytes(), head.as_bytes(), tail.as_bytes(), max_len.as_bytes(), max_age.as_bytes(), ttl.as_bytes(), ch.as_bytes()],
+                    &[
+                        now.as_bytes(),
+                        head.as_bytes(),
+                        tail.as_bytes(),
+                        max_len.as_bytes(),
+                        max_age.as_bytes(),
+                        ttl.as_bytes(),
+                        ch.as_bytes(),
+                    ],
                 )
             })
             .collect();
@@ -577,7 +685,10 @@ impl Inbox for RedisBackend {
         let now = protocol::now_ms().to_string();
         let max_age = self.max_age_ms().to_string();
         let v = self
-            .run_one(self.scripts.unread.cmd(&[&keys::inbox(user), &keys::meta(user)], &[now.as_bytes(), max_age.as_bytes()]))
+            .run_one(self.scripts.unread.cmd(
+                &[&keys::inbox(user), &keys::meta(user)],
+                &[now.as_bytes(), max_age.as_bytes()],
+            ))
             .await?;
         Ok(int(&v)?.max(0) as u64)
     }
@@ -591,7 +702,13 @@ impl Inbox for RedisBackend {
         let v = self
             .run_one(self.scripts.replay.cmd(
                 &[&keys::inbox(user), &keys::meta(user)],
-                &[now.as_bytes(), max_age.as_bytes(), since.as_bytes(), limit.as_bytes(), ttl.as_bytes()],
+                &[
+                    now.as_bytes(),
+                    max_age.as_bytes(),
+                    since.as_bytes(),
+                    limit.as_bytes(),
+                    ttl.as_bytes(),
+                ],
             ))
             .await?;
         let v = array(v)?;
@@ -602,7 +719,9 @@ impl Inbox for RedisBackend {
         for pair in v[3..].chunks(2) {
             let id = msg_id(&pair[0])?;
             let frame = match pair.get(1) {
-                Some(Value::BulkString(b)) => Frame::try_from(bytes::Bytes::copy_from_slice(b)).map_err(|_| bad(&pair[1]))?,
+                Some(Value::BulkString(b)) => {
+                    Frame::try_from(bytes::Bytes::copy_from_slice(b)).map_err(|_| bad(&pair[1]))?
+                }
                 other => return Err(bad(other.unwrap_or(&Value::Nil))),
             };
             messages.push((id, frame));
@@ -630,7 +749,10 @@ impl Inbox for RedisBackend {
             ))
             .await?;
         let v = array(v)?;
-        Ok((int(v.first().unwrap_or(&Value::Nil))?.max(0) as u64, int(v.get(1).unwrap_or(&Value::Nil))? == 1))
+        Ok((
+            int(v.first().unwrap_or(&Value::Nil))?.max(0) as u64,
+            int(v.get(1).unwrap_or(&Value::Nil))? == 1,
+        ))
     }
 }
 
@@ -650,18 +772,34 @@ struct Registrar {
 fn decode(broadcast_channel: &str, channel: &str, payload: &[u8]) -> Option<Event> {
     let text = std::str::from_utf8(payload).ok()?;
     if channel == broadcast_channel {
-        return Some(Event::Broadcast { frame: Frame::from(text) });
+        return Some(Event::Broadcast {
+            frame: Frame::from(text),
+        });
     }
     let user: Arc<str> = Arc::from(keys::channel_user(channel)?);
     let (kind, rest) = text.split_at_checked(1)?;
     Some(match kind {
         "m" => {
             let (id, frame) = rest.split_once(' ')?;
-            Event::Message { user, id: Some(id.parse().ok()?), frame: Frame::from(frame) }
+            Event::Message {
+                user,
+                id: Some(id.parse().ok()?),
+                frame: Frame::from(frame),
+            }
         }
-        "M" => Event::Message { user, id: None, frame: Frame::from(rest) },
-        "u" => Event::Unread { user, count: rest.parse().ok()? },
-        "d" => Event::Disconnect { user, reason: Arc::from(rest) },
+        "M" => Event::Message {
+            user,
+            id: None,
+            frame: Frame::from(rest),
+        },
+        "u" => Event::Unread {
+            user,
+            count: rest.parse().ok()?,
+        },
+        "d" => Event::Disconnect {
+            user,
+            reason: Arc::from(rest),
+        },
         _ => return None,
     })
 }
@@ -674,7 +812,11 @@ impl Registrar {
         ready_rx
     }
 
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>, ready: oneshot::Sender<Result<()>>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Request>,
+        ready: oneshot::Sender<Result<()>>,
+    ) {
         let mut ready = Some(ready);
         let mut backoff = Duration::from_millis(100);
         let broadcast_channel = keys::broadcast_channel();
@@ -682,9 +824,10 @@ impl Registrar {
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let connected = async {
-                let pubsub = tokio::time::timeout(Duration::from_secs(2), self.client.get_async_pubsub())
-                    .await
-                    .map_err(|_| Error::Unavailable("pub/sub connect timed out".into()))??;
+                let pubsub =
+                    tokio::time::timeout(Duration::from_secs(2), self.client.get_async_pubsub())
+                        .await
+                        .map_err(|_| Error::Unavailable("pub/sub connect timed out".into()))??;
                 let (sink, stream) = pubsub.split();
                 Ok::<_, Error>((sink, stream))
             }
@@ -731,7 +874,10 @@ impl Registrar {
                     let _ = r.send(Ok(()));
                 }
                 None => {
-                    tracing::info!(users = self.subscribed.len(), "Redis pub/sub restored; connections catch up from their inboxes");
+                    tracing::info!(
+                        users = self.subscribed.len(),
+                        "Redis pub/sub restored; connections catch up from their inboxes"
+                    );
                     metrics::counter!("herald_redis_reconnects_total").increment(1);
                     self.hub.resync_all();
                 }
@@ -804,11 +950,19 @@ impl Registrar {
     async fn renew(&self) -> Result<()> {
         let (nodes, conns) = (keys::nodes(), keys::node_conns(&self.node_id));
         let lease = self.lease.as_millis().to_string();
-        let cmd = self.scripts.renew.cmd(&[&nodes, &conns], &[self.node_id.as_bytes(), lease.as_bytes()]);
+        let cmd = self.scripts.renew.cmd(
+            &[&nodes, &conns],
+            &[self.node_id.as_bytes(), lease.as_bytes()],
+        );
         let mut conn = self.conn.clone();
         match cmd.query_async::<Value>(&mut conn).await {
             Err(e) if is_noscript(&e) => {
-                self.scripts.renew.inner.prepare_invoke().load_async(&mut conn).await?;
+                self.scripts
+                    .renew
+                    .inner
+                    .prepare_invoke()
+                    .load_async(&mut conn)
+                    .await?;
                 cmd.query_async::<Value>(&mut conn).await?;
             }
             other => {
@@ -820,7 +974,11 @@ impl Registrar {
 
     /// Makes subscriptions and presence of the batch's users match the hub
     /// as it is now, then acknowledges.
-    async fn process(&mut self, sink: &mut redis::aio::PubSubSink, batch: Vec<Request>) -> Result<()> {
+    async fn process(
+        &mut self,
+        sink: &mut redis::aio::PubSubSink,
+        batch: Vec<Request>,
+    ) -> Result<()> {
         let mut users: Vec<String> = Vec::with_capacity(batch.len());
         let mut acks = Vec::new();
         let mut seen = HashSet::new();
@@ -841,11 +999,22 @@ impl Registrar {
         }
         let result = async {
             if !sub.is_empty() {
-                sink.subscribe(sub.iter().map(|u| keys::user_channel(u)).collect::<Vec<_>>()).await?;
+                sink.subscribe(
+                    sub.iter()
+                        .map(|u| keys::user_channel(u))
+                        .collect::<Vec<_>>(),
+                )
+                .await?;
                 self.subscribed.extend(sub);
             }
             if !unsub.is_empty() {
-                sink.unsubscribe(unsub.iter().map(|u| keys::user_channel(u)).collect::<Vec<_>>()).await?;
+                sink.unsubscribe(
+                    unsub
+                        .iter()
+                        .map(|u| keys::user_channel(u))
+                        .collect::<Vec<_>>(),
+                )
+                .await?;
                 for u in &unsub {
                     self.subscribed.remove(u);
                 }

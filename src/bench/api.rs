@@ -14,12 +14,22 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use tonic::transport::{Channel, Endpoint};
 
 pub enum Api {
-    Grpc { nodes: Vec<Vec<PushServiceClient<Channel>>>, api_key: Option<String>, rr: AtomicUsize },
-    Http { nodes: Vec<HttpPool> },
+    Grpc {
+        nodes: Vec<Vec<PushServiceClient<Channel>>>,
+        api_key: Option<String>,
+        rr: AtomicUsize,
+    },
+    Http {
+        nodes: Vec<HttpPool>,
+    },
 }
 
 impl Api {
-    pub async fn grpc(urls: &[String], channels: usize, api_key: Option<String>) -> Result<Api, String> {
+    pub async fn grpc(
+        urls: &[String],
+        channels: usize,
+        api_key: Option<String>,
+    ) -> Result<Api, String> {
         let mut nodes = Vec::new();
         for u in urls {
             let mut chans = Vec::new();
@@ -28,16 +38,28 @@ impl Api {
                     .map_err(|e| format!("--api {u:?}: {e}"))?
                     .tcp_nodelay(true)
                     .connect_timeout(std::time::Duration::from_secs(5));
-                let ch = ep.connect().await.map_err(|e| format!("cannot reach gRPC API at {u}: {e}"))?;
+                let ch = ep
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot reach gRPC API at {u}: {e}"))?;
                 chans.push(PushServiceClient::new(ch).max_decoding_message_size(64 << 20));
             }
             nodes.push(chans);
         }
-        Ok(Api::Grpc { nodes, api_key, rr: AtomicUsize::new(0) })
+        Ok(Api::Grpc {
+            nodes,
+            api_key,
+            rr: AtomicUsize::new(0),
+        })
     }
 
     pub fn http(urls: &[String], conns_per_node: usize) -> Result<Api, String> {
-        Ok(Api::Http { nodes: urls.iter().map(|u| HttpPool::new(u, conns_per_node)).collect::<Result<_, _>>()? })
+        Ok(Api::Http {
+            nodes: urls
+                .iter()
+                .map(|u| HttpPool::new(u, conns_per_node))
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     pub fn nodes(&self) -> usize {
@@ -48,9 +70,14 @@ impl Api {
     }
 
     fn client(&self, node: usize) -> (PushServiceClient<Channel>, Option<&str>) {
-        let Api::Grpc { nodes, api_key, rr } = self else { unreachable!("gRPC only") };
+        let Api::Grpc { nodes, api_key, rr } = self else {
+            unreachable!("gRPC only")
+        };
         let chans = &nodes[node % nodes.len()];
-        (chans[rr.fetch_add(1, Relaxed) % chans.len()].clone(), api_key.as_deref())
+        (
+            chans[rr.fetch_add(1, Relaxed) % chans.len()].clone(),
+            api_key.as_deref(),
+        )
     }
 
     fn req<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
@@ -66,18 +93,38 @@ impl Api {
     async fn post(pool: &HttpPool, path: &str, body: String) -> Result<(), String> {
         match pool.request("POST", path, body.as_bytes()).await {
             Ok((200, _)) => Ok(()),
-            Ok((s, b)) => Err(format!("POST {path}: HTTP {s}: {}", String::from_utf8_lossy(&b).chars().take(200).collect::<String>())),
+            Ok((s, b)) => Err(format!(
+                "POST {path}: HTTP {s}: {}",
+                String::from_utf8_lossy(&b)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            )),
             Err(e) => Err(format!("POST {path}: {e}")),
         }
     }
 
     /// One send to `users` through API node `node`.
-    pub async fn send(&self, node: usize, users: Vec<String>, payload: String, transient: bool) -> Result<(), String> {
+    pub async fn send(
+        &self,
+        node: usize,
+        users: Vec<String>,
+        payload: String,
+        transient: bool,
+    ) -> Result<(), String> {
         match self {
             Api::Grpc { .. } => {
                 let (mut c, key) = self.client(node);
-                let r = SendToUserRequest { user_ids: users, topic: String::new(), payload_json: payload, transient };
-                c.send_to_user(Self::req(r, key)).await.map(|_| ()).map_err(|s| format!("SendToUser: {}: {}", s.code(), s.message()))
+                let r = SendToUserRequest {
+                    user_ids: users,
+                    topic: String::new(),
+                    payload_json: payload,
+                    transient,
+                };
+                c.send_to_user(Self::req(r, key))
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| format!("SendToUser: {}: {}", s.code(), s.message()))
             }
             Api::Http { nodes } => {
                 let mut body = String::with_capacity(32 + payload.len() + users.len() * 24);
@@ -102,10 +149,23 @@ impl Api {
         match self {
             Api::Grpc { .. } => {
                 let (mut c, key) = self.client(node);
-                let r = BroadcastRequest { topic: String::new(), payload_json: payload };
-                c.broadcast(Self::req(r, key)).await.map(|_| ()).map_err(|s| format!("Broadcast: {}: {}", s.code(), s.message()))
+                let r = BroadcastRequest {
+                    topic: String::new(),
+                    payload_json: payload,
+                };
+                c.broadcast(Self::req(r, key))
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| format!("Broadcast: {}: {}", s.code(), s.message()))
             }
-            Api::Http { nodes } => Self::post(&nodes[node % nodes.len()], "/broadcast", format!("{{\"payload\":{payload}}}")).await,
+            Api::Http { nodes } => {
+                Self::post(
+                    &nodes[node % nodes.len()],
+                    "/broadcast",
+                    format!("{{\"payload\":{payload}}}"),
+                )
+                .await
+            }
         }
     }
 

@@ -127,7 +127,9 @@ impl Fleet {
         }
         let mut ws_addrs = Vec::new();
         for u in &c.ws_urls {
-            let rest = u.strip_prefix("ws://").ok_or_else(|| format!("{u:?}: expected ws://host:port/path"))?;
+            let rest = u
+                .strip_prefix("ws://")
+                .ok_or_else(|| format!("{u:?}: expected ws://host:port/path"))?;
             let hp = rest.split('/').next().unwrap_or("");
             let addr = hp
                 .to_socket_addrs()
@@ -143,11 +145,19 @@ impl Fleet {
         // Ephemeral ports run out near 28k per source address: use several
         // loopback source addresses beyond 20k connections per node.
         let per_node = c.connections.div_ceil(n_nodes);
-        let n_src = if c.src_ips > 0 { c.src_ips } else if per_node > 20_000 { per_node.div_ceil(20_000) } else { 0 };
+        let n_src = if c.src_ips > 0 {
+            c.src_ips
+        } else if per_node > 20_000 {
+            per_node.div_ceil(20_000)
+        } else {
+            0
+        };
         if n_src > 0 && !ws_addrs.iter().all(|a| a.ip().is_loopback()) {
             return Err("several source addresses are only used with loopback nodes".into());
         }
-        let src_ips = (0..n_src.min(250)).map(|k| Ipv4Addr::new(127, 0, 0, 1 + k as u8)).collect();
+        let src_ips = (0..n_src.min(250))
+            .map(|k| Ipv4Addr::new(127, 0, 0, 1 + k as u8))
+            .collect();
         let slots: Vec<Slot> = (0..c.connections)
             .map(|i| Slot {
                 node: i % n_nodes,
@@ -212,7 +222,11 @@ impl Fleet {
         let sep = if base.contains('?') { '&' } else { '?' };
         match self.target {
             Target::Herald => {
-                let token = crate::auth::mint(self.secret.as_deref().unwrap_or(""), user, Duration::from_secs(24 * 3600));
+                let token = crate::auth::mint(
+                    self.secret.as_deref().unwrap_or(""),
+                    user,
+                    Duration::from_secs(24 * 3600),
+                );
                 format!("{base}{sep}token={token}")
             }
             Target::Floor => format!("{base}{sep}user={user}"),
@@ -284,7 +298,9 @@ impl Fleet {
     }
 
     fn on_frame(&self, i: usize, text: &str) {
-        let Some(seq) = scan_u64(text, "\"seq\":") else { return };
+        let Some(seq) = scan_u64(text, "\"seq\":") else {
+            return;
+        };
         let t = scan_u64(text, "\"t\":").unwrap_or(0);
         let now = now_ns();
         if seq < self.step_base.load(Relaxed) {
@@ -316,17 +332,28 @@ impl Fleet {
         let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
         if !self.src_ips.is_empty() {
             let ip = self.src_ips[(i / self.ws_urls.len()) % self.src_ips.len()];
-            sock.bind(SocketAddr::new(IpAddr::V4(ip), 0)).map_err(|e| format!("bind {ip}: {e}"))?;
+            sock.bind(SocketAddr::new(IpAddr::V4(ip), 0))
+                .map_err(|e| format!("bind {ip}: {e}"))?;
         }
-        let stream = sock.connect(self.ws_addrs[node]).await.map_err(|e| format!("connect {}: {e}", self.ws_addrs[node]))?;
+        let stream = sock
+            .connect(self.ws_addrs[node])
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.ws_addrs[node]))?;
         let _ = stream.set_nodelay(true);
-        let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0).max_message_size(Some(1 << 20));
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_message_size(Some(1 << 20));
         let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         // Wait for the server's welcome: until then a message could be lost.
         loop {
-            let msg = ws.next().await.ok_or("closed before welcome")?.map_err(|e| format!("before welcome: {e}"))?;
+            let msg = ws
+                .next()
+                .await
+                .ok_or("closed before welcome")?
+                .map_err(|e| format!("before welcome: {e}"))?;
             match msg {
                 Message::Text(t) => {
                     let s = t.as_str();
@@ -334,9 +361,13 @@ impl Fleet {
                         Target::Herald | Target::Floor => break,
                         Target::Socketio => {
                             if s.starts_with('0') {
-                                ws.send(Message::text("40")).await.map_err(|e| e.to_string())?;
+                                ws.send(Message::text("40"))
+                                    .await
+                                    .map_err(|e| e.to_string())?;
                             } else if s == "2" {
-                                ws.send(Message::text("3")).await.map_err(|e| e.to_string())?;
+                                ws.send(Message::text("3"))
+                                    .await
+                                    .map_err(|e| e.to_string())?;
                             } else if s.starts_with("42") {
                                 break;
                             } else if s.starts_with("44") {
@@ -445,7 +476,10 @@ async fn receive(fleet: &Fleet, i: usize, ws: &mut Ws) -> String {
 /// The unsigned integer right after the first `key` in `s`.
 pub fn scan_u64(s: &str, key: &str) -> Option<u64> {
     let at = s.find(key)? + key.len();
-    let digits = s.as_bytes()[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    let digits = s.as_bytes()[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
     s[at..at + digits].parse().ok()
 }
 

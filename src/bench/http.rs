@@ -24,22 +24,37 @@ pub struct HttpConn {
 
 /// `http://host:port[/...]` -> `host:port`.
 pub fn host_port(url: &str) -> Result<String, String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url:?}: expected http://host:port"))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?}: expected http://host:port"))?;
     let hp = rest.split('/').next().unwrap_or("");
     if hp.is_empty() {
         return Err(format!("{url:?}: no host"));
     }
-    Ok(if hp.contains(':') { hp.to_string() } else { format!("{hp}:80") })
+    Ok(if hp.contains(':') {
+        hp.to_string()
+    } else {
+        format!("{hp}:80")
+    })
 }
 
 impl HttpPool {
     pub fn new(url: &str, max_conns: usize) -> Result<HttpPool, String> {
-        Ok(HttpPool { host: host_port(url)?, idle: Mutex::new(Vec::new()), slots: Arc::new(Semaphore::new(max_conns.max(1))) })
+        Ok(HttpPool {
+            host: host_port(url)?,
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(max_conns.max(1))),
+        })
     }
 
     /// Sends one request and returns (status, body). A reused connection that
     /// the server closed meanwhile is replaced once.
-    pub async fn request(&self, method: &str, path: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> io::Result<(u16, Vec<u8>)> {
         let _slot = self.slots.acquire().await.expect("never closed");
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -74,7 +89,10 @@ impl HttpConn {
     async fn open(host: &str) -> io::Result<HttpConn> {
         let stream = TcpStream::connect(host).await?;
         stream.set_nodelay(true)?;
-        Ok(HttpConn { stream, buf: Vec::with_capacity(1024) })
+        Ok(HttpConn {
+            stream,
+            buf: Vec::with_capacity(1024),
+        })
     }
 
     /// Writes a request, reads one response: (status, body, keep-alive).
@@ -92,11 +110,15 @@ impl HttpConn {
             let mut chunk = [0u8; 4096];
             let n = self.stream.read(&mut chunk).await?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
             }
             self.buf.extend_from_slice(&chunk[..n]);
         };
-        let head = std::str::from_utf8(&self.buf[..head_end]).map_err(|_| bad("non-UTF-8 response head"))?;
+        let head = std::str::from_utf8(&self.buf[..head_end])
+            .map_err(|_| bad("non-UTF-8 response head"))?;
         let mut lines = head.split("\r\n");
         let status: u16 = lines
             .next()
@@ -113,7 +135,9 @@ impl HttpConn {
                 } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
                     keep = false;
                 } else if k.eq_ignore_ascii_case("transfer-encoding") {
-                    return Err(bad("chunked responses are not supported by the bench client"));
+                    return Err(bad(
+                        "chunked responses are not supported by the bench client",
+                    ));
                 }
             }
         }
@@ -123,7 +147,10 @@ impl HttpConn {
             let mut chunk = vec![0u8; (len - body.len()).min(64 * 1024)];
             let n = self.stream.read(&mut chunk).await?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-body"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed mid-body",
+                ));
             }
             body.extend_from_slice(&chunk[..n]);
         }
@@ -139,7 +166,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// One GET on a fresh connection (for /metrics); returns the body as text.
 pub async fn get(url: &str) -> io::Result<String> {
     let host = host_port(url).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let path = url.strip_prefix("http://").and_then(|r| r.find('/').map(|i| &r[i..])).unwrap_or("/");
+    let path = url
+        .strip_prefix("http://")
+        .and_then(|r| r.find('/').map(|i| &r[i..]))
+        .unwrap_or("/");
     let mut c = HttpConn::open(&host).await?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     let (status, body, _) = c.round_trip(req.as_bytes()).await?;
@@ -155,7 +185,10 @@ mod tests {
 
     #[test]
     fn host_port_of_urls() {
-        assert_eq!(host_port("http://127.0.0.1:3000").unwrap(), "127.0.0.1:3000");
+        assert_eq!(
+            host_port("http://127.0.0.1:3000").unwrap(),
+            "127.0.0.1:3000"
+        );
         assert_eq!(host_port("http://localhost/x").unwrap(), "localhost:80");
         assert!(host_port("ws://a:1").is_err());
     }

@@ -74,7 +74,11 @@ pub struct BenchArgs {
     /// WebSocket URL of each node (repeat or comma-separate). Clients are
     /// spread over them round-robin. [herald: ws://127.0.0.1:8080/ws;
     /// floor: ws://H:P/ws; socketio: ws://H:P/socket.io/]
-    #[arg(long = "ws", value_delimiter = ',', default_value = "ws://127.0.0.1:8080/ws")]
+    #[arg(
+        long = "ws",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8080/ws"
+    )]
     pub ws: Vec<String>,
     /// API URL of each node, paired by position with --ws: gRPC for herald
     /// (http://127.0.0.1:50051), the bench protocol's HTTP base for floor and
@@ -274,7 +278,11 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
             args.connections
         );
     }
-    let watched: Vec<Watched> = args.pid.iter().map(|p| Watched::parse(p)).collect::<Result<_, _>>()?;
+    let watched: Vec<Watched> = args
+        .pid
+        .iter()
+        .map(|p| Watched::parse(p))
+        .collect::<Result<_, _>>()?;
     if args.api.is_empty() && args.target == Target::Herald {
         args.api = vec!["http://127.0.0.1:50051".into()];
     }
@@ -293,7 +301,9 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
     }
     let api = if needs_api {
         Some(Arc::new(match args.target {
-            Target::Herald => Api::grpc(&args.api, args.grpc_channels, args.api_key.clone()).await?,
+            Target::Herald => {
+                Api::grpc(&args.api, args.grpc_channels, args.api_key.clone()).await?
+            }
             _ => Api::http(&args.api, args.http_conns)?,
         }))
     } else {
@@ -307,9 +317,24 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
         src_ips: args.src_ips,
         reconnect: args.reconnect && args.scenario != Scenario::Idle,
     })?;
-    let progress = Arc::new(Progress { phase: Mutex::new("connect".into()), calls: AtomicU64::new(0), started: Instant::now() });
-    let ctx = Arc::new(Ctx { args, fleet: fleet.clone(), api, watched, seq: AtomicU64::new(1), progress });
-    let printer = if ctx.args.quiet { None } else { Some(tokio::spawn(progress_loop(ctx.clone()))) };
+    let progress = Arc::new(Progress {
+        phase: Mutex::new("connect".into()),
+        calls: AtomicU64::new(0),
+        started: Instant::now(),
+    });
+    let ctx = Arc::new(Ctx {
+        args,
+        fleet: fleet.clone(),
+        api,
+        watched,
+        seq: AtomicU64::new(1),
+        progress,
+    });
+    let printer = if ctx.args.quiet {
+        None
+    } else {
+        Some(tokio::spawn(progress_loop(ctx.clone())))
+    };
 
     let rss_before = rss_all(&ctx).await;
     let connect = connect_all(&ctx).await;
@@ -356,10 +381,14 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
     report["ok"] = json!(problems.is_empty());
     if let Some(path) = &ctx.args.out {
         let text = serde_json::to_string_pretty(&report).expect("serializable");
-        std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     if ctx.args.json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
     } else {
         print_human(&report);
     }
@@ -474,7 +503,15 @@ struct StepCounters {
 }
 
 /// Sends one call and books its outcome.
-fn spawn_call(ctx: &Arc<Ctx>, c: &Arc<StepCounters>, node: usize, targets: &[usize], seq: u64, t: u64, permit: tokio::sync::OwnedSemaphorePermit) {
+fn spawn_call(
+    ctx: &Arc<Ctx>,
+    c: &Arc<StepCounters>,
+    node: usize,
+    targets: &[usize],
+    seq: u64,
+    t: u64,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let users: Vec<String> = targets.iter().map(|&i| ctx.fleet.user(i)).collect();
     let targets: Vec<usize> = targets.to_vec();
     let body = payload(seq, t, ctx.args.payload_bytes);
@@ -537,11 +574,18 @@ async fn unicast_step(ctx: &Arc<Ctx>, rate: Option<f64>, phase: &str) -> Step {
     let upc = a.users_per_call;
     let dur = a.duration;
     let n_api = ctx.api.as_ref().expect("api").nodes();
-    set_phase(ctx, match rate {
-        Some(r) => format!("{phase} {r:.0}/s"),
-        None => format!("{phase} max"),
+    set_phase(
+        ctx,
+        match rate {
+            Some(r) => format!("{phase} {r:.0}/s"),
+            None => format!("{phase} max"),
+        },
+    );
+    let counters = Arc::new(StepCounters {
+        calls: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        expected: AtomicU64::new(0),
     });
-    let counters = Arc::new(StepCounters { calls: AtomicU64::new(0), errors: AtomicU64::new(0), expected: AtomicU64::new(0) });
     let sem = Arc::new(Semaphore::new(a.max_in_flight.max(1)));
     let disc0 = f.disconnects.load(Relaxed);
     let mut unsent = 0u64;
@@ -617,8 +661,19 @@ async fn unicast_step(ctx: &Arc<Ctx>, rate: Option<f64>, phase: &str) -> Step {
                             continue;
                         }
                         let seq = ctx.seq.fetch_add(1, Relaxed);
-                        let users: Vec<String> = targets.iter().map(|&i| ctx.fleet.user(i)).collect();
-                        let r = ctx.api.as_ref().expect("api").send(node, users, payload(seq, now_ns(), ctx.args.payload_bytes), ctx.args.transient).await;
+                        let users: Vec<String> =
+                            targets.iter().map(|&i| ctx.fleet.user(i)).collect();
+                        let r = ctx
+                            .api
+                            .as_ref()
+                            .expect("api")
+                            .send(
+                                node,
+                                users,
+                                payload(seq, now_ns(), ctx.args.payload_bytes),
+                                ctx.args.transient,
+                            )
+                            .await;
                         c.calls.fetch_add(1, Relaxed);
                         ctx.progress.calls.fetch_add(1, Relaxed);
                         match r {
@@ -642,19 +697,36 @@ async fn unicast_step(ctx: &Arc<Ctx>, rate: Option<f64>, phase: &str) -> Step {
         }
     }
     // Every call answered (bounded), then every delivery in (bounded).
-    let _ = tokio::time::timeout(Duration::from_secs(30), sem.acquire_many(a.max_in_flight.max(1) as u32)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        sem.acquire_many(a.max_in_flight.max(1) as u32),
+    )
+    .await;
     drain(ctx, counters.expected.load(Relaxed)).await;
     let cpu = cpu0.since(&ctx.watched);
     finish_step(ctx, phase, rate, start_ns, &counters, unsent, disc0, cpu)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn finish_step(ctx: &Ctx, phase: &str, rate: Option<f64>, start_ns: u64, c: &StepCounters, unsent: u64, disc0: u64, cpu: CpuUse) -> Step {
+fn finish_step(
+    ctx: &Ctx,
+    phase: &str,
+    rate: Option<f64>,
+    start_ns: u64,
+    c: &StepCounters,
+    unsent: u64,
+    disc0: u64,
+    cpu: CpuUse,
+) -> Step {
     let f = &ctx.fleet;
     let tally = f.tally();
     let latency = Latency::of(&f.hists.merged());
     let last = f.last_rx_ns.load(Relaxed);
-    let active_s = if last > start_ns { (last - start_ns) as f64 / 1e9 } else { 0.0 };
+    let active_s = if last > start_ns {
+        (last - start_ns) as f64 / 1e9
+    } else {
+        0.0
+    };
     let mut s = Step {
         phase: phase.into(),
         offered_per_s: rate,
@@ -664,7 +736,11 @@ fn finish_step(ctx: &Ctx, phase: &str, rate: Option<f64>, start_ns: u64, c: &Ste
         unsent,
         stale: f.stale.load(Relaxed),
         disconnects: f.disconnects.load(Relaxed) - disc0,
-        delivered_per_s: if active_s > 0.0 { tally.delivered as f64 / active_s } else { 0.0 },
+        delivered_per_s: if active_s > 0.0 {
+            tally.delivered as f64 / active_s
+        } else {
+            0.0
+        },
         cpu_us_per_delivery: if ctx.watched.is_empty() || tally.delivered == 0 {
             None
         } else {
@@ -696,7 +772,11 @@ fn finish_step(ctx: &Ctx, phase: &str, rate: Option<f64>, start_ns: u64, c: &Ste
         why.push("nothing delivered".into());
     }
     if s.latency.p99_ms > ctx.args.slo_p99.as_secs_f64() * 1000.0 {
-        why.push(format!("p99 {} > {}", fmt_ms(s.latency.p99_ms), fmt_ms(ctx.args.slo_p99.as_secs_f64() * 1000.0)));
+        why.push(format!(
+            "p99 {} > {}",
+            fmt_ms(s.latency.p99_ms),
+            fmt_ms(ctx.args.slo_p99.as_secs_f64() * 1000.0)
+        ));
     }
     s.ok = why.is_empty();
     s.why_not = why;
@@ -710,14 +790,20 @@ fn step_line(s: &Step) -> String {
     format!(
         "  {:<6} {:>10} -> {:>9.0} deliveries/s  {}  lost {} dup {} err {}{}{}",
         s.phase,
-        s.offered_per_s.map_or("max".to_string(), |r| format!("{r:.0}/s")),
+        s.offered_per_s
+            .map_or("max".to_string(), |r| format!("{r:.0}/s")),
         s.delivered_per_s,
         s.latency.line(),
         s.tally.lost,
         s.tally.duplicates,
         s.call_errors,
-        s.cpu_us_per_delivery.map_or(String::new(), |c| format!("  {c:.1} server-CPU-µs/msg")),
-        if s.ok { String::new() } else { format!("  [{}]", s.why_not.join(", ")) },
+        s.cpu_us_per_delivery
+            .map_or(String::new(), |c| format!("  {c:.1} server-CPU-µs/msg")),
+        if s.ok {
+            String::new()
+        } else {
+            format!("  [{}]", s.why_not.join(", "))
+        },
     )
 }
 
@@ -740,7 +826,12 @@ fn step_problems(steps: &[Step], problems: &mut Vec<String>) {
             p.push("nothing delivered".into());
         }
         if !p.is_empty() {
-            problems.push(format!("step at {}: {}", s.offered_per_s.map_or("max".into(), |r| format!("{r:.0}/s")), p.join(", ")));
+            problems.push(format!(
+                "step at {}: {}",
+                s.offered_per_s
+                    .map_or("max".into(), |r| format!("{r:.0}/s")),
+                p.join(", ")
+            ));
         }
     }
 }
@@ -765,7 +856,11 @@ async fn ramp_step(ctx: &Arc<Ctx>, rate: f64, steps: &mut Vec<Step>) -> Step {
 async fn unicast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String>) {
     let a = &ctx.args;
     let mut steps: Vec<Step> = Vec::new();
-    let rates: Vec<f64> = if a.rate.is_empty() && !a.ramp && !a.max_rate { vec![1000.0] } else { a.rate.clone() };
+    let rates: Vec<f64> = if a.rate.is_empty() && !a.ramp && !a.max_rate {
+        vec![1000.0]
+    } else {
+        a.rate.clone()
+    };
     for r in rates {
         settle(ctx).await;
         steps.push(unicast_step(ctx, Some(r), "fixed").await);
@@ -853,7 +948,11 @@ async fn broadcast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String
             last_ns: AtomicU64::new(0),
         })
         .collect();
-    let _ = f.bcast.set(Bcast { base, slots, done: tokio::sync::Notify::new() });
+    let _ = f.bcast.set(Bcast {
+        base,
+        slots,
+        done: tokio::sync::Notify::new(),
+    });
     let b = f.bcast.get().expect("set");
     let give_up = Duration::from_secs(10);
 
@@ -873,7 +972,9 @@ async fn broadcast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String
             let t = now_ns();
             bs.sent_ns.store(t, Relaxed);
             ctx.progress.calls.fetch_add(1, Relaxed);
-            let r = api.broadcast(j % n_api, payload(base + j as u64, t, a.payload_bytes)).await;
+            let r = api
+                .broadcast(j % n_api, payload(base + j as u64, t, a.payload_bytes))
+                .await;
             if let Err(e) = &r {
                 // Not delivered: take the booking back.
                 for s in &f.slots {
@@ -892,7 +993,11 @@ async fn broadcast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String
     };
     let time_to_all_ms = |j: usize| {
         let bs = &b.slots[j];
-        let end = if complete(j) { bs.done_ns.load(Relaxed) } else { bs.last_ns.load(Relaxed) };
+        let end = if complete(j) {
+            bs.done_ns.load(Relaxed)
+        } else {
+            bs.last_ns.load(Relaxed)
+        };
         end.saturating_sub(bs.sent_ns.load(Relaxed)) as f64 / 1e6
     };
 
@@ -967,7 +1072,11 @@ async fn broadcast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String
     let stop_at = Instant::now() + a.duration.max(Duration::from_secs(1)) * 4 + give_up;
     for j in a.single..total {
         loop {
-            while oldest < j && (complete(oldest) || now_ns().saturating_sub(b.slots[oldest].sent_ns.load(Relaxed)) > give_up.as_nanos() as u64) {
+            while oldest < j
+                && (complete(oldest)
+                    || now_ns().saturating_sub(b.slots[oldest].sent_ns.load(Relaxed))
+                        > give_up.as_nanos() as u64)
+            {
                 oldest += 1;
             }
             if j - oldest < a.in_flight.max(1) {
@@ -994,7 +1103,11 @@ async fn broadcast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String
     let cpu = cpu0.since(&ctx.watched);
     let tally = f.tally();
     let lat = Latency::of(&f.hists.merged());
-    let last = sent_ok.iter().map(|&j| b.slots[j].last_ns.load(Relaxed)).max().unwrap_or(start);
+    let last = sent_ok
+        .iter()
+        .map(|&j| b.slots[j].last_ns.load(Relaxed))
+        .max()
+        .unwrap_or(start);
     let secs = (last.saturating_sub(start)) as f64 / 1e9;
     let mut tta: Vec<f64> = sent_ok.iter().map(|&j| time_to_all_ms(j)).collect();
     let tta_median = median(&mut tta);
@@ -1027,7 +1140,10 @@ async fn broadcast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String
             tally.duplicates
         );
     }
-    for (name, t, e, inc) in [("single", &single_tally, errors, incomplete_single), ("sustained", &tally, errors2, incomplete)] {
+    for (name, t, e, inc) in [
+        ("single", &single_tally, errors, incomplete_single),
+        ("sustained", &tally, errors2, incomplete),
+    ] {
         if t.lost > 0 || t.duplicates > 0 || e > 0 || inc > 0 {
             problems.push(format!(
                 "broadcast {name}: {} lost, {} duplicated, {e} call errors, {inc} incomplete",
@@ -1044,7 +1160,11 @@ async fn broadcast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<String
 
 /// Resident memory of every watched process (or node /metrics), in bytes.
 async fn rss_all(ctx: &Ctx) -> Vec<(String, Option<u64>)> {
-    let mut v: Vec<(String, Option<u64>)> = ctx.watched.iter().map(|w| (w.label.clone(), stats::rss_bytes(w.pid))).collect();
+    let mut v: Vec<(String, Option<u64>)> = ctx
+        .watched
+        .iter()
+        .map(|w| (w.label.clone(), stats::rss_bytes(w.pid)))
+        .collect();
     if ctx.watched.is_empty() {
         for m in &ctx.args.metrics {
             let rss = http::get(m).await.ok().and_then(|body| {
@@ -1087,7 +1207,11 @@ async fn idle(ctx: &Arc<Ctx>, before: Vec<(String, Option<u64>)>, report: &mut V
             per.push(json!({ "process": label, "rss_before": b, "rss_after": a }));
         }
     }
-    let bpc = if measured && connected > 0 { Some(total_delta as f64 / connected as f64) } else { None };
+    let bpc = if measured && connected > 0 {
+        Some(total_delta as f64 / connected as f64)
+    } else {
+        None
+    };
     let still = f.connected.load(Relaxed) as u64;
     report["idle"] = json!({
         "connected": connected,
@@ -1102,7 +1226,11 @@ async fn idle(ctx: &Arc<Ctx>, before: Vec<(String, Option<u64>)>, report: &mut V
         eprintln!(
             "  idle: {connected} connected, {still} still after {:?}; RSS per connection {}",
             ctx.args.hold,
-            bpc.map_or("n/a (give --pid)".into(), |b| format!("{:.0} bytes ({:.2} KiB)", b, b / 1024.0))
+            bpc.map_or("n/a (give --pid)".into(), |b| format!(
+                "{:.0} bytes ({:.2} KiB)",
+                b,
+                b / 1024.0
+            ))
         );
     }
 }
@@ -1112,10 +1240,13 @@ async fn control_step(ctx: &Arc<Ctx>, rate: Option<f64>) -> Value {
     let f = &ctx.fleet;
     let api = ctx.api.clone().expect("api");
     let n_api = api.nodes();
-    set_phase(ctx, match rate {
-        Some(r) => format!("control {r:.0}/s"),
-        None => "control max".into(),
-    });
+    set_phase(
+        ctx,
+        match rate {
+            Some(r) => format!("control {r:.0}/s"),
+            None => "control max".into(),
+        },
+    );
     f.hists.reset();
     let calls = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -1125,14 +1256,25 @@ async fn control_step(ctx: &Arc<Ctx>, rate: Option<f64>) -> Value {
     let one = {
         let (ctx, api, calls, errors) = (ctx.clone(), api.clone(), calls.clone(), errors.clone());
         move |k: u64, rng: &mut Rng| {
-            let (ctx, api, calls, errors) = (ctx.clone(), api.clone(), calls.clone(), errors.clone());
+            let (ctx, api, calls, errors) =
+                (ctx.clone(), api.clone(), calls.clone(), errors.clone());
             let mut targets = Vec::new();
             let is_online = match ctx.args.op {
                 ControlOp::IsOnline => true,
                 ControlOp::Unread => false,
                 ControlOp::Mixed => k % 2 == 0,
             };
-            pick(&ctx, rng, k as usize % n_api, if is_online { ctx.args.users_per_call } else { 1 }, &mut targets);
+            pick(
+                &ctx,
+                rng,
+                k as usize % n_api,
+                if is_online {
+                    ctx.args.users_per_call
+                } else {
+                    1
+                },
+                &mut targets,
+            );
             let users: Vec<String> = targets.iter().map(|&i| ctx.fleet.user(i)).collect();
             async move {
                 if users.is_empty() {
@@ -1142,7 +1284,9 @@ async fn control_step(ctx: &Arc<Ctx>, rate: Option<f64>) -> Value {
                 let r = if is_online {
                     api.is_online(node, users).await.map(|_| ())
                 } else {
-                    api.unread(node, users.into_iter().next().expect("one")).await.map(|_| ())
+                    api.unread(node, users.into_iter().next().expect("one"))
+                        .await
+                        .map(|_| ())
                 };
                 calls.fetch_add(1, Relaxed);
                 ctx.progress.calls.fetch_add(1, Relaxed);
@@ -1167,7 +1311,12 @@ async fn control_step(ctx: &Arc<Ctx>, rate: Option<f64>) -> Value {
                 if intended > now + 200_000 {
                     tokio::time::sleep(Duration::from_nanos(intended - now)).await;
                 }
-                let Ok(Ok(permit)) = tokio::time::timeout(Duration::from_nanos(deadline.saturating_sub(now_ns())), sem.clone().acquire_owned()).await else {
+                let Ok(Ok(permit)) = tokio::time::timeout(
+                    Duration::from_nanos(deadline.saturating_sub(now_ns())),
+                    sem.clone().acquire_owned(),
+                )
+                .await
+                else {
                     unsent = n - k;
                     break;
                 };
@@ -1175,11 +1324,17 @@ async fn control_step(ctx: &Arc<Ctx>, rate: Option<f64>) -> Value {
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
                     fut.await;
-                    ctx.fleet.hists.record(k as usize, now_ns().saturating_sub(intended));
+                    ctx.fleet
+                        .hists
+                        .record(k as usize, now_ns().saturating_sub(intended));
                     drop(permit);
                 });
             }
-            let _ = tokio::time::timeout(Duration::from_secs(30), sem.acquire_many(a.max_in_flight.max(1) as u32)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(30),
+                sem.acquire_many(a.max_in_flight.max(1) as u32),
+            )
+            .await;
         }
         None => {
             let mut workers = Vec::new();
@@ -1254,7 +1409,9 @@ fn print_human(r: &Value) {
         r["scenario"].as_str().unwrap_or("?"),
         r["target"].as_str().unwrap_or("?"),
         r["nodes"],
-        r["label"].as_str().map_or(String::new(), |l| format!(" [{l}]"))
+        r["label"]
+            .as_str()
+            .map_or(String::new(), |l| format!(" [{l}]"))
     );
     println!(
         "  connections: {}/{} in {:.2}s ({:.0}/s), {} failed",
@@ -1269,7 +1426,9 @@ fn print_human(r: &Value) {
             if s.get("queries").is_some() {
                 println!(
                     "  control {}: {:.0} queries/s, latency p50 {} p99 {} max {}, errors {}",
-                    s["offered_per_s"].as_f64().map_or("max".into(), |x| format!("{x:.0}/s")),
+                    s["offered_per_s"]
+                        .as_f64()
+                        .map_or("max".into(), |x| format!("{x:.0}/s")),
                     s["queries_per_s"].as_f64().unwrap_or(0.0),
                     fmt_ms(s["latency"]["p50_ms"].as_f64().unwrap_or(0.0)),
                     fmt_ms(s["latency"]["p99_ms"].as_f64().unwrap_or(0.0)),
@@ -1322,12 +1481,21 @@ fn print_human(r: &Value) {
             i["connected"],
             i["still_connected_after_hold"],
             i["hold_s"],
-            i["bytes_per_connection"].as_f64().map_or("n/a".into(), |b| format!("{b:.0} bytes ({:.2} KiB)", b / 1024.0))
+            i["bytes_per_connection"]
+                .as_f64()
+                .map_or("n/a".into(), |b| format!(
+                    "{b:.0} bytes ({:.2} KiB)",
+                    b / 1024.0
+                ))
         );
         if let Some(ps) = i["processes"].as_array() {
             for p in ps {
                 if let Some(b) = p["bytes_per_connection"].as_f64() {
-                    println!("    {}: {:.0} bytes/connection", p["process"].as_str().unwrap_or("?"), b);
+                    println!(
+                        "    {}: {:.0} bytes/connection",
+                        p["process"].as_str().unwrap_or("?"),
+                        b
+                    );
                 }
             }
         }
@@ -1370,7 +1538,11 @@ impl StepView {
             offered_per_s: self.offered_per_s,
             delivered_per_s: self.delivered_per_s,
             latency: self.latency,
-            tally: Tally { lost: self.lost, duplicates: self.duplicates, ..Default::default() },
+            tally: Tally {
+                lost: self.lost,
+                duplicates: self.duplicates,
+                ..Default::default()
+            },
             call_errors: self.call_errors,
             cpu_us_per_delivery: self.cpu_us_per_delivery,
             ok: self.ok,

@@ -29,7 +29,9 @@ pub struct Hists {
 
 impl Hists {
     pub fn new(shards: usize) -> Self {
-        Hists { shards: (0..shards.max(1)).map(|_| Mutex::new(new_hist())).collect() }
+        Hists {
+            shards: (0..shards.max(1)).map(|_| Mutex::new(new_hist())).collect(),
+        }
     }
 
     /// Records one latency in nanoseconds into shard `key % shards`.
@@ -148,7 +150,10 @@ impl Watched {
             Some((l, p)) => (l.to_string(), p),
             None => (format!("pid{s}"), s),
         };
-        let pid: u32 = pid.trim().parse().map_err(|_| format!("--pid {s:?}: expected PID or LABEL=PID"))?;
+        let pid: u32 = pid
+            .trim()
+            .parse()
+            .map_err(|_| format!("--pid {s:?}: expected PID or LABEL=PID"))?;
         Ok(Watched { label, pid })
     }
 }
@@ -210,7 +215,11 @@ pub struct CpuUse {
 
 impl CpuMark {
     pub fn take(watched: &[Watched]) -> CpuMark {
-        CpuMark { at: Instant::now(), per_pid: watched.iter().map(|w| cpu_us(w.pid)).collect(), bench: self_cpu_us() }
+        CpuMark {
+            at: Instant::now(),
+            per_pid: watched.iter().map(|w| cpu_us(w.pid)).collect(),
+            bench: self_cpu_us(),
+        }
     }
 
     pub fn since(&self, watched: &[Watched]) -> CpuUse {
@@ -218,7 +227,12 @@ impl CpuMark {
         let per: Vec<(String, u64)> = watched
             .iter()
             .zip(self.per_pid.iter().zip(now.per_pid.iter()))
-            .map(|(w, (a, b))| (w.label.clone(), b.unwrap_or(0).saturating_sub(a.unwrap_or(0))))
+            .map(|(w, (a, b))| {
+                (
+                    w.label.clone(),
+                    b.unwrap_or(0).saturating_sub(a.unwrap_or(0)),
+                )
+            })
             .collect();
         CpuUse {
             total_us: per.iter().map(|(_, v)| v).sum(),
@@ -234,12 +248,18 @@ impl CpuMark {
 pub fn raise_fd_limit() -> u64 {
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
     unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
             return 1024;
         }
         if r.rlim_cur < r.rlim_max {
-            let want = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 return want.rlim_cur as u64;
             }

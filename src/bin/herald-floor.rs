@@ -39,7 +39,10 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 #[derive(Parser)]
-#[command(name = "herald-floor", about = "Bare WebSocket fan-out: the floor for herald bench")]
+#[command(
+    name = "herald-floor",
+    about = "Bare WebSocket fan-out: the floor for herald bench"
+)]
 struct Args {
     /// Listen address for WebSocket (/ws) and the bench protocol (/send, /broadcast).
     #[arg(long, default_value = "127.0.0.1:8090")]
@@ -64,7 +67,12 @@ impl State {
 
     fn register(&self, user: &str, tx: Tx) -> u64 {
         let id = self.next_id.fetch_add(1, Relaxed);
-        self.shard(user).lock().unwrap().entry(user.into()).or_default().push((id, tx));
+        self.shard(user)
+            .lock()
+            .unwrap()
+            .entry(user.into())
+            .or_default()
+            .push((id, tx));
         id
     }
 
@@ -114,11 +122,17 @@ struct SendBody<'a> {
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
-async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+async fn handle(
+    state: Arc<State>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let path = req.uri().path().to_string();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/ws") => Ok(upgrade(state, &mut req)),
@@ -127,11 +141,20 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respons
             let body = req.into_body().collect().await?.to_bytes();
             let parsed: SendBody = match serde_json::from_slice(&body) {
                 Ok(b) => b,
-                Err(e) => return Ok(reply(StatusCode::BAD_REQUEST, format!("{{\"error\":{:?}}}", e.to_string()))),
+                Err(e) => {
+                    return Ok(reply(
+                        StatusCode::BAD_REQUEST,
+                        format!("{{\"error\":{:?}}}", e.to_string()),
+                    ))
+                }
             };
             // Serialized once; every queue shares this buffer.
             let frame = Utf8Bytes::from(parsed.payload.get().to_string());
-            let n = if path == "/send" { state.send(&parsed.users, &frame) } else { state.broadcast(&frame) };
+            let n = if path == "/send" {
+                state.send(&parsed.users, &frame)
+            } else {
+                state.broadcast(&frame)
+            };
             Ok(reply(StatusCode::OK, format!("{{\"queued\":{n}}}")))
         }
         _ => Ok(reply(StatusCode::NOT_FOUND, "{\"error\":\"not found\"}")),
@@ -139,22 +162,32 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respons
 }
 
 fn upgrade(state: Arc<State>, req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
-    let user = req
-        .uri()
-        .query()
-        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "user").map(|(_, v)| v.into_owned()));
+    let user = req.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "user")
+            .map(|(_, v)| v.into_owned())
+    });
     let Some(user) = user.filter(|u| !u.is_empty()) else {
         return reply(StatusCode::BAD_REQUEST, "{\"error\":\"pass ?user=<id>\"}");
     };
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
-        return reply(StatusCode::BAD_REQUEST, "{\"error\":\"not a WebSocket handshake\"}");
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "{\"error\":\"not a WebSocket handshake\"}",
+        );
     };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else { return };
-        let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(16 * 1024);
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(16 * 1024);
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
         connection(state, user, ws).await;
     });
     let mut r = Response::new(Full::new(Bytes::new()));
@@ -162,16 +195,27 @@ fn upgrade(state: Arc<State>, req: &mut Request<Incoming>) -> Response<Full<Byte
     let h = r.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64"),
+    );
     r
 }
 
 /// One connection: write what is queued (all of it, then one flush), read
 /// and drop what the client sends.
-async fn connection(state: Arc<State>, user: String, mut ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>) {
+async fn connection(
+    state: Arc<State>,
+    user: String,
+    mut ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let id = state.register(&user, tx);
-    if ws.send(Message::text("{\"type\":\"welcome\"}")).await.is_ok() {
+    if ws
+        .send(Message::text("{\"type\":\"welcome\"}"))
+        .await
+        .is_ok()
+    {
         loop {
             tokio::select! {
                 f = rx.recv() => {
@@ -197,7 +241,10 @@ async fn connection(state: Arc<State>, user: String, mut ws: WebSocketStream<Tok
 fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit on a local struct.
     unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
@@ -237,7 +284,10 @@ async fn main() {
             let state = state.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| handle(state.clone(), req));
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades().await;
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
             });
         }
     };

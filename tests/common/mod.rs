@@ -77,7 +77,9 @@ impl TestNode {
     pub async fn try_start_with(args: ServeArgs) -> Result<TestNode, String> {
         let cfg = Config::resolve(args)?;
         let node_id = cfg.node_id.clone();
-        let listeners = herald::server::Listeners::bind(&cfg).await.map_err(|e| e.to_string())?;
+        let listeners = herald::server::Listeners::bind(&cfg)
+            .await
+            .map_err(|e| e.to_string())?;
         let (ws, grpc, admin) = listeners.addrs();
         let (tx, rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), String>>();
@@ -98,12 +100,24 @@ impl TestNode {
                 let _ = t.send(Err(e.to_string()));
             }
         });
-        ready_rx.await.map_err(|_| "node task ended".to_string())??;
-        Ok(TestNode { ws, grpc, admin, node_id, stop: Some(tx), task: Some(task), redis: None })
+        ready_rx
+            .await
+            .map_err(|_| "node task ended".to_string())??;
+        Ok(TestNode {
+            ws,
+            grpc,
+            admin,
+            node_id,
+            stop: Some(tx),
+            task: Some(task),
+            redis: None,
+        })
     }
 
     pub async fn client(&self) -> PushServiceClient<Channel> {
-        PushServiceClient::connect(format!("http://{}", self.grpc)).await.expect("gRPC connects")
+        PushServiceClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("gRPC connects")
     }
 
     pub fn ws_url(&self, token: &str, since: Option<&str>) -> String {
@@ -121,13 +135,18 @@ impl TestNode {
     pub async fn connect_since(&self, user: &str, since: Option<&str>) -> (Ws, Value) {
         let mut ws = self.connect_raw(user, since).await;
         let welcome = ws.next_json().await;
-        assert_eq!(welcome["type"], "welcome", "first frame is welcome: {welcome}");
+        assert_eq!(
+            welcome["type"], "welcome",
+            "first frame is welcome: {welcome}"
+        );
         (ws, welcome)
     }
 
     pub async fn connect_raw(&self, user: &str, since: Option<&str>) -> Ws {
         let url = self.ws_url(&token(user), since);
-        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connects");
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket connects");
         Ws { stream }
     }
 
@@ -175,9 +194,14 @@ pub fn uid(prefix: &str) -> String {
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
-    tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await.expect("response in time").unwrap();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out))
+        .await
+        .expect("response in time")
+        .unwrap();
     out
 }
 
@@ -195,7 +219,9 @@ impl Ws {
                 .expect("socket open")
                 .expect("no socket error");
             match msg {
-                Message::Text(t) => return serde_json::from_str(t.as_str()).expect("frames are JSON"),
+                Message::Text(t) => {
+                    return serde_json::from_str(t.as_str()).expect("frames are JSON")
+                }
                 Message::Close(c) => panic!("unexpected close: {c:?}"),
                 _ => continue,
             }
@@ -230,10 +256,19 @@ impl Ws {
     pub async fn expect_close(&mut self) -> (u16, String, Vec<Value>) {
         let mut frames = vec![];
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), self.stream.next()).await.expect("close within 10 s") {
-                Some(Ok(Message::Close(Some(c)))) => return (u16::from(c.code), c.reason.to_string(), frames),
-                Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new(), frames),
-                Some(Ok(Message::Text(t))) => frames.push(serde_json::from_str(t.as_str()).unwrap()),
+            match tokio::time::timeout(Duration::from_secs(10), self.stream.next())
+                .await
+                .expect("close within 10 s")
+            {
+                Some(Ok(Message::Close(Some(c)))) => {
+                    return (u16::from(c.code), c.reason.to_string(), frames)
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return (u16::from(CloseCode::Status), String::new(), frames)
+                }
+                Some(Ok(Message::Text(t))) => {
+                    frames.push(serde_json::from_str(t.as_str()).unwrap())
+                }
                 Some(Ok(_)) => continue,
                 other => panic!("expected a close frame, got {other:?}"),
             }
@@ -241,15 +276,25 @@ impl Ws {
     }
 
     pub async fn send_json(&mut self, v: Value) {
-        self.stream.send(Message::Text(v.to_string().into())).await.unwrap();
+        self.stream
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_text(&mut self, t: &str) {
-        self.stream.send(Message::Text(t.to_string().into())).await.unwrap();
+        self.stream
+            .send(Message::Text(t.to_string().into()))
+            .await
+            .unwrap();
     }
 }
 
-pub async fn send(c: &mut PushServiceClient<Channel>, users: &[&str], payload: &str) -> SendToUserResponse {
+pub async fn send(
+    c: &mut PushServiceClient<Channel>,
+    users: &[&str],
+    payload: &str,
+) -> SendToUserResponse {
     c.send_to_user(SendToUserRequest {
         user_ids: users.iter().map(|u| u.to_string()).collect(),
         topic: "t".into(),
@@ -262,11 +307,24 @@ pub async fn send(c: &mut PushServiceClient<Channel>, users: &[&str], payload: &
 }
 
 pub async fn online(c: &mut PushServiceClient<Channel>, user: &str) -> u32 {
-    c.is_online(IsOnlineRequest { user_ids: vec![user.into()] }).await.unwrap().into_inner().users[0].connections
+    c.is_online(IsOnlineRequest {
+        user_ids: vec![user.into()],
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .users[0]
+        .connections
 }
 
 pub async fn unread(c: &mut PushServiceClient<Channel>, user: &str) -> u64 {
-    c.unread_count(UnreadCountRequest { user_id: user.into() }).await.unwrap().into_inner().count
+    c.unread_count(UnreadCountRequest {
+        user_id: user.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .count
 }
 
 /// Polls `f` until it returns true or `WAIT` passes.
@@ -297,22 +355,47 @@ pub struct RedisServer {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let dir = std::env::temp_dir().join(format!("herald-test-redis-{:016x}", rand::random::<u64>()));
+        let dir =
+            std::env::temp_dir().join(format!("herald-test-redis-{:016x}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut r = RedisServer { port: free_port(), dir, child: None };
+        let mut r = RedisServer {
+            port: free_port(),
+            dir,
+            child: None,
+        };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-            .args(["--appendfsync", "always", "--loglevel", "warning", "--daemonize", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+            ])
+            .args([
+                "--appendfsync",
+                "always",
+                "--loglevel",
+                "warning",
+                "--daemonize",
+                "no",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(std::process::Stdio::null())
@@ -325,11 +408,19 @@ impl RedisServer {
                 use std::io::{Read, Write};
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 let mut buf = [0u8; 64];
-                if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false) {
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read(&mut buf)
+                        .map(|n| buf[..n].starts_with(b"+PONG"))
+                        .unwrap_or(false)
+                {
                     return;
                 }
             }
-            assert!(std::time::Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -376,8 +467,25 @@ impl NodeProcess {
     pub fn start(node_id: &str, redis_url: &str, extra: &[&str]) -> NodeProcess {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["serve", "--ws-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(["--jwt-secret", SECRET, "--node-id", node_id, "--redis-url", redis_url, "--node-lease", "1s"])
+            .args([
+                "serve",
+                "--ws-listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--jwt-secret",
+                SECRET,
+                "--node-id",
+                node_id,
+                "--redis-url",
+                redis_url,
+                "--node-lease",
+                "1s",
+            ])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
@@ -398,8 +506,15 @@ impl NodeProcess {
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let field = |k: &str| -> SocketAddr {
-            let v = ready.split_whitespace().find_map(|w| w.strip_prefix(k)).expect("address in ready line");
-            v.trim_start_matches("ws://").trim_start_matches("http://").trim_end_matches("/ws").parse().unwrap()
+            let v = ready
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .expect("address in ready line");
+            v.trim_start_matches("ws://")
+                .trim_start_matches("http://")
+                .trim_end_matches("/ws")
+                .parse()
+                .unwrap()
         };
         NodeProcess {
             ws: field("ws="),
@@ -411,7 +526,9 @@ impl NodeProcess {
     }
 
     pub async fn client(&self) -> PushServiceClient<Channel> {
-        PushServiceClient::connect(format!("http://{}", self.grpc)).await.expect("gRPC connects")
+        PushServiceClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("gRPC connects")
     }
 
     pub async fn connect(&self, user: &str) -> (Ws, Value) {
@@ -423,10 +540,15 @@ impl NodeProcess {
             Some(s) => format!("ws://{}/ws?token={}&since={s}", self.ws, token(user)),
             None => format!("ws://{}/ws?token={}", self.ws, token(user)),
         };
-        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connects");
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket connects");
         let mut ws = Ws { stream };
         let welcome = ws.next_json().await;
-        assert_eq!(welcome["type"], "welcome", "first frame is welcome: {welcome}");
+        assert_eq!(
+            welcome["type"], "welcome",
+            "first frame is welcome: {welcome}"
+        );
         (ws, welcome)
     }
 
@@ -441,7 +563,9 @@ impl NodeProcess {
     /// SIGTERM and wait: the graceful path.
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
             let deadline = std::time::Instant::now() + Duration::from_secs(15);
             while std::time::Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -455,7 +579,12 @@ impl NodeProcess {
     }
 
     pub async fn stats(&self) -> StatsResponse {
-        self.client().await.stats(StatsRequest {}).await.unwrap().into_inner()
+        self.client()
+            .await
+            .stats(StatsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
     }
 }
 
