@@ -65,12 +65,15 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 500ms, 30s, 7d)"))
 }
 
-/// Flags of `herald serve`. Every one is optional here so that the config
-/// file can fill what the command line leaves out.
-#[derive(Args, Debug, Default, Clone)]
+/// Flags of `herald serve`, and the keys of its TOML config file (the same
+/// names in snake_case). Every one is optional here so that the file can
+/// fill what the command line leaves out.
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct ServeArgs {
     /// TOML config file; its keys are these flags' names in snake_case.
     #[arg(long, env = "HERALD_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Public WebSocket listener (browsers connect to /ws here). [default: 127.0.0.1:8080]
     #[arg(long, env = "HERALD_WS_LISTEN")]
@@ -113,43 +116,28 @@ pub struct ServeArgs {
     pub inbox_max_messages: Option<usize>,
     /// Age after which stored messages are dropped. [default: 7d]
     #[arg(long, env = "HERALD_INBOX_MAX_AGE", value_parser = duration)]
+    #[serde(default, deserialize_with = "file_duration")]
     pub inbox_max_age: Option<Duration>,
     /// Unread messages replayed on a connect without `since` (the newest ones). [default: 100]
     #[arg(long, env = "HERALD_REPLAY_LIMIT")]
     pub replay_limit: Option<usize>,
     /// WebSocket ping interval; a connection silent for two intervals is closed. [default: 25s]
     #[arg(long, env = "HERALD_HEARTBEAT", value_parser = duration)]
+    #[serde(default, deserialize_with = "file_duration")]
     pub heartbeat: Option<Duration>,
     /// Node lease in Redis; a node that stops renewing it counts as dead after this long. [default: 15s]
     #[arg(long, env = "HERALD_NODE_LEASE", value_parser = duration)]
+    #[serde(default, deserialize_with = "file_duration")]
     pub node_lease: Option<Duration>,
     /// Runtime worker threads. [default: one per core; give each of N nodes sharing a machine cores/N]
     #[arg(long, env = "HERALD_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 }
 
-/// The `[serve]`-less TOML file: the same keys as the flags.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    ws_listen: Option<SocketAddr>,
-    grpc_listen: Option<SocketAddr>,
-    admin_listen: Option<SocketAddr>,
-    jwt_secret: Option<String>,
-    api_key: Option<String>,
-    node_id: Option<String>,
-    redis_url: Option<String>,
-    max_payload_bytes: Option<usize>,
-    max_client_frame_bytes: Option<usize>,
-    send_queue: Option<usize>,
-    max_connections_per_user: Option<u32>,
-    max_connections: Option<usize>,
-    inbox_max_messages: Option<usize>,
-    inbox_max_age: Option<String>,
-    replay_limit: Option<usize>,
-    heartbeat: Option<String>,
-    node_lease: Option<String>,
-    worker_threads: Option<usize>,
+/// A duration in the config file, written like on the command line ("30s").
+fn file_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    duration(&text).map(Some).map_err(serde::de::Error::custom)
 }
 
 #[derive(Args, Debug)]
@@ -217,18 +205,13 @@ impl Default for Config {
 
 impl Config {
     pub fn resolve(args: ServeArgs) -> Result<Config, String> {
-        let file: FileConfig = match &args.config {
+        let file: ServeArgs = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
                 toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
             }
-            None => FileConfig::default(),
-        };
-        let file_duration = |v: &Option<String>, name: &str| -> Result<Option<Duration>, String> {
-            v.as_deref()
-                .map(|s| duration(s).map_err(|e| format!("config key {name}: {e}")))
-                .transpose()
+            None => ServeArgs::default(),
         };
         let ws_listen = args
             .ws_listen
@@ -304,18 +287,18 @@ impl Config {
                     .max(1),
                 max_age: args
                     .inbox_max_age
-                    .or(file_duration(&file.inbox_max_age, "inbox_max_age")?)
+                    .or(file.inbox_max_age)
                     .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
                 replay_limit: args.replay_limit.or(file.replay_limit).unwrap_or(100),
             },
             heartbeat: args
                 .heartbeat
-                .or(file_duration(&file.heartbeat, "heartbeat")?)
+                .or(file.heartbeat)
                 .unwrap_or(Duration::from_secs(25))
                 .max(Duration::from_millis(50)),
             node_lease: args
                 .node_lease
-                .or(file_duration(&file.node_lease, "node_lease")?)
+                .or(file.node_lease)
                 .unwrap_or(Duration::from_secs(15))
                 .max(Duration::from_millis(500)),
             worker_threads: args

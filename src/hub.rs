@@ -122,13 +122,9 @@ impl Conn {
         }
     }
 
-    fn request_resync(&self) {
-        self.state.lock().unwrap().resync = true;
-        self.wake.notify_one();
-    }
-
-    fn tick(&self) {
-        self.state.lock().unwrap().heartbeat = true;
+    /// Raises a flag for the connection task and wakes it.
+    fn flag(&self, set: impl FnOnce(&mut ConnState)) {
+        set(&mut self.state.lock().unwrap());
         self.wake.notify_one();
     }
 
@@ -146,7 +142,8 @@ pub struct Hub {
     node_tag: String,
     connections: AtomicUsize,
     users: AtomicUsize,
-    /// Message frames queued to connections.
+    /// Message frames queued to connections (exported to Prometheus when
+    /// scraped, so delivery pays no registry lookup).
     pub delivered: AtomicU64,
     /// Events received from the broker.
     pub events_received: AtomicU64,
@@ -273,28 +270,25 @@ impl Hub {
     /// Asks every connection to catch up from the inbox (after a broker
     /// reconnect, when live events may have been missed).
     pub fn resync_all(&self) {
-        for shard in self.shards.iter() {
-            for conn in shard.lock().unwrap().values().flatten() {
-                conn.request_resync();
-            }
-        }
+        self.for_all(|c| c.flag(|st| st.resync = true));
     }
 
     /// One heartbeat tick for every connection: each checks its silence and
     /// pings its client. One node-wide timer instead of one per connection.
     pub fn heartbeat_all(&self) {
-        for shard in self.shards.iter() {
-            for conn in shard.lock().unwrap().values().flatten() {
-                conn.tick();
-            }
-        }
+        self.for_all(|c| c.flag(|st| st.heartbeat = true));
     }
 
     /// Asks every connection to close (graceful shutdown).
     pub fn close_all(&self, code: u16, reason: &str) {
+        self.for_all(|c| c.close(code, reason));
+    }
+
+    /// Runs `f` on every connection, one shard lock at a time.
+    fn for_all(&self, mut f: impl FnMut(&Conn)) {
         for shard in self.shards.iter() {
             for conn in shard.lock().unwrap().values().flatten() {
-                conn.close(code, reason);
+                f(conn);
             }
         }
     }
@@ -321,7 +315,6 @@ impl Dispatch for Hub {
                     }) as u64
                 });
                 self.delivered.fetch_add(n, Ordering::Relaxed);
-                metrics::counter!("herald_messages_delivered_total").increment(n);
             }
             Event::Unread { user, count } => {
                 let frame = protocol::unread_frame(count);
@@ -334,16 +327,13 @@ impl Dispatch for Hub {
             }
             Event::Broadcast { frame } => {
                 let mut n = 0u64;
-                for shard in self.shards.iter() {
-                    for conn in shard.lock().unwrap().values().flatten() {
-                        n += conn.push(Outbound {
-                            id: None,
-                            frame: frame.clone(),
-                        }) as u64;
-                    }
-                }
+                self.for_all(|c| {
+                    n += c.push(Outbound {
+                        id: None,
+                        frame: frame.clone(),
+                    }) as u64
+                });
                 self.delivered.fetch_add(n, Ordering::Relaxed);
-                metrics::counter!("herald_messages_delivered_total").increment(n);
             }
         }
     }

@@ -214,6 +214,10 @@ impl Node {
         } else {
             Some(Self::parse_id("up_to_message_id", up_to)?)
         };
+        self.mark_read_at(user, up_to).await
+    }
+
+    async fn mark_read_at(&self, user: &str, up_to: Option<MessageId>) -> Result<u64> {
         let (count, changed) = self.backend.inbox.mark_read(user, up_to).await?;
         if changed {
             self.backend
@@ -289,8 +293,6 @@ impl Node {
             }
             return Err(e);
         }
-        metrics::gauge!("herald_connections").set(self.hub.connections() as f64);
-        metrics::gauge!("herald_users").set(self.hub.users() as f64);
         Ok(conn)
     }
 
@@ -305,7 +307,7 @@ impl Node {
     /// A client's `read` frame.
     pub async fn client_read(&self, user: &str, up_to: &str) -> Result<u64> {
         let id = Self::parse_id("up_to", up_to)?;
-        self.mark_read(user, &id.to_string()).await
+        self.mark_read_at(user, Some(id)).await
     }
 
     /// Leaves the cluster (clean shutdown).
@@ -326,7 +328,5 @@ impl Node {
         if let Err(e) = self.backend.presence.disconnected(&conn.user).await {
             tracing::warn!(error = %e, "presence update failed");
         }
-        metrics::gauge!("herald_connections").set(self.hub.connections() as f64);
-        metrics::gauge!("herald_users").set(self.hub.users() as f64);
     }
 }

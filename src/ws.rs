@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::hub::{close, Conn, Outbound};
 use crate::node::Node;
 use crate::protocol::{self, ClientFrame, MessageId};
+use crate::server::respond;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
@@ -65,13 +66,11 @@ pub struct Gateway {
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.into())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
+    respond(
+        status,
+        "text/plain; charset=utf-8",
+        Bytes::from(body.into()),
+    )
 }
 
 impl Gateway {
@@ -85,9 +84,7 @@ impl Gateway {
             (&hyper::Method::GET, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
             (&hyper::Method::GET, path) => Ok(match DEMO.iter().find(|(p, _, _)| *p == path) {
                 Some((_, ctype, body)) => {
-                    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-                    r.headers_mut()
-                        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+                    let mut r = respond(StatusCode::OK, ctype, Bytes::from_static(body.as_bytes()));
                     r.headers_mut()
                         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
                     r

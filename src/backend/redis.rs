@@ -340,6 +340,24 @@ fn is_noscript(e: &RedisError) -> bool {
     e.code() == Some("NOSCRIPT")
 }
 
+/// Runs a pipeline of script calls; if Redis has lost the scripts (a
+/// restart), loads them all once and retries.
+async fn eval(
+    conn: &mut ConnectionManager,
+    scripts: &Scripts,
+    pipe: &redis::Pipeline,
+) -> Result<Vec<Value>> {
+    match pipe.query_async::<Vec<Value>>(conn).await {
+        Err(e) if is_noscript(&e) => {
+            for s in scripts.all() {
+                s.inner.prepare_invoke().load_async(conn).await?;
+            }
+            Ok(pipe.query_async(conn).await?)
+        }
+        other => Ok(other?),
+    }
+}
+
 fn int(v: &Value) -> Result<i64> {
     match v {
         Value::Int(i) => Ok(*i),
@@ -478,23 +496,13 @@ impl RedisBackend {
         self.cfg.max_age.as_millis() as u64
     }
 
-    /// Runs a pipeline of script calls; loads the scripts once if Redis has
-    /// lost them (a restart) and retries.
+    /// Runs a pipeline of script calls (see [`eval`]).
     async fn run(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<Value>> {
         let mut pipe = redis::pipe();
-        for c in &cmds {
-            pipe.add_command(c.clone());
+        for c in cmds {
+            pipe.add_command(c);
         }
-        let mut conn = self.conn.clone();
-        match pipe.query_async::<Vec<Value>>(&mut conn).await {
-            Err(e) if is_noscript(&e) => {
-                for s in self.scripts.all() {
-                    s.inner.prepare_invoke().load_async(&mut conn).await?;
-                }
-                Ok(pipe.query_async(&mut conn).await?)
-            }
-            other => Ok(other?),
-        }
+        eval(&mut self.conn.clone(), &self.scripts, &pipe).await
     }
 
     async fn run_one(&self, cmd: redis::Cmd) -> Result<Value> {
@@ -950,25 +958,12 @@ impl Registrar {
     async fn renew(&self) -> Result<()> {
         let (nodes, conns) = (keys::nodes(), keys::node_conns(&self.node_id));
         let lease = self.lease.as_millis().to_string();
-        let cmd = self.scripts.renew.cmd(
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.scripts.renew.cmd(
             &[&nodes, &conns],
             &[self.node_id.as_bytes(), lease.as_bytes()],
-        );
-        let mut conn = self.conn.clone();
-        match cmd.query_async::<Value>(&mut conn).await {
-            Err(e) if is_noscript(&e) => {
-                self.scripts
-                    .renew
-                    .inner
-                    .prepare_invoke()
-                    .load_async(&mut conn)
-                    .await?;
-                cmd.query_async::<Value>(&mut conn).await?;
-            }
-            other => {
-                other?;
-            }
-        }
+        ));
+        eval(&mut self.conn.clone(), &self.scripts, &pipe).await?;
         Ok(())
     }
 

@@ -512,29 +512,35 @@ fn spawn_call(
     t: u64,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let users: Vec<String> = targets.iter().map(|&i| ctx.fleet.user(i)).collect();
     let targets: Vec<usize> = targets.to_vec();
-    let body = payload(seq, t, ctx.args.payload_bytes);
     let (ctx, c) = (ctx.clone(), c.clone());
     tokio::spawn(async move {
-        let api = ctx.api.as_ref().expect("api");
-        let r = api.send(node, users, body, ctx.args.transient).await;
+        call(&ctx, &c, node, &targets, seq, t).await;
         drop(permit);
-        c.calls.fetch_add(1, Relaxed);
-        ctx.progress.calls.fetch_add(1, Relaxed);
-        match r {
-            Ok(()) => {
-                for &i in &targets {
-                    ctx.fleet.slots[i].expected.fetch_add(1, Relaxed);
-                }
-                c.expected.fetch_add(targets.len() as u64, Relaxed);
-            }
-            Err(e) => {
-                c.errors.fetch_add(1, Relaxed);
-                ctx.fleet.note_error(e);
-            }
-        }
     });
+}
+
+/// One API call to `targets` through `node`, booked: an answered call
+/// expects one delivery per target, a failed one counts as an error.
+async fn call(ctx: &Ctx, c: &StepCounters, node: usize, targets: &[usize], seq: u64, t: u64) {
+    let users: Vec<String> = targets.iter().map(|&i| ctx.fleet.user(i)).collect();
+    let body = payload(seq, t, ctx.args.payload_bytes);
+    let api = ctx.api.as_ref().expect("api");
+    let r = api.send(node, users, body, ctx.args.transient).await;
+    c.calls.fetch_add(1, Relaxed);
+    ctx.progress.calls.fetch_add(1, Relaxed);
+    match r {
+        Ok(()) => {
+            for &i in targets {
+                ctx.fleet.slots[i].expected.fetch_add(1, Relaxed);
+            }
+            c.expected.fetch_add(targets.len() as u64, Relaxed);
+        }
+        Err(e) => {
+            c.errors.fetch_add(1, Relaxed);
+            ctx.fleet.note_error(e);
+        }
+    }
 }
 
 /// Waits until every delivery the senders expect has arrived, or until
@@ -661,33 +667,7 @@ async fn unicast_step(ctx: &Arc<Ctx>, rate: Option<f64>, phase: &str) -> Step {
                             continue;
                         }
                         let seq = ctx.seq.fetch_add(1, Relaxed);
-                        let users: Vec<String> =
-                            targets.iter().map(|&i| ctx.fleet.user(i)).collect();
-                        let r = ctx
-                            .api
-                            .as_ref()
-                            .expect("api")
-                            .send(
-                                node,
-                                users,
-                                payload(seq, now_ns(), ctx.args.payload_bytes),
-                                ctx.args.transient,
-                            )
-                            .await;
-                        c.calls.fetch_add(1, Relaxed);
-                        ctx.progress.calls.fetch_add(1, Relaxed);
-                        match r {
-                            Ok(()) => {
-                                for &i in &targets {
-                                    ctx.fleet.slots[i].expected.fetch_add(1, Relaxed);
-                                }
-                                c.expected.fetch_add(targets.len() as u64, Relaxed);
-                            }
-                            Err(e) => {
-                                c.errors.fetch_add(1, Relaxed);
-                                ctx.fleet.note_error(e);
-                            }
-                        }
+                        call(&ctx, &c, node, &targets, seq, now_ns()).await;
                     }
                 }));
             }
