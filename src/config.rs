@@ -1,12 +1,14 @@
 //! Command line, environment and config file, resolved into one [`Config`].
 //!
 //! Precedence: flag, then `HERALD_<NAME>` environment variable (clap reads
-//! both), then the TOML file given by `--config`, then the default.
+//! both), then the TOML file given by `--config`, then the default. Each
+//! default is written once, in its clap attribute.
 
-use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -28,8 +30,6 @@ pub enum Command {
     Token(TokenArgs),
     /// Send a message to users through a node's gRPC API (a small client).
     Send(SendArgs),
-    /// Load-test a Herald cluster (or a comparison server).
-    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -53,8 +53,8 @@ pub struct SendArgs {
     /// Send to every connection instead (no --user needed).
     #[arg(long, conflicts_with = "transient")]
     pub broadcast: bool,
-    /// The node's gRPC address.
-    #[arg(long, env = "HERALD_GRPC", default_value = "http://127.0.0.1:50051")]
+    /// The node's gRPC address: host:port (as the ready line prints it) or a URL.
+    #[arg(long, env = "HERALD_GRPC", default_value = "127.0.0.1:50051", value_parser = grpc_endpoint)]
     pub grpc: String,
     /// API key, if the node requires one.
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
@@ -65,87 +65,197 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 500ms, 30s, 7d)"))
 }
 
-/// Flags of `herald serve`, and the keys of its TOML config file (the same
-/// names in snake_case). Every one is optional here so that the file can
-/// fill what the command line leaves out.
-#[derive(Args, Deserialize, Debug, Default, Clone)]
-#[serde(deny_unknown_fields)]
+/// A count that must be at least 1.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A gRPC endpoint URL: `host:port` gets `http://`.
+fn grpc_endpoint(s: &str) -> Result<String, String> {
+    if s.contains("://") {
+        Ok(s.to_string())
+    } else if s.is_empty() {
+        Err("give host:port or a URL".into())
+    } else {
+        Ok(format!("http://{s}"))
+    }
+}
+
+/// The shortest HS256 secret a node or `herald token` accepts.
+pub const MIN_SECRET_BYTES: usize = 8;
+
+/// Checks a JWT secret (the same rule for `serve` and `token`).
+fn secret(s: &str) -> Result<String, String> {
+    if s.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "the JWT secret must be at least {MIN_SECRET_BYTES} bytes"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// Flags of `herald serve`. Each setting, its environment variable and its
+/// default are written once, here; `--help` shows them. The `--config` TOML
+/// file uses the same names in snake_case and fills in what neither a flag
+/// nor an environment variable set (see [`Cli::load_from`]).
+#[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// TOML config file; its keys are these flags' names in snake_case.
     #[arg(long, env = "HERALD_CONFIG")]
-    #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Public WebSocket listener (browsers connect to /ws here). [default: 127.0.0.1:8080]
-    #[arg(long, env = "HERALD_WS_LISTEN")]
-    pub ws_listen: Option<SocketAddr>,
-    /// Internal gRPC listener for the control API. [default: 127.0.0.1:50051]
-    #[arg(long, env = "HERALD_GRPC_LISTEN")]
-    pub grpc_listen: Option<SocketAddr>,
-    /// Admin HTTP listener: /metrics (Prometheus) and /healthz. [default: 127.0.0.1:9091]
-    #[arg(long, env = "HERALD_ADMIN_LISTEN")]
-    pub admin_listen: Option<SocketAddr>,
-    /// HS256 secret that signs WebSocket tokens. None: one is generated for this run and a demo token printed.
-    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    /// Public WebSocket listener (browsers connect to /ws here).
+    #[arg(long, env = "HERALD_WS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub ws_listen: SocketAddr,
+    /// Internal gRPC listener for the control API.
+    #[arg(long, env = "HERALD_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub grpc_listen: SocketAddr,
+    /// Admin HTTP listener: /metrics (Prometheus) and /healthz.
+    #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    pub admin_listen: SocketAddr,
+    /// HS256 secret that signs WebSocket tokens (at least 8 bytes). None: one is generated for this run and a demo token printed.
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true, value_parser = secret)]
     pub jwt_secret: Option<String>,
     /// If set, gRPC callers must send `authorization: Bearer <key>`.
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// This node's id in the cluster. [default: host name and port]
+    /// This node's id in the cluster. [default: <host name>-<ws port>]
     #[arg(long, env = "HERALD_NODE_ID")]
     pub node_id: Option<String>,
     /// Redis URL (redis://host:port/db). Without it the node runs alone on the embedded in-memory backend.
-    #[arg(long, env = "HERALD_REDIS_URL")]
+    #[arg(long, env = "HERALD_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
-    /// Largest payload_json accepted, in bytes. [default: 65536]
-    #[arg(long, env = "HERALD_MAX_PAYLOAD_BYTES")]
-    pub max_payload_bytes: Option<usize>,
-    /// Largest frame a client may send, in bytes; bigger ones close with 1009. [default: 65536]
-    #[arg(long, env = "HERALD_MAX_CLIENT_FRAME_BYTES")]
-    pub max_client_frame_bytes: Option<usize>,
-    /// Frames queued per connection before the client counts as slow and is closed with 1013. [default: 256]
-    #[arg(long, env = "HERALD_SEND_QUEUE")]
-    pub send_queue: Option<usize>,
-    /// Live connections one user may hold across the cluster; one more closes with 4029. [default: 32]
-    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER")]
-    pub max_connections_per_user: Option<u32>,
-    /// Live connections this node accepts before it stops accepting. [default: 500000]
-    #[arg(long, env = "HERALD_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Stored messages kept per user; older ones are dropped. [default: 1000]
-    #[arg(long, env = "HERALD_INBOX_MAX_MESSAGES")]
-    pub inbox_max_messages: Option<usize>,
-    /// Age after which stored messages are dropped. [default: 7d]
-    #[arg(long, env = "HERALD_INBOX_MAX_AGE", value_parser = duration)]
-    #[serde(default, deserialize_with = "file_duration")]
-    pub inbox_max_age: Option<Duration>,
-    /// Unread messages replayed on a connect without `since` (the newest ones). [default: 100]
-    #[arg(long, env = "HERALD_REPLAY_LIMIT")]
-    pub replay_limit: Option<usize>,
-    /// WebSocket ping interval; a connection silent for two intervals is closed. [default: 25s]
-    #[arg(long, env = "HERALD_HEARTBEAT", value_parser = duration)]
-    #[serde(default, deserialize_with = "file_duration")]
-    pub heartbeat: Option<Duration>,
-    /// Node lease in Redis; a node that stops renewing it counts as dead after this long. [default: 15s]
-    #[arg(long, env = "HERALD_NODE_LEASE", value_parser = duration)]
-    #[serde(default, deserialize_with = "file_duration")]
-    pub node_lease: Option<Duration>,
+    /// Largest payload_json accepted, in bytes.
+    #[arg(long, env = "HERALD_MAX_PAYLOAD_BYTES", default_value_t = 64 * 1024)]
+    pub max_payload_bytes: usize,
+    /// Largest frame a client may send, in bytes; bigger ones close with 1009.
+    #[arg(long, env = "HERALD_MAX_CLIENT_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_client_frame_bytes: usize,
+    /// Frames queued per connection before the client counts as slow and is closed with 1013.
+    #[arg(long, env = "HERALD_SEND_QUEUE", default_value_t = 256, value_parser = positive)]
+    pub send_queue: usize,
+    /// Live connections one user may hold across the cluster; one more closes with 4029.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_user: u32,
+    /// Live connections this node accepts before it stops accepting.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 500_000, value_parser = positive)]
+    pub max_connections: usize,
+    /// Stored messages kept per user; older ones are dropped.
+    #[arg(long, env = "HERALD_INBOX_MAX_MESSAGES", default_value_t = 1000, value_parser = positive)]
+    pub inbox_max_messages: usize,
+    /// Age after which stored messages are dropped.
+    #[arg(long, env = "HERALD_INBOX_MAX_AGE", default_value = "7d", value_parser = duration)]
+    pub inbox_max_age: Duration,
+    /// Unread messages replayed on a connect without `since` (the newest ones).
+    #[arg(long, env = "HERALD_REPLAY_LIMIT", default_value_t = 100)]
+    pub replay_limit: usize,
+    /// WebSocket ping interval; a connection silent for two intervals is closed (at least 50ms).
+    #[arg(long, env = "HERALD_HEARTBEAT", default_value = "25s", value_parser = duration)]
+    pub heartbeat: Duration,
+    /// Node lease in Redis; a node that stops renewing it counts as dead after this long (at least 500ms).
+    #[arg(long, env = "HERALD_NODE_LEASE", default_value = "15s", value_parser = duration)]
+    pub node_lease: Duration,
     /// Runtime worker threads. [default: one per core; give each of N nodes sharing a machine cores/N]
-    #[arg(long, env = "HERALD_WORKER_THREADS")]
+    #[arg(long, env = "HERALD_WORKER_THREADS", value_parser = positive)]
     pub worker_threads: Option<usize>,
 }
 
-/// A duration in the config file, written like on the command line ("30s").
-fn file_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text = String::deserialize(d)?;
-    duration(&text).map(Some).map_err(serde::de::Error::custom)
+impl Default for ServeArgs {
+    /// Every setting at its default, whatever the environment says (for
+    /// embedding and tests).
+    fn default() -> Self {
+        let cmd = ServeArgs::augment_args(clap::Command::new("serve").no_binary_name(true))
+            .mut_args(|a| a.env(None));
+        let matches = cmd.get_matches_from(std::iter::empty::<&str>());
+        ServeArgs::from_arg_matches(&matches).expect("the defaults parse")
+    }
+}
+
+impl Cli {
+    /// Parses the process's arguments; exits with clap's message on error.
+    pub fn load() -> Cli {
+        Cli::load_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses `argv`. For `serve` with `--config`, every key of the file that
+    /// neither a flag nor an environment variable set is added as if given
+    /// as a flag, so precedence is flag, environment, file, default, and
+    /// file values go through the same parsers and checks as flags.
+    pub fn load_from<I, T>(argv: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+        let matches = Cli::command().try_get_matches_from(&argv)?;
+        let cli = Cli::from_arg_matches(&matches)?;
+        let (Command::Serve(args), Some(serve)) =
+            (&cli.command, matches.subcommand_matches("serve"))
+        else {
+            return Ok(cli);
+        };
+        let Some(path) = &args.config else {
+            return Ok(cli);
+        };
+        let extra = file_flags(path, serve)
+            .map_err(|e| Cli::command().error(clap::error::ErrorKind::InvalidValue, e))?;
+        Cli::try_parse_from(argv.into_iter().chain(extra))
+    }
+}
+
+/// The flags a config file stands for: `key = value` becomes `--key=value`
+/// (arrays repeat the flag; `true` is the bare flag) for every key whose
+/// setting came from neither the command line nor the environment.
+fn file_flags(path: &Path, given: &ArgMatches) -> Result<Vec<OsString>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let cmd = ServeArgs::augment_args(clap::Command::new("serve"));
+    let mut flags = Vec::new();
+    for (key, value) in table {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == key.as_str() && key != "config")
+            .ok_or_else(|| format!("config file {}: unknown key {key:?}", path.display()))?;
+        let long = arg.get_long().expect("every serve setting is a long flag");
+        if matches!(
+            given.value_source(&key),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let values = match value {
+            toml::Value::Array(a) => a,
+            v => vec![v],
+        };
+        for v in values {
+            match v {
+                toml::Value::String(s) => flags.push(format!("--{long}={s}").into()),
+                toml::Value::Integer(i) => flags.push(format!("--{long}={i}").into()),
+                toml::Value::Boolean(true) => flags.push(format!("--{long}").into()),
+                toml::Value::Boolean(false) => {}
+                other => {
+                    return Err(format!(
+                        "config file {}: {key} = {other}: write a string or a number",
+                        path.display()
+                    ))
+                }
+            }
+        }
+    }
+    Ok(flags)
 }
 
 #[derive(Args, Debug)]
 pub struct TokenArgs {
     /// The user id (the token's `sub`).
     pub user: String,
-    /// The secret; must match the nodes' --jwt-secret.
-    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    /// The secret; must match the nodes' --jwt-secret (at least 8 bytes).
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true, value_parser = secret)]
     pub jwt_secret: String,
     /// How long the token is valid.
     #[arg(long, default_value = "24h", value_parser = duration)]
@@ -203,34 +313,33 @@ impl Default for Config {
     }
 }
 
+/// This machine's host name, for the default node id.
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    (!name.is_empty()).then_some(name)
+}
+
 impl Config {
+    /// Checks parsed settings and fills in what is derived (node id,
+    /// generated secret).
     pub fn resolve(args: ServeArgs) -> Result<Config, String> {
-        let file: ServeArgs = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-                toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
-            }
-            None => ServeArgs::default(),
-        };
-        let ws_listen = args
-            .ws_listen
-            .or(file.ws_listen)
-            .unwrap_or(([127, 0, 0, 1], 8080).into());
-        let (jwt_secret, generated) = match args.jwt_secret.or(file.jwt_secret) {
-            Some(s) if s.len() < 8 => return Err("the JWT secret must be at least 8 bytes".into()),
-            Some(s) => (s, false),
+        let (jwt_secret, generated) = match args.jwt_secret {
+            Some(s) => (secret(&s)?, false),
             None => {
                 let bytes: [u8; 24] = rand::random();
                 (bytes.iter().map(|b| format!("{b:02x}")).collect(), true)
             }
         };
-        let node_id = args.node_id.or(file.node_id).unwrap_or_else(|| {
-            let host = std::env::var("HOSTNAME")
-                .ok()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "herald".into());
-            format!("{host}-{}", ws_listen.port())
+        let node_id = args.node_id.unwrap_or_else(|| {
+            let host = host_name().unwrap_or_else(|| "herald".into());
+            format!("{host}-{}", args.ws_listen.port())
         });
         if node_id.is_empty()
             || node_id.len() > 128
@@ -240,73 +349,34 @@ impl Config {
                 "node id {node_id:?} must be 1 to 128 bytes without spaces"
             ));
         }
-        let cfg = Config {
+        Ok(Config {
             node_id,
-            ws_listen,
-            grpc_listen: args
-                .grpc_listen
-                .or(file.grpc_listen)
-                .unwrap_or(([127, 0, 0, 1], 50051).into()),
-            admin_listen: args
-                .admin_listen
-                .or(file.admin_listen)
-                .unwrap_or(([127, 0, 0, 1], 9091).into()),
+            ws_listen: args.ws_listen,
+            grpc_listen: args.grpc_listen,
+            admin_listen: args.admin_listen,
             jwt_secret,
             jwt_secret_generated: generated,
-            api_key: args.api_key.or(file.api_key).filter(|k| !k.is_empty()),
-            redis_url: args.redis_url.or(file.redis_url).filter(|u| !u.is_empty()),
+            api_key: args.api_key.filter(|k| !k.is_empty()),
+            redis_url: args.redis_url.filter(|u| !u.is_empty()),
             limits: Limits {
-                max_payload_bytes: args
-                    .max_payload_bytes
-                    .or(file.max_payload_bytes)
-                    .unwrap_or(64 * 1024),
+                max_payload_bytes: args.max_payload_bytes,
                 max_users_per_call: 1000,
                 max_user_id_bytes: 256,
                 max_topic_bytes: 256,
-                max_client_frame_bytes: args
-                    .max_client_frame_bytes
-                    .or(file.max_client_frame_bytes)
-                    .unwrap_or(64 * 1024),
-                send_queue: args.send_queue.or(file.send_queue).unwrap_or(256).max(1),
-                max_connections_per_user: args
-                    .max_connections_per_user
-                    .or(file.max_connections_per_user)
-                    .unwrap_or(32)
-                    .max(1),
-                max_connections: args
-                    .max_connections
-                    .or(file.max_connections)
-                    .unwrap_or(500_000)
-                    .max(1),
+                max_client_frame_bytes: args.max_client_frame_bytes,
+                send_queue: args.send_queue.max(1),
+                max_connections_per_user: args.max_connections_per_user.max(1),
+                max_connections: args.max_connections.max(1),
             },
             inbox: InboxConfig {
-                max_messages: args
-                    .inbox_max_messages
-                    .or(file.inbox_max_messages)
-                    .unwrap_or(1000)
-                    .max(1),
-                max_age: args
-                    .inbox_max_age
-                    .or(file.inbox_max_age)
-                    .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
-                replay_limit: args.replay_limit.or(file.replay_limit).unwrap_or(100),
+                max_messages: args.inbox_max_messages.max(1),
+                max_age: args.inbox_max_age,
+                replay_limit: args.replay_limit,
             },
-            heartbeat: args
-                .heartbeat
-                .or(file.heartbeat)
-                .unwrap_or(Duration::from_secs(25))
-                .max(Duration::from_millis(50)),
-            node_lease: args
-                .node_lease
-                .or(file.node_lease)
-                .unwrap_or(Duration::from_secs(15))
-                .max(Duration::from_millis(500)),
-            worker_threads: args
-                .worker_threads
-                .or(file.worker_threads)
-                .filter(|n| *n > 0),
-        };
-        Ok(cfg)
+            heartbeat: args.heartbeat.max(Duration::from_millis(50)),
+            node_lease: args.node_lease.max(Duration::from_millis(500)),
+            worker_threads: args.worker_threads.filter(|n| *n > 0),
+        })
     }
 }
 
@@ -314,22 +384,29 @@ impl Config {
 mod tests {
     use super::*;
 
-    #[test]
-    fn flags_override_the_file_and_the_file_overrides_defaults() {
+    fn serve(argv: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = Cli::load_from(["herald", "serve"].iter().chain(argv))?;
+        match cli.command {
+            Command::Serve(a) => Ok(a),
+            _ => unreachable!(),
+        }
+    }
+
+    fn temp_file(text: &str) -> PathBuf {
         let path =
             std::env::temp_dir().join(format!("herald-config-{}.toml", rand::random::<u32>()));
-        std::fs::write(
-            &path,
-            "grpc_listen = \"127.0.0.1:6000\"\nnode_id = \"from-file\"\njwt_secret = \"file-secret-123\"\nheartbeat = \"2s\"\ninbox_max_age = \"1h\"\n",
-        )
-        .unwrap();
-        let cfg = Config::resolve(ServeArgs {
-            config: Some(path.clone()),
-            node_id: Some("from-flag".into()),
-            ..Default::default()
-        })
-        .unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let path = temp_file(
+            "grpc_listen = \"127.0.0.1:6000\"\nnode_id = \"from-file\"\njwt_secret = \"file-secret-123\"\nheartbeat = \"2s\"\ninbox_max_age = \"1h\"\nsend_queue = 9\n",
+        );
+        let args = serve(&["--config", path.to_str().unwrap(), "--node-id", "from-flag"]);
         std::fs::remove_file(&path).unwrap();
+        let cfg = Config::resolve(args.unwrap()).unwrap();
         assert_eq!(cfg.node_id, "from-flag");
         assert_eq!(cfg.grpc_listen.port(), 6000);
         assert_eq!(cfg.ws_listen.port(), 8080);
@@ -337,20 +414,22 @@ mod tests {
         assert!(!cfg.jwt_secret_generated);
         assert_eq!(cfg.heartbeat, Duration::from_secs(2));
         assert_eq!(cfg.inbox.max_age, Duration::from_secs(3600));
+        assert_eq!(cfg.limits.send_queue, 9);
     }
 
     #[test]
     fn bad_config_is_a_clear_error() {
-        let path =
-            std::env::temp_dir().join(format!("herald-config-{}.toml", rand::random::<u32>()));
-        std::fs::write(&path, "no_such_key = 1\n").unwrap();
-        let err = Config::resolve(ServeArgs {
-            config: Some(path.clone()),
-            ..Default::default()
-        })
-        .unwrap_err();
+        let path = temp_file("no_such_key = 1\n");
+        let err = serve(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("no_such_key"), "{err}");
+        std::fs::write(&path, "send_queue = 0\n").unwrap();
+        let err = serve(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("send-queue"), "{err}");
         std::fs::remove_file(&path).unwrap();
-        assert!(err.contains("no_such_key"), "{err}");
+        let err = serve(&["--jwt-secret", "short"]).unwrap_err();
+        assert!(err.to_string().contains("at least 8 bytes"), "{err}");
+        let err = Cli::load_from(["herald", "token", "u", "--jwt-secret", "short"]).unwrap_err();
+        assert!(err.to_string().contains("at least 8 bytes"), "{err}");
         let err = Config::resolve(ServeArgs {
             jwt_secret: Some("short".into()),
             ..Default::default()
@@ -359,5 +438,12 @@ mod tests {
         assert!(err.contains("at least 8 bytes"));
         let generated = Config::resolve(ServeArgs::default()).unwrap();
         assert!(generated.jwt_secret_generated && generated.jwt_secret.len() >= 32);
+    }
+
+    #[test]
+    fn the_default_node_id_names_the_host_and_port() {
+        let cfg = Config::resolve(ServeArgs::default()).unwrap();
+        let host = host_name().unwrap_or_else(|| "herald".into());
+        assert_eq!(cfg.node_id, format!("{host}-8080"));
     }
 }

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 pub struct PushApi {
     node: Arc<Node>,
@@ -20,21 +21,29 @@ impl PushApi {
     }
 }
 
-/// Runs one RPC body, recording its count, outcome and latency.
-async fn observed<T>(
-    rpc: &'static str,
-    body: impl Future<Output = crate::error::Result<T>>,
-) -> Result<Response<T>, Status> {
-    let start = Instant::now();
-    let result = body.await.map(Response::new).map_err(Status::from);
-    let code = match &result {
-        Ok(_) => "OK".to_string(),
-        Err(s) => format!("{:?}", s.code()),
-    };
-    metrics::counter!("herald_rpc_total", "rpc" => rpc, "code" => code).increment(1);
-    metrics::histogram!("herald_rpc_duration_seconds", "rpc" => rpc)
-        .record(start.elapsed().as_secs_f64());
-    result
+impl PushApi {
+    /// Runs one RPC body inside a span naming the RPC and this node,
+    /// recording its count, outcome and latency.
+    async fn observed<T>(
+        &self,
+        rpc: &'static str,
+        body: impl Future<Output = crate::error::Result<T>>,
+    ) -> Result<Response<T>, Status> {
+        let span = tracing::info_span!("rpc", rpc, node = %self.node.cfg.node_id);
+        let start = Instant::now();
+        // Errors are logged (by their conversion to a status) inside the span.
+        let result = async { body.await.map(Response::new).map_err(Status::from) }
+            .instrument(span)
+            .await;
+        let code = match &result {
+            Ok(_) => "OK".to_string(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        metrics::counter!("herald_rpc_total", "rpc" => rpc, "code" => code).increment(1);
+        metrics::histogram!("herald_rpc_duration_seconds", "rpc" => rpc)
+            .record(start.elapsed().as_secs_f64());
+        result
+    }
 }
 
 #[tonic::async_trait]
@@ -44,7 +53,7 @@ impl PushService for PushApi {
         req: Request<SendToUserRequest>,
     ) -> Result<Response<SendToUserResponse>, Status> {
         let r = req.into_inner();
-        observed("SendToUser", async {
+        self.observed("SendToUser", async {
             let deliveries = self
                 .node
                 .send_to_user(&r.user_ids, &r.topic, &r.payload_json, r.transient)
@@ -68,7 +77,7 @@ impl PushService for PushApi {
         req: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
         let r = req.into_inner();
-        observed("Broadcast", async {
+        self.observed("Broadcast", async {
             Ok(BroadcastResponse {
                 message_id: self.node.broadcast(&r.topic, &r.payload_json).await?,
             })
@@ -81,7 +90,7 @@ impl PushService for PushApi {
         req: Request<IsOnlineRequest>,
     ) -> Result<Response<IsOnlineResponse>, Status> {
         let r = req.into_inner();
-        observed("IsOnline", async {
+        self.observed("IsOnline", async {
             let counts = self.node.is_online(&r.user_ids).await?;
             Ok(IsOnlineResponse {
                 users: r
@@ -104,7 +113,7 @@ impl PushService for PushApi {
         req: Request<UnreadCountRequest>,
     ) -> Result<Response<UnreadCountResponse>, Status> {
         let r = req.into_inner();
-        observed("UnreadCount", async {
+        self.observed("UnreadCount", async {
             Ok(UnreadCountResponse {
                 count: self.node.unread_count(&r.user_id).await?,
             })
@@ -117,7 +126,7 @@ impl PushService for PushApi {
         req: Request<MarkReadRequest>,
     ) -> Result<Response<MarkReadResponse>, Status> {
         let r = req.into_inner();
-        observed("MarkRead", async {
+        self.observed("MarkRead", async {
             Ok(MarkReadResponse {
                 unread: self.node.mark_read(&r.user_id, &r.up_to_message_id).await?,
             })
@@ -130,7 +139,7 @@ impl PushService for PushApi {
         req: Request<DisconnectUserRequest>,
     ) -> Result<Response<DisconnectUserResponse>, Status> {
         let r = req.into_inner();
-        observed("DisconnectUser", async {
+        self.observed("DisconnectUser", async {
             Ok(DisconnectUserResponse {
                 closed: self.node.disconnect_user(&r.user_id, &r.reason).await?,
             })
@@ -139,7 +148,7 @@ impl PushService for PushApi {
     }
 
     async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
-        observed("Stats", async {
+        self.observed("Stats", async {
             let s = self.node.stats().await?;
             let n = s.node;
             let mut nodes: Vec<NodeStats> = s

@@ -1,8 +1,10 @@
 //! This node's connections: who is connected here, and each connection's
 //! bounded outbound queue.
 //!
-//! The registry is sharded by user id; each shard is a std `Mutex` held only
-//! for map updates and non-blocking queue pushes, never across an `.await`.
+//! The registry is sharded by user id; each shard is a `parking_lot::Mutex`
+//! (it cannot be poisoned: a panic elsewhere never turns every later lock
+//! into a panic) held only for map updates and non-blocking queue pushes,
+//! never across an `.await`.
 //! Lock order is shard, then connection; a connection task takes only its
 //! own connection lock.
 //!
@@ -14,23 +16,15 @@
 //! stay in the inbox for the client's resume.
 
 use crate::backend::{Dispatch, Event};
-use crate::protocol::{self, Frame, MessageId};
+use crate::protocol::{self, Disconnect, Frame, MessageId};
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::Notify;
 
 const SHARDS: usize = 64;
-
-/// Close codes the server uses.
-pub mod close {
-    pub const GOING_AWAY: u16 = 1001;
-    pub const TOO_BIG: u16 = 1009;
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    pub const DISCONNECTED: u16 = 4001;
-    pub const TOO_MANY_CONNECTIONS: u16 = 4029;
-}
 
 /// One queued frame. `id` is set for stored messages only.
 pub struct Outbound {
@@ -40,7 +34,7 @@ pub struct Outbound {
 
 struct ConnState {
     queue: VecDeque<Outbound>,
-    close: Option<(u16, String)>,
+    close: Option<Disconnect>,
     /// Live delivery had a gap (the broker reconnected): catch up from the
     /// inbox before trusting live traffic again.
     resync: bool,
@@ -51,7 +45,7 @@ struct ConnState {
 /// What a connection task must do besides writing its queued frames.
 #[derive(Debug, Default)]
 pub struct Pending {
-    pub close: Option<(u16, String)>,
+    pub close: Option<Disconnect>,
     pub resync: bool,
     pub heartbeat: bool,
 }
@@ -71,16 +65,13 @@ impl Conn {
     /// too slow. Never blocks.
     fn push(&self, out: Outbound) -> bool {
         // Short critical section: no await, no allocation beyond the queue.
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         if st.close.is_some() {
             return false;
         }
         if st.queue.len() >= self.capacity {
             st.queue = VecDeque::new();
-            st.close = Some((
-                close::TRY_AGAIN_LATER,
-                "send queue full: client too slow".into(),
-            ));
+            st.close = Some(Disconnect::SlowClient);
             drop(st);
             metrics::counter!("herald_slow_client_closes_total").increment(1);
             self.wake.notify_one();
@@ -92,11 +83,11 @@ impl Conn {
         true
     }
 
-    /// Asks the connection task to close with `code`; the first request wins.
-    pub fn close(&self, code: u16, reason: &str) {
-        let mut st = self.state.lock().unwrap();
+    /// Asks the connection task to close; the first request wins.
+    pub fn close(&self, why: Disconnect) {
+        let mut st = self.state.lock();
         if st.close.is_none() {
-            st.close = Some((code, reason.chars().take(120).collect()));
+            st.close = Some(why);
         }
         drop(st);
         self.wake.notify_one();
@@ -110,7 +101,7 @@ impl Conn {
     /// Moves every queued frame into `out` (batched writes) and reports a
     /// pending close request or resync.
     pub fn take(&self, out: &mut Vec<Outbound>) -> Pending {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         out.extend(st.queue.drain(..));
         if st.queue.capacity() > 64 {
             st.queue = VecDeque::new(); // give back what a burst grew
@@ -124,7 +115,7 @@ impl Conn {
 
     /// Raises a flag for the connection task and wakes it.
     fn flag(&self, set: impl FnOnce(&mut ConnState)) {
-        set(&mut self.state.lock().unwrap());
+        set(&mut self.state.lock());
         self.wake.notify_one();
     }
 
@@ -170,7 +161,7 @@ impl Hub {
     /// Registers a new connection of `user`; returns it and whether it is the
     /// user's first on this node (the caller then subscribes the node).
     pub fn register(&self, user: &str, queue_capacity: usize) -> (Arc<Conn>, bool) {
-        let mut shard = self.shard(user).lock().unwrap();
+        let mut shard = self.shard(user).lock();
         let key: Arc<str> = match shard.get_key_value(user) {
             Some((k, _)) => k.clone(),
             None => Arc::from(user),
@@ -200,7 +191,7 @@ impl Hub {
 
     /// Removes a connection; true if it was the user's last on this node.
     pub fn unregister(&self, conn: &Conn) -> bool {
-        let mut shard = self.shard(&conn.user).lock().unwrap();
+        let mut shard = self.shard(&conn.user).lock();
         let Some(list) = shard.get_mut(&*conn.user) else {
             return false;
         };
@@ -241,7 +232,6 @@ impl Hub {
             .map(|u| {
                 self.shard(u)
                     .lock()
-                    .unwrap()
                     .get(u.as_str())
                     .map_or(0, |l| l.len() as u32)
             })
@@ -250,20 +240,14 @@ impl Hub {
 
     /// Whether this node holds a connection of `user` right now.
     pub fn has_user(&self, user: &str) -> bool {
-        self.shard(user).lock().unwrap().contains_key(user)
+        self.shard(user).lock().contains_key(user)
     }
 
     /// Every user connected here (for re-subscribing after a backend outage).
     pub fn users_snapshot(&self) -> Vec<String> {
         self.shards
             .iter()
-            .flat_map(|s| {
-                s.lock()
-                    .unwrap()
-                    .keys()
-                    .map(|k| k.to_string())
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|s| s.lock().keys().map(|k| k.to_string()).collect::<Vec<_>>())
             .collect()
     }
 
@@ -280,21 +264,21 @@ impl Hub {
     }
 
     /// Asks every connection to close (graceful shutdown).
-    pub fn close_all(&self, code: u16, reason: &str) {
-        self.for_all(|c| c.close(code, reason));
+    pub fn close_all(&self, why: Disconnect) {
+        self.for_all(|c| c.close(why.clone()));
     }
 
     /// Runs `f` on every connection, one shard lock at a time.
     fn for_all(&self, mut f: impl FnMut(&Conn)) {
         for shard in self.shards.iter() {
-            for conn in shard.lock().unwrap().values().flatten() {
+            for conn in shard.lock().values().flatten() {
                 f(conn);
             }
         }
     }
 
     fn for_user(&self, user: &str, mut f: impl FnMut(&Conn)) {
-        if let Some(list) = self.shard(user).lock().unwrap().get(user) {
+        if let Some(list) = self.shard(user).lock().get(user) {
             for c in list {
                 f(c);
             }
@@ -323,7 +307,7 @@ impl Dispatch for Hub {
                 });
             }
             Event::Disconnect { user, reason } => {
-                self.for_user(&user, |c| c.close(close::DISCONNECTED, &reason));
+                self.for_user(&user, |c| c.close(Disconnect::Kicked(reason.clone())));
             }
             Event::Broadcast { frame } => {
                 let mut n = 0u64;

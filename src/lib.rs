@@ -4,33 +4,47 @@
 //!
 //! # Layout
 //!
-//! * [`config`]: command line, environment and config file.
-//! * [`server`]: listeners, the node's lifecycle, graceful shutdown, admin
-//!   HTTP (metrics, health).
-//! * [`grpc`]: the PushService edge: protobuf in, status codes out.
+//! The path of a `SendToUser` reads top to bottom: `grpc` turns the call
+//! into a `Node` call; `node` validates it, asks the inbox to store and
+//! publish; the backend's broker hands the event to the `hub` of every node
+//! holding the user; each connection task in `ws` writes the shared frame.
+//!
+//! * [`config`]: command line, environment and config file (public: the
+//!   binary and tests build a [`config::Config`] from it).
+//! * [`server`]: listeners, the node's lifecycle, graceful shutdown, the
+//!   admin listener (metrics, health). [`server::run`] is the entry point.
+//! * `http`: the HTTP/1.1 accept loop and responses shared by the public and
+//!   admin listeners.
+//! * `grpc`: the PushService edge: protobuf in, status codes out.
 //! * [`auth`]: JWTs for WebSocket clients, the API key for gRPC callers.
-//! * [`ws`]: the WebSocket handshake and the per-connection task.
-//! * [`protocol`]: wire protocol v1: message ids and frames.
-//! * [`hub`]: this node's connections and their bounded send queues.
-//! * [`node`]: the core: validation, routing, inbox semantics.
-//! * [`backend`]: what nodes share (broker, presence, inbox), embedded in
-//!   [`backend::memory`] or in Redis in [`backend::redis`].
-//! * [`error`]: the error type and its gRPC status mapping.
+//! * `ws`: the WebSocket handshake and the per-connection task.
+//! * `protocol`: wire protocol v1: message ids, frames, close codes.
+//! * `hub`: this node's connections and their bounded send queues.
+//! * `node`: the core: validation, routing, inbox semantics.
+//! * `backend`: what nodes share (broker, presence, inbox), one trait per
+//!   concern, embedded in `backend::memory` or in Redis in `backend::redis`.
+//! * `error`: the error type and its gRPC status mapping.
 //! * [`cli`]: `herald send`, a small client of the control API.
-//! * [`bench`]: `herald bench`, the load generator.
+//!
+//! Modules depend downwards only: `server` → `ws`/`grpc`/`http` → `node` →
+//! `hub`/`backend` → `protocol`/`error`/`config`. Backends reach this node's
+//! connections through a trait, never the hub's concrete type.
+//!
+//! The load generator lives in its own crate (`bench/`), so the server
+//! neither compiles nor links it.
 
 pub mod auth;
-pub mod backend;
-pub mod bench;
+mod backend;
 pub mod cli;
 pub mod config;
-pub mod error;
-pub mod grpc;
-pub mod hub;
-pub mod node;
-pub mod protocol;
+mod error;
+mod grpc;
+mod http;
+mod hub;
+mod node;
+mod protocol;
 pub mod server;
-pub mod ws;
+mod ws;
 
 /// Generated protobuf types and gRPC stubs of `herald.v1`.
 pub mod proto {

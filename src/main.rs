@@ -1,9 +1,9 @@
-use clap::Parser;
 use herald::config::{Cli, Command, Config};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::load();
     // `serve` sizes its runtime from its configuration; the rest take the
     // default (one worker per core).
     let workers = match &cli.command {
@@ -33,7 +33,6 @@ async fn run(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Send(args) => herald::cli::send(args).await,
-        Command::Bench(args) => herald::bench::run(args).await,
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -41,6 +40,8 @@ async fn run(cli: Cli) -> ExitCode {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
+                // Colour codes only on a terminal, never in a log file.
+                .with_ansi(std::io::stderr().is_terminal())
                 .init();
             let cfg = match Config::resolve(args) {
                 Ok(c) => c,

@@ -185,6 +185,87 @@ pub fn error_frame(code: &str, message: &str) -> Frame {
     .into()
 }
 
+/// Why the server ends a connection: the close code and reason sent in the
+/// close frame, and the advice a client derives from the code. Every close
+/// frame the server sends is built from one of these, so codes are never
+/// bare numbers and reasons always fit a control frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Disconnect {
+    /// 1000: the client was silent for two heartbeat intervals.
+    HeartbeatTimeout,
+    /// 1001: the node is shutting down; reconnect (to another node).
+    Shutdown,
+    /// 1009: a client frame over the limit, in bytes.
+    FrameTooBig(usize),
+    /// 1013: the client did not read fast enough and its send queue filled;
+    /// reconnect with `since`.
+    SlowClient,
+    /// 1013: the shared backend is unavailable; reconnect with `since`.
+    BackendUnavailable,
+    /// 4001: `DisconnectUser` (logout, ban). Do not reconnect.
+    Kicked(std::sync::Arc<str>),
+    /// 4029: the user holds too many connections; the text says how many.
+    TooManyConnections(String),
+}
+
+/// The longest close reason the protocol allows: a close frame is a control
+/// frame (at most 125 bytes), 2 of which are the code.
+pub const MAX_CLOSE_REASON_BYTES: usize = 123;
+
+impl Disconnect {
+    pub const HEARTBEAT_TIMEOUT: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const TOO_BIG: u16 = 1009;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    pub const KICKED: u16 = 4001;
+    pub const TOO_MANY_CONNECTIONS: u16 = 4029;
+
+    pub fn code(&self) -> u16 {
+        match self {
+            Disconnect::HeartbeatTimeout => Self::HEARTBEAT_TIMEOUT,
+            Disconnect::Shutdown => Self::GOING_AWAY,
+            Disconnect::FrameTooBig(_) => Self::TOO_BIG,
+            Disconnect::SlowClient | Disconnect::BackendUnavailable => Self::TRY_AGAIN_LATER,
+            Disconnect::Kicked(_) => Self::KICKED,
+            Disconnect::TooManyConnections(_) => Self::TOO_MANY_CONNECTIONS,
+        }
+    }
+
+    /// The close reason, cut to [`MAX_CLOSE_REASON_BYTES`] on a character
+    /// boundary (a longer one would make the whole close frame invalid and
+    /// the browser would see 1006 instead of the code).
+    pub fn reason(&self) -> String {
+        let text: std::borrow::Cow<'_, str> = match self {
+            Disconnect::HeartbeatTimeout => "heartbeat timeout".into(),
+            Disconnect::Shutdown => "server shutting down".into(),
+            Disconnect::FrameTooBig(max) => format!("frame exceeds {max} bytes").into(),
+            Disconnect::SlowClient => "send queue full: client too slow".into(),
+            Disconnect::BackendUnavailable => "backend unavailable, reconnect with since".into(),
+            Disconnect::Kicked(reason) => (&**reason).into(),
+            Disconnect::TooManyConnections(why) => why.as_str().into(),
+        };
+        truncate_utf8(&text, MAX_CLOSE_REASON_BYTES).to_string()
+    }
+
+    /// Whether a client should reconnect after this close.
+    pub fn reconnect(&self) -> bool {
+        !matches!(self, Disconnect::Kicked(_))
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character
+/// boundary.
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// What a client may send. Anything else is answered with an error frame.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
@@ -249,6 +330,20 @@ mod tests {
             serde_json::from_str(welcome_frame("c", "u\n", 3, 0, Some(false)).as_str()).unwrap();
         assert_eq!(w["resumed"], false);
         assert!(live_id().starts_with('t'));
+    }
+
+    #[test]
+    fn close_reasons_fit_a_control_frame_on_a_char_boundary() {
+        let long: String = "é".repeat(70); // 140 bytes
+        let d = Disconnect::Kicked(long.as_str().into());
+        let r = d.reason();
+        assert!(r.len() <= MAX_CLOSE_REASON_BYTES, "{}", r.len());
+        assert_eq!(r, "é".repeat(61));
+        assert_eq!(d.code(), 4001);
+        assert!(!d.reconnect());
+        assert_eq!(truncate_utf8("abc", 2), "ab");
+        assert_eq!(truncate_utf8("€", 2), "");
+        assert!(Disconnect::SlowClient.reconnect());
     }
 
     #[test]

@@ -7,16 +7,14 @@
 
 use crate::auth::{ApiKey, TokenVerifier};
 use crate::config::Config;
-use crate::hub::close;
+use crate::http::{accept_loop, respond, stopped};
 use crate::node::Node;
 use crate::proto::push_service_server::PushServiceServer;
+use crate::protocol::Disconnect;
 use crate::ws::Gateway;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,11 +23,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
-
-/// A connection slot of the public listener; the slot frees when the last
-/// clone drops.
-#[derive(Clone)]
-pub struct ConnPermit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
 
 /// How long shutdown waits for connections to take their close frames.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -67,32 +60,13 @@ impl Listeners {
 
 /// Raises the soft limit on open files to the hard limit: every connection
 /// is a file descriptor, and distributions default the soft limit to 1024.
-/// Returns the limit now in force.
-pub fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                lim = want;
-            }
-        }
-    }
-    lim.rlim_cur as u64
+/// Returns the limit now in force (None if it cannot be read).
+fn raise_fd_limit() -> Option<u64> {
+    rlimit::increase_nofile_limit(u64::MAX).ok()
 }
 
 /// The process-wide Prometheus recorder (the `metrics` facade is global).
-pub fn metrics_handle() -> PrometheusHandle {
+fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
@@ -113,7 +87,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Builds the node for `cfg`: Redis-backed when a Redis URL is configured,
 /// embedded otherwise.
-pub async fn build_node(cfg: Config) -> Result<Arc<Node>, crate::error::Error> {
+async fn build_node(cfg: Config) -> Result<Arc<Node>, crate::error::Error> {
     match cfg.redis_url.clone() {
         None => Ok(Node::in_memory(cfg)),
         Some(url) => crate::backend::redis::node(cfg, &url).await,
@@ -130,7 +104,7 @@ pub async fn run(
     // Every connection is a file descriptor: hold at most what the
     // open-files limit allows (less a reserve for Redis, gRPC and logs), so
     // a full node stops accepting instead of failing accepts with EMFILE.
-    let fds = raise_fd_limit() as usize;
+    let fds = raise_fd_limit().unwrap_or(1024) as usize;
     let max_connections = cfg
         .limits
         .max_connections
@@ -236,8 +210,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = public.await;
     let _ = admin.await;
-    node.hub
-        .close_all(close::GOING_AWAY, "server shutting down");
+    node.hub.close_all(Disconnect::Shutdown);
     heartbeat.abort();
     tasks.close();
     if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
@@ -254,11 +227,6 @@ pub async fn run(
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Resolves once shutdown has been signalled.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 fn admin(
@@ -287,85 +255,5 @@ fn admin(
             format!("ok {}\n", node.cfg.node_id).into(),
         ),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    }
-}
-
-/// An HTTP response with a body of `content_type`.
-pub fn respond(
-    status: StatusCode,
-    content_type: &'static str,
-    body: Bytes,
-) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    r
-}
-
-/// Accepts HTTP/1.1 connections until told to stop. With `permits`, a
-/// permit is taken before each accept and held for the connection's life
-/// (through a WebSocket upgrade too), so a full node stops accepting instead
-/// of failing later. Accept errors (EMFILE, say) back off exponentially.
-async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-    tasks: TaskTracker,
-    permits: Option<Arc<Semaphore>>,
-    handler: F,
-) where
-    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<Full<Bytes>>, hyper::Error>> + Send + 'static,
-{
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let permit = match &permits {
-            Some(p) => tokio::select! {
-                p = p.clone().acquire_owned() => Some(Arc::new(p.expect("never closed"))),
-                _ = stopped(&mut stop) => return,
-            },
-            None => None,
-        };
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => { backoff = Duration::from_millis(5); s }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed; backing off {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-            _ = stopped(&mut stop) => return,
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let mut stop = stop.clone();
-        tasks.spawn(async move {
-            let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                // The WebSocket task takes this along, keeping the permit for
-                // the socket's whole life.
-                if let Some(p) = &permit {
-                    req.extensions_mut().insert(ConnPermit(p.clone()));
-                }
-                handler(req)
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
-            }
-        });
     }
 }

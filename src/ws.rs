@@ -9,10 +9,10 @@
 
 use crate::auth::TokenVerifier;
 use crate::error::Error;
-use crate::hub::{close, Conn, Outbound};
+use crate::http::{respond, ConnPermit};
+use crate::hub::{Conn, Outbound};
 use crate::node::Node;
-use crate::protocol::{self, ClientFrame, MessageId};
-use crate::server::respond;
+use crate::protocol::{self, ClientFrame, Disconnect, MessageId};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
@@ -22,9 +22,9 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::handshake::server::create_response;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -95,7 +95,9 @@ impl Gateway {
         }
     }
 
-    fn upgrade(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    fn upgrade(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        // Only the head matters from here on (the body of a GET is empty).
+        let mut req = Request::from_parts(req.into_parts().0, ());
         let mut token = None;
         let mut since = None;
         if let Some(q) = req.uri().query() {
@@ -112,7 +114,7 @@ impl Gateway {
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
+                .and_then(bearer)
                 .map(str::to_string);
         }
         let Some(token) = token else {
@@ -135,40 +137,23 @@ impl Gateway {
             Some(Ok(id)) => Some(id),
             Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("since: {e}\n")),
         };
-        let headers = req.headers();
-        let is_upgrade = headers
-            .get(header::CONNECTION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(',')
-                    .any(|p| p.trim().eq_ignore_ascii_case("upgrade"))
-            })
-            && headers
-                .get(header::UPGRADE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-        if !is_upgrade {
-            return text(
-                StatusCode::UPGRADE_REQUIRED,
-                "this endpoint speaks WebSocket only\n",
-            );
-        }
-        if headers
-            .get(header::SEC_WEBSOCKET_VERSION)
-            .map(|v| v.as_bytes())
-            != Some(b"13")
-        {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "Sec-WebSocket-Version must be 13\n",
-            );
-        }
-        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-            return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+        // tungstenite validates the handshake (GET, HTTP/1.1 or newer,
+        // Connection/Upgrade, version 13, the key) and derives the accept key.
+        let accepted = match create_response(&req) {
+            Ok(r) => r,
+            Err(WsError::Protocol(
+                e @ (ProtocolError::MissingConnectionUpgradeHeader
+                | ProtocolError::MissingUpgradeWebSocketHeader),
+            )) => {
+                return text(
+                    StatusCode::UPGRADE_REQUIRED,
+                    format!("this endpoint speaks WebSocket only: {e}\n"),
+                )
+            }
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
         };
-        let accept = derive_accept_key(key.as_bytes());
         let on_upgrade = hyper::upgrade::on(&mut req);
-        let permit = req.extensions_mut().remove::<crate::server::ConnPermit>();
+        let permit = req.extensions_mut().remove::<ConnPermit>();
         let gw = self.clone();
         self.tasks.spawn(async move {
             let _permit = permit;
@@ -192,26 +177,28 @@ impl Gateway {
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         });
-        let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = r.headers_mut();
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(
-            header::SEC_WEBSOCKET_ACCEPT,
-            HeaderValue::from_str(&accept).expect("base64 is a valid header"),
-        );
-        r
+        accepted.map(|()| Full::new(Bytes::new()))
     }
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header; the scheme
+/// is case-insensitive (RFC 7235).
+fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// The closing handshake: send our close frame, then keep reading (and
 /// dropping) until the client's close frame arrives, so the client reads
 /// our frame before the TCP connection goes away. Bounded by 2 s.
-async fn send_close(ws: &mut Socket, code: u16, reason: &str) {
+async fn send_close(ws: &mut Socket, why: &Disconnect) {
+    tracing::debug!(code = why.code(), reason = %why.reason(), reconnect = why.reconnect(), "closing connection");
     let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.to_string().into(),
+        code: why.code().into(),
+        reason: why.reason().into(),
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         if ws.close(Some(frame)).await.is_err() {
@@ -222,7 +209,9 @@ async fn send_close(ws: &mut Socket, code: u16, reason: &str) {
     .await;
 }
 
-/// One connection's whole life, from attach to detach.
+/// One connection's whole life, from attach to detach. Everything it logs
+/// carries the node, the user and (once attached) the connection id.
+#[tracing::instrument(name = "conn", skip_all, fields(node = %node.cfg.node_id, user = %user, conn = tracing::field::Empty))]
 async fn run(node: Arc<Node>, user: String, since: Option<MessageId>, mut ws: Socket) {
     // Futures awaited once (attach, close) are boxed so that they do not
     // widen the state every idle connection's task keeps.
@@ -231,29 +220,25 @@ async fn run(node: Arc<Node>, user: String, since: Option<MessageId>, mut ws: So
         Err(Error::ResourceExhausted(m)) => {
             metrics::counter!("herald_ws_rejected_total", "reason" => "too_many_connections")
                 .increment(1);
-            return Box::pin(send_close(&mut ws, close::TOO_MANY_CONNECTIONS, &m)).await;
+            return Box::pin(send_close(&mut ws, &Disconnect::TooManyConnections(m))).await;
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot attach connection");
-            return Box::pin(send_close(
-                &mut ws,
-                close::TRY_AGAIN_LATER,
-                "backend unavailable, retry shortly",
-            ))
-            .await;
+            return Box::pin(send_close(&mut ws, &Disconnect::BackendUnavailable)).await;
         }
     };
+    tracing::Span::current().record("conn", conn.id);
     metrics::counter!("herald_ws_connections_total").increment(1);
     let end = serve(&node, &conn, since, &mut ws).await;
     Box::pin(node.detach(&conn)).await;
-    if let Some((code, reason)) = end {
-        Box::pin(send_close(&mut ws, code, &reason)).await;
+    if let Some(why) = end {
+        Box::pin(send_close(&mut ws, &why)).await;
     }
 }
 
 /// Why a connection ended: `Some` to send a close frame, `None` if the
 /// socket is already gone or closed.
-type End = Option<(u16, String)>;
+type End = Option<Disconnect>;
 
 async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Socket) -> End {
     let heartbeat = node.cfg.heartbeat;
@@ -263,10 +248,7 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "replay failed");
-            return Some((
-                close::TRY_AGAIN_LATER,
-                "backend unavailable, retry shortly".into(),
-            ));
+            return Some(Disconnect::BackendUnavailable);
         }
     };
     let welcome = protocol::welcome_frame(
@@ -314,13 +296,13 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "catch-up after broker reconnect failed");
-                            return Some((close::TRY_AGAIN_LATER, "backend unavailable, reconnect with since".into()));
+                            return Some(Disconnect::BackendUnavailable);
                         }
                     }
                 }
                 if pending.heartbeat && last_seen.elapsed() >= heartbeat * 2 {
                     metrics::counter!("herald_heartbeat_timeouts_total").increment(1);
-                    return Some((1000, "heartbeat timeout".into()));
+                    return Some(Disconnect::HeartbeatTimeout);
                 }
                 if !batch.is_empty() || pending.heartbeat {
                     if !Box::pin(write(ws, &mut batch, &mut head, write_timeout, pending.heartbeat)).await {
@@ -338,12 +320,9 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                 last_seen = Instant::now();
                 match msg {
                     None => return None,
-                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                        metrics::counter!("herald_client_frames_rejected_total", "reason" => "too_big").increment(1);
-                        return Some((close::TOO_BIG, format!("frame exceeds {} bytes", node.cfg.limits.max_client_frame_bytes)));
-                    }
                     Some(Err(WsError::Capacity(_))) => {
-                        return Some((close::TOO_BIG, "frame too big".into()));
+                        metrics::counter!("herald_client_frames_rejected_total", "reason" => "too_big").increment(1);
+                        return Some(Disconnect::FrameTooBig(node.cfg.limits.max_client_frame_bytes));
                     }
                     Some(Err(_)) => return None,
                     Some(Ok(Message::Text(t))) => {

@@ -89,7 +89,7 @@ async fn offline_user_gets_unread_count_and_replay_on_connect(b: Backend) {
 
 async fn replay_is_capped_to_the_newest_unread_but_welcome_counts_all(b: Backend) {
     let mut a = args();
-    a.replay_limit = Some(2);
+    a.replay_limit = 2;
     let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let u = uid("cap");
@@ -362,7 +362,7 @@ async fn resume_with_since_gets_exactly_the_missed_messages(b: Backend) {
 
 async fn retention_trims_and_resume_reports_the_gap(b: Backend) {
     let mut a = args();
-    a.inbox_max_messages = Some(3);
+    a.inbox_max_messages = 3;
     let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let u = uid("trim");
@@ -423,7 +423,7 @@ async fn messages_sent_while_connecting_arrive_once_in_order(b: Backend) {
 
 async fn bad_rpc_input_is_invalid_argument_and_node_keeps_serving(b: Backend) {
     let mut a = args();
-    a.max_payload_bytes = Some(1024);
+    a.max_payload_bytes = 1024;
     let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let req = |users: Vec<String>, payload: &str| SendToUserRequest {
@@ -501,7 +501,7 @@ async fn bad_rpc_input_is_invalid_argument_and_node_keeps_serving(b: Backend) {
 
 async fn bad_client_frames(b: Backend) {
     let mut a = args();
-    a.max_client_frame_bytes = Some(4096);
+    a.max_client_frame_bytes = 4096;
     let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let u = uid("frames");
@@ -548,7 +548,7 @@ async fn bad_client_frames(b: Backend) {
 }
 async fn slow_client_is_closed_with_1013_and_keeps_its_messages(b: Backend) {
     let mut a = args();
-    a.send_queue = Some(8);
+    a.send_queue = 8;
     let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let (slow, fast) = (uid("slow"), uid("fast"));
@@ -587,7 +587,7 @@ async fn slow_client_is_closed_with_1013_and_keeps_its_messages(b: Backend) {
 
 async fn connection_cap_per_user(b: Backend) {
     let mut a = args();
-    a.max_connections_per_user = Some(2);
+    a.max_connections_per_user = 2;
     let node = TestNode::start_on(b, a).await;
     let u = uid("cap");
     let (_a, _) = node.connect(&u).await;
@@ -664,7 +664,7 @@ fn expired_token() -> String {
 
 async fn heartbeat_closes_silent_connections(b: Backend) {
     let mut a = args();
-    a.heartbeat = Some(Duration::from_millis(150));
+    a.heartbeat = Duration::from_millis(150);
     let node = TestNode::start_on(b, a).await;
     let u = uid("hb");
     let (mut ws, _) = node.connect(&u).await;

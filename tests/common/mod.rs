@@ -23,9 +23,9 @@ pub const WAIT: Duration = Duration::from_secs(5);
 pub fn args() -> ServeArgs {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     ServeArgs {
-        ws_listen: Some(any),
-        grpc_listen: Some(any),
-        admin_listen: Some(any),
+        ws_listen: any,
+        grpc_listen: any,
+        admin_listen: any,
         jwt_secret: Some(SECRET.into()),
         ..Default::default()
     }

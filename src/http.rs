@@ -1,0 +1,105 @@
+//! HTTP/1.1 plumbing shared by the public and admin listeners: the accept
+//! loop (with its connection permits and header limits) and responses.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
+
+/// A connection slot of the public listener; the slot frees when the last
+/// clone drops.
+#[derive(Clone)]
+pub struct ConnPermit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+/// Resolves once shutdown has been signalled.
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// An HTTP response with a body of `content_type`.
+pub fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// Accepts HTTP/1.1 connections until told to stop. With `permits`, a
+/// permit is taken before each accept and held for the connection's life
+/// (through a WebSocket upgrade too), so a full node stops accepting instead
+/// of failing later. Accept errors (EMFILE, say) back off exponentially.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    tasks: TaskTracker,
+    permits: Option<Arc<Semaphore>>,
+    handler: F,
+) where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, hyper::Error>> + Send + 'static,
+{
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = match &permits {
+            Some(p) => tokio::select! {
+                p = p.clone().acquire_owned() => Some(Arc::new(p.expect("never closed"))),
+                _ = stopped(&mut stop) => return,
+            },
+            None => None,
+        };
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => { backoff = Duration::from_millis(5); s }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let mut stop = stop.clone();
+        tasks.spawn(async move {
+            let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                // The WebSocket task takes this along, keeping the permit for
+                // the socket's whole life.
+                if let Some(p) = &permit {
+                    req.extensions_mut().insert(ConnPermit(p.clone()));
+                }
+                handler(req)
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
