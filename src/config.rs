@@ -158,6 +158,24 @@ pub struct ServeArgs {
     /// Node lease in Redis; a node that stops renewing it counts as dead after this long (at least 500ms).
     #[arg(long, env = "HERALD_NODE_LEASE", default_value = "15s", value_parser = duration)]
     pub node_lease: Duration,
+    /// gRPC connections this node holds at once; more wait to be accepted.
+    #[arg(long, env = "HERALD_GRPC_MAX_CONNECTIONS", default_value_t = 1024, value_parser = positive)]
+    pub grpc_max_connections: usize,
+    /// Concurrent gRPC streams (calls) per connection, announced in HTTP/2 SETTINGS.
+    #[arg(long, env = "HERALD_GRPC_MAX_STREAMS", default_value_t = 1024, value_parser = positive)]
+    pub grpc_max_streams: usize,
+    /// gRPC calls and open streams (e.g. Health/Watch) in flight on this node; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HERALD_GRPC_MAX_INFLIGHT", default_value_t = 10_000, value_parser = positive)]
+    pub grpc_max_inflight: usize,
+    /// Client frames a connection may send per second, sustained; over the budget it gets an error frame and close 1008.
+    #[arg(long, env = "HERALD_CLIENT_FRAME_RATE", default_value_t = 20, value_parser = positive)]
+    pub client_frame_rate: usize,
+    /// Client frames a connection may send in a burst above --client-frame-rate.
+    #[arg(long, env = "HERALD_CLIENT_FRAME_BURST", default_value_t = 100, value_parser = positive)]
+    pub client_frame_burst: usize,
+    /// A write to a client that cannot finish this fast drops the connection (a peer that stopped reading).
+    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub write_timeout: Duration,
     /// Runtime worker threads. [default: one per core; give each of N nodes sharing a machine cores/N]
     #[arg(long, env = "HERALD_WORKER_THREADS", value_parser = positive)]
     pub worker_threads: Option<usize>,
@@ -273,6 +291,12 @@ pub struct Limits {
     pub send_queue: usize,
     pub max_connections_per_user: u32,
     pub max_connections: usize,
+    pub grpc_max_connections: usize,
+    pub grpc_max_streams: usize,
+    pub grpc_max_inflight: usize,
+    pub client_frame_rate: usize,
+    pub client_frame_burst: usize,
+    pub write_timeout: Duration,
 }
 
 /// Retention and replay of stored messages.
@@ -367,6 +391,12 @@ impl Config {
                 send_queue: args.send_queue.max(1),
                 max_connections_per_user: args.max_connections_per_user.max(1),
                 max_connections: args.max_connections.max(1),
+                grpc_max_connections: args.grpc_max_connections,
+                grpc_max_streams: args.grpc_max_streams,
+                grpc_max_inflight: args.grpc_max_inflight,
+                client_frame_rate: args.client_frame_rate,
+                client_frame_burst: args.client_frame_burst,
+                write_timeout: args.write_timeout.max(Duration::from_millis(10)),
             },
             inbox: InboxConfig {
                 max_messages: args.inbox_max_messages.max(1),

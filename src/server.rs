@@ -7,6 +7,7 @@
 
 use crate::auth::{ApiKey, TokenVerifier};
 use crate::config::Config;
+use crate::grpc::limits::{incoming as grpc_incoming, InflightLimit};
 use crate::http::{accept_loop, respond, stopped};
 use crate::node::Node;
 use crate::proto::push_service_server::PushServiceServer;
@@ -142,12 +143,14 @@ pub async fn run(
     let mut grpc_stop = stop_rx.clone();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
+            .max_concurrent_streams(cfg.limits.grpc_max_streams.min(u32::MAX as usize) as u32)
+            .layer(InflightLimit::new(cfg.limits.grpc_max_inflight))
             .add_service(health_svc)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(push)
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listeners.grpc),
+                grpc_incoming(listeners.grpc, cfg.limits.grpc_max_connections),
                 async move {
                     stopped(&mut grpc_stop).await;
                 },

@@ -2,6 +2,8 @@
 //! messages to [`Node`] calls, counts and times every RPC, and maps
 //! [`crate::error::Error`] to precise status codes.
 
+pub(crate) mod limits;
+
 use crate::node::Node;
 use crate::proto::push_service_server::PushService;
 use crate::proto::*;

@@ -1,0 +1,208 @@
+//! Bounds on what gRPC callers can make a node hold, whoever they are (the
+//! health and reflection services are open without a key, by design):
+//!
+//! * connections: a permit per accepted socket, waited for *before*
+//!   accepting, so a full node lets new connections wait in the kernel's
+//!   backlog instead of taking memory for them;
+//! * streams per connection: the HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`
+//!   the node announces (set on the tonic server builder);
+//! * RPCs in flight node-wide: a permit per call, held until the response
+//!   body ends, so long-lived streams such as `Health/Watch` count for as long
+//!   as they stay open. A call that finds no permit is answered
+//!   `RESOURCE_EXHAUSTED` at once and costs nothing more.
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// An accepted gRPC socket and the connection slot it holds; the slot frees
+/// when the connection is dropped.
+pub(crate) struct Permitted {
+    io: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Accepts gRPC connections, at most `max` at once, with TCP_NODELAY on each
+/// (small HTTP/2 frames must not wait for delayed ACKs). Accept errors
+/// (EMFILE, say) are logged and retried with backoff, never returned, so the
+/// server never stops on them.
+pub(crate) fn incoming(
+    listener: TcpListener,
+    max: usize,
+) -> impl futures_util::Stream<Item = io::Result<Permitted>> {
+    let permits = Arc::new(Semaphore::new(max));
+    futures_util::stream::unfold((listener, permits), |(listener, permits)| async move {
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                metrics::counter!("herald_grpc_connection_limit_waits_total").increment(1);
+                permits.clone().acquire_owned().await.expect("never closed")
+            }
+        };
+        let mut backoff = Duration::from_millis(5);
+        let io = loop {
+            match listener.accept().await {
+                Ok((io, _)) => break io,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gRPC accept failed; backing off {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        };
+        let _ = io.set_nodelay(true);
+        let conn = Permitted {
+            io,
+            _permit: permit,
+        };
+        Some((Ok(conn), (listener, permits)))
+    })
+}
+
+impl Connected for Permitted {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for Permitted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Permitted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Tower layer capping the RPCs in flight on this node (see the module doc).
+#[derive(Clone)]
+pub(crate) struct InflightLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl InflightLimit {
+    pub(crate) fn new(max: usize) -> Self {
+        InflightLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for InflightLimit {
+    type Service = Inflight<S>;
+    fn layer(&self, inner: S) -> Inflight<S> {
+        Inflight {
+            inner,
+            limit: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Inflight<S> {
+    inner: S,
+    limit: InflightLimit,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, Req, B> tower::Service<Req> for Inflight<S>
+where
+    S: tower::Service<Req, Response = hyper::Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = hyper::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let Ok(permit) = self.limit.permits.clone().try_acquire_owned() else {
+            metrics::counter!("herald_grpc_rejected_total", "reason" => "inflight").increment(1);
+            let status = tonic::Status::resource_exhausted(format!(
+                "this node already serves {} RPCs and streams (--grpc-max-inflight); retry later",
+                self.limit.max
+            ));
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        };
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let resp = call.await?;
+            Ok(resp.map(|body| {
+                tonic::body::Body::new(Held {
+                    body,
+                    _permit: permit,
+                })
+            }))
+        })
+    }
+}
+
+/// A response body holding its RPC's in-flight permit until it ends or is
+/// dropped.
+struct Held<B> {
+    body: B,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<B: Body + Unpin> Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
