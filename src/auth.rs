@@ -13,6 +13,8 @@ const LEEWAY_SECS: u64 = 30;
 struct Claims {
     sub: String,
     exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
 }
 
 /// Verifies client tokens. Built once per node; verification allocates only
@@ -30,6 +32,8 @@ impl TokenVerifier {
         validation.leeway = LEEWAY_SECS;
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_exp = true;
+        // A token that is not valid yet is refused like an expired one.
+        validation.validate_nbf = true;
         TokenVerifier {
             key: DecodingKey::from_secret(secret.as_bytes()),
             validation,
@@ -47,6 +51,7 @@ impl TokenVerifier {
             use jsonwebtoken::errors::ErrorKind::*;
             match e.kind() {
                 ExpiredSignature => "token expired".to_string(),
+                ImmatureSignature => "token not valid yet (nbf is in the future)".to_string(),
                 InvalidSignature => {
                     "token signature does not match this cluster's secret".to_string()
                 }
@@ -74,6 +79,7 @@ pub fn mint(secret: &str, user: &str, ttl: Duration) -> String {
         &Claims {
             sub: user.to_string(),
             exp,
+            nbf: None,
         },
         &EncodingKey::from_secret(secret.as_bytes()),
     )
@@ -95,8 +101,7 @@ impl tonic::service::Interceptor for ApiKey {
             .and_then(|v| v.to_str().ok())
         {
             Some(v)
-                if v.strip_prefix("Bearer ")
-                    .is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes())) =>
+                if bearer(v).is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes())) =>
             {
                 Ok(req)
             }
@@ -108,6 +113,16 @@ impl tonic::service::Interceptor for ApiKey {
             )),
         }
     }
+}
+
+/// The credentials of an `authorization: Bearer <credentials>` value; the
+/// scheme is case-insensitive (RFC 7235).
+pub(crate) fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -138,10 +153,34 @@ mod tests {
             &Claims {
                 sub: "a".into(),
                 exp,
+                nbf: None,
             },
             &EncodingKey::from_secret(b"secret-one"),
         )
         .unwrap();
         assert_eq!(v.verify(&old).unwrap_err(), "token expired");
+        // Not valid before a time beyond the leeway.
+        let now = crate::protocol::now_ms() / 1000;
+        let early = encode(
+            &Header::default(),
+            &Claims {
+                sub: "a".into(),
+                exp: now + 3600,
+                nbf: Some(now + 600),
+            },
+            &EncodingKey::from_secret(b"secret-one"),
+        )
+        .unwrap();
+        assert!(v.verify(&early).unwrap_err().contains("not valid yet"));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearer"), None);
     }
 }

@@ -233,6 +233,15 @@ impl Node {
 
     pub async fn disconnect_user(&self, user: &str, reason: &str) -> Result<u32> {
         self.check_user(user)?;
+        if reason.len() > protocol::MAX_CLOSE_REASON_BYTES {
+            // A close frame has room for 123 bytes of reason; cutting it
+            // silently would change what the user is told.
+            return Err(Error::invalid(format!(
+                "reason is {} bytes; a close reason holds at most {} bytes (UTF-8)",
+                reason.len(),
+                protocol::MAX_CLOSE_REASON_BYTES
+            )));
+        }
         let reason = if reason.is_empty() {
             "disconnected by the server"
         } else {
@@ -305,9 +314,8 @@ impl Node {
     }
 
     /// A client's `read` frame.
-    pub async fn client_read(&self, user: &str, up_to: &str) -> Result<u64> {
-        let id = Self::parse_id("up_to", up_to)?;
-        self.mark_read_at(user, Some(id)).await
+    pub async fn client_read(&self, user: &str, up_to: MessageId) -> Result<u64> {
+        self.mark_read_at(user, Some(up_to)).await
     }
 
     /// Leaves the cluster (clean shutdown).

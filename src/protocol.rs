@@ -202,6 +202,12 @@ pub enum Disconnect {
     SlowClient,
     /// 1013: the shared backend is unavailable; reconnect with `since`.
     BackendUnavailable,
+    /// 1002: the client broke the WebSocket protocol.
+    ProtocolViolation,
+    /// 1007: a text frame that is not UTF-8.
+    InvalidUtf8,
+    /// 1008: the client sent frames faster than its budget allows.
+    RateLimited,
     /// 4001: `DisconnectUser` (logout, ban). Do not reconnect.
     Kicked(std::sync::Arc<str>),
     /// 4029: the user holds too many connections; the text says how many.
@@ -215,6 +221,9 @@ pub const MAX_CLOSE_REASON_BYTES: usize = 123;
 impl Disconnect {
     pub const HEARTBEAT_TIMEOUT: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
+    pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const KICKED: u16 = 4001;
@@ -226,6 +235,9 @@ impl Disconnect {
             Disconnect::Shutdown => Self::GOING_AWAY,
             Disconnect::FrameTooBig(_) => Self::TOO_BIG,
             Disconnect::SlowClient | Disconnect::BackendUnavailable => Self::TRY_AGAIN_LATER,
+            Disconnect::ProtocolViolation => Self::PROTOCOL_ERROR,
+            Disconnect::InvalidUtf8 => Self::INVALID_DATA,
+            Disconnect::RateLimited => Self::POLICY,
             Disconnect::Kicked(_) => Self::KICKED,
             Disconnect::TooManyConnections(_) => Self::TOO_MANY_CONNECTIONS,
         }
@@ -241,6 +253,9 @@ impl Disconnect {
             Disconnect::FrameTooBig(max) => format!("frame exceeds {max} bytes").into(),
             Disconnect::SlowClient => "send queue full: client too slow".into(),
             Disconnect::BackendUnavailable => "backend unavailable, reconnect with since".into(),
+            Disconnect::ProtocolViolation => "WebSocket protocol violation".into(),
+            Disconnect::InvalidUtf8 => "text frame is not valid UTF-8".into(),
+            Disconnect::RateLimited => "too many frames: client frame budget exceeded".into(),
             Disconnect::Kicked(reason) => (&**reason).into(),
             Disconnect::TooManyConnections(why) => why.as_str().into(),
         };

@@ -7,7 +7,7 @@
 //! timer per connection; the hub's queue, the socket's buffers and a small
 //! task state are the connection's whole memory (see BENCHMARKS.md).
 
-use crate::auth::TokenVerifier;
+use crate::auth::{bearer, TokenVerifier};
 use crate::error::Error;
 use crate::http::{respond, ConnPermit};
 use crate::hub::{Conn, Outbound};
@@ -181,16 +181,6 @@ impl Gateway {
     }
 }
 
-/// The credentials of an `Authorization: Bearer <token>` header; the scheme
-/// is case-insensitive (RFC 7235).
-fn bearer(header: &str) -> Option<&str> {
-    let (scheme, token) = header.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
-
 /// The closing handshake: send our close frame, then keep reading (and
 /// dropping) until the client's close frame arrives, so the client reads
 /// our frame before the TCP connection goes away. Bounded by 2 s.
@@ -242,8 +232,8 @@ type End = Option<Disconnect>;
 
 async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Socket) -> End {
     let heartbeat = node.cfg.heartbeat;
-    // A write that cannot finish within two heartbeats means a dead peer.
-    let write_timeout = heartbeat * 2;
+    let limits = &node.cfg.limits;
+    let write_timeout = limits.write_timeout;
     let replay = match Box::pin(node.replay(&conn.user, since)).await {
         Ok(r) => r,
         Err(e) => {
@@ -278,9 +268,15 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
     // While idle, the task waits here on two things only: its hub entry
     // (frames, close, resync, heartbeat ticks from the node's one heartbeat
     // timer) and the socket. No per-connection timer exists.
-    let mut last_seen = Instant::now();
+    let mut budget = Budget::new(limits.client_frame_burst);
+    // The newest `read` position the client asked for and the backend has
+    // not been told yet: a burst of reads costs the backend one write.
+    let mut pending_read: Option<MessageId> = None;
     loop {
         tokio::select! {
+            // Outbound work first, then every client frame that is already
+            // readable, and only then the coalesced read.
+            biased;
             _ = conn.wait() => {
                 let pending = conn.take(&mut batch);
                 if pending.resync {
@@ -300,7 +296,7 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                         }
                     }
                 }
-                if pending.heartbeat && last_seen.elapsed() >= heartbeat * 2 {
+                if pending.heartbeat && budget.last_seen.elapsed() >= heartbeat * 2 {
                     metrics::counter!("herald_heartbeat_timeouts_total").increment(1);
                     return Some(Disconnect::HeartbeatTimeout);
                 }
@@ -317,35 +313,127 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                 }
             }
             msg = ws.next() => {
-                last_seen = Instant::now();
+                let Some(msg) = msg else { return None };
+                if !budget.take(limits.client_frame_rate, limits.client_frame_burst) {
+                    metrics::counter!("herald_client_frames_rejected_total", "reason" => "rate").increment(1);
+                    conn.send(protocol::error_frame("rate_limited", &format!(
+                        "more than {} frames/s (burst {}): closing",
+                        limits.client_frame_rate, limits.client_frame_burst
+                    )));
+                    conn.close(Disconnect::RateLimited);
+                    continue; // the queued error frame goes out before the close
+                }
                 match msg {
-                    None => return None,
-                    Some(Err(WsError::Capacity(_))) => {
+                    Err(WsError::Capacity(_)) => {
                         metrics::counter!("herald_client_frames_rejected_total", "reason" => "too_big").increment(1);
-                        return Some(Disconnect::FrameTooBig(node.cfg.limits.max_client_frame_bytes));
+                        return Some(Disconnect::FrameTooBig(limits.max_client_frame_bytes));
                     }
-                    Some(Err(_)) => return None,
-                    Some(Ok(Message::Text(t))) => {
-                        if let Some(reply) = Box::pin(client_frame(node, conn, t.as_str())).await {
+                    Err(WsError::Utf8(_)) => {
+                        metrics::counter!("herald_client_frames_rejected_total", "reason" => "utf8").increment(1);
+                        return Some(Disconnect::InvalidUtf8);
+                    }
+                    Err(WsError::Protocol(e)) => {
+                        metrics::counter!("herald_client_frames_rejected_total", "reason" => "protocol").increment(1);
+                        tracing::debug!(error = %e, "client broke the WebSocket protocol");
+                        return Some(Disconnect::ProtocolViolation);
+                    }
+                    Err(_) => return None,
+                    Ok(Message::Text(t)) => match client_frame(t.as_str()) {
+                        Asked::Read(id) => pending_read = pending_read.max(Some(id)),
+                        Asked::Reply(reply) => {
                             conn.send(reply);
                         }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
+                    },
+                    Ok(Message::Binary(_)) => {
                         conn.send(protocol::error_frame("bad_frame", "binary frames are not part of the protocol; send JSON text frames"));
                     }
-                    Some(Ok(Message::Ping(_))) => {
+                    Ok(Message::Ping(_)) => {
                         // tungstenite queued the pong; push it out now.
                         if !Box::pin(write(ws, &mut batch, &mut head, write_timeout, false)).await {
                             return None;
                         }
                     }
-                    Some(Ok(Message::Close(_))) => {
+                    Ok(Message::Close(_)) => {
                         let _ = Box::pin(tokio::time::timeout(Duration::from_secs(2), ws.flush())).await;
                         return None;
                     }
-                    Some(Ok(_)) => {}
+                    Ok(_) => {}
                 }
             }
+            _ = std::future::ready(()), if pending_read.is_some() => {
+                let up_to = pending_read.take().expect("guarded");
+                // Every connection of the user, this one included, gets the
+                // new count through the broker when it changed.
+                match Box::pin(node.client_read(&conn.user, up_to)).await {
+                    Ok(_) => {}
+                    Err(Error::InvalidArgument(m)) => {
+                        conn.send(protocol::error_frame("bad_request", &m));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "read failed");
+                        conn.send(protocol::error_frame(
+                            "unavailable",
+                            "could not mark read: backend unavailable, retry shortly",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A token bucket for one connection's client frames (every frame counts,
+/// control frames too): `rate` a second, at most `burst` saved up. It also
+/// remembers when the client last sent anything, for the heartbeat check.
+struct Budget {
+    tokens: f32,
+    last_seen: Instant,
+}
+
+impl Budget {
+    fn new(burst: usize) -> Self {
+        Budget {
+            tokens: burst as f32,
+            last_seen: Instant::now(),
+        }
+    }
+
+    /// Spends one token for a frame that just arrived; false when none is
+    /// left.
+    fn take(&mut self, rate: usize, burst: usize) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.last_seen).as_secs_f32() * rate as f32;
+        self.tokens = (self.tokens + earned).min(burst as f32);
+        self.last_seen = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What a client text frame asks for.
+enum Asked {
+    /// Mark read up to this id (coalesced with reads right behind it).
+    Read(MessageId),
+    /// Answer with this frame (pong, or an error frame).
+    Reply(protocol::Frame),
+}
+
+/// Parses one untrusted client text frame.
+fn client_frame(text: &str) -> Asked {
+    match protocol::parse_client_frame(text) {
+        Ok(ClientFrame::Ping) => Asked::Reply(protocol::pong_frame()),
+        Ok(ClientFrame::Read { up_to }) => match up_to.parse::<MessageId>() {
+            Ok(id) => Asked::Read(id),
+            Err(e) => Asked::Reply(protocol::error_frame("bad_request", &format!("up_to: {e}"))),
+        },
+        Err(m) => {
+            metrics::counter!("herald_client_frames_rejected_total", "reason" => "malformed")
+                .increment(1);
+            Asked::Reply(protocol::error_frame("bad_frame", &m))
         }
     }
 }
@@ -383,31 +471,6 @@ async fn write(
         Err(_) => {
             metrics::counter!("herald_write_timeouts_total").increment(1);
             false
-        }
-    }
-}
-
-/// Handles one untrusted client text frame; returns the reply, if any.
-async fn client_frame(node: &Node, conn: &Conn, text: &str) -> Option<protocol::Frame> {
-    match protocol::parse_client_frame(text) {
-        Ok(ClientFrame::Ping) => Some(protocol::pong_frame()),
-        Ok(ClientFrame::Read { up_to }) => match node.client_read(&conn.user, &up_to).await {
-            // Every connection of the user, this one included, gets the new
-            // count through the broker when it changed.
-            Ok(_) => None,
-            Err(Error::InvalidArgument(m)) => Some(protocol::error_frame("bad_request", &m)),
-            Err(e) => {
-                tracing::warn!(error = %e, "read failed");
-                Some(protocol::error_frame(
-                    "unavailable",
-                    "could not mark read: backend unavailable, retry shortly",
-                ))
-            }
-        },
-        Err(m) => {
-            metrics::counter!("herald_client_frames_rejected_total", "reason" => "malformed")
-                .increment(1);
-            Some(protocol::error_frame("bad_frame", &m))
         }
     }
 }

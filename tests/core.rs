@@ -1,5 +1,6 @@
 //! One node, driven by real tonic and WebSocket clients. Every test runs
 //! twice: on the embedded backend and on a private real redis-server.
+#[macro_use]
 mod common;
 
 use common::*;
@@ -787,18 +788,6 @@ async fn api_key_guards_the_push_service_but_not_health() {
         .await
         .is_ok());
     node.stop().await;
-}
-
-/// Runs each test on both backends.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Memory).await } )*
-        }
-        mod redis {
-            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Redis).await } )*
-        }
-    };
 }
 
 on_both_backends!(

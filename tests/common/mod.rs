@@ -17,6 +17,19 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tonic::transport::Channel;
 
+/// Runs each test on both backends (each file that uses it imports
+/// `common::*`, which brings `Backend`).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Memory).await } )*
+        }
+        mod redis {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Redis).await } )*
+        }
+    };
+}
+
 pub const SECRET: &str = "test-secret-0123456789";
 pub const WAIT: Duration = Duration::from_secs(5);
 

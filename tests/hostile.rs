@@ -1,0 +1,274 @@
+//! What hostile clients and careless callers can do to one node, and what
+//! they get: each test here reproduces an observed defect (a close frame
+//! over 125 bytes, a flood of frames, a client that stops reading, broken
+//! frames, unbounded gRPC streams) and checks the documented answer.
+#[macro_use]
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use herald::proto::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::Message;
+use tonic::Code;
+
+/// A ban must reach the browser as 4001 whatever the reason's script: the
+/// longest reason that fits a close frame is delivered whole, a longer one
+/// is refused with INVALID_ARGUMENT instead of breaking the close frame.
+async fn disconnect_reason_fits_a_close_frame(b: Backend) {
+    let node = TestNode::start(b).await;
+    let mut c = node.client().await;
+    let u = uid("ban");
+    let (mut ws, _) = node.connect(&u).await;
+    let too_long = "é".repeat(70); // 140 bytes
+    let err = c
+        .disconnect_user(DisconnectUserRequest {
+            user_id: u.clone(),
+            reason: too_long,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("123"), "{}", err.message());
+    let fits = "é".repeat(61); // 122 bytes
+    c.disconnect_user(DisconnectUserRequest {
+        user_id: u.clone(),
+        reason: fits.clone(),
+    })
+    .await
+    .unwrap();
+    let (code, reason, _) = ws.expect_close().await;
+    assert_eq!(code, 4001);
+    assert_eq!(reason, fits);
+    node.stop().await;
+}
+
+/// A client that floods frames gets an error frame and close 1008; others
+/// are unaffected.
+async fn frame_flood_is_cut_off_with_1008(b: Backend) {
+    let mut a = args();
+    a.client_frame_rate = 20;
+    a.client_frame_burst = 40;
+    let node = TestNode::start_on(b, a).await;
+    let u = uid("flood");
+    let (mut ws, _) = node.connect(&u).await;
+    let (mut calm, _) = node.connect(&uid("calm")).await;
+    // Within the burst: answered.
+    for _ in 0..10 {
+        ws.send_json(json!({"type":"ping"})).await;
+        assert_eq!(ws.next_json().await["type"], "pong");
+    }
+    // A flood: the socket may be closed under the sender, so ignore errors.
+    for _ in 0..2_000 {
+        if ws
+            .stream
+            .send(Message::Text(r#"{"type":"ping"}"#.into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let (code, _, frames) = ws.expect_close().await;
+    assert_eq!(code, 1008);
+    assert!(
+        frames
+            .iter()
+            .any(|f| f["type"] == "error" && f["code"] == "rate_limited"),
+        "an error frame says why: {frames:?}"
+    );
+    assert!(frames.iter().filter(|f| f["type"] == "pong").count() < 100);
+    calm.send_json(json!({"type":"ping"})).await;
+    assert_eq!(calm.next_json().await["type"], "pong");
+    let metrics = node.get("/metrics").await;
+    assert!(metrics.contains("reason=\"rate\""), "{metrics}");
+    node.stop().await;
+}
+
+/// A burst of `read` frames is one backend write, and the badge ends at the
+/// newest position asked for.
+async fn read_bursts_are_coalesced(b: Backend) {
+    let node = TestNode::start(b).await;
+    let mut c = node.client().await;
+    let u = uid("reads");
+    let mut ids = vec![];
+    for i in 0..20 {
+        ids.push(
+            send(&mut c, &[&u], &i.to_string()).await.deliveries[0]
+                .message_id
+                .clone(),
+        );
+    }
+    let (mut ws, w) = node.connect(&u).await;
+    assert_eq!(w["unread"], 20);
+    // Nineteen reads written in one go, oldest to newest.
+    for id in &ids[..19] {
+        ws.stream
+            .feed(Message::Text(
+                json!({"type":"read","up_to":id}).to_string().into(),
+            ))
+            .await
+            .unwrap();
+    }
+    ws.stream.flush().await.unwrap();
+    // Without coalescing every read would move the cursor and announce a
+    // new count (19 frames); coalesced, the first read or two go alone and
+    // the rest in one write.
+    let mut counts = vec![];
+    while counts.last() != Some(&1) {
+        counts.push(ws.next_of("unread").await["count"].as_u64().unwrap());
+    }
+    assert!(
+        counts.len() <= 3,
+        "one write per burst, got counts {counts:?}"
+    );
+    assert_eq!(unread(&mut c, &u).await, 1);
+    node.stop().await;
+}
+
+/// A client that stops reading is dropped after --write-timeout (and is
+/// offline at once), not after two heartbeats.
+async fn stuck_reader_is_dropped_after_the_write_timeout(b: Backend) {
+    let mut a = args();
+    a.write_timeout = Duration::from_millis(500);
+    a.heartbeat = Duration::from_secs(30);
+    let node = TestNode::start_on(b, a).await;
+    let mut c = node.client().await;
+    let u = uid("stuck");
+    let (ws, _) = node.connect(&u).await;
+    assert_eq!(online(&mut c, &u).await, 1);
+    // Never read again; push until the kernel buffers are full.
+    let big = format!("\"{}\"", "x".repeat(60_000));
+    let start = Instant::now();
+    let mut sent = 0;
+    while online(&mut c, &u).await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "still online after {:?} ({sent} sends)",
+            start.elapsed()
+        );
+        c.send_to_user(SendToUserRequest {
+            user_ids: vec![u.clone()],
+            topic: "t".into(),
+            payload_json: big.clone(),
+            transient: true,
+        })
+        .await
+        .unwrap();
+        sent += 1;
+    }
+    drop(ws);
+    let metrics = node.get("/metrics").await;
+    assert!(metrics.contains("herald_write_timeouts_total"), "{metrics}");
+    node.stop().await;
+}
+
+/// Broken frames get the close code RFC 6455 names, not a bare TCP close.
+async fn broken_frames_get_1007_and_1002(b: Backend) {
+    let node = TestNode::start(b).await;
+    let mut ws = node.connect(&uid("utf8")).await.0;
+    let bad = Frame::message(vec![0xff, 0xfe, 0x41], OpCode::Data(Data::Text), true);
+    ws.stream.send(Message::Frame(bad)).await.unwrap();
+    assert_eq!(ws.expect_close().await.0, 1007);
+    let mut ws = node.connect(&uid("proto")).await.0;
+    let bad = Frame::message(vec![1, 2, 3], OpCode::Data(Data::Reserved(3)), true);
+    ws.stream.send(Message::Frame(bad)).await.unwrap();
+    assert_eq!(ws.expect_close().await.0, 1002);
+    node.stop().await;
+}
+
+/// `Authorization: bearer <jwt>` (lower-case scheme) is accepted; an
+/// HTTP/1.0 upgrade is refused with 400, never answered with 101.
+async fn handshake_edge_cases(b: Backend) {
+    let node = TestNode::start(b).await;
+    let u = uid("bearer");
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{}/ws", node.ws),
+    )
+    .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("bearer {}", token(&u)).parse().unwrap(),
+    );
+    let (stream, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut ws = Ws { stream };
+    assert_eq!(ws.next_json().await["type"], "welcome");
+
+    let mut s = tokio::net::TcpStream::connect(node.ws).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /ws?token={} HTTP/1.0\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            token(&u)
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = vec![0u8; 512];
+    let n = tokio::time::timeout(WAIT, s.read(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out[..n]);
+    assert!(head.contains(" 400 "), "{head}");
+    node.stop().await;
+}
+
+/// Open streams (Health/Watch needs no key) count against
+/// --grpc-max-inflight until they end; over it, RESOURCE_EXHAUSTED.
+async fn grpc_streams_are_capped(b: Backend) {
+    let mut a = args();
+    a.grpc_max_inflight = 5;
+    let node = TestNode::start_on(b, a).await;
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let mut streams = vec![];
+    for _ in 0..5 {
+        let mut s = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        s.next().await.unwrap().unwrap();
+        streams.push(s);
+    }
+    let err = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let mut c = herald::proto::push_service_client::PushServiceClient::new(ch.clone());
+    let err = c.stats(StatsRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    // Streams that end give their slots back.
+    drop(streams);
+    eventually("slots freed", || {
+        let mut c = c.clone();
+        async move { c.stats(StatsRequest {}).await.is_ok() }
+    })
+    .await;
+    node.stop().await;
+}
+
+on_both_backends!(
+    disconnect_reason_fits_a_close_frame,
+    frame_flood_is_cut_off_with_1008,
+    read_bursts_are_coalesced,
+    stuck_reader_is_dropped_after_the_write_timeout,
+    broken_frames_get_1007_and_1002,
+    handshake_edge_cases,
+    grpc_streams_are_capped,
+);
