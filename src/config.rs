@@ -28,8 +28,6 @@ pub enum Command {
     Token(TokenArgs),
     /// Send a message to users through a node's gRPC API (a small client).
     Send(SendArgs),
-    /// Load-test a Herald cluster (or a comparison server).
-    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]

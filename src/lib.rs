@@ -17,11 +17,9 @@
 //!   [`backend::memory`] or in Redis in [`backend::redis`].
 //! * [`error`]: the error type and its gRPC status mapping.
 //! * [`cli`]: `herald send`, a small client of the control API.
-//! * [`bench`]: `herald bench`, the load generator.
 
 pub mod auth;
 pub mod backend;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -33,7 +33,6 @@ async fn run(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Send(args) => herald::cli::send(args).await,
-        Command::Bench(args) => herald::bench::run(args).await,
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
