@@ -38,7 +38,7 @@ async fn control_step(ctx: &Arc<Ctx>, rate: Option<f64>) -> Value {
             let is_online = match ctx.args.op {
                 ControlOp::IsOnline => true,
                 ControlOp::Unread => false,
-                ControlOp::Mixed => k % 2 == 0,
+                ControlOp::Mixed => k.is_multiple_of(2),
             };
             pick(
                 &ctx,

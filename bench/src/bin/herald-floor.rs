@@ -196,6 +196,8 @@ fn user_of(req: &WsRequest) -> Option<String> {
 
 /// A WebSocket connection: the handshake (the user comes from the URL), then
 /// [`connection`].
+// The error type of the handshake callback is tungstenite's.
+#[allow(clippy::result_large_err)]
 async fn websocket(state: Arc<State>, stream: TcpStream) {
     let mut user = None;
     let check = |req: &WsRequest, resp: WsResponse| match user_of(req) {
