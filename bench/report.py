@@ -5,7 +5,7 @@
     python3 bench/report.py RESULTS_DIR -               # print it
 
 RESULTS_DIR holds meta.json, commands.txt and r<round>/<experiment>.json as
-written by run.sh and `herald bench --out`. With several rounds every figure
+written by run.sh and `herald-bench --out`. With several rounds every figure
 is the median over the rounds. The part of BENCHMARKS.md between the
 BEGIN/END GENERATED markers is replaced; the rest is left as written.
 """
@@ -293,7 +293,8 @@ def generate(runs, meta, commands):
     if commands.strip():
         w("### Commands")
         w("")
-        w("Each experiment started the system fresh (ports and the JWT secret are per run):")
+        w("Each experiment started the system fresh (ports and the JWT secret are per run; "
+          "`herald-bench` is `target/release/herald-bench`, built by `cargo build --release -p herald-bench`):")
         w("")
         w("```")
         w(commands.strip())

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Herald benchmarks: Herald (1 node; 2 nodes + Redis) side by side with
 # Socket.IO 4 (2 processes + the same Redis) and herald-floor (a bare fan-out),
-# driven by `herald bench` in the same run, on this machine's loopback.
+# driven by herald-bench (the bench/ crate) in the same run, on this machine's loopback.
 #
 #   bash bench/run.sh          full run; rewrites the tables in BENCHMARKS.md
 #   bash bench/run.sh smoke    tiny run for CI (< 2 min): exits non-zero on
@@ -30,7 +30,11 @@
 #   BIG_IDLE           idle connections on one Herald node, no errors [100000]
 #   BENCH_OUT          where JSON results and logs go [bench-out]
 #   BENCH_PROFILE      cargo profile of the binaries: release or debug [release]
-#   HERALD_BIN         a prebuilt herald binary (herald-floor beside it): no build
+#   HERALD_BIN         a prebuilt herald binary (herald-bench and herald-floor
+#                      beside it, as `cargo build --release --workspace` leaves
+#                      them): no build
+#   HERALD_BENCH_BIN   a prebuilt herald-bench (herald-floor beside it), when it is
+#                      not beside HERALD_BIN
 #   HERALD2_WORKERS    tokio worker threads of each of the two co-located Herald
 #                      nodes (TOKIO_WORKER_THREADS) [nproc / 2, at least 1]
 #   EXPERIMENTS        which to run [unicast-transient unicast-stored unicast-batch broadcast control idle]
@@ -144,23 +148,33 @@ if [[ " $SYSTEMS " == *" socketio "* ]]; then
     (cd bench/socketio && npm ci --no-audit --no-fund --loglevel=error) >"$LOGS/npm.log" 2>&1 ||
         die "npm ci failed (see $LOGS/npm.log)"
 fi
-if [ -n "${HERALD_BIN:-}" ] && [ -x "$HERALD_BIN" ] && [ -x "$(dirname "$HERALD_BIN")/herald-floor" ]; then
-    # Prebuilt binaries (CI builds them before): herald and herald-floor side by side.
+# Prebuilt binaries where given (CI builds the workspace before): herald-bench
+# and herald-floor beside herald, or beside HERALD_BENCH_BIN; the rest is built.
+HERALD="" BENCH="" FLOOR=""
+if [ -n "${HERALD_BIN:-}" ] && [ -x "$HERALD_BIN" ]; then
     HERALD="$HERALD_BIN"
-    FLOOR="$(dirname "$HERALD_BIN")/herald-floor"
-    say "using prebuilt $HERALD"
-else
-    say "cargo build --bins ($BENCH_PROFILE)"
-    if [ "$BENCH_PROFILE" = release ]; then
-        cargo build --release --bins >"$LOGS/build.log" 2>&1 || die "build failed (see $LOGS/build.log)"
-    else
-        cargo build --bins >"$LOGS/build.log" 2>&1 || die "build failed (see $LOGS/build.log)"
-    fi
-    TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-    HERALD="$TARGET_DIR/$BENCH_PROFILE/herald"
-    FLOOR="$TARGET_DIR/$BENCH_PROFILE/herald-floor"
+    BENCH="$(dirname "$HERALD_BIN")/herald-bench"
 fi
-[ -x "$HERALD" ] && [ -x "$FLOOR" ] || die "herald and herald-floor binaries not found ($HERALD, $FLOOR)"
+[ -n "${HERALD_BENCH_BIN:-}" ] && BENCH="$HERALD_BENCH_BIN"
+[ -n "$BENCH" ] && FLOOR="$(dirname "$BENCH")/herald-floor"
+build=()
+[ -n "$HERALD" ] || build+=(-p herald)
+[ -n "$BENCH" ] && [ -x "$BENCH" ] && [ -x "$FLOOR" ] || build+=(-p herald-bench)
+if [ ${#build[@]} -gt 0 ]; then
+    say "cargo build ${build[*]} ($BENCH_PROFILE)"
+    profile=()
+    [ "$BENCH_PROFILE" = release ] && profile=(--release)
+    cargo build "${profile[@]+"${profile[@]}"}" "${build[@]}" >"$LOGS/build.log" 2>&1 || die "build failed (see $LOGS/build.log)"
+    TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+    [ -n "$HERALD" ] || HERALD="$TARGET_DIR/$BENCH_PROFILE/herald"
+    if [[ " ${build[*]} " == *" herald-bench "* ]]; then
+        BENCH="$TARGET_DIR/$BENCH_PROFILE/herald-bench"
+        FLOOR="$TARGET_DIR/$BENCH_PROFILE/herald-floor"
+    fi
+fi
+say "binaries: $HERALD, $BENCH, $FLOOR"
+[ -x "$HERALD" ] && [ -x "$BENCH" ] && [ -x "$FLOOR" ] ||
+    die "herald, herald-bench and herald-floor binaries not found ($HERALD, $BENCH, $FLOOR)"
 SERVER="${HERALD_SERVER_BIN:-$HERALD}"
 [ -x "$SERVER" ] || die "HERALD_SERVER_BIN=$SERVER is not an executable"
 
@@ -264,7 +278,7 @@ CHECK=()
 COMMANDS="$BENCH_OUT/commands.txt"
 : >"$COMMANDS"
 
-# run_bench NAME SYSTEM ARGS...: starts SYSTEM fresh, runs herald bench, stops it.
+# run_bench NAME SYSTEM ARGS...: starts SYSTEM fresh, runs herald-bench, stops it.
 run_bench() {
     local name=$1 system=$2
     shift 2
@@ -278,12 +292,12 @@ run_bench() {
         FAILED=$((FAILED + 1))
         return 0
     fi
-    local args=(bench "$@" "${SYS_ARGS[@]}" "${SYS_PIDS[@]}" --label "$name" --out "$json" "${CHECK[@]+"${CHECK[@]}"}")
+    local args=("$@" "${SYS_ARGS[@]}" "${SYS_PIDS[@]}" --label "$name" --out "$json" "${CHECK[@]+"${CHECK[@]}"}")
     # The command as anyone can rerun it (the secret and ports are per run).
-    echo "herald ${args[*]}" | sed -E -e "s/$SECRET/\$SECRET/g" -e "s#$ROOT/##g" -e 's/127\.0\.0\.1:[0-9]+/127.0.0.1:PORT/g' \
+    echo "herald-bench ${args[*]}" | sed -E -e "s/$SECRET/\$SECRET/g" -e "s#$ROOT/##g" -e 's/127\.0\.0\.1:[0-9]+/127.0.0.1:PORT/g' \
         -e 's/=[0-9]+( |$)/=PID\1/g' >>"$COMMANDS"
     local rc=0
-    "$HERALD" "${args[@]}" >"$log.out" 2>"$log" || rc=$?
+    "$BENCH" "${args[@]}" >"$log.out" 2>"$log" || rc=$?
     stop_system
     if [ $rc != 0 ]; then
         FAILED=$((FAILED + 1))

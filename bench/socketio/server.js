@@ -1,4 +1,4 @@
-// Socket.IO 4 comparison server for `herald bench --target socketio`.
+// Socket.IO 4 comparison server for `herald-bench --target socketio`.
 //
 // Several of these processes share one Redis through @socket.io/redis-adapter,
 // the usual way to run Socket.IO on more than one process. Each client joins

@@ -15,7 +15,7 @@
 //! the bench clock>` in its payload; a receiver finds both by scanning the
 //! frame text, whatever the envelope around the payload.
 
-use super::stats::{now_ns, Hists};
+use crate::stats::{now_ns, Hists};
 use futures_util::{SinkExt, StreamExt};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -137,7 +137,7 @@ impl Fleet {
                 .find(|a| a.is_ipv4())
                 .ok_or_else(|| format!("{u:?}: no IPv4 address"))?;
             if !addr.ip().is_loopback() {
-                eprintln!("herald bench: note: {u} is not a loopback address");
+                eprintln!("herald-bench: note: {u} is not a loopback address");
             }
             ws_addrs.push(addr);
         }
@@ -222,7 +222,7 @@ impl Fleet {
         let sep = if base.contains('?') { '&' } else { '?' };
         match self.target {
             Target::Herald => {
-                let token = crate::auth::mint(
+                let token = herald::auth::mint(
                     self.secret.as_deref().unwrap_or(""),
                     user,
                     Duration::from_secs(24 * 3600),

@@ -7,9 +7,10 @@
 //!
 //! Both answer 200 once the message is handed to the server's fan-out.
 
-use super::http::HttpPool;
-use crate::proto::push_service_client::PushServiceClient;
-use crate::proto::{BroadcastRequest, IsOnlineRequest, SendToUserRequest, UnreadCountRequest};
+use crate::http::HttpPool;
+use herald::proto::push_service_client::PushServiceClient;
+use herald::proto::{BroadcastRequest, IsOnlineRequest, SendToUserRequest, UnreadCountRequest};
+use hyper::Method;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use tonic::transport::{Channel, Endpoint};
 
@@ -91,7 +92,7 @@ impl Api {
     }
 
     async fn post(pool: &HttpPool, path: &str, body: String) -> Result<(), String> {
-        match pool.request("POST", path, body.as_bytes()).await {
+        match pool.request(Method::POST, path, body).await {
             Ok((200, _)) => Ok(()),
             Ok((s, b)) => Err(format!(
                 "POST {path}: HTTP {s}: {}",

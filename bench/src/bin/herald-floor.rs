@@ -1,4 +1,4 @@
-//! herald-floor: the floor of what this machine can do, for `herald bench`.
+//! herald-floor: the floor of what this machine can do, for `herald-bench`.
 //!
 //! A bare tokio-tungstenite fan-out with nothing else: no authentication, no
 //! storage, no presence, no cluster. A map user -> the senders of that user's
@@ -12,7 +12,7 @@
 //! * `POST /broadcast` `{"payload":<JSON>}`: the payload to every connection.
 //!
 //! Run: `herald-floor --listen 127.0.0.1:8090`. Bench:
-//! `herald bench unicast --target floor --ws ws://127.0.0.1:8090/ws --api http://127.0.0.1:8090`.
+//! `herald-bench unicast --target floor --ws ws://127.0.0.1:8090/ws --api http://127.0.0.1:8090`.
 
 use bytes::Bytes;
 use clap::Parser;
@@ -31,17 +31,19 @@ use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    ErrorResponse, Request as WsRequest, Response as WsResponse,
+};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 #[derive(Parser)]
 #[command(
     name = "herald-floor",
-    about = "Bare WebSocket fan-out: the floor for herald bench"
+    about = "Bare WebSocket fan-out: the floor for herald-bench"
 )]
 struct Args {
     /// Listen address for WebSocket (/ws) and the bench protocol (/send, /broadcast).
@@ -131,11 +133,10 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 async fn handle(
     state: Arc<State>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let path = req.uri().path().to_string();
     match (req.method().clone(), path.as_str()) {
-        (Method::GET, "/ws") => Ok(upgrade(state, &mut req)),
         (Method::GET, "/healthz") => Ok(reply(StatusCode::OK, "ok\n")),
         (Method::POST, "/send") | (Method::POST, "/broadcast") => {
             let body = req.into_body().collect().await?.to_bytes();
@@ -161,54 +162,70 @@ async fn handle(
     }
 }
 
-fn upgrade(state: Arc<State>, req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
-    let user = req.uri().query().and_then(|q| {
-        form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "user")
-            .map(|(_, v)| v.into_owned())
-    });
-    let Some(user) = user.filter(|u| !u.is_empty()) else {
-        return reply(StatusCode::BAD_REQUEST, "{\"error\":\"pass ?user=<id>\"}");
-    };
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            "{\"error\":\"not a WebSocket handshake\"}",
-        );
-    };
-    let accept = derive_accept_key(key.as_bytes());
-    let on_upgrade = hyper::upgrade::on(req);
-    tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else {
-            return;
+/// Whether a new connection's first request is `GET /ws...`: those go to
+/// tungstenite's handshake, everything else to the HTTP server.
+async fn is_websocket(stream: &TcpStream) -> bool {
+    const WS: &[u8] = b"GET /ws";
+    let mut buf = [0u8; 8];
+    for _ in 0..100 {
+        let n = match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
         };
-        let config = WebSocketConfig::default()
-            .read_buffer_size(4096)
-            .write_buffer_size(16 * 1024);
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+        let k = n.min(WS.len());
+        if buf[..k] != WS[..k] {
+            return false;
+        }
+        if n > WS.len() {
+            return matches!(buf[WS.len()], b'?' | b' ');
+        }
+        // Only part of the request line is in: wait for the rest.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    false
+}
+
+/// The user of `GET /ws?user=<id>`.
+fn user_of(req: &WsRequest) -> Option<String> {
+    let q = req.uri().query()?;
+    form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.into_owned())
+        .filter(|u| !u.is_empty())
+}
+
+/// A WebSocket connection: the handshake (the user comes from the URL), then
+/// [`connection`].
+// The error type of the handshake callback is tungstenite's.
+#[allow(clippy::result_large_err)]
+async fn websocket(state: Arc<State>, stream: TcpStream) {
+    let mut user = None;
+    let check = |req: &WsRequest, resp: WsResponse| match user_of(req) {
+        Some(u) => {
+            user = Some(u);
+            Ok(resp)
+        }
+        None => {
+            let mut e = ErrorResponse::new(Some("{\"error\":\"pass ?user=<id>\"}".into()));
+            *e.status_mut() = StatusCode::BAD_REQUEST;
+            Err(e)
+        }
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(16 * 1024);
+    let Ok(ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await
+    else {
+        return;
+    };
+    if let Some(user) = user {
         connection(state, user, ws).await;
-    });
-    let mut r = Response::new(Full::new(Bytes::new()));
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64"),
-    );
-    r
+    }
 }
 
 /// One connection: write what is queued (all of it, then one flush), read
 /// and drop what the client sends.
-async fn connection(
-    state: Arc<State>,
-    user: String,
-    mut ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
-) {
+async fn connection(state: Arc<State>, user: String, mut ws: WebSocketStream<TcpStream>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let id = state.register(&user, tx);
     if ws
@@ -238,24 +255,11 @@ async fn connection(
     state.unregister(&user, id);
 }
 
-fn raise_fd_limit() {
-    // SAFETY: getrlimit/setrlimit on a local struct.
-    unsafe {
-        let mut r = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    raise_fd_limit();
+    // Every client is a file descriptor: up to the hard limit.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let listener = match TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -283,10 +287,12 @@ async fn main() {
             let _ = stream.set_nodelay(true);
             let state = state.clone();
             tokio::spawn(async move {
+                if is_websocket(&stream).await {
+                    return websocket(state, stream).await;
+                }
                 let svc = service_fn(move |req| handle(state.clone(), req));
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades()
                     .await;
             });
         }

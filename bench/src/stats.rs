@@ -1,7 +1,9 @@
 //! Measurement helpers: the bench clock, sharded latency histograms, process
-//! CPU and memory readings from /proc, and a tiny random number generator.
+//! CPU and memory readings from /proc, and the random number generator of a task.
 
 use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
 use serde::Serialize;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -108,32 +110,10 @@ pub fn fmt_ms(ms: f64) -> String {
     }
 }
 
-/// A small, fast, non-cryptographic generator (xorshift64*), one per task.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new() -> Rng {
-        Rng(rand::random::<u64>() | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() >> 11) as u128 * n as u128 >> 53) as usize
-    }
-
-    /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
-        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
+/// A small, fast, non-cryptographic generator for one task, seeded from the
+/// thread-local generator.
+pub fn small_rng() -> SmallRng {
+    SmallRng::from_rng(&mut rand::rng())
 }
 
 /// A process the bench watches: CPU time and resident memory.
@@ -246,26 +226,9 @@ impl CpuMark {
 /// Raises this process's open-file limit to its hard limit; returns the new
 /// soft limit.
 pub fn raise_fd_limit() -> u64 {
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        let mut r = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return 1024;
-        }
-        if r.rlim_cur < r.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: r.rlim_max,
-                rlim_max: r.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return want.rlim_cur as u64;
-            }
-        }
-        r.rlim_cur as u64
-    }
+    rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::Resource::NOFILE.get().map(|(soft, _)| soft))
+        .unwrap_or(1024)
 }
 
 #[cfg(test)]
@@ -273,11 +236,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rng_stays_in_range_and_percentiles_read_back() {
-        let mut r = Rng::new();
-        for n in [1usize, 2, 7, 1000] {
-            assert!((0..10_000).all(|_| r.below(n) < n));
-        }
+    fn percentiles_read_back() {
         let h = Hists::new(4);
         for i in 1..=1000u64 {
             h.record(i as usize, i * 1_000_000); // 1..1000 ms
