@@ -49,9 +49,33 @@ type SendToUserRequest struct {
 	PayloadJson string `protobuf:"bytes,3,opt,name=payload_json,json=payloadJson,proto3" json:"payload_json,omitempty"`
 	// Live-only: not stored, not counted as unread, lost for users who are
 	// offline. For typing indicators and other ephemera.
-	Transient     bool `protobuf:"varint,4,opt,name=transient,proto3" json:"transient,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Transient bool `protobuf:"varint,4,opt,name=transient,proto3" json:"transient,omitempty"`
+	// Makes a retry safe. Optional; 1 to 128 printable ASCII characters (a
+	// UUID, or "<business event id>" are good choices), unique per logical
+	// send. Herald remembers, for each recipient, the key and what the first
+	// call with it stored for that recipient, for the idempotency window
+	// (--idempotency-window, 10 minutes by default), cluster-wide. A call
+	// whose key was seen for a recipient within the window stores and pushes
+	// nothing for that recipient and returns the first call's delivery (its
+	// message id and online flag), with `replayed` set.
+	//
+	// This holds whatever happened to the first call: it answered,
+	// its answer was lost, it failed with UNAVAILABLE or DEADLINE_EXCEEDED
+	// (its writes may still have run, for example when Redis was frozen and
+	// woke up later), or it stored the message for some recipients only. So:
+	// on UNAVAILABLE, DEADLINE_EXCEEDED or a lost connection, retry with the
+	// SAME key and the same request until you get an answer; each recipient
+	// gets the message exactly once. Without a key a retry may store and push
+	// the message twice.
+	//
+	// Reusing a key with a different request (other topic, payload or
+	// transient flag) for a recipient fails with INVALID_ARGUMENT. A key is
+	// scoped to SendToUser (Broadcast keys are separate). For transient sends
+	// the key only prevents a second push (transient messages are at most
+	// once either way).
+	IdempotencyKey string `protobuf:"bytes,5,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *SendToUserRequest) Reset() {
@@ -112,6 +136,13 @@ func (x *SendToUserRequest) GetTransient() bool {
 	return false
 }
 
+func (x *SendToUserRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
 type SendToUserResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// One entry per requested user, in request order.
@@ -166,7 +197,11 @@ type Delivery struct {
 	MessageId string `protobuf:"bytes,2,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
 	// Whether the user had at least one live connection in the cluster when
 	// the message was sent.
-	Online        bool `protobuf:"varint,3,opt,name=online,proto3" json:"online,omitempty"`
+	Online bool `protobuf:"varint,3,opt,name=online,proto3" json:"online,omitempty"`
+	// True when this delivery was made by an earlier call with the same
+	// idempotency key: nothing was stored or pushed this time, and
+	// message_id and online are that call's.
+	Replayed      bool `protobuf:"varint,4,opt,name=replayed,proto3" json:"replayed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -222,14 +257,24 @@ func (x *Delivery) GetOnline() bool {
 	return false
 }
 
+func (x *Delivery) GetReplayed() bool {
+	if x != nil {
+		return x.Replayed
+	}
+	return false
+}
+
 type BroadcastRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// As in SendToUserRequest.
 	Topic string `protobuf:"bytes,1,opt,name=topic,proto3" json:"topic,omitempty"`
 	// As in SendToUserRequest.
-	PayloadJson   string `protobuf:"bytes,2,opt,name=payload_json,json=payloadJson,proto3" json:"payload_json,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PayloadJson string `protobuf:"bytes,2,opt,name=payload_json,json=payloadJson,proto3" json:"payload_json,omitempty"`
+	// As in SendToUserRequest: a repeat within the idempotency window pushes
+	// nothing and returns the first call's message id with `replayed` set.
+	IdempotencyKey string `protobuf:"bytes,3,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *BroadcastRequest) Reset() {
@@ -276,10 +321,20 @@ func (x *BroadcastRequest) GetPayloadJson() string {
 	return ""
 }
 
+func (x *BroadcastRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
 type BroadcastResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The live-only id of the broadcast ("t..."), the same on every connection.
-	MessageId     string `protobuf:"bytes,1,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
+	MessageId string `protobuf:"bytes,1,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
+	// True when an earlier call with the same idempotency key made this
+	// broadcast; nothing was pushed this time.
+	Replayed      bool `protobuf:"varint,2,opt,name=replayed,proto3" json:"replayed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -319,6 +374,13 @@ func (x *BroadcastResponse) GetMessageId() string {
 		return x.MessageId
 	}
 	return ""
+}
+
+func (x *BroadcastResponse) GetReplayed() bool {
+	if x != nil {
+		return x.Replayed
+	}
+	return false
 }
 
 type IsOnlineRequest struct {
@@ -968,27 +1030,31 @@ var File_herald_v1_push_proto protoreflect.FileDescriptor
 
 const file_herald_v1_push_proto_rawDesc = "" +
 	"\n" +
-	"\x14herald/v1/push.proto\x12\therald.v1\"\x85\x01\n" +
+	"\x14herald/v1/push.proto\x12\therald.v1\"\xae\x01\n" +
 	"\x11SendToUserRequest\x12\x19\n" +
 	"\buser_ids\x18\x01 \x03(\tR\auserIds\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12!\n" +
 	"\fpayload_json\x18\x03 \x01(\tR\vpayloadJson\x12\x1c\n" +
-	"\ttransient\x18\x04 \x01(\bR\ttransient\"I\n" +
+	"\ttransient\x18\x04 \x01(\bR\ttransient\x12'\n" +
+	"\x0fidempotency_key\x18\x05 \x01(\tR\x0eidempotencyKey\"I\n" +
 	"\x12SendToUserResponse\x123\n" +
 	"\n" +
 	"deliveries\x18\x01 \x03(\v2\x13.herald.v1.DeliveryR\n" +
-	"deliveries\"Z\n" +
+	"deliveries\"v\n" +
 	"\bDelivery\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1d\n" +
 	"\n" +
 	"message_id\x18\x02 \x01(\tR\tmessageId\x12\x16\n" +
-	"\x06online\x18\x03 \x01(\bR\x06online\"K\n" +
+	"\x06online\x18\x03 \x01(\bR\x06online\x12\x1a\n" +
+	"\breplayed\x18\x04 \x01(\bR\breplayed\"t\n" +
 	"\x10BroadcastRequest\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12!\n" +
-	"\fpayload_json\x18\x02 \x01(\tR\vpayloadJson\"2\n" +
+	"\fpayload_json\x18\x02 \x01(\tR\vpayloadJson\x12'\n" +
+	"\x0fidempotency_key\x18\x03 \x01(\tR\x0eidempotencyKey\"N\n" +
 	"\x11BroadcastResponse\x12\x1d\n" +
 	"\n" +
-	"message_id\x18\x01 \x01(\tR\tmessageId\",\n" +
+	"message_id\x18\x01 \x01(\tR\tmessageId\x12\x1a\n" +
+	"\breplayed\x18\x02 \x01(\bR\breplayed\",\n" +
 	"\x0fIsOnlineRequest\x12\x19\n" +
 	"\buser_ids\x18\x01 \x03(\tR\auserIds\"A\n" +
 	"\x10IsOnlineResponse\x12-\n" +
