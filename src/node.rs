@@ -68,6 +68,13 @@ impl Node {
         Node::new(cfg, hub, backend)
     }
 
+    /// A node on the Redis backend at `url`.
+    pub async fn on_redis(cfg: Config, url: &str) -> Result<Arc<Node>> {
+        let hub = Hub::new(&cfg.node_id);
+        let backend = crate::backend::redis::connect(&cfg, url, hub.clone()).await?;
+        Ok(Node::new(cfg, hub, backend))
+    }
+
     fn check_user(&self, user: &str) -> Result<()> {
         if user.is_empty() {
             return Err(Error::invalid("user id must not be empty"));

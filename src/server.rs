@@ -116,7 +116,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 pub async fn build_node(cfg: Config) -> Result<Arc<Node>, crate::error::Error> {
     match cfg.redis_url.clone() {
         None => Ok(Node::in_memory(cfg)),
-        Some(url) => crate::backend::redis::node(cfg, &url).await,
+        Some(url) => Node::on_redis(cfg, &url).await,
     }
 }
 

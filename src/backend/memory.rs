@@ -8,12 +8,12 @@ use super::{
 };
 use crate::config::InboxConfig;
 use crate::error::Result;
-use crate::hub::Hub;
 use crate::protocol::{self, Frame, MessageId};
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 const SHARDS: usize = 64;
 
@@ -73,20 +73,23 @@ impl UserInbox {
     }
 }
 
-pub struct MemoryBackend {
-    hub: Arc<Hub>,
+pub(crate) struct MemoryBackend {
+    /// This node's connections: where events go.
+    local: Arc<dyn Dispatch>,
     node_id: String,
     cfg: InboxConfig,
     hasher: RandomState,
-    /// std Mutexes: every critical section is a few map/deque operations and
-    /// non-blocking queue pushes, never an `.await`.
+    /// Synchronous (parking_lot) mutexes, never held across an `.await`:
+    /// every critical section is a few map/deque operations and
+    /// non-blocking queue pushes ([`Dispatch`] never blocks). No method
+    /// here awaits while a shard is locked; keep it so.
     inboxes: Box<[Mutex<HashMap<String, UserInbox>>]>,
 }
 
 impl MemoryBackend {
-    pub fn new(hub: Arc<Hub>, node_id: &str, cfg: InboxConfig) -> Arc<Self> {
+    pub(crate) fn new(local: Arc<dyn Dispatch>, node_id: &str, cfg: InboxConfig) -> Arc<Self> {
         Arc::new(MemoryBackend {
-            hub,
+            local,
             node_id: node_id.to_string(),
             cfg,
             hasher: RandomState::new(),
@@ -94,7 +97,7 @@ impl MemoryBackend {
         })
     }
 
-    pub fn backend(self: &Arc<Self>) -> Backend {
+    pub(crate) fn backend(self: &Arc<Self>) -> Backend {
         Backend {
             broker: self.clone(),
             presence: self.clone(),
@@ -113,7 +116,7 @@ impl MemoryBackend {
         f: impl FnOnce(Option<&mut UserInbox>) -> T,
     ) -> T {
         let now = protocol::now_ms();
-        let mut shard = self.shard(user).lock().unwrap();
+        let mut shard = self.shard(user).lock();
         if create && !shard.contains_key(user) {
             shard.insert(user.to_string(), UserInbox::new());
         }
@@ -131,7 +134,7 @@ impl MemoryBackend {
 #[async_trait]
 impl Broker for MemoryBackend {
     async fn subscribe(&self, _user: &str) -> Result<()> {
-        Ok(()) // The hub sees every event; it delivers to whoever is registered.
+        Ok(()) // Every event is dispatched here; it reaches whoever is connected.
     }
     async fn unsubscribe(&self, _user: &str) -> Result<()> {
         Ok(())
@@ -143,16 +146,16 @@ impl Broker for MemoryBackend {
                 let online = match &e {
                     Event::Message { user, .. }
                     | Event::Unread { user, .. }
-                    | Event::Disconnect { user, .. } => self.hub.has_user(user),
-                    Event::Broadcast { .. } => self.hub.connections() > 0,
+                    | Event::Disconnect { user, .. } => self.local.has_user(user),
+                    Event::Broadcast { .. } => self.local.connections() > 0,
                 };
-                self.hub.dispatch(e);
+                self.local.dispatch(e);
                 online
             })
             .collect())
     }
     async fn broadcast(&self, frame: Frame) -> Result<()> {
-        self.hub.dispatch(Event::Broadcast { frame });
+        self.local.dispatch(Event::Broadcast { frame });
         Ok(())
     }
 }
@@ -166,14 +169,14 @@ impl Presence for MemoryBackend {
         Ok(())
     }
     async fn lookup(&self, users: &[String]) -> Result<Vec<u32>> {
-        Ok(self.hub.local_counts(users))
+        Ok(self.local.local_counts(users))
     }
     async fn cluster(&self) -> Result<Cluster> {
-        let users = self.hub.users();
+        let users = self.local.users();
         Ok(Cluster {
             nodes: vec![NodeInfo {
                 node_id: self.node_id.clone(),
-                connections: self.hub.connections(),
+                connections: self.local.connections(),
                 users,
             }],
             online_users: users,
@@ -210,8 +213,8 @@ impl Inbox for MemoryBackend {
                     frame: frame.clone(),
                 });
                 inbox.trim(&self.cfg, msg.ts);
-                let online = self.hub.has_user(user);
-                self.hub.dispatch(Event::Message {
+                let online = self.local.has_user(user);
+                self.local.dispatch(Event::Message {
                     user: Arc::from(user.as_str()),
                     id: Some(id),
                     frame,

@@ -8,13 +8,15 @@
 //!
 //! Two implementations: [`memory`] (embedded, single node, the default) and
 //! [`redis`] (a cluster of nodes sharing one Redis). The gRPC and WebSocket
-//! layers see only these traits, through [`crate::node::Node`].
+//! layers see only these traits, through the node.
 //!
-//! Events a broker receives are handed to a [`Dispatch`] (the node's hub),
-//! synchronously and without blocking: a dispatch only queues frames.
+//! Backends reach this node's connections through [`Dispatch`] (the node's
+//! hub implements it): events a broker receives are handed to it
+//! synchronously and without blocking (a dispatch only queues frames), and
+//! presence reads its counts. Nothing here names the hub or the node.
 
-pub mod memory;
-pub mod redis;
+pub(crate) mod memory;
+pub(crate) mod redis;
 
 use crate::error::Result;
 use crate::protocol::{Frame, MessageId};
@@ -39,9 +41,29 @@ pub enum Event {
     Broadcast { frame: Frame },
 }
 
-/// Where a broker hands the events it receives. Must not block.
+/// This node's connections, as a backend sees them: where a broker hands
+/// the events it receives, and what the backends ask about who is connected
+/// here. The node's hub implements it; backends hold an `Arc<dyn Dispatch>`,
+/// never the hub itself.
+///
+/// No method blocks or awaits: they only read counts and queue frames, and
+/// backends call them under their own locks and on the pub/sub task.
 pub trait Dispatch: Send + Sync + 'static {
+    /// Queues the event's frames on the connections it is for.
     fn dispatch(&self, event: Event);
+    /// Whether `user` has a connection here.
+    fn has_user(&self, user: &str) -> bool;
+    /// Connections here.
+    fn connections(&self) -> u64;
+    /// Distinct users with a connection here.
+    fn users(&self) -> u64;
+    /// Connections here of each of `users`, in order.
+    fn local_counts(&self, users: &[String]) -> Vec<u32>;
+    /// Every user with a connection here.
+    fn users_snapshot(&self) -> Vec<String>;
+    /// Asks every connection here to catch up from the inbox: live
+    /// delivery had a gap.
+    fn resync_all(&self);
 }
 
 /// One message to store: the inbox assigns the id and builds the frame.
