@@ -48,7 +48,7 @@ pub enum Event {
 ///
 /// No method blocks or awaits: they only read counts and queue frames, and
 /// backends call them under their own locks and on the pub/sub task.
-pub trait Dispatch: Send + Sync + 'static {
+pub(crate) trait Dispatch: Send + Sync + 'static {
     /// Queues the event's frames on the connections it is for.
     fn dispatch(&self, event: Event);
     /// Whether `user` has a connection here.
