@@ -22,10 +22,15 @@ pub async fn send(args: SendArgs) -> ExitCode {
                 BroadcastRequest {
                     topic: args.topic.clone(),
                     payload_json: args.payload_json.clone(),
+                    idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
                 },
             ))
             .await
-            .map(|r| println!("broadcast {}", r.into_inner().message_id))
+            .map(|r| {
+                let r = r.into_inner();
+                let replayed = if r.replayed { "\treplayed" } else { "" };
+                println!("broadcast {}{replayed}", r.message_id)
+            })
     } else {
         client
             .send_to_user(with_key(
@@ -35,6 +40,7 @@ pub async fn send(args: SendArgs) -> ExitCode {
                     topic: args.topic.clone(),
                     payload_json: args.payload_json.clone(),
                     transient: args.transient,
+                    idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
                 },
             ))
             .await
@@ -46,6 +52,9 @@ pub async fn send(args: SendArgs) -> ExitCode {
                         d.message_id,
                         if d.online { "online" } else { "offline" }
                     );
+                    if d.replayed {
+                        println!("  (replayed: an earlier call with this key sent it)");
+                    }
                 }
             })
     };

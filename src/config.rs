@@ -56,6 +56,9 @@ pub struct SendArgs {
     /// The node's gRPC address: host:port (as the ready line prints it) or a URL.
     #[arg(long, env = "HERALD_GRPC", default_value = "127.0.0.1:50051", value_parser = grpc_endpoint)]
     pub grpc: String,
+    /// Makes a retry safe: the same key again within the window stores and pushes nothing (see the proto).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
     /// API key, if the node requires one.
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -176,6 +179,9 @@ pub struct ServeArgs {
     /// A write to a client that cannot finish this fast drops the connection (a peer that stopped reading).
     #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub write_timeout: Duration,
+    /// How long an idempotency key is remembered: a repeat within it stores and pushes nothing.
+    #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = duration)]
+    pub idempotency_window: Duration,
     /// Runtime worker threads. [default: one per core; give each of N nodes sharing a machine cores/N]
     #[arg(long, env = "HERALD_WORKER_THREADS", value_parser = positive)]
     pub worker_threads: Option<usize>,
@@ -323,6 +329,8 @@ pub struct Config {
     pub inbox: InboxConfig,
     pub heartbeat: Duration,
     pub node_lease: Duration,
+    /// How long idempotency keys are remembered.
+    pub idempotency_window: Duration,
     /// None: one per core.
     pub worker_threads: Option<usize>,
 }
@@ -405,6 +413,7 @@ impl Config {
             },
             heartbeat: args.heartbeat.max(Duration::from_millis(50)),
             node_lease: args.node_lease.max(Duration::from_millis(500)),
+            idempotency_window: args.idempotency_window.max(Duration::from_secs(1)),
             worker_threads: args.worker_threads.filter(|n| *n > 0),
         })
     }

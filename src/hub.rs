@@ -286,7 +286,27 @@ impl Hub {
     }
 }
 
+/// What the backends use of the hub; every method but `dispatch` is the
+/// inherent method of the same name.
 impl Dispatch for Hub {
+    fn has_user(&self, user: &str) -> bool {
+        Hub::has_user(self, user)
+    }
+    fn connections(&self) -> u64 {
+        Hub::connections(self)
+    }
+    fn users(&self) -> u64 {
+        Hub::users(self)
+    }
+    fn local_counts(&self, users: &[String]) -> Vec<u32> {
+        Hub::local_counts(self, users)
+    }
+    fn users_snapshot(&self) -> Vec<String> {
+        Hub::users_snapshot(self)
+    }
+    fn resync_all(&self) {
+        Hub::resync_all(self)
+    }
     fn dispatch(&self, event: Event) {
         self.events_received.fetch_add(1, Ordering::Relaxed);
         match event {

@@ -5,7 +5,9 @@
 //! Input is validated here, so every entry point gets the same checks and
 //! the same messages.
 
-use crate::backend::{Backend, Cluster, Event, NewMessage, Replay};
+use crate::backend::{
+    reused, Backend, Claim, ClaimScope, Cluster, Event, IdemKey, NewMessage, Replay,
+};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hub::{Conn, Hub};
@@ -21,6 +23,8 @@ pub struct Delivery {
     pub user_id: String,
     pub message_id: String,
     pub online: bool,
+    /// Made by an earlier call with the same idempotency key.
+    pub replayed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +70,13 @@ impl Node {
         )
         .backend();
         Node::new(cfg, hub, backend)
+    }
+
+    /// A node on the Redis backend at `url`.
+    pub async fn on_redis(cfg: Config, url: &str) -> Result<Arc<Node>> {
+        let hub = Hub::new(&cfg.node_id);
+        let backend = crate::backend::redis::connect(&cfg, url, hub.clone()).await?;
+        Ok(Node::new(cfg, hub, backend))
     }
 
     fn check_user(&self, user: &str) -> Result<()> {
@@ -128,71 +139,148 @@ impl Node {
             .map_err(|e| Error::invalid(format!("{field}: {e}")))
     }
 
+    /// The caller's idempotency key, checked; None when the call has none.
+    fn idem_key<'a>(&self, key: &'a str, fingerprint: &'a str) -> Result<Option<IdemKey<'a>>> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        if key.len() > MAX_IDEMPOTENCY_KEY_BYTES || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::invalid(format!(
+                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} printable ASCII \
+                 characters without spaces"
+            )));
+        }
+        Ok(Some(IdemKey {
+            key,
+            fingerprint,
+            window: self.cfg.idempotency_window,
+        }))
+    }
+
+    /// Stores (unless `transient`) and pushes a message to each user. With
+    /// an idempotency key, a user that an earlier call with the key already
+    /// served gets nothing now and that call's delivery (`replayed`).
     pub async fn send_to_user(
         &self,
         users: &[String],
         topic: &str,
         payload_json: &str,
         transient: bool,
+        idempotency_key: &str,
     ) -> Result<Vec<Delivery>> {
         self.check_users(users)?;
         self.check_message(topic, payload_json)?;
+        let fingerprint = fingerprint(topic, payload_json, transient);
+        let idem = self.idem_key(idempotency_key, &fingerprint)?;
         let ts = protocol::now_ms();
         // `online` comes from the publish itself (did a node holding the
         // user receive it?), so a send costs no separate presence lookup.
-        let (ids, online): (Vec<String>, Vec<bool>) = if transient {
+        let deliveries: Vec<Delivery> = if transient {
             let id = protocol::live_id();
+            let claims = match idem {
+                None => vec![Claim::New; users.len()],
+                Some(k) => {
+                    let scopes: Vec<ClaimScope> =
+                        users.iter().map(|u| ClaimScope::User(u)).collect();
+                    self.backend.idempotency.claim(&scopes, k, &id).await?
+                }
+            };
             let frame: Frame = protocol::message_frame(&id, topic, payload_json, ts, true).into();
-            let events = users
+            let mut events = Vec::with_capacity(users.len());
+            for (u, claim) in users.iter().zip(&claims) {
+                match claim {
+                    Claim::New => events.push(Event::Message {
+                        user: Arc::from(u.as_str()),
+                        id: None,
+                        frame: frame.clone(),
+                    }),
+                    Claim::Seen(_) => {}
+                    Claim::Conflict => return Err(reused(u)),
+                }
+            }
+            let mut online = self.backend.broker.publish(events).await?.into_iter();
+            users
                 .iter()
-                .map(|u| Event::Message {
-                    user: Arc::from(u.as_str()),
-                    id: None,
-                    frame: frame.clone(),
-                })
-                .collect();
-            let online = self.backend.broker.publish(events).await?;
-            (vec![id; users.len()], online)
-        } else {
-            let stored = self
-                .backend
-                .inbox
-                .append(
-                    users,
-                    NewMessage {
-                        topic,
-                        payload_json,
-                        ts,
+                .zip(claims)
+                .map(|(u, claim)| match claim {
+                    Claim::Seen(first) => Delivery {
+                        user_id: u.clone(),
+                        message_id: first,
+                        online: false,
+                        replayed: true,
                     },
-                )
-                .await?;
-            stored
-                .into_iter()
-                .map(|(id, online)| (id.to_string(), online))
-                .unzip()
+                    _ => Delivery {
+                        user_id: u.clone(),
+                        message_id: id.clone(),
+                        online: online.next().unwrap_or(false),
+                        replayed: false,
+                    },
+                })
+                .collect()
+        } else {
+            let msg = NewMessage {
+                topic,
+                payload_json,
+                ts,
+                idempotency: idem,
+            };
+            let stored = self.backend.inbox.append(users, msg).await?;
+            users
+                .iter()
+                .zip(stored)
+                .map(|(u, a)| Delivery {
+                    user_id: u.clone(),
+                    message_id: a.id.to_string(),
+                    online: a.online,
+                    replayed: a.replayed,
+                })
+                .collect()
         };
+        let pushed = deliveries.iter().filter(|d| !d.replayed).count() as u64;
         metrics::counter!("herald_messages_pushed_total", "kind" => if transient { "transient" } else { "stored" })
-            .increment(users.len() as u64);
-        Ok(users
-            .iter()
-            .zip(ids)
-            .zip(online)
-            .map(|((u, message_id), online)| Delivery {
-                user_id: u.clone(),
-                message_id,
-                online,
-            })
-            .collect())
+            .increment(pushed);
+        let replayed = deliveries.len() as u64 - pushed;
+        if replayed > 0 {
+            metrics::counter!("herald_idempotent_replays_total").increment(replayed);
+        }
+        Ok(deliveries)
     }
 
-    pub async fn broadcast(&self, topic: &str, payload_json: &str) -> Result<String> {
+    /// Pushes a live-only message to every connection. Returns its id and
+    /// whether an earlier call with the same idempotency key made it.
+    pub async fn broadcast(
+        &self,
+        topic: &str,
+        payload_json: &str,
+        idempotency_key: &str,
+    ) -> Result<(String, bool)> {
         self.check_message(topic, payload_json)?;
+        let fingerprint = fingerprint(topic, payload_json, true);
         let id = protocol::live_id();
+        if let Some(k) = self.idem_key(idempotency_key, &fingerprint)? {
+            let claim = self
+                .backend
+                .idempotency
+                .claim(&[ClaimScope::Broadcast], k, &id)
+                .await?;
+            match claim.into_iter().next() {
+                Some(Claim::Seen(first)) => {
+                    metrics::counter!("herald_idempotent_replays_total").increment(1);
+                    return Ok((first, true));
+                }
+                Some(Claim::Conflict) => {
+                    return Err(Error::invalid(
+                        "idempotency_key was already used for a different broadcast; use a new key",
+                    ))
+                }
+                _ => {}
+            }
+        }
         let frame =
             protocol::message_frame(&id, topic, payload_json, protocol::now_ms(), true).into();
         self.backend.broker.broadcast(frame).await?;
         metrics::counter!("herald_messages_pushed_total", "kind" => "broadcast").increment(1);
-        Ok(id)
+        Ok((id, false))
     }
 
     pub async fn is_online(&self, users: &[String]) -> Result<Vec<u32>> {
@@ -337,4 +425,26 @@ impl Node {
             tracing::warn!(error = %e, "presence update failed");
         }
     }
+}
+
+/// The longest idempotency key accepted.
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+
+/// What a send asked for, hashed (64-bit FNV-1a, stable across versions and
+/// nodes): a key reused with another request is refused rather than
+/// answered with the first request's result.
+fn fingerprint(topic: &str, payload_json: &str, transient: bool) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let parts: [&[u8]; 5] = [
+        topic.as_bytes(),
+        &[0],
+        payload_json.as_bytes(),
+        &[0],
+        &[transient as u8],
+    ];
+    for b in parts.iter().flat_map(|p| p.iter()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }

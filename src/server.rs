@@ -91,7 +91,7 @@ fn metrics_handle() -> PrometheusHandle {
 async fn build_node(cfg: Config) -> Result<Arc<Node>, crate::error::Error> {
     match cfg.redis_url.clone() {
         None => Ok(Node::in_memory(cfg)),
-        Some(url) => crate::backend::redis::node(cfg, &url).await,
+        Some(url) => Node::on_redis(cfg, &url).await,
     }
 }
 

@@ -133,6 +133,7 @@ async fn presence_unread_and_badge_agree_across_nodes() {
         .broadcast(BroadcastRequest {
             topic: "all".into(),
             payload_json: "1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -262,6 +263,7 @@ async fn redis_outage_is_unavailable_then_full_service_without_restart() {
             topic: "t".into(),
             payload_json: "2".into(),
             transient: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -287,6 +289,7 @@ async fn redis_outage_is_unavailable_then_full_service_without_restart() {
                 topic: "t".into(),
                 payload_json: "3".into(),
                 transient: false,
+                ..Default::default()
             })
             .await
             .is_ok()

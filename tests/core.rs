@@ -273,6 +273,7 @@ async fn broadcast_reaches_everyone_live_only(b: Backend) {
         .broadcast(BroadcastRequest {
             topic: "maintenance".into(),
             payload_json: r#"{"in":"5m"}"#.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -295,6 +296,7 @@ async fn broadcast_reaches_everyone_live_only(b: Backend) {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     node.stop().await;
+    ..Default::default()
 }
 
 async fn transient_messages_are_live_only(b: Backend) {
@@ -308,6 +310,7 @@ async fn transient_messages_are_live_only(b: Backend) {
             topic: "typing".into(),
             payload_json: "true".into(),
             transient: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -432,6 +435,7 @@ async fn bad_rpc_input_is_invalid_argument_and_node_keeps_serving(b: Backend) {
         topic: "t".into(),
         payload_json: payload.into(),
         transient: false,
+        ..Default::default()
     };
     let cases: Vec<(SendToUserRequest, &str)> = vec![
         (req(vec![], "1"), "at least one user"),
@@ -456,7 +460,7 @@ async fn bad_rpc_input_is_invalid_argument_and_node_keeps_serving(b: Backend) {
         (
             SendToUserRequest {
                 topic: "t".repeat(300),
-                ..req(vec!["a".into()], "1")
+                ..req(vec!["a".into()], "1")..Default::default()
             },
             "topic of 300 bytes",
         ),

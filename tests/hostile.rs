@@ -156,6 +156,7 @@ async fn stuck_reader_is_dropped_after_the_write_timeout(b: Backend) {
             topic: "t".into(),
             payload_json: big.clone(),
             transient: true,
+            ..Default::default()
         })
         .await
         .unwrap();

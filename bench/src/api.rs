@@ -121,6 +121,7 @@ impl Api {
                     topic: String::new(),
                     payload_json: payload,
                     transient,
+                    ..Default::default()
                 };
                 c.send_to_user(Self::req(r, key))
                     .await
@@ -153,6 +154,7 @@ impl Api {
                 let r = BroadcastRequest {
                     topic: String::new(),
                     payload_json: payload,
+                    ..Default::default()
                 };
                 c.broadcast(Self::req(r, key))
                     .await

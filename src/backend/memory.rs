@@ -3,19 +3,40 @@
 //! everything is lost when the process exits. It is the default so that a
 //! fresh machine runs Herald with one command; run a cluster with Redis.
 
+use super::reused;
 use super::{
-    Backend, Broker, Cluster, Dispatch, Event, Inbox, NewMessage, NodeInfo, Presence, Replay,
+    Appended, Backend, Broker, Claim, ClaimScope, Cluster, Dispatch, Event, IdemKey, Idempotency,
+    Inbox, NewMessage, NodeInfo, Presence, Replay,
 };
 use crate::config::InboxConfig;
-use crate::error::Result;
-use crate::hub::Hub;
+use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, MessageId};
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 const SHARDS: usize = 64;
+
+/// How often expired idempotency records are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// An idempotency record: what the first call with a key did.
+struct Record {
+    id: String,
+    online: bool,
+    fingerprint: Box<str>,
+    /// Unix ms after which the record is gone.
+    expires: u64,
+}
+
+/// Where a record lives: `s` stored send, `t` transient send, `b`
+/// broadcast; then the user (if any) and the key.
+fn record_key(kind: char, user: &str, key: &str) -> String {
+    format!("{kind}\0{user}\0{key}")
+}
 
 struct Stored {
     id: MessageId,
@@ -73,32 +94,69 @@ impl UserInbox {
     }
 }
 
-pub struct MemoryBackend {
-    hub: Arc<Hub>,
+pub(crate) struct MemoryBackend {
+    /// This node's connections: where events go.
+    local: Arc<dyn Dispatch>,
     node_id: String,
     cfg: InboxConfig,
     hasher: RandomState,
-    /// std Mutexes: every critical section is a few map/deque operations and
-    /// non-blocking queue pushes, never an `.await`.
+    /// Synchronous (parking_lot) mutexes, never held across an `.await`:
+    /// every critical section is a few map/deque operations and
+    /// non-blocking queue pushes ([`Dispatch`] never blocks). No method
+    /// here awaits while a shard is locked; keep it so.
     inboxes: Box<[Mutex<HashMap<String, UserInbox>>]>,
+    /// Idempotency records, sharded by record key; swept every
+    /// [`SWEEP_EVERY`]. Lock order: an inbox shard, then a record shard.
+    records: Box<[Mutex<HashMap<String, Record>>]>,
 }
 
 impl MemoryBackend {
-    pub fn new(hub: Arc<Hub>, node_id: &str, cfg: InboxConfig) -> Arc<Self> {
+    pub(crate) fn new(local: Arc<dyn Dispatch>, node_id: &str, cfg: InboxConfig) -> Arc<Self> {
         Arc::new(MemoryBackend {
-            hub,
+            local,
             node_id: node_id.to_string(),
             cfg,
             hasher: RandomState::new(),
             inboxes: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            records: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         })
+        .with_sweeper()
     }
 
-    pub fn backend(self: &Arc<Self>) -> Backend {
+    /// Starts the background task that frees what has expired; it ends
+    /// when the backend is dropped.
+    fn with_sweeper(self: Arc<Self>) -> Arc<Self> {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak: Weak<Self> = Arc::downgrade(&self);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                loop {
+                    tick.tick().await;
+                    let Some(me) = weak.upgrade() else { return };
+                    me.sweep(protocol::now_ms());
+                }
+            });
+        }
+        self
+    }
+
+    /// Frees expired idempotency records, one shard lock at a time.
+    fn sweep(&self, now: u64) {
+        for shard in self.records.iter() {
+            shard.lock().retain(|_, r| r.expires > now);
+        }
+    }
+
+    fn records(&self, key: &str) -> &Mutex<HashMap<String, Record>> {
+        &self.records[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+
+    pub(crate) fn backend(self: &Arc<Self>) -> Backend {
         Backend {
             broker: self.clone(),
             presence: self.clone(),
             inbox: self.clone(),
+            idempotency: self.clone(),
         }
     }
 
@@ -113,7 +171,7 @@ impl MemoryBackend {
         f: impl FnOnce(Option<&mut UserInbox>) -> T,
     ) -> T {
         let now = protocol::now_ms();
-        let mut shard = self.shard(user).lock().unwrap();
+        let mut shard = self.shard(user).lock();
         if create && !shard.contains_key(user) {
             shard.insert(user.to_string(), UserInbox::new());
         }
@@ -131,7 +189,7 @@ impl MemoryBackend {
 #[async_trait]
 impl Broker for MemoryBackend {
     async fn subscribe(&self, _user: &str) -> Result<()> {
-        Ok(()) // The hub sees every event; it delivers to whoever is registered.
+        Ok(()) // Every event is dispatched here; it reaches whoever is connected.
     }
     async fn unsubscribe(&self, _user: &str) -> Result<()> {
         Ok(())
@@ -143,16 +201,16 @@ impl Broker for MemoryBackend {
                 let online = match &e {
                     Event::Message { user, .. }
                     | Event::Unread { user, .. }
-                    | Event::Disconnect { user, .. } => self.hub.has_user(user),
-                    Event::Broadcast { .. } => self.hub.connections() > 0,
+                    | Event::Disconnect { user, .. } => self.local.has_user(user),
+                    Event::Broadcast { .. } => self.local.connections() > 0,
                 };
-                self.hub.dispatch(e);
+                self.local.dispatch(e);
                 online
             })
             .collect())
     }
     async fn broadcast(&self, frame: Frame) -> Result<()> {
-        self.hub.dispatch(Event::Broadcast { frame });
+        self.local.dispatch(Event::Broadcast { frame });
         Ok(())
     }
 }
@@ -166,14 +224,14 @@ impl Presence for MemoryBackend {
         Ok(())
     }
     async fn lookup(&self, users: &[String]) -> Result<Vec<u32>> {
-        Ok(self.hub.local_counts(users))
+        Ok(self.local.local_counts(users))
     }
     async fn cluster(&self) -> Result<Cluster> {
-        let users = self.hub.users();
+        let users = self.local.users();
         Ok(Cluster {
             nodes: vec![NodeInfo {
                 node_id: self.node_id.clone(),
-                connections: self.hub.connections(),
+                connections: self.local.connections(),
                 users,
             }],
             online_users: users,
@@ -183,17 +241,43 @@ impl Presence for MemoryBackend {
 
 #[async_trait]
 impl Inbox for MemoryBackend {
-    async fn append(
-        &self,
-        users: &[String],
-        msg: NewMessage<'_>,
-    ) -> Result<Vec<(MessageId, bool)>> {
-        let mut ids = Vec::with_capacity(users.len());
+    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<Appended>> {
+        let mut out = Vec::with_capacity(users.len());
         for user in users {
-            // Id assignment and delivery under one lock: connections see a
-            // user's stored messages in id order.
-            self.with_inbox(user, true, |inbox| {
+            // Id assignment, delivery and the idempotency record under one
+            // inbox lock: connections see a user's stored messages in id
+            // order, and a key stores at most once per user.
+            let done = self.with_inbox(user, true, |inbox| {
                 let inbox = inbox.expect("created");
+                let record = msg.idempotency.map(|k| (k, record_key('s', user, k.key)));
+                if let Some((k, rkey)) = &record {
+                    let seen = self
+                        .records(rkey)
+                        .lock()
+                        .get(rkey)
+                        .filter(|r| r.expires > msg.ts)
+                        .map(|r| {
+                            (
+                                r.fingerprint.as_ref() == k.fingerprint,
+                                r.id.clone(),
+                                r.online,
+                            )
+                        });
+                    match seen {
+                        Some((true, id, online)) => {
+                            let id: MessageId = id
+                                .parse()
+                                .map_err(|_| Error::Backend("corrupt idempotency record".into()))?;
+                            return Ok(Appended {
+                                id,
+                                online,
+                                replayed: true,
+                            });
+                        }
+                        Some((false, _, _)) => return Err(reused(user)),
+                        None => {}
+                    }
+                }
                 let id = inbox.last.next(msg.ts);
                 inbox.last = id;
                 let frame: Frame = protocol::message_frame(
@@ -210,16 +294,32 @@ impl Inbox for MemoryBackend {
                     frame: frame.clone(),
                 });
                 inbox.trim(&self.cfg, msg.ts);
-                let online = self.hub.has_user(user);
-                self.hub.dispatch(Event::Message {
+                let online = self.local.has_user(user);
+                self.local.dispatch(Event::Message {
                     user: Arc::from(user.as_str()),
                     id: Some(id),
                     frame,
                 });
-                ids.push((id, online));
-            });
+                if let Some((k, rkey)) = record {
+                    self.records(&rkey).lock().insert(
+                        rkey,
+                        Record {
+                            id: id.to_string(),
+                            online,
+                            fingerprint: k.fingerprint.into(),
+                            expires: msg.ts + k.window.as_millis() as u64,
+                        },
+                    );
+                }
+                Ok(Appended {
+                    id,
+                    online,
+                    replayed: false,
+                })
+            })?;
+            out.push(done);
         }
-        Ok(ids)
+        Ok(out)
     }
 
     async fn unread(&self, user: &str) -> Result<u64> {
@@ -264,5 +364,47 @@ impl Inbox for MemoryBackend {
             let after = inbox.unread();
             (after, after != before)
         }))
+    }
+}
+
+#[async_trait]
+impl Idempotency for MemoryBackend {
+    async fn claim(
+        &self,
+        scopes: &[ClaimScope<'_>],
+        key: IdemKey<'_>,
+        id: &str,
+    ) -> Result<Vec<Claim>> {
+        let now = protocol::now_ms();
+        Ok(scopes
+            .iter()
+            .map(|scope| {
+                let rkey = match scope {
+                    ClaimScope::User(u) => record_key('t', u, key.key),
+                    ClaimScope::Broadcast => record_key('b', "", key.key),
+                };
+                // Check and record under one lock: two concurrent claims of
+                // a key cannot both be new.
+                let mut shard = self.records(&rkey).lock();
+                match shard.get(&rkey).filter(|r| r.expires > now) {
+                    Some(r) if r.fingerprint.as_ref() == key.fingerprint => {
+                        Claim::Seen(r.id.clone())
+                    }
+                    Some(_) => Claim::Conflict,
+                    None => {
+                        shard.insert(
+                            rkey,
+                            Record {
+                                id: id.to_string(),
+                                online: false,
+                                fingerprint: key.fingerprint.into(),
+                                expires: now + key.window.as_millis() as u64,
+                            },
+                        );
+                        Claim::New
+                    }
+                }
+            })
+            .collect())
     }
 }

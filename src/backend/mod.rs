@@ -4,17 +4,21 @@
 //!   a user's events while it holds at least one of that user's connections
 //!   and receives nothing for other users.
 //! * [`Presence`]: which users are connected, how often, on which live nodes.
-//! * [`Inbox`]: stored messages, read cursors and unread counts.
+//! * [`Inbox`]: stored messages, read cursors and unread counts; a stored
+//!   send's idempotency record is kept with the message, atomically.
+//! * [`Idempotency`]: the records of live-only sends (transient, broadcast).
 //!
 //! Two implementations: [`memory`] (embedded, single node, the default) and
 //! [`redis`] (a cluster of nodes sharing one Redis). The gRPC and WebSocket
-//! layers see only these traits, through [`crate::node::Node`].
+//! layers see only these traits, through the node.
 //!
-//! Events a broker receives are handed to a [`Dispatch`] (the node's hub),
-//! synchronously and without blocking: a dispatch only queues frames.
+//! Backends reach this node's connections through [`Dispatch`] (the node's
+//! hub implements it): events a broker receives are handed to it
+//! synchronously and without blocking (a dispatch only queues frames), and
+//! presence reads its counts. Nothing here names the hub or the node.
 
-pub mod memory;
-pub mod redis;
+pub(crate) mod memory;
+pub(crate) mod redis;
 
 use crate::error::Result;
 use crate::protocol::{Frame, MessageId};
@@ -39,9 +43,29 @@ pub enum Event {
     Broadcast { frame: Frame },
 }
 
-/// Where a broker hands the events it receives. Must not block.
-pub trait Dispatch: Send + Sync + 'static {
+/// This node's connections, as a backend sees them: where a broker hands
+/// the events it receives, and what the backends ask about who is connected
+/// here. The node's hub implements it; backends hold an `Arc<dyn Dispatch>`,
+/// never the hub itself.
+///
+/// No method blocks or awaits: they only read counts and queue frames, and
+/// backends call them under their own locks and on the pub/sub task.
+pub(crate) trait Dispatch: Send + Sync + 'static {
+    /// Queues the event's frames on the connections it is for.
     fn dispatch(&self, event: Event);
+    /// Whether `user` has a connection here.
+    fn has_user(&self, user: &str) -> bool;
+    /// Connections here.
+    fn connections(&self) -> u64;
+    /// Distinct users with a connection here.
+    fn users(&self) -> u64;
+    /// Connections here of each of `users`, in order.
+    fn local_counts(&self, users: &[String]) -> Vec<u32>;
+    /// Every user with a connection here.
+    fn users_snapshot(&self) -> Vec<String>;
+    /// Asks every connection here to catch up from the inbox: live
+    /// delivery had a gap.
+    fn resync_all(&self);
 }
 
 /// One message to store: the inbox assigns the id and builds the frame.
@@ -50,6 +74,82 @@ pub struct NewMessage<'a> {
     /// Validated JSON, copied verbatim into the frame.
     pub payload_json: &'a str,
     pub ts: u64,
+    /// The caller's idempotency key, if any.
+    pub idempotency: Option<IdemKey<'a>>,
+}
+
+/// A caller's idempotency key for one send (see `idempotency_key` in the
+/// proto): a repeat within `window` with the same fingerprint is answered
+/// from the first call's record; with another fingerprint it is refused.
+#[derive(Clone, Copy, Debug)]
+pub struct IdemKey<'a> {
+    /// Validated: 1 to 128 printable ASCII characters, no spaces.
+    pub key: &'a str,
+    /// What the request asked for (topic, payload, transient), hashed; no
+    /// spaces.
+    pub fingerprint: &'a str,
+    pub window: std::time::Duration,
+}
+
+/// What a stored send did for one user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub id: MessageId,
+    /// A node holding the user received the message.
+    pub online: bool,
+    /// An earlier call with the same key stored it; nothing was done now.
+    pub replayed: bool,
+}
+
+/// A live-only send's record, as [`Idempotency::claim`] found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// No earlier call: this one may push.
+    New,
+    /// An earlier call with the same fingerprint pushed, with this id.
+    Seen(String),
+    /// An earlier call used the key for another request.
+    Conflict,
+}
+
+/// The scope of a live-only idempotency record.
+#[derive(Clone, Copy, Debug)]
+pub enum ClaimScope<'a> {
+    /// A transient `SendToUser` to this user.
+    User(&'a str),
+    /// A `Broadcast`.
+    Broadcast,
+}
+
+/// Records of live-only sends. Claiming and pushing are two steps, so a
+/// push that fails after its claim is not retried by a repeat: live-only
+/// messages are at most once.
+#[async_trait]
+pub trait Idempotency: Send + Sync + 'static {
+    /// For each scope: records `id` under `key` unless a record exists
+    /// within `key.window`, and says what was there.
+    async fn claim(
+        &self,
+        scopes: &[ClaimScope<'_>],
+        key: IdemKey<'_>,
+        id: &str,
+    ) -> Result<Vec<Claim>>;
+}
+
+/// The error for a key reused with another request.
+pub(crate) fn reused(user: &str) -> crate::error::Error {
+    crate::error::Error::invalid(format!(
+        "idempotency_key was already used for user {user:?} with a different request \
+         (topic, payload or transient); use a new key for a new send"
+    ))
+}
+
+/// Reads a record written as `"<id> <fingerprint>"` against `fingerprint`.
+pub(crate) fn read_claim(record: &str, fingerprint: &str) -> Claim {
+    match record.split_once(' ') {
+        Some((id, fp)) if fp == fingerprint => Claim::Seen(id.to_string()),
+        _ => Claim::Conflict,
+    }
 }
 
 /// What a connecting client gets before live messages.
@@ -121,8 +221,12 @@ pub trait Inbox: Send + Sync + 'static {
     /// connections in the same step, so the order in which connections see
     /// stored messages is the order of their ids. Returns, in order, each
     /// id and whether the publish reached a node holding the user (online).
-    async fn append(&self, users: &[String], msg: NewMessage<'_>)
-        -> Result<Vec<(MessageId, bool)>>;
+    ///
+    /// With an idempotency key, checking the user's record, storing and
+    /// recording are one atomic step per user: a user whose record exists
+    /// gets nothing stored or pushed and the record's answer
+    /// (`replayed`); a record for another request is `InvalidArgument`.
+    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<Appended>>;
     /// Stored messages newer than the read cursor.
     async fn unread(&self, user: &str) -> Result<u64>;
     /// With `since`: every stored message after it. Without: the newest
@@ -140,4 +244,5 @@ pub struct Backend {
     pub broker: Arc<dyn Broker>,
     pub presence: Arc<dyn Presence>,
     pub inbox: Arc<dyn Inbox>,
+    pub idempotency: Arc<dyn Idempotency>,
 }

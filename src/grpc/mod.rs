@@ -58,7 +58,13 @@ impl PushService for PushApi {
         self.observed("SendToUser", async {
             let deliveries = self
                 .node
-                .send_to_user(&r.user_ids, &r.topic, &r.payload_json, r.transient)
+                .send_to_user(
+                    &r.user_ids,
+                    &r.topic,
+                    &r.payload_json,
+                    r.transient,
+                    &r.idempotency_key,
+                )
                 .await?;
             Ok(SendToUserResponse {
                 deliveries: deliveries
@@ -67,6 +73,7 @@ impl PushService for PushApi {
                         user_id: d.user_id,
                         message_id: d.message_id,
                         online: d.online,
+                        replayed: d.replayed,
                     })
                     .collect(),
             })
@@ -80,8 +87,13 @@ impl PushService for PushApi {
     ) -> Result<Response<BroadcastResponse>, Status> {
         let r = req.into_inner();
         self.observed("Broadcast", async {
+            let (message_id, replayed) = self
+                .node
+                .broadcast(&r.topic, &r.payload_json, &r.idempotency_key)
+                .await?;
             Ok(BroadcastResponse {
-                message_id: self.node.broadcast(&r.topic, &r.payload_json).await?,
+                message_id,
+                replayed,
             })
         })
         .await

@@ -313,6 +313,7 @@ pub async fn send(
         topic: "t".into(),
         payload_json: payload.into(),
         transient: false,
+        ..Default::default()
     })
     .await
     .expect("SendToUser succeeds")
@@ -451,6 +452,18 @@ impl RedisServer {
     }
 
     /// Starts it again on the same port with the same data.
+    /// Freezes (`STOP`) or thaws (`CONT`) the server process, as a stalled
+    /// machine would.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();

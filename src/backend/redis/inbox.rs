@@ -1,0 +1,156 @@
+//! [`Inbox`] on Redis: one stream and one meta hash per user, read and
+//! written only by the inbox scripts (`scripts/{append,replay,unread,
+//! mark_read}.lua`), so every step is atomic.
+
+use super::scripts::{array, bad, int, msg_id, nth};
+use super::{keys, RedisBackend};
+use crate::backend::{reused, Appended, Inbox, NewMessage, Replay};
+use crate::error::Result;
+use crate::protocol::{self, Frame, MessageId};
+use async_trait::async_trait;
+use redis::Value;
+
+impl RedisBackend {
+    /// How long an idle inbox lives.
+    fn ttl_ms(&self) -> u64 {
+        (self.cfg.max_age.as_millis() as u64).max(1000)
+    }
+
+    fn max_age_ms(&self) -> u64 {
+        self.cfg.max_age.as_millis() as u64
+    }
+}
+
+#[async_trait]
+impl Inbox for RedisBackend {
+    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<Appended>> {
+        // The frame around the id: the script puts the id it assigns between.
+        let (head, tail) =
+            protocol::message_frame_parts(msg.topic, msg.payload_json, msg.ts, false);
+        let now = msg.ts.to_string();
+        let max_len = self.cfg.max_messages.to_string();
+        let max_age = self.max_age_ms().to_string();
+        let ttl = self.ttl_ms().to_string();
+        let window = msg
+            .idempotency
+            .map(|k| (k.window.as_millis() as u64).max(1).to_string());
+        let cmds = users
+            .iter()
+            .map(|u| {
+                let (inbox, meta, ch) = (keys::inbox(u), keys::meta(u), keys::user_channel(u));
+                let mut args: Vec<&[u8]> = vec![
+                    now.as_bytes(),
+                    head.as_bytes(),
+                    tail.as_bytes(),
+                    max_len.as_bytes(),
+                    max_age.as_bytes(),
+                    ttl.as_bytes(),
+                    ch.as_bytes(),
+                ];
+                match (msg.idempotency, &window) {
+                    (Some(k), Some(window)) => {
+                        let record = keys::idem_stored(u, k.key);
+                        args.push(k.fingerprint.as_bytes());
+                        args.push(window.as_bytes());
+                        self.scripts.append.cmd(&[&inbox, &meta, &record], &args)
+                    }
+                    _ => self.scripts.append.cmd(&[&inbox, &meta], &args),
+                }
+            })
+            .collect();
+        self.run(cmds)
+            .await?
+            .into_iter()
+            .zip(users)
+            .map(|(v, user)| {
+                let v = array(v)?;
+                match v.as_slice() {
+                    [_, _, flag] if int(flag)? == 2 => Err(reused(user)),
+                    [id, receivers, flag] => Ok(Appended {
+                        id: msg_id(id)?,
+                        online: int(receivers)? > 0,
+                        replayed: int(flag)? == 1,
+                    }),
+                    _ => Err(bad(&Value::Array(v))),
+                }
+            })
+            .collect()
+    }
+
+    async fn unread(&self, user: &str) -> Result<u64> {
+        let now = protocol::now_ms().to_string();
+        let max_age = self.max_age_ms().to_string();
+        let v = self
+            .run_one(self.scripts.unread.cmd(
+                &[&keys::inbox(user), &keys::meta(user)],
+                &[now.as_bytes(), max_age.as_bytes()],
+            ))
+            .await?;
+        Ok(int(&v)?.max(0) as u64)
+    }
+
+    async fn replay(&self, user: &str, since: Option<MessageId>, limit: usize) -> Result<Replay> {
+        let now = protocol::now_ms().to_string();
+        let max_age = self.max_age_ms().to_string();
+        let since = since.map(|s| s.to_string()).unwrap_or_default();
+        let limit = limit.to_string();
+        let ttl = self.ttl_ms().to_string();
+        let v = self
+            .run_one(self.scripts.replay.cmd(
+                &[&keys::inbox(user), &keys::meta(user)],
+                &[
+                    now.as_bytes(),
+                    max_age.as_bytes(),
+                    since.as_bytes(),
+                    limit.as_bytes(),
+                    ttl.as_bytes(),
+                ],
+            ))
+            .await?;
+        let mut v = array(v)?;
+        if v.len() < 3 {
+            return Err(bad(&Value::Array(v)));
+        }
+        let stored = v.split_off(3);
+        if stored.len() % 2 != 0 {
+            return Err(bad(&Value::Array(stored)));
+        }
+        let mut messages = Vec::with_capacity(stored.len() / 2);
+        let mut stored = stored.into_iter();
+        while let (Some(id), Some(frame)) = (stored.next(), stored.next()) {
+            let id = msg_id(&id)?;
+            // The reply's bytes become the frame: no copy.
+            let frame = match frame {
+                Value::BulkString(b) => Frame::try_from(b).map_err(|e| {
+                    crate::error::Error::Backend(format!("stored frame {id} is not UTF-8: {e}"))
+                })?,
+                other => return Err(bad(&other)),
+            };
+            messages.push((id, frame));
+        }
+        Ok(Replay {
+            unread: int(&v[0])?.max(0) as u64,
+            resumed: match int(&v[1])? {
+                0 => Some(false),
+                1 => Some(true),
+                _ => None,
+            },
+            head: msg_id(&v[2])?,
+            messages,
+        })
+    }
+
+    async fn mark_read(&self, user: &str, up_to: Option<MessageId>) -> Result<(u64, bool)> {
+        let now = protocol::now_ms().to_string();
+        let max_age = self.max_age_ms().to_string();
+        let up_to = up_to.map(|s| s.to_string()).unwrap_or_default();
+        let v = self
+            .run_one(self.scripts.mark_read.cmd(
+                &[&keys::inbox(user), &keys::meta(user)],
+                &[now.as_bytes(), max_age.as_bytes(), up_to.as_bytes()],
+            ))
+            .await?;
+        let v = array(v)?;
+        Ok((int(nth(&v, 0))?.max(0) as u64, int(nth(&v, 1))? == 1))
+    }
+}

@@ -1,0 +1,102 @@
+//! Every Redis key and channel name Herald uses, each built by one function
+//! here; nothing else formats one. The table in the module doc of
+//! [`super`] lists them with their types and lifetimes.
+//!
+//! User-scoped names carry the user id as a `{hash tag}` (built by
+//! [`user_scoped`] only), so one user's keys would share a slot under Redis
+//! Cluster.
+
+/// What every name starts with.
+const PREFIX: &str = "herald:";
+
+/// `herald:{<user>}:<what>`.
+fn user_scoped(user: &str, what: &str) -> String {
+    format!("{PREFIX}{{{user}}}:{what}")
+}
+
+/// Stream: the user's stored messages.
+pub(crate) fn inbox(user: &str) -> String {
+    user_scoped(user, "inbox")
+}
+
+/// Hash: the user's inbox bookkeeping (`last`, `seq`, `rid`, `rn`, `floor`).
+pub(crate) fn meta(user: &str) -> String {
+    user_scoped(user, "meta")
+}
+
+/// String: the record of a stored send to `user` with idempotency key `key`:
+/// `"<id> <online 0|1> <fingerprint>"`, for the idempotency window.
+pub(crate) fn idem_stored(user: &str, key: &str) -> String {
+    user_scoped(user, &format!("idem:s:{key}"))
+}
+
+/// String: the record of a transient send to `user` with key `key`:
+/// `"<id> <fingerprint>"`, for the idempotency window.
+pub(crate) fn idem_transient(user: &str, key: &str) -> String {
+    user_scoped(user, &format!("idem:t:{key}"))
+}
+
+/// String: the record of a broadcast with key `key`: `"<id> <fingerprint>"`.
+pub(crate) fn idem_broadcast(key: &str) -> String {
+    format!("{PREFIX}idem:b:{key}")
+}
+
+/// Channel: the user's live events, subscribed by nodes holding the user.
+pub(crate) fn user_channel(user: &str) -> String {
+    user_scoped(user, "ch")
+}
+
+/// The user of a channel named by [`user_channel`].
+pub(crate) fn channel_user(channel: &str) -> Option<&str> {
+    channel
+        .strip_prefix(PREFIX)?
+        .strip_prefix('{')?
+        .strip_suffix("}:ch")
+}
+
+/// Channel: broadcast frames, subscribed by every node.
+pub(crate) fn broadcast_channel() -> String {
+    format!("{PREFIX}broadcast")
+}
+
+/// Sorted set: live nodes, scored by lease expiry.
+pub(crate) fn nodes() -> String {
+    format!("{PREFIX}nodes")
+}
+
+/// The two parts around a node id in [`node_conns`]: scripts that read
+/// every live node's hash build the names from them.
+pub(crate) fn node_conns_parts() -> (String, &'static str) {
+    (format!("{PREFIX}node:"), ":conns")
+}
+
+/// Hash: user -> live connections on node `node`.
+pub(crate) fn node_conns(node: &str) -> String {
+    let (a, b) = node_conns_parts();
+    format!("{a}{node}{b}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_stable() {
+        assert_eq!(inbox("al ice"), "herald:{al ice}:inbox");
+        assert_eq!(meta("bob"), "herald:{bob}:meta");
+        assert_eq!(user_channel("bob"), "herald:{bob}:ch");
+        assert_eq!(broadcast_channel(), "herald:broadcast");
+        assert_eq!(nodes(), "herald:nodes");
+        assert_eq!(node_conns("n1"), "herald:node:n1:conns");
+    }
+
+    #[test]
+    fn channel_user_inverts_user_channel() {
+        for user in ["bob", "", "a}:ch", "{x}", "ünï côdé"] {
+            assert_eq!(channel_user(&user_channel(user)), Some(user));
+        }
+        assert_eq!(channel_user(&broadcast_channel()), None);
+        assert_eq!(channel_user(&inbox("bob")), None);
+        assert_eq!(channel_user("other:{bob}:ch"), None);
+    }
+}

@@ -1,0 +1,318 @@
+//! The registrar: the one task per node that owns the pub/sub connection
+//! and this node's presence record (see "Fan-out" in [`super`]).
+//!
+//! Backends reach it through a [`Handle`]: each request names a user whose
+//! subscription and presence the registrar makes match this node's
+//! connections as they are when it acts, so concurrent connects and
+//! disconnects of one user always converge.
+
+use super::codec;
+use super::keys;
+use super::scripts::Scripts;
+use crate::backend::Dispatch;
+use crate::error::{Error, Result};
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// What the registrar is asked to do.
+enum Request {
+    /// Make subscription and presence of `user` match this node's
+    /// connections.
+    Sync {
+        user: String,
+        ack: Option<oneshot::Sender<Result<()>>>,
+    },
+}
+
+/// How the backend asks the registrar for work.
+pub(super) struct Handle(mpsc::UnboundedSender<Request>);
+
+impl Handle {
+    /// Syncs `user` and waits until it is done: the user's events reach
+    /// this node and presence counts the user here.
+    pub(super) async fn sync(&self, user: &str) -> Result<()> {
+        let (ack, done) = oneshot::channel();
+        self.0
+            .send(Request::Sync {
+                user: user.to_string(),
+                ack: Some(ack),
+            })
+            .map_err(|_| Error::Unavailable("registrar stopped".into()))?;
+        match tokio::time::timeout(Duration::from_secs(5), done).await {
+            Ok(Ok(r)) => r,
+            _ => Err(Error::Unavailable(
+                "Redis pub/sub did not confirm in time".into(),
+            )),
+        }
+    }
+
+    /// Syncs `user` soon, without waiting (a user leaving this node).
+    pub(super) fn sync_later(&self, user: &str) {
+        let _ = self.0.send(Request::Sync {
+            user: user.to_string(),
+            ack: None,
+        });
+    }
+}
+
+/// The task that owns this node's pub/sub connection and presence record.
+pub(super) struct Registrar {
+    client: redis::Client,
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    /// This node's connections: where received events go, and what
+    /// subscriptions and presence are made to match.
+    local: Arc<dyn Dispatch>,
+    node_id: String,
+    lease: Duration,
+    /// Users whose channel this node is subscribed to right now.
+    subscribed: HashSet<String>,
+}
+
+impl Registrar {
+    /// Starts the task. The receiver reports whether the first pub/sub
+    /// connection and presence registration worked.
+    pub(super) fn start(
+        client: redis::Client,
+        conn: ConnectionManager,
+        scripts: Arc<Scripts>,
+        local: Arc<dyn Dispatch>,
+        node_id: String,
+        lease: Duration,
+    ) -> (Handle, oneshot::Receiver<Result<()>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let registrar = Registrar {
+            client,
+            conn,
+            scripts,
+            local,
+            node_id,
+            lease,
+            subscribed: HashSet::new(),
+        };
+        tokio::spawn(registrar.run(rx, ready_tx));
+        (Handle(tx), ready_rx)
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Request>,
+        ready: oneshot::Sender<Result<()>>,
+    ) {
+        let mut ready = Some(ready);
+        let mut backoff = Duration::from_millis(100);
+        let broadcast_channel = keys::broadcast_channel();
+        let mut renew = tokio::time::interval(self.lease / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let connected = async {
+                let pubsub =
+                    tokio::time::timeout(Duration::from_secs(2), self.client.get_async_pubsub())
+                        .await
+                        .map_err(|_| Error::Unavailable("pub/sub connect timed out".into()))??;
+                let (sink, stream) = pubsub.split();
+                Ok::<_, Error>((sink, stream))
+            }
+            .await;
+            let (mut sink, mut stream) = match connected {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Err(e));
+                        return;
+                    }
+                    tracing::warn!(error = %e, "Redis pub/sub unavailable; retrying in {backoff:?}");
+                    // Answer requests while down: attaches fail fast.
+                    let sleep = tokio::time::sleep(backoff);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut sleep => break,
+                            req = rx.recv() => match req {
+                                None => return,
+                                Some(Request::Sync { ack, .. }) => {
+                                    if let Some(a) = ack { let _ = a.send(Err(Error::Unavailable("Redis pub/sub is reconnecting".into()))); }
+                                }
+                            },
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            let restored = self.restore(&mut sink).await;
+            if let Err(e) = restored {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(Err(e));
+                    return;
+                }
+                tracing::warn!(error = %e, "re-subscribing after reconnect failed; retrying");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            backoff = Duration::from_millis(100);
+            match ready.take() {
+                Some(r) => {
+                    let _ = r.send(Ok(()));
+                }
+                None => {
+                    tracing::info!(
+                        users = self.subscribed.len(),
+                        "Redis pub/sub restored; connections catch up from their inboxes"
+                    );
+                    metrics::counter!("herald_redis_reconnects_total").increment(1);
+                    self.local.resync_all();
+                }
+            }
+            // Serve until the pub/sub connection drops.
+            loop {
+                tokio::select! {
+                    msg = stream.next() => match msg {
+                        Some(m) => {
+                            if let Some(e) = codec::decode(&broadcast_channel, m.get_channel_name(), m.get_payload_bytes()) {
+                                self.local.dispatch(e);
+                            }
+                        }
+                        None => {
+                            tracing::warn!("Redis pub/sub connection lost");
+                            break;
+                        }
+                    },
+                    req = rx.recv() => {
+                        let Some(first) = req else { return };
+                        let mut batch = vec![first];
+                        while batch.len() < 1024 {
+                            match rx.try_recv() {
+                                Ok(r) => batch.push(r),
+                                Err(_) => break,
+                            }
+                        }
+                        if let Err(e) = self.process(&mut sink, batch).await {
+                            tracing::warn!(error = %e, "subscription sync failed");
+                        }
+                    }
+                    _ = renew.tick() => {
+                        if let Err(e) = self.renew().await {
+                            tracing::warn!(error = %e, "node lease renewal failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// After (re)connecting: subscribe to broadcasts and every local user,
+    /// rewrite this node's presence from its connections, renew the lease.
+    async fn restore(&mut self, sink: &mut redis::aio::PubSubSink) -> Result<()> {
+        self.subscribed.clear();
+        sink.subscribe(keys::broadcast_channel()).await?;
+        let users = self.local.users_snapshot();
+        for chunk in users.chunks(1000) {
+            let channels: Vec<String> = chunk.iter().map(|u| keys::user_channel(u)).collect();
+            sink.subscribe(channels).await?;
+            self.subscribed.extend(chunk.iter().cloned());
+        }
+        let counts = self.local.local_counts(&users);
+        let conns = keys::node_conns(&self.node_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("DEL").arg(&conns).ignore();
+        for (chunk, counts) in users.chunks(1000).zip(counts.chunks(1000)) {
+            let mut c = redis::cmd("HSET");
+            c.arg(&conns);
+            for (u, n) in chunk.iter().zip(counts) {
+                c.arg(u).arg(*n);
+            }
+            pipe.add_command(c).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        self.renew().await
+    }
+
+    async fn renew(&self) -> Result<()> {
+        let (nodes, conns) = (keys::nodes(), keys::node_conns(&self.node_id));
+        let lease = self.lease.as_millis().to_string();
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.scripts.renew.cmd(
+            &[&nodes, &conns],
+            &[self.node_id.as_bytes(), lease.as_bytes()],
+        ));
+        self.scripts.eval(&mut self.conn.clone(), &pipe).await?;
+        Ok(())
+    }
+
+    /// Makes subscriptions and presence of the batch's users match this node
+    /// as it is now, then acknowledges.
+    async fn process(
+        &mut self,
+        sink: &mut redis::aio::PubSubSink,
+        batch: Vec<Request>,
+    ) -> Result<()> {
+        let mut users: Vec<String> = Vec::with_capacity(batch.len());
+        let mut acks = Vec::new();
+        let mut seen = HashSet::new();
+        for Request::Sync { user, ack } in batch {
+            if seen.insert(user.clone()) {
+                users.push(user);
+            }
+            acks.extend(ack);
+        }
+        let counts = self.local.local_counts(&users);
+        let (mut sub, mut unsub) = (vec![], vec![]);
+        for (u, n) in users.iter().zip(&counts) {
+            match (*n > 0, self.subscribed.contains(u)) {
+                (true, false) => sub.push(u.clone()),
+                (false, true) => unsub.push(u.clone()),
+                _ => {}
+            }
+        }
+        let result = async {
+            if !sub.is_empty() {
+                sink.subscribe(
+                    sub.iter()
+                        .map(|u| keys::user_channel(u))
+                        .collect::<Vec<_>>(),
+                )
+                .await?;
+                self.subscribed.extend(sub);
+            }
+            if !unsub.is_empty() {
+                sink.unsubscribe(
+                    unsub
+                        .iter()
+                        .map(|u| keys::user_channel(u))
+                        .collect::<Vec<_>>(),
+                )
+                .await?;
+                for u in &unsub {
+                    self.subscribed.remove(u);
+                }
+            }
+            let conns = keys::node_conns(&self.node_id);
+            let mut pipe = redis::pipe();
+            for (u, n) in users.iter().zip(&counts) {
+                if *n > 0 {
+                    pipe.cmd("HSET").arg(&conns).arg(u).arg(*n).ignore();
+                } else {
+                    pipe.cmd("HDEL").arg(&conns).arg(u).ignore();
+                }
+            }
+            let mut conn = self.conn.clone();
+            pipe.query_async::<()>(&mut conn).await?;
+            Ok::<(), Error>(())
+        }
+        .await;
+        for a in acks {
+            let _ = a.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(Error::Unavailable(e.to_string())),
+            });
+        }
+        result
+    }
+}

@@ -1,0 +1,193 @@
+//! The Lua scripts (one `.lua` file each under `scripts/`), how they are
+//! run (EVALSHA, pipelined, reloaded once when Redis has lost them), and
+//! how their replies are read.
+
+use crate::error::{Error, Result};
+use crate::protocol::{self, MessageId};
+use redis::aio::ConnectionManager;
+use redis::Value;
+
+/// Helpers shared by the inbox scripts, put in front of each.
+const PRELUDE: &str = include_str!("scripts/prelude.lua");
+pub(super) const APPEND: &str = include_str!("scripts/append.lua");
+const REPLAY: &str = include_str!("scripts/replay.lua");
+const UNREAD: &str = include_str!("scripts/unread.lua");
+const MARK_READ: &str = include_str!("scripts/mark_read.lua");
+const LOOKUP: &str = include_str!("scripts/lookup.lua");
+const CLUSTER: &str = include_str!("scripts/cluster.lua");
+const RENEW: &str = include_str!("scripts/renew.lua");
+
+/// A Lua script (with the prelude, for the inbox scripts) and its SHA1 for
+/// EVALSHA.
+pub(super) struct Script {
+    inner: redis::Script,
+}
+
+impl Script {
+    fn new(body: &str, prelude: bool) -> Script {
+        let code = if prelude {
+            format!("{PRELUDE}\n{body}")
+        } else {
+            body.to_string()
+        };
+        Script {
+            inner: redis::Script::new(&code),
+        }
+    }
+
+    /// An EVALSHA command, for pipelines (run them with [`eval`]).
+    pub(super) fn cmd(&self, keys: &[&str], args: &[&[u8]]) -> redis::Cmd {
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(self.inner.get_hash())
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args);
+        c
+    }
+}
+
+/// Every script Herald runs; each file's header says its KEYS, ARGV and
+/// reply.
+pub(super) struct Scripts {
+    pub(super) append: Script,
+    pub(super) replay: Script,
+    pub(super) unread: Script,
+    pub(super) mark_read: Script,
+    pub(super) lookup: Script,
+    pub(super) cluster: Script,
+    pub(super) renew: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Scripts {
+        Scripts {
+            append: Script::new(APPEND, true),
+            replay: Script::new(REPLAY, true),
+            unread: Script::new(UNREAD, true),
+            mark_read: Script::new(MARK_READ, true),
+            lookup: Script::new(LOOKUP, false),
+            cluster: Script::new(CLUSTER, false),
+            renew: Script::new(RENEW, false),
+        }
+    }
+
+    fn all(&self) -> [&Script; 7] {
+        [
+            &self.append,
+            &self.replay,
+            &self.unread,
+            &self.mark_read,
+            &self.lookup,
+            &self.cluster,
+            &self.renew,
+        ]
+    }
+
+    /// Runs a pipeline of script calls; if Redis has lost the scripts (a
+    /// restart), loads them all once and retries.
+    pub(super) async fn eval(
+        &self,
+        conn: &mut ConnectionManager,
+        pipe: &redis::Pipeline,
+    ) -> Result<Vec<Value>> {
+        match pipe.query_async::<Vec<Value>>(conn).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                for s in self.all() {
+                    s.inner.prepare_invoke().load_async(conn).await?;
+                }
+                Ok(pipe.query_async(conn).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+}
+
+// Reading replies.
+
+/// An integer reply (or a bulk string holding one).
+pub(super) fn int(v: &Value) -> Result<i64> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad(v)),
+        _ => Err(bad(v)),
+    }
+}
+
+/// A text reply, borrowed from the reply.
+pub(super) fn text(v: &Value) -> Result<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).map_err(|_| bad(v)),
+        Value::SimpleString(s) => Ok(s),
+        _ => Err(bad(v)),
+    }
+}
+
+pub(super) fn array(v: Value) -> Result<Vec<Value>> {
+    match v {
+        Value::Array(a) => Ok(a),
+        other => Err(bad(&other)),
+    }
+}
+
+/// The error for a reply of an unexpected shape.
+pub(super) fn bad(v: &Value) -> Error {
+    Error::Backend(format!(
+        "unexpected reply from Redis: {:.200}",
+        format!("{v:?}")
+    ))
+}
+
+pub(super) fn msg_id(v: &Value) -> Result<MessageId> {
+    text(v)?
+        .parse()
+        .map_err(|e: protocol::BadMessageId| Error::Backend(e.to_string()))
+}
+
+/// Element `i` of a reply array, [`Value::Nil`] when it is short (its
+/// reader then reports the reply as [`bad`]).
+pub(super) fn nth(v: &[Value], i: usize) -> &Value {
+    v.get(i).unwrap_or(&Value::Nil)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_script_says_its_keys_argv_and_reply() {
+        for (name, code) in [
+            ("append", APPEND),
+            ("replay", REPLAY),
+            ("unread", UNREAD),
+            ("mark_read", MARK_READ),
+            ("lookup", LOOKUP),
+            ("cluster", CLUSTER),
+            ("renew", RENEW),
+        ] {
+            let head: String = code
+                .lines()
+                .take_while(|l| l.starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            for word in ["KEYS:", "ARGV:", "Returns"] {
+                assert!(head.contains(word), "{name}.lua's header lacks {word}");
+            }
+        }
+    }
+
+    #[test]
+    fn replies_of_the_wrong_shape_are_errors() {
+        assert_eq!(int(&Value::Int(7)).unwrap(), 7);
+        assert_eq!(int(&Value::BulkString(b"12".to_vec())).unwrap(), 12);
+        assert!(int(&Value::BulkString(b"x".to_vec())).is_err());
+        assert!(int(&Value::Nil).is_err());
+        assert!(text(&Value::BulkString(vec![0xff])).is_err());
+        assert!(msg_id(&Value::BulkString(b"1-2".to_vec())).is_ok());
+        assert!(msg_id(&Value::BulkString(b"12".to_vec())).is_err());
+        assert!(array(Value::Int(1)).is_err());
+        assert!(int(nth(&[], 3)).is_err());
+    }
+}

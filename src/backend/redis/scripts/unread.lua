@@ -1,0 +1,7 @@
+-- The user's unread count.
+-- KEYS: inbox, meta.
+-- ARGV: now (ms), max_age (ms).
+-- Returns the count (0 for a user with no inbox).
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+trim(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), nil)
+return unread(KEYS[1], KEYS[2])

@@ -1,0 +1,203 @@
+//! Idempotency keys: a backend that retries with the same key stores and
+//! pushes a message exactly once, on one node or across nodes, also when
+//! the first call failed because Redis was frozen and ran it later.
+#[macro_use]
+mod common;
+
+use common::*;
+use herald::proto::*;
+use std::time::Duration;
+use tonic::Code;
+
+fn keyed(users: &[&str], payload: &str, key: &str) -> SendToUserRequest {
+    SendToUserRequest {
+        user_ids: users.iter().map(|u| u.to_string()).collect(),
+        topic: "orders".into(),
+        payload_json: payload.into(),
+        transient: false,
+        idempotency_key: key.into(),
+    }
+}
+
+async fn a_repeated_key_stores_and_pushes_once(b: Backend) {
+    let node = TestNode::start(b).await;
+    let mut c = node.client().await;
+    let u = uid("idem");
+    let (mut ws, _) = node.connect(&u).await;
+    let key = uid("order-42");
+    let first = c
+        .send_to_user(keyed(&[&u], r#"{"n":1}"#, &key))
+        .await
+        .unwrap()
+        .into_inner();
+    let d1 = &first.deliveries[0];
+    assert!(!d1.replayed && d1.online);
+    let again = c
+        .send_to_user(keyed(&[&u], r#"{"n":1}"#, &key))
+        .await
+        .unwrap()
+        .into_inner();
+    let d2 = &again.deliveries[0];
+    assert!(d2.replayed, "the retry is answered from the first call");
+    assert_eq!(d2.message_id, d1.message_id);
+    assert_eq!(d2.online, d1.online);
+    assert_eq!(ws.next_of("message").await["id"], d1.message_id.as_str());
+    ws.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(unread(&mut c, &u).await, 1);
+    // A new key is a new message.
+    let other = send(&mut c, &[&u], r#"{"n":1}"#).await;
+    assert_ne!(other.deliveries[0].message_id, d1.message_id);
+    assert_eq!(unread(&mut c, &u).await, 2);
+    node.stop().await;
+}
+
+async fn a_partly_done_multi_user_send_completes_on_retry(b: Backend) {
+    let node = TestNode::start(b).await;
+    let mut c = node.client().await;
+    let (x, y) = (uid("x"), uid("y"));
+    let key = uid("k");
+    // As if the first call stored for x only before it failed.
+    let first = c
+        .send_to_user(keyed(&[&x], "1", &key))
+        .await
+        .unwrap()
+        .into_inner();
+    let retry = c
+        .send_to_user(keyed(&[&x, &y], "1", &key))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retry.deliveries[0].replayed);
+    assert_eq!(
+        retry.deliveries[0].message_id,
+        first.deliveries[0].message_id
+    );
+    assert!(!retry.deliveries[1].replayed);
+    assert_eq!(unread(&mut c, &x).await, 1);
+    assert_eq!(unread(&mut c, &y).await, 1);
+    node.stop().await;
+}
+
+async fn a_key_reused_for_another_request_is_refused(b: Backend) {
+    let node = TestNode::start(b).await;
+    let mut c = node.client().await;
+    let u = uid("reuse");
+    let key = uid("k");
+    c.send_to_user(keyed(&[&u], "1", &key)).await.unwrap();
+    let err = c.send_to_user(keyed(&[&u], "2", &key)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("different request"),
+        "{}",
+        err.message()
+    );
+    for bad in ["has space", &"k".repeat(129), "tab\there", "é"] {
+        let err = c.send_to_user(keyed(&[&u], "1", bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(err.message().contains("idempotency_key"));
+    }
+    assert_eq!(unread(&mut c, &u).await, 1);
+    node.stop().await;
+}
+
+async fn transient_and_broadcast_keys_push_once(b: Backend) {
+    let node = TestNode::start(b).await;
+    let mut c = node.client().await;
+    let u = uid("live");
+    let (mut ws, _) = node.connect(&u).await;
+    let key = uid("typing");
+    let mut req = keyed(&[&u], "\"typing\"", &key);
+    req.transient = true;
+    let first = c.send_to_user(req.clone()).await.unwrap().into_inner();
+    let again = c.send_to_user(req).await.unwrap().into_inner();
+    assert!(!first.deliveries[0].replayed && again.deliveries[0].replayed);
+    assert_eq!(
+        again.deliveries[0].message_id,
+        first.deliveries[0].message_id
+    );
+    assert_eq!(ws.next_of("message").await["data"], "typing");
+    let bkey = uid("maintenance");
+    let req = BroadcastRequest {
+        topic: "ops".into(),
+        payload_json: "\"restart at 2am\"".into(),
+        idempotency_key: bkey.clone(),
+    };
+    let b1 = c.broadcast(req.clone()).await.unwrap().into_inner();
+    let b2 = c.broadcast(req).await.unwrap().into_inner();
+    assert!(!b1.replayed && b2.replayed);
+    assert_eq!(b1.message_id, b2.message_id);
+    assert_eq!(ws.next_of("message").await["id"], b1.message_id.as_str());
+    ws.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(unread(&mut c, &u).await, 0);
+    node.stop().await;
+}
+
+on_both_backends!(
+    a_repeated_key_stores_and_pushes_once,
+    a_partly_done_multi_user_send_completes_on_retry,
+    a_key_reused_for_another_request_is_refused,
+    transient_and_broadcast_keys_push_once,
+);
+
+/// The observed defect: with Redis frozen, SendToUser answered UNAVAILABLE
+/// and its write ran when Redis woke up, so a retry stored the message a
+/// second time. With a key, the retry (on another node) finds the first
+/// call's record whichever of the two Redis runs first.
+#[tokio::test]
+async fn a_retry_after_a_redis_freeze_stores_once_across_nodes() {
+    let redis = RedisServer::start();
+    let mut a1 = args();
+    a1.redis_url = Some(redis.url());
+    let mut a2 = args();
+    a2.redis_url = Some(redis.url());
+    let n1 = TestNode::start_with(a1).await;
+    let n2 = TestNode::start_with(a2).await;
+    let mut c1 = n1.client().await;
+    let mut c2 = n2.client().await;
+    let u = uid("frozen");
+    let (mut ws, _) = n2.connect(&u).await;
+    let key = uid("invoice-7");
+
+    redis.signal("STOP");
+    let mut req = tonic::Request::new(keyed(&[&u], r#"{"invoice":7}"#, &key));
+    req.set_timeout(Duration::from_millis(800));
+    let first = c1.send_to_user(req).await;
+    assert!(
+        matches!(
+            first.as_ref().map_err(|s| s.code()),
+            Err(Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+        ),
+        "a frozen Redis fails the call: {first:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.signal("CONT");
+
+    // The backend retries with the same key, through the other node, until
+    // it gets an answer.
+    let answer = loop {
+        match c2
+            .send_to_user(keyed(&[&u], r#"{"invoice":7}"#, &key))
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => panic!("retry failed: {s:?}"),
+        }
+    };
+    let id = answer.deliveries[0].message_id.clone();
+    // Stored once, pushed once.
+    eventually("the unread count settles", || {
+        let mut c = c2.clone();
+        let u = u.clone();
+        async move { unread(&mut c, &u).await == 1 }
+    })
+    .await;
+    assert_eq!(ws.next_of("message").await["id"], id.as_str());
+    ws.expect_silence(Duration::from_millis(500)).await;
+    let (_, welcome) = n1.connect_since(&u, Some("0-0")).await;
+    assert_eq!(welcome["replay"], 1, "{welcome}");
+    n1.stop().await;
+    n2.stop().await;
+}
