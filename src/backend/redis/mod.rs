@@ -115,14 +115,15 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
     }
 
     let scripts = Arc::new(Scripts::new());
-    let (registrar, ready) = registrar::Registrar::start(
+    let (registrar, ready) = registrar::Registrar {
         client,
-        conn.clone(),
-        scripts.clone(),
+        conn: conn.clone(),
+        scripts: scripts.clone(),
         local,
-        cfg.node_id.clone(),
-        cfg.node_lease,
-    );
+        node_id: cfg.node_id.clone(),
+        lease: cfg.node_lease,
+    }
+    .start();
     // The first pub/sub connection and presence registration must work, or
     // the node would start deaf.
     match tokio::time::timeout(Duration::from_secs(10), ready).await {

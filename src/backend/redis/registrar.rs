@@ -61,50 +61,36 @@ impl Handle {
 
 /// The task that owns this node's pub/sub connection and presence record.
 pub(super) struct Registrar {
-    client: redis::Client,
-    conn: ConnectionManager,
-    scripts: Arc<Scripts>,
+    pub(super) client: redis::Client,
+    pub(super) conn: ConnectionManager,
+    pub(super) scripts: Arc<Scripts>,
     /// This node's connections: where received events go, and what
     /// subscriptions and presence are made to match.
-    local: Arc<dyn Dispatch>,
-    node_id: String,
-    lease: Duration,
-    /// Users whose channel this node is subscribed to right now.
-    subscribed: HashSet<String>,
+    pub(super) local: Arc<dyn Dispatch>,
+    pub(super) node_id: String,
+    pub(super) lease: Duration,
 }
+
+/// Users whose channel this node is subscribed to right now.
+type Subscribed = HashSet<String>;
 
 impl Registrar {
     /// Starts the task. The receiver reports whether the first pub/sub
     /// connection and presence registration worked.
-    pub(super) fn start(
-        client: redis::Client,
-        conn: ConnectionManager,
-        scripts: Arc<Scripts>,
-        local: Arc<dyn Dispatch>,
-        node_id: String,
-        lease: Duration,
-    ) -> (Handle, oneshot::Receiver<Result<()>>) {
+    pub(super) fn start(self) -> (Handle, oneshot::Receiver<Result<()>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let registrar = Registrar {
-            client,
-            conn,
-            scripts,
-            local,
-            node_id,
-            lease,
-            subscribed: HashSet::new(),
-        };
-        tokio::spawn(registrar.run(rx, ready_tx));
+        tokio::spawn(self.run(rx, ready_tx));
         (Handle(tx), ready_rx)
     }
 
     async fn run(
-        mut self,
+        self,
         mut rx: mpsc::UnboundedReceiver<Request>,
         ready: oneshot::Sender<Result<()>>,
     ) {
         let mut ready = Some(ready);
+        let mut subscribed = Subscribed::new();
         let mut backoff = Duration::from_millis(100);
         let broadcast_channel = keys::broadcast_channel();
         let mut renew = tokio::time::interval(self.lease / 3);
@@ -145,7 +131,7 @@ impl Registrar {
                     continue;
                 }
             };
-            let restored = self.restore(&mut sink).await;
+            let restored = self.restore(&mut sink, &mut subscribed).await;
             if let Err(e) = restored {
                 if let Some(r) = ready.take() {
                     let _ = r.send(Err(e));
@@ -162,7 +148,7 @@ impl Registrar {
                 }
                 None => {
                     tracing::info!(
-                        users = self.subscribed.len(),
+                        users = subscribed.len(),
                         "Redis pub/sub restored; connections catch up from their inboxes"
                     );
                     metrics::counter!("herald_redis_reconnects_total").increment(1);
@@ -192,7 +178,7 @@ impl Registrar {
                                 Err(_) => break,
                             }
                         }
-                        if let Err(e) = self.process(&mut sink, batch).await {
+                        if let Err(e) = self.process(&mut sink, &mut subscribed, batch).await {
                             tracing::warn!(error = %e, "subscription sync failed");
                         }
                     }
@@ -208,14 +194,18 @@ impl Registrar {
 
     /// After (re)connecting: subscribe to broadcasts and every local user,
     /// rewrite this node's presence from its connections, renew the lease.
-    async fn restore(&mut self, sink: &mut redis::aio::PubSubSink) -> Result<()> {
-        self.subscribed.clear();
+    async fn restore(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        subscribed: &mut Subscribed,
+    ) -> Result<()> {
+        subscribed.clear();
         sink.subscribe(keys::broadcast_channel()).await?;
         let users = self.local.users_snapshot();
         for chunk in users.chunks(1000) {
             let channels: Vec<String> = chunk.iter().map(|u| keys::user_channel(u)).collect();
             sink.subscribe(channels).await?;
-            self.subscribed.extend(chunk.iter().cloned());
+            subscribed.extend(chunk.iter().cloned());
         }
         let counts = self.local.local_counts(&users);
         let conns = keys::node_conns(&self.node_id);
@@ -249,8 +239,9 @@ impl Registrar {
     /// Makes subscriptions and presence of the batch's users match this node
     /// as it is now, then acknowledges.
     async fn process(
-        &mut self,
+        &self,
         sink: &mut redis::aio::PubSubSink,
+        subscribed: &mut Subscribed,
         batch: Vec<Request>,
     ) -> Result<()> {
         let mut users: Vec<String> = Vec::with_capacity(batch.len());
@@ -265,7 +256,7 @@ impl Registrar {
         let counts = self.local.local_counts(&users);
         let (mut sub, mut unsub) = (vec![], vec![]);
         for (u, n) in users.iter().zip(&counts) {
-            match (*n > 0, self.subscribed.contains(u)) {
+            match (*n > 0, subscribed.contains(u)) {
                 (true, false) => sub.push(u.clone()),
                 (false, true) => unsub.push(u.clone()),
                 _ => {}
@@ -279,7 +270,7 @@ impl Registrar {
                         .collect::<Vec<_>>(),
                 )
                 .await?;
-                self.subscribed.extend(sub);
+                subscribed.extend(sub);
             }
             if !unsub.is_empty() {
                 sink.unsubscribe(
@@ -290,7 +281,7 @@ impl Registrar {
                 )
                 .await?;
                 for u in &unsub {
-                    self.subscribed.remove(u);
+                    subscribed.remove(u);
                 }
             }
             let conns = keys::node_conns(&self.node_id);
