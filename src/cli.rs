@@ -22,6 +22,7 @@ pub async fn send(args: SendArgs) -> ExitCode {
                 BroadcastRequest {
                     topic: args.topic.clone(),
                     payload_json: args.payload_json.clone(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -35,6 +36,7 @@ pub async fn send(args: SendArgs) -> ExitCode {
                     topic: args.topic.clone(),
                     payload_json: args.payload_json.clone(),
                     transient: args.transient,
+                    ..Default::default()
                 },
             ))
             .await

@@ -67,6 +67,7 @@ impl PushService for PushApi {
                         user_id: d.user_id,
                         message_id: d.message_id,
                         online: d.online,
+                        replayed: false,
                     })
                     .collect(),
             })
@@ -82,6 +83,7 @@ impl PushService for PushApi {
         self.observed("Broadcast", async {
             Ok(BroadcastResponse {
                 message_id: self.node.broadcast(&r.topic, &r.payload_json).await?,
+                replayed: false,
             })
         })
         .await

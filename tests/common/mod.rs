@@ -313,6 +313,7 @@ pub async fn send(
         topic: "t".into(),
         payload_json: payload.into(),
         transient: false,
+        ..Default::default()
     })
     .await
     .expect("SendToUser succeeds")
