@@ -273,7 +273,6 @@ fn retryable(c: Code) -> bool {
 /// Sends one stored message to `user`, retrying the SAME request (same
 /// idempotency key) round-robin over the nodes until an answer or
 /// `give_up`.
-#[allow(clippy::too_many_arguments)]
 async fn send_until_answered(
     cluster: &Cluster,
     start_node: usize,
@@ -480,7 +479,6 @@ async fn inbox(cluster: &Cluster, user: &str, node: usize) -> Result<Vec<(Id, u6
         let id = m["id"].as_str().and_then(parse_id).ok_or(format!("bad id: {m}"))?;
         out.push((id, m["data"]["seq"].as_u64().ok_or(format!("no seq: {m}"))?));
     }
-    drop(next);
     let _ = ws.close(None).await;
     Ok(out)
 }
@@ -895,6 +893,7 @@ async fn chaos() {
     let mut stored_total = 0usize;
     let mut dup_stored = 0usize; // extra copies of one seq in an inbox
     let mut dup_examples = vec![];
+    let mut dup_example_seqs = HashSet::new();
     let mut orphan = 0usize; // stored, never acked (its send gave up)
     let mut acked_missing = 0usize;
     let mut acked_wrong = 0usize; // acked id holds another payload
@@ -904,7 +903,7 @@ async fn chaos() {
         for (id, seq) in msgs {
             if let Some(first) = seen.insert(*seq, *id) {
                 dup_stored += 1;
-                if dup_examples.len() < 5 {
+                if dup_examples.len() < 5 && dup_example_seqs.insert(*seq) {
                     let a = by_seq_acked.get(seq);
                     dup_examples.push(format!(
                         "{u} seq {seq} stored as {} and {} (acked {:?} after {} attempts)",
