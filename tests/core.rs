@@ -291,12 +291,12 @@ async fn broadcast_reaches_everyone_live_only(b: Backend) {
         .broadcast(BroadcastRequest {
             topic: String::new(),
             payload_json: "{".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     node.stop().await;
-    ..Default::default()
 }
 
 async fn transient_messages_are_live_only(b: Backend) {
@@ -460,7 +460,7 @@ async fn bad_rpc_input_is_invalid_argument_and_node_keeps_serving(b: Backend) {
         (
             SendToUserRequest {
                 topic: "t".repeat(300),
-                ..req(vec!["a".into()], "1")..Default::default()
+                ..req(vec!["a".into()], "1")
             },
             "topic of 300 bytes",
         ),

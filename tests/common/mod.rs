@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 
 /// Runs each test on both backends (each file that uses it imports
 /// `common::*`, which brings `Backend`).
+#[allow(unused_macros)]
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -443,6 +444,26 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// The redis-server process id (None while stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGSTOP: the process freezes with its sockets open (clients see
+    /// timeouts, not refused connections) until [`RedisServer::thaw`].
+    pub fn freeze(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "-STOP");
+        }
+    }
+
+    /// SIGCONT after [`RedisServer::freeze`].
+    pub fn thaw(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "-CONT");
+        }
+    }
+
     /// Kills the server (SIGKILL).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -485,23 +506,63 @@ pub struct NodeProcess {
     pub admin: SocketAddr,
     pub node_id: String,
     child: Option<std::process::Child>,
+    redis_url: String,
+    extra: Vec<String>,
+    log: String,
+}
+
+/// Sends `sig` (such as "-STOP") to `pid` with kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status();
 }
 
 impl NodeProcess {
     /// Starts a node on `redis_url` with a short lease; `extra` flags are
     /// appended.
     pub fn start(node_id: &str, redis_url: &str, extra: &[&str]) -> NodeProcess {
+        Self::start_logging(node_id, redis_url, extra, "warn")
+    }
+
+    /// As [`NodeProcess::start`], with `RUST_LOG` set to `log`.
+    pub fn start_logging(node_id: &str, redis_url: &str, extra: &[&str], log: &str) -> NodeProcess {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Self::spawn(
+            node_id,
+            redis_url,
+            &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            log,
+            [any, any, any],
+        )
+    }
+
+    /// After [`NodeProcess::kill9`]: the same node id, flags and ports
+    /// again (a crashed machine coming back).
+    pub fn restart(&mut self) {
+        self.kill9();
+        let again = Self::spawn(
+            &self.node_id,
+            &self.redis_url,
+            &self.extra,
+            &self.log,
+            [self.ws, self.grpc, self.admin],
+        );
+        *self = again;
+    }
+
+    fn spawn(
+        node_id: &str,
+        redis_url: &str,
+        extra: &[String],
+        log: &str,
+        [ws, grpc, admin]: [SocketAddr; 3],
+    ) -> NodeProcess {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args([
-                "serve",
-                "--ws-listen",
-                "127.0.0.1:0",
-                "--grpc-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["serve", "--ws-listen", &ws.to_string()])
+            .args(["--grpc-listen", &grpc.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
             .args([
                 "--jwt-secret",
                 SECRET,
@@ -513,7 +574,7 @@ impl NodeProcess {
                 "1s",
             ])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("herald binary runs");
@@ -548,7 +609,32 @@ impl NodeProcess {
             admin: field("admin="),
             node_id: node_id.to_string(),
             child: Some(child),
+            redis_url: redis_url.to_string(),
+            extra: extra.to_vec(),
+            log: log.to_string(),
         }
+    }
+
+    /// The process id (None once killed).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `Some(status)` if the process has exited on its own (None while it
+    /// runs, and after [`NodeProcess::kill9`]).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Resident memory (VmRSS) in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
     pub async fn client(&self) -> PushServiceClient<Channel> {
