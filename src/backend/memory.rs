@@ -108,6 +108,8 @@ pub(crate) struct MemoryBackend {
     /// Idempotency records, sharded by record key; swept every
     /// [`SWEEP_EVERY`]. Lock order: an inbox shard, then a record shard.
     records: Box<[Mutex<HashMap<String, Record>>]>,
+    /// Connection reservations per user (the per-user cap's count).
+    reservations: Mutex<HashMap<String, u32>>,
 }
 
 impl MemoryBackend {
@@ -119,6 +121,7 @@ impl MemoryBackend {
             hasher: RandomState::new(),
             inboxes: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             records: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            reservations: Mutex::new(HashMap::new()),
         })
         .with_sweeper()
     }
@@ -217,6 +220,29 @@ impl Broker for MemoryBackend {
 
 #[async_trait]
 impl Presence for MemoryBackend {
+    async fn reserve(&self, user: &str, cap: u32) -> Result<std::result::Result<(), u32>> {
+        let mut held = self.reservations.lock();
+        let n = held.entry(user.to_string()).or_insert(0);
+        if *n >= cap {
+            let full = *n;
+            if full == 0 {
+                held.remove(user);
+            }
+            return Ok(Err(full));
+        }
+        *n += 1;
+        Ok(Ok(()))
+    }
+    async fn release(&self, user: &str) -> Result<()> {
+        let mut held = self.reservations.lock();
+        if let Some(n) = held.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(user);
+            }
+        }
+        Ok(())
+    }
     async fn connected(&self, _user: &str) -> Result<()> {
         Ok(())
     }

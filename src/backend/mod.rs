@@ -200,6 +200,13 @@ pub struct Cluster {
 
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
+    /// Reserves one connection of `user` if the user holds fewer than `cap`
+    /// across the cluster, as one atomic step (concurrent connects on any
+    /// nodes cannot overshoot). `Err(n)`: full, with `n` connections.
+    /// Connections of a node that dies stop counting when its lease ends.
+    async fn reserve(&self, user: &str, cap: u32) -> Result<std::result::Result<(), u32>>;
+    /// Gives back a reservation (the connection ended, or never started).
+    async fn release(&self, user: &str) -> Result<()>;
     /// This node gained a connection of `user`.
     async fn connected(&self, user: &str) -> Result<()>;
     /// This node lost a connection of `user`.

@@ -11,6 +11,33 @@ use redis::Value;
 
 #[async_trait]
 impl Presence for RedisBackend {
+    async fn reserve(&self, user: &str, cap: u32) -> Result<std::result::Result<(), u32>> {
+        let cap = cap.to_string();
+        let v = self
+            .run_one(self.scripts.reserve.cmd(
+                &[&keys::user_conns(user), &keys::nodes(), &keys::boots()],
+                &[self.incarnation.as_bytes(), cap.as_bytes()],
+            ))
+            .await?;
+        let v = array(v)?;
+        let count = int(nth(&v, 1))?.max(0) as u32;
+        Ok(if int(nth(&v, 0))? == 1 {
+            Ok(())
+        } else {
+            Err(count)
+        })
+    }
+
+    async fn release(&self, user: &str) -> Result<()> {
+        self.run_one(
+            self.scripts
+                .release
+                .cmd(&[&keys::user_conns(user)], &[self.incarnation.as_bytes()]),
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn connected(&self, user: &str) -> Result<()> {
         // The registrar writes this node's count for the user; waiting for
         // it makes IsOnline true as soon as the welcome frame is out.

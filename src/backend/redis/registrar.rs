@@ -68,6 +68,8 @@ pub(super) struct Registrar {
     /// subscriptions and presence are made to match.
     pub(super) local: Arc<dyn Dispatch>,
     pub(super) node_id: String,
+    /// This incarnation of the node (see `keys::boots`).
+    pub(super) boot: String,
     pub(super) lease: Duration,
 }
 
@@ -219,9 +221,24 @@ impl Registrar {
             }
             pipe.add_command(c).ignore();
         }
+        // This incarnation's reservations, as they are (Redis may have lost
+        // them, or a release may have failed while it was away).
+        let me = self.incarnation();
+        for (u, n) in users.iter().zip(&counts) {
+            pipe.cmd("HSET")
+                .arg(keys::user_conns(u))
+                .arg(&me)
+                .arg(*n)
+                .ignore();
+        }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
         self.renew().await
+    }
+
+    /// `<node>|<boot>`: the field of this node's reservations.
+    pub(super) fn incarnation(&self) -> String {
+        incarnation(&self.node_id, &self.boot)
     }
 
     async fn renew(&self) -> Result<()> {
@@ -229,8 +246,12 @@ impl Registrar {
         let lease = self.lease.as_millis().to_string();
         let mut pipe = redis::pipe();
         pipe.add_command(self.scripts.renew.cmd(
-            &[&nodes, &conns],
-            &[self.node_id.as_bytes(), lease.as_bytes()],
+            &[&nodes, &conns, &keys::boots()],
+            &[
+                self.node_id.as_bytes(),
+                lease.as_bytes(),
+                self.boot.as_bytes(),
+            ],
         ));
         self.scripts.eval(&mut self.conn.clone(), &pipe).await?;
         Ok(())
@@ -306,4 +327,9 @@ impl Registrar {
         }
         result
     }
+}
+
+/// The reservation field of a node incarnation.
+pub(super) fn incarnation(node_id: &str, boot: &str) -> String {
+    format!("{node_id}|{boot}")
 }
