@@ -49,7 +49,7 @@ func main() {
 	apiKey := flag.String("api-key", os.Getenv("HERALD_API_KEY"), "API key, if the node requires one; default $HERALD_API_KEY")
 	key := flag.String("key", "", "idempotency key of this send (1 to 128 printable ASCII characters); default a fresh random UUID")
 	timeout := flag.Duration("timeout", 5*time.Second, "deadline for each call (for the send: for each attempt)")
-	attempts := flag.Int("attempts", 5, "attempts of the send on UNAVAILABLE / DEADLINE_EXCEEDED")
+	attempts := flag.Int("attempts", 8, "attempts of the send on UNAVAILABLE / DEADLINE_EXCEEDED")
 	flag.Parse()
 	log.SetFlags(0)
 	if *key == "" {

@@ -39,7 +39,7 @@ import java.util.concurrent.TimeUnit;
 public final class SendExample {
 
     /** Attempts of a send on UNAVAILABLE / DEADLINE_EXCEEDED, and the deadline of each. */
-    private static final int SEND_ATTEMPTS = 5;
+    private static final int SEND_ATTEMPTS = 8;
     private static final long ATTEMPT_DEADLINE_MS = 5_000;
 
     private SendExample() {}
