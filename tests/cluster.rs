@@ -50,7 +50,16 @@ async fn cross_node_delivery_reaches_only_involved_nodes() {
     let sa = a.stats().await.node.unwrap();
     assert!(sa.broker_events_received >= 101);
     assert!(sa.messages_delivered >= 101);
-    // Stats lists the live nodes.
+    // Stats lists the live nodes, each with the figures it last reported
+    // (renewed with its lease).
+    eventually("node a's counters reach node c's Stats", || async {
+        let s = c.stats().await;
+        s.nodes
+            .iter()
+            .any(|n| n.node_id == "n1" && n.messages_delivered >= 101 && n.uptime_seconds < 600)
+    })
+    .await;
+    let sc = c.stats().await;
     let ids: Vec<String> = sc.nodes.iter().map(|n| n.node_id.clone()).collect();
     assert_eq!(ids, vec!["n1", "n2", "n3"]);
     assert_eq!(sc.connections, 2);

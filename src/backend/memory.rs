@@ -259,6 +259,8 @@ impl Presence for MemoryBackend {
                 node_id: self.node_id.clone(),
                 connections: self.local.connections(),
                 users,
+                // This node's own entry is filled in by the node itself.
+                ..Default::default()
             }],
             online_users: users,
         })

@@ -113,3 +113,13 @@ mod tests {
         assert_eq!(channel_user("other:{bob}:ch"), None);
     }
 }
+
+/// Hash: what node `node` last reported of itself (`started` unix ms,
+/// `delivered`, `events`), written with each lease renewal.
+pub(crate) fn node_stats(node: &str) -> String {
+    format!("{}{node}{}", node_conns_parts().0, NODE_STATS_SUFFIX)
+}
+
+/// What follows the node id in [`node_stats`] (scripts build the name from
+/// the prefix of [`node_conns_parts`] and this).
+pub(crate) const NODE_STATS_SUFFIX: &str = ":stats";

@@ -127,6 +127,7 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
         local,
         node_id: cfg.node_id.clone(),
         boot: boot.clone(),
+        started_ms: crate::protocol::now_ms(),
         lease: cfg.node_lease,
     }
     .start();

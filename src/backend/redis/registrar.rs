@@ -70,6 +70,8 @@ pub(super) struct Registrar {
     pub(super) node_id: String,
     /// This incarnation of the node (see `keys::boots`).
     pub(super) boot: String,
+    /// When this node started (unix ms), reported with each renewal.
+    pub(super) started_ms: u64,
     pub(super) lease: Duration,
 }
 
@@ -244,13 +246,27 @@ impl Registrar {
     async fn renew(&self) -> Result<()> {
         let (nodes, conns) = (keys::nodes(), keys::node_conns(&self.node_id));
         let lease = self.lease.as_millis().to_string();
+        let (delivered, events) = self.local.counters();
+        let (started, delivered, events) = (
+            self.started_ms.to_string(),
+            delivered.to_string(),
+            events.to_string(),
+        );
         let mut pipe = redis::pipe();
         pipe.add_command(self.scripts.renew.cmd(
-            &[&nodes, &conns, &keys::boots()],
+            &[
+                &nodes,
+                &conns,
+                &keys::boots(),
+                &keys::node_stats(&self.node_id),
+            ],
             &[
                 self.node_id.as_bytes(),
                 lease.as_bytes(),
                 self.boot.as_bytes(),
+                started.as_bytes(),
+                delivered.as_bytes(),
+                events.as_bytes(),
             ],
         ));
         self.scripts.eval(&mut self.conn.clone(), &pipe).await?;
