@@ -6,7 +6,7 @@
 //! the same messages.
 
 use crate::backend::{
-    reused, Backend, Claim, ClaimScope, Cluster, Event, IdemKey, NewMessage, Replay,
+    reused, Backend, Claim, ClaimScope, Cluster, Event, IdemKey, NewMessage, NodeInfo, Replay,
 };
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -29,18 +29,9 @@ pub struct Delivery {
 
 #[derive(Debug, Clone)]
 pub struct Stats {
-    pub node: NodeStats,
+    /// This node, live.
+    pub node: NodeInfo,
     pub cluster: Cluster,
-}
-
-#[derive(Debug, Clone)]
-pub struct NodeStats {
-    pub node_id: String,
-    pub connections: u64,
-    pub users: u64,
-    pub uptime_seconds: u64,
-    pub messages_delivered: u64,
-    pub broker_events_received: u64,
 }
 
 pub struct Node {
@@ -346,8 +337,8 @@ impl Node {
         Ok(n)
     }
 
-    pub fn local_stats(&self) -> NodeStats {
-        NodeStats {
+    pub fn local_stats(&self) -> NodeInfo {
+        NodeInfo {
             node_id: self.cfg.node_id.clone(),
             connections: self.hub.connections(),
             users: self.hub.users(),
