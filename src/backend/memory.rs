@@ -26,6 +26,10 @@ const SHARDS: usize = 64;
 /// empty inboxes freed.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// How much stored messages must shrink before freed memory is handed
+/// back to the system.
+const GIVE_BACK_BYTES: usize = 16 << 20;
+
 /// At most one warning per this long while the memory limit drops messages.
 const WARN_EVERY_MS: u64 = 10_000;
 
@@ -233,6 +237,9 @@ pub(crate) struct MemoryBackend {
     /// free and a re-creation even if the clock stepped back meanwhile
     /// (ids only compare within one user, so one mark for all users does).
     freed_up_to: AtomicU64,
+    /// The most stored bytes a sweep has seen since memory was last handed
+    /// back to the system.
+    peak_bytes: AtomicUsize,
     /// When the memory limit last logged a warning (unix ms).
     warned_at: AtomicU64,
     /// Idempotency records, sharded by record key; swept every
@@ -254,6 +261,7 @@ impl MemoryBackend {
                 next_seq: AtomicU64::new(0),
             }),
             freed_up_to: AtomicU64::new(0),
+            peak_bytes: AtomicUsize::new(0),
             warned_at: AtomicU64::new(0),
             records: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         })
@@ -315,6 +323,24 @@ impl MemoryBackend {
         }
         metrics::gauge!("herald_inboxes").set(inboxes as f64);
         self.report_bytes();
+        self.give_back_memory();
+    }
+
+    /// Once stored messages have shrunk by [`GIVE_BACK_BYTES`] since the
+    /// last time, asks the allocator to return its free pages to the system
+    /// (glibc keeps them otherwise, and the node's RSS would stay at its
+    /// peak long after the messages are gone).
+    fn give_back_memory(&self) {
+        let now = self.store.bytes.load(Ordering::Relaxed);
+        let peak = self.peak_bytes.fetch_max(now, Ordering::Relaxed).max(now);
+        if peak - now >= GIVE_BACK_BYTES {
+            self.peak_bytes.store(now, Ordering::Relaxed);
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free memory of the allocator.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
     }
 
     fn report_bytes(&self) {
