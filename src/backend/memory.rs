@@ -354,11 +354,20 @@ impl MemoryBackend {
     /// `resumed:false`.
     fn enforce_limit(&self) {
         let limit = self.cfg.memory_limit;
+        // Counted down by what each dropped body weighs, not re-read: a body
+        // a replay still holds is freed a moment later, and must not make
+        // this drop more.
+        let mut over = self
+            .store
+            .bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(limit);
         let mut dropped = 0u64;
-        while self.store.bytes.load(Ordering::Relaxed) > limit {
+        while over > 0 {
             let Some(body) = self.store.pop_oldest() else {
                 break;
             };
+            over = over.saturating_sub(body.cost().expect("indexed bodies are counted"));
             for (user, id) in body.recipients.get().into_iter().flatten() {
                 let mut shard = self.shard(user).lock();
                 if let Some(inbox) = shard.get_mut(user) {
