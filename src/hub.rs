@@ -304,6 +304,12 @@ impl Dispatch for Hub {
     fn users_snapshot(&self) -> Vec<String> {
         Hub::users_snapshot(self)
     }
+    fn counters(&self) -> (u64, u64) {
+        (
+            self.delivered.load(Ordering::Relaxed),
+            self.events_received.load(Ordering::Relaxed),
+        )
+    }
     fn resync_all(&self) {
         Hub::resync_all(self)
     }

@@ -6,7 +6,7 @@
 //! the same messages.
 
 use crate::backend::{
-    reused, Backend, Claim, ClaimScope, Cluster, Event, IdemKey, NewMessage, Replay,
+    reused, Backend, Claim, ClaimScope, Cluster, Event, IdemKey, NewMessage, NodeInfo, Replay,
 };
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -29,18 +29,9 @@ pub struct Delivery {
 
 #[derive(Debug, Clone)]
 pub struct Stats {
-    pub node: NodeStats,
+    /// This node, live.
+    pub node: NodeInfo,
     pub cluster: Cluster,
-}
-
-#[derive(Debug, Clone)]
-pub struct NodeStats {
-    pub node_id: String,
-    pub connections: u64,
-    pub users: u64,
-    pub uptime_seconds: u64,
-    pub messages_delivered: u64,
-    pub broker_events_received: u64,
 }
 
 pub struct Node {
@@ -346,8 +337,8 @@ impl Node {
         Ok(n)
     }
 
-    pub fn local_stats(&self) -> NodeStats {
-        NodeStats {
+    pub fn local_stats(&self) -> NodeInfo {
+        NodeInfo {
             node_id: self.cfg.node_id.clone(),
             connections: self.hub.connections(),
             users: self.hub.users(),
@@ -368,8 +359,8 @@ impl Node {
     /// the user's events before anything is read from the inbox.
     pub async fn attach(&self, user: &str) -> Result<Arc<Conn>> {
         let cap = self.cfg.limits.max_connections_per_user;
-        let existing = self.backend.presence.lookup(&[user.to_string()]).await?[0];
-        if existing >= cap {
+        // Reserve first: the cap holds exactly, whatever connects at once.
+        if let Err(existing) = self.backend.presence.reserve(user, cap).await? {
             return Err(Error::ResourceExhausted(format!(
                 "user already has {existing} connections; the limit is {cap}"
             )));
@@ -388,9 +379,33 @@ impl Node {
             if self.hub.unregister(&conn) {
                 let _ = self.backend.broker.unsubscribe(user).await;
             }
+            self.release(user).await;
             return Err(e);
         }
         Ok(conn)
+    }
+
+    /// Gives back a connection reservation; a failure (Redis away) is
+    /// retried a few times in the background, and a node that reconnects to
+    /// Redis rewrites its reservations from its connections anyway.
+    async fn release(&self, user: &str) {
+        if self.backend.presence.release(user).await.is_ok() {
+            return;
+        }
+        let presence = self.backend.presence.clone();
+        let user = user.to_string();
+        tokio::spawn(async move {
+            for attempt in 1..=5u32 {
+                tokio::time::sleep(std::time::Duration::from_millis(200 * 2u64.pow(attempt))).await;
+                if presence.release(&user).await.is_ok() {
+                    return;
+                }
+            }
+            tracing::warn!(
+                user,
+                "could not release a connection reservation; it is rewritten when Redis returns"
+            );
+        });
     }
 
     /// What a newly attached connection sends before live traffic.
@@ -424,6 +439,7 @@ impl Node {
         if let Err(e) = self.backend.presence.disconnected(&conn.user).await {
             tracing::warn!(error = %e, "presence update failed");
         }
+        self.release(&conn.user).await;
     }
 }
 

@@ -50,7 +50,16 @@ async fn cross_node_delivery_reaches_only_involved_nodes() {
     let sa = a.stats().await.node.unwrap();
     assert!(sa.broker_events_received >= 101);
     assert!(sa.messages_delivered >= 101);
-    // Stats lists the live nodes.
+    // Stats lists the live nodes, each with the figures it last reported
+    // (renewed with its lease).
+    eventually("node a's counters reach node c's Stats", || async {
+        let s = c.stats().await;
+        s.nodes
+            .iter()
+            .any(|n| n.node_id == "n1" && n.messages_delivered >= 101 && n.uptime_seconds < 600)
+    })
+    .await;
+    let sc = c.stats().await;
     let ids: Vec<String> = sc.nodes.iter().map(|n| n.node_id.clone()).collect();
     assert_eq!(ids, vec!["n1", "n2", "n3"]);
     assert_eq!(sc.connections, 2);
@@ -314,4 +323,87 @@ async fn redis_outage_is_unavailable_then_full_service_without_restart() {
     let r = send(&mut ca, &[&u], "4").await;
     assert_ne!(r.deliveries[0].message_id, first);
     assert_eq!(on_b.next_of("message").await["data"], 4);
+}
+
+/// The per-user cap is cluster-wide and exact under concurrent connects
+/// spread over nodes, and a node killed with its connections gives their
+/// slots back when its lease ends.
+#[tokio::test]
+async fn per_user_cap_is_exact_across_nodes_and_freed_by_a_dead_node() {
+    let redis = RedisServer::start();
+    let extra = ["--max-connections-per-user", "4"];
+    let mut nodes: Vec<NodeProcess> = (1..=3)
+        .map(|i| NodeProcess::start(&format!("cap{i}"), &redis.url(), &extra))
+        .collect();
+    let u = uid("capx");
+    let urls: Vec<String> = (0..60)
+        .map(|i| format!("ws://{}/ws?token={}", nodes[i % 3].ws, token(&u)))
+        .collect();
+    let tasks: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            tokio::spawn(async move {
+                use futures_util::StreamExt;
+                use tokio_tungstenite::tungstenite::Message;
+                let (mut stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+                match tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
+                    Some(Ok(Message::Text(_))) => Some(stream),
+                    Some(Ok(Message::Close(Some(f)))) => {
+                        assert_eq!(u16::from(f.code), 4029);
+                        None
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            })
+        })
+        .collect();
+    let mut held = vec![];
+    for t in tasks {
+        if let Some(s) = t.await.unwrap() {
+            held.push(s);
+        }
+    }
+    assert_eq!(held.len(), 4, "exactly the cap, across three nodes");
+    let mut c = nodes[0].client().await;
+    assert_eq!(online(&mut c, &u).await, 4);
+    // Slots come back when connections close.
+    drop(held);
+    let mut on_c = vec![];
+    for _ in 0..4 {
+        let mut attempt = 0;
+        loop {
+            let mut ws = nodes[2].connect_raw_ws(&u).await;
+            match ws.first_frame().await {
+                Ok(()) => {
+                    on_c.push(ws);
+                    break;
+                }
+                Err(code) => {
+                    assert_eq!(code, 4029);
+                    attempt += 1;
+                    assert!(attempt < 100, "closed connections never freed their slots");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    // A node killed with all four: they count until its lease (1 s) ends,
+    // then no longer.
+    nodes[2].kill9();
+    let mut ws = nodes[1].connect_raw_ws(&u).await;
+    assert_eq!(
+        ws.first_frame().await,
+        Err(4029),
+        "the dead node's lease is still live"
+    );
+    eventually("the dead node's reservations stop counting", || {
+        let node = &nodes[1];
+        let u = u.clone();
+        async move { node.connect_raw_ws(&u).await.first_frame().await.is_ok() }
+    })
+    .await;
+    drop(on_c);
+    for n in nodes.iter_mut() {
+        n.terminate();
+    }
 }

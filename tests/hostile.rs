@@ -264,7 +264,66 @@ async fn grpc_streams_are_capped(b: Backend) {
     node.stop().await;
 }
 
+/// The per-user cap holds exactly under concurrent connects (it was read
+/// from a count updated only later, so 100 at once all got in).
+async fn per_user_cap_holds_under_concurrent_connects(b: Backend) {
+    let mut a = args();
+    a.max_connections_per_user = 5;
+    let node = TestNode::start_on(b, a).await;
+    let mut c = node.client().await;
+    let u = uid("cap");
+    let attempts = (0..100).map(|_| {
+        let url = node.ws_url(&token(&u), None);
+        tokio::spawn(async move {
+            let (stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let mut ws = Ws { stream };
+            let first = tokio::time::timeout(WAIT, ws.stream.next()).await.unwrap();
+            match first {
+                Some(Ok(Message::Text(_))) => Ok(ws),
+                Some(Ok(Message::Close(Some(f)))) => Err(u16::from(f.code)),
+                other => panic!("unexpected {other:?}"),
+            }
+        })
+    });
+    let mut held = vec![];
+    let mut refused = 0;
+    for t in attempts.collect::<Vec<_>>() {
+        match t.await.unwrap() {
+            Ok(ws) => held.push(ws),
+            Err(code) => {
+                assert_eq!(code, 4029);
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(held.len(), 5, "exactly the cap got in");
+    assert_eq!(refused, 95);
+    assert_eq!(online(&mut c, &u).await, 5);
+    // A closed connection gives its slot back.
+    let mut one = held.pop().unwrap();
+    one.stream.close(None).await.unwrap();
+    drop(one);
+    eventually("a slot frees", || {
+        let url = node.ws_url(&token(&u), None);
+        async move {
+            let (stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let mut ws = Ws { stream };
+            let ok = matches!(
+                tokio::time::timeout(WAIT, ws.stream.next()).await,
+                Ok(Some(Ok(Message::Text(_))))
+            );
+            if ok {
+                std::mem::forget(ws); // keep it open until the node stops
+            }
+            ok
+        }
+    })
+    .await;
+    node.stop().await;
+}
+
 on_both_backends!(
+    per_user_cap_holds_under_concurrent_connects,
     disconnect_reason_fits_a_close_frame,
     frame_flood_is_cut_off_with_1008,
     read_bursts_are_coalesced,

@@ -934,6 +934,90 @@ func TestE2E(t *testing.T) {
 	})
 }
 
+// TestE2EIdempotency checks the retry contract of idempotency_key: the same
+// SendToUser request with the same key, sent again (as a retry after a lost
+// answer would), is answered with the first call's delivery and Replayed set,
+// and the WebSocket client gets the message once; the inbox holds it once.
+// With a second node the repeat goes through it too: keys are cluster-wide.
+// Broadcast keys work the same way, in their own scope.
+func TestE2EIdempotency(t *testing.T) {
+	e := loadEnv(t)
+	n := e.n1
+	erin := randomUser(t, "erin")
+	ws, _ := e.dialWS(t, n, "erin#1", erin, "", false)
+	presenceIs(t, n, erin, 1)
+
+	key := randomUser(t, "key") // any unique printable ASCII string
+	topic, payload := "billing.invoice", `{"invoice":"INV-42", "amount":1999}`
+	req := &heraldv1.SendToUserRequest{UserIds: []string{erin}, Topic: topic, PayloadJson: payload, IdempotencyKey: key}
+
+	first := send(t, n, req)[0]
+	if first.GetReplayed() {
+		t.Errorf("the first send with a fresh key says replayed: %v", first)
+	}
+	if !first.GetOnline() {
+		t.Errorf("erin has a socket but the delivery says offline: %v", first)
+	}
+	ws.expectMessage(t, first.GetMessageId(), topic, payload, false)
+
+	vias := []*node{n}
+	if e.n2 != nil {
+		vias = append(vias, e.n2)
+	}
+	for _, via := range vias {
+		again := send(t, via, req)[0]
+		if !again.GetReplayed() {
+			t.Errorf("%s: the repeat with the same key is not replayed: %v", via.name, again)
+		}
+		if again.GetMessageId() != first.GetMessageId() {
+			t.Errorf("%s: the repeat has message id %q, want the first call's %q", via.name, again.GetMessageId(), first.GetMessageId())
+		}
+		if again.GetOnline() != first.GetOnline() {
+			t.Errorf("%s: the repeat says online=%v, want the first call's %v", via.name, again.GetOnline(), first.GetOnline())
+		}
+	}
+
+	// Pushed once: the next frame is a marker sent after the repeats, not a
+	// second copy; stored once: the message and the marker are unread.
+	marker := send(t, n, &heraldv1.SendToUserRequest{UserIds: []string{erin}, Topic: "marker", PayloadJson: `{"marker":1}`})[0]
+	if marker.GetReplayed() {
+		t.Errorf("a send without a key says replayed: %v", marker)
+	}
+	ws.expectMessage(t, marker.GetMessageId(), "marker", `{"marker":1}`, false)
+	if got := unread(t, n, erin); got != 2 {
+		t.Errorf("UnreadCount(erin) = %d, want 2 (the keyed message once, and the marker)", got)
+	}
+
+	// The same key with a different request is a caller bug.
+	_, err := n.client.SendToUser(rpcCtx(t), &heraldv1.SendToUserRequest{
+		UserIds: []string{erin}, Topic: topic, PayloadJson: `{"invoice":"INV-43"}`, IdempotencyKey: key,
+	})
+	wantCode(t, "SendToUser reusing a key with another payload", err, codes.InvalidArgument)
+
+	// Broadcast: the same key string is a fresh key there (separate scope);
+	// the repeat is replayed and pushes nothing.
+	bcast := &heraldv1.BroadcastRequest{Topic: "announce", PayloadJson: `{"keyed":true}`, IdempotencyKey: key}
+	b1, err := n.client.Broadcast(rpcCtx(t), bcast)
+	if err != nil {
+		t.Fatalf("Broadcast: %v", err)
+	}
+	if b1.GetReplayed() {
+		t.Errorf("the first Broadcast with the key says replayed (SendToUser keys must not count): %v", b1)
+	}
+	ws.expectMessage(t, b1.GetMessageId(), "announce", `{"keyed":true}`, true)
+	for _, via := range vias {
+		b2, err := via.client.Broadcast(rpcCtx(t), bcast)
+		if err != nil {
+			t.Fatalf("%s Broadcast (repeat): %v", via.name, err)
+		}
+		if !b2.GetReplayed() || b2.GetMessageId() != b1.GetMessageId() {
+			t.Errorf("%s: repeated Broadcast answered %v, want replayed with id %s", via.name, b2, b1.GetMessageId())
+		}
+	}
+	// Nothing else arrives: no second copy of either message.
+	ws.expectNoFrame(t, 500*time.Millisecond)
+}
+
 // TestE2ECrossNode proves that two nodes of one Redis-backed cluster act as
 // one: a socket on node 2 receives what node 1 is asked to send.
 func TestE2ECrossNode(t *testing.T) {

@@ -245,6 +245,8 @@ pub(crate) struct MemoryBackend {
     /// Idempotency records, sharded by record key; swept every
     /// [`SWEEP_EVERY`]. Lock order: an inbox shard, then a record shard.
     records: Box<[Mutex<HashMap<String, Record>>]>,
+    /// Connection reservations per user (the per-user cap's count).
+    reservations: Mutex<HashMap<String, u32>>,
 }
 
 impl MemoryBackend {
@@ -264,6 +266,7 @@ impl MemoryBackend {
             peak_bytes: AtomicUsize::new(0),
             warned_at: AtomicU64::new(0),
             records: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            reservations: Mutex::new(HashMap::new()),
         })
         .with_sweeper()
     }
@@ -553,6 +556,29 @@ impl Broker for MemoryBackend {
 
 #[async_trait]
 impl Presence for MemoryBackend {
+    async fn reserve(&self, user: &str, cap: u32) -> Result<std::result::Result<(), u32>> {
+        let mut held = self.reservations.lock();
+        let n = held.entry(user.to_string()).or_insert(0);
+        if *n >= cap {
+            let full = *n;
+            if full == 0 {
+                held.remove(user);
+            }
+            return Ok(Err(full));
+        }
+        *n += 1;
+        Ok(Ok(()))
+    }
+    async fn release(&self, user: &str) -> Result<()> {
+        let mut held = self.reservations.lock();
+        if let Some(n) = held.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(user);
+            }
+        }
+        Ok(())
+    }
     async fn connected(&self, _user: &str) -> Result<()> {
         Ok(())
     }
@@ -569,6 +595,8 @@ impl Presence for MemoryBackend {
                 node_id: self.node_id.clone(),
                 connections: self.local.connections(),
                 users,
+                // This node's own entry is filled in by the node itself.
+                ..Default::default()
             }],
             online_users: users,
         })

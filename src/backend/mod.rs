@@ -66,6 +66,9 @@ pub(crate) trait Dispatch: Send + Sync + 'static {
     /// Asks every connection here to catch up from the inbox: live
     /// delivery had a gap.
     fn resync_all(&self);
+    /// Message frames queued to connections here, and events received from
+    /// the broker, since the node started (for other nodes' `Stats`).
+    fn counters(&self) -> (u64, u64);
 }
 
 /// One message to store: the inbox assigns the id and builds the frame.
@@ -189,6 +192,10 @@ pub struct NodeInfo {
     pub node_id: String,
     pub connections: u64,
     pub users: u64,
+    /// As the node last reported them (every lease/3 on Redis).
+    pub uptime_seconds: u64,
+    pub messages_delivered: u64,
+    pub broker_events_received: u64,
 }
 
 /// The cluster as presence sees it.
@@ -200,6 +207,13 @@ pub struct Cluster {
 
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
+    /// Reserves one connection of `user` if the user holds fewer than `cap`
+    /// across the cluster, as one atomic step (concurrent connects on any
+    /// nodes cannot overshoot). `Err(n)`: full, with `n` connections.
+    /// Connections of a node that dies stop counting when its lease ends.
+    async fn reserve(&self, user: &str, cap: u32) -> Result<std::result::Result<(), u32>>;
+    /// Gives back a reservation (the connection ended, or never started).
+    async fn release(&self, user: &str) -> Result<()>;
     /// This node gained a connection of `user`.
     async fn connected(&self, user: &str) -> Result<()>;
     /// This node lost a connection of `user`.

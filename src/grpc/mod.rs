@@ -173,7 +173,9 @@ impl PushService for PushApi {
                     node_id: i.node_id.clone(),
                     connections: i.connections,
                     users: i.users,
-                    ..Default::default()
+                    uptime_seconds: i.uptime_seconds,
+                    messages_delivered: i.messages_delivered,
+                    broker_events_received: i.broker_events_received,
                 })
                 .collect();
             // This node's own entry carries its full local figures.

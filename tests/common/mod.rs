@@ -289,6 +289,16 @@ impl Ws {
         }
     }
 
+    /// Ok when the first frame is a text frame (welcome), the close code
+    /// when the server closes first.
+    pub async fn first_frame(&mut self) -> Result<(), u16> {
+        match tokio::time::timeout(WAIT, self.stream.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => Ok(()),
+            Ok(Some(Ok(Message::Close(Some(f))))) => Err(u16::from(f.code)),
+            other => panic!("expected a first frame, got {other:?}"),
+        }
+    }
+
     pub async fn send_json(&mut self, v: Value) {
         self.stream
             .send(Message::Text(v.to_string().into()))
@@ -688,6 +698,15 @@ impl NodeProcess {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// A WebSocket as `user`, before its first frame.
+    pub async fn connect_raw_ws(&self, user: &str) -> Ws {
+        let url = format!("ws://{}/ws?token={}", self.ws, token(user));
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket connects");
+        Ws { stream }
     }
 
     pub async fn stats(&self) -> StatsResponse {

@@ -935,6 +935,9 @@ func (x *StatsResponse) GetConnections() uint64 {
 	return 0
 }
 
+// One node's figures. The answering node reports its own live; every other
+// node's are as that node last wrote them to Redis with its lease renewal
+// (every --node-lease / 3), so they may lag by that much.
 type NodeStats struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The node's id (--node-id).

@@ -5,6 +5,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import grpc from '@grpc/grpc-js';
 import { WebSocket } from 'ws';
 import { compareIds, connect, isStoredId } from '../herald.js';
 import { grpcClient, mintToken, nextEvent, record, sleep, startNode, startRedis, stopAll, waitFor } from './helpers.mjs';
@@ -143,6 +144,56 @@ describe('delivery', () => {
     assert.equal(c.lastId, stored, 'the resume position ignores live-only ids');
     assert.equal(c.unread, 1, 'live-only messages are not unread');
     assert.throws(() => c.markRead(tid), TypeError);
+  });
+});
+
+describe('idempotency keys (gRPC retry contract)', () => {
+  test('a SendToUser repeated with the same key is replayed with the same id, and the client gets the message once', async () => {
+    const c = open('ida');
+    const log = record(c);
+    await nextEvent(c, 'open');
+    // A raw socket as well: herald.js drops a stored id it has already seen,
+    // so "once" is also checked on the wire.
+    const raw = new WebSocket(`${node.wsUrl}?token=${mintToken('ida')}`);
+    const frames = [];
+    raw.on('message', (d) => frames.push(JSON.parse(d.toString())));
+    try {
+      await waitFor(() => frames.some((f) => f.type === 'welcome'), { what: 'the raw socket\'s welcome' });
+      await waitFor(async () => (await online('ida')) === 2, { what: 'both sockets online' });
+
+      const key = `invoice-INV-42-paid-${Date.now()}`;
+      const req = { userIds: ['ida'], topic: 'billing.invoice', payloadJson: '{"invoice":"INV-42","amount":1999}', idempotencyKey: key };
+      const first = (await api.sendToUser(req)).deliveries[0];
+      assert.equal(first.replayed, false, 'the first send with a fresh key is not a replay');
+      assert.equal(first.online, true);
+      // The retry after a lost answer: same request, same key.
+      const again = (await api.sendToUser(req)).deliveries;
+      assert.equal(again.length, 1);
+      assert.equal(again[0].userId, 'ida');
+      assert.equal(again[0].replayed, true, 'the repeat with the same key is replayed');
+      assert.equal(again[0].messageId, first.messageId, 'the repeat returns the first call\'s message id');
+      assert.equal(again[0].online, first.online);
+
+      // A marker sent after the repeat: up to it, each socket saw the keyed
+      // message once, and the inbox holds it once.
+      const marker = await api.send('ida', { marker: 1 }, { topic: 'marker' });
+      await waitFor(() => log.message.some((m) => m.id === marker), { what: 'the marker at the client' });
+      await waitFor(() => frames.some((f) => f.id === marker), { what: 'the marker on the raw socket' });
+      assert.deepEqual(log.message.map((m) => m.id), [first.messageId, marker]);
+      assert.deepEqual(log.message[0].data, { invoice: 'INV-42', amount: 1999 });
+      assert.deepEqual(frames.filter((f) => f.type === 'message').map((f) => f.id), [first.messageId, marker]);
+      assert.equal((await api.unreadCount({ userId: 'ida' })).count, 2);
+      assert.equal(c.unread, 2);
+
+      // The same key with another request is a caller bug.
+      await assert.rejects(api.sendToUser({ ...req, payloadJson: '{"invoice":"INV-43"}' }), (e) => e.code === grpc.status.INVALID_ARGUMENT);
+      await sleep(200);
+      assert.deepEqual(log.message.map((m) => m.id), [first.messageId, marker], 'nothing else arrived');
+      assert.equal(frames.filter((f) => f.type === 'message').length, 2, 'nothing else on the wire');
+      assert.deepEqual(log.error, []);
+    } finally {
+      raw.close();
+    }
   });
 });
 

@@ -41,6 +41,19 @@ pub(crate) fn idem_broadcast(key: &str) -> String {
     format!("{PREFIX}idem:b:{key}")
 }
 
+/// Hash: the user's connection reservations, cluster-wide: `<node>|<boot>`
+/// (a node incarnation, see [`boots`]) -> connections. Written only by the
+/// reserve and release scripts and by a node restoring its own entries.
+pub(crate) fn user_conns(user: &str) -> String {
+    user_scoped(user, "conns")
+}
+
+/// Hash: node id -> the boot id of its current incarnation (written with
+/// each lease renewal). A reservation of an older incarnation is dead.
+pub(crate) fn boots() -> String {
+    format!("{PREFIX}boots")
+}
+
 /// Channel: the user's live events, subscribed by nodes holding the user.
 pub(crate) fn user_channel(user: &str) -> String {
     user_scoped(user, "ch")
@@ -100,3 +113,13 @@ mod tests {
         assert_eq!(channel_user("other:{bob}:ch"), None);
     }
 }
+
+/// Hash: what node `node` last reported of itself (`started` unix ms,
+/// `delivered`, `events`), written with each lease renewal.
+pub(crate) fn node_stats(node: &str) -> String {
+    format!("{}{node}{}", node_conns_parts().0, NODE_STATS_SUFFIX)
+}
+
+/// What follows the node id in [`node_stats`] (scripts build the name from
+/// the prefix of [`node_conns_parts`] and this).
+pub(crate) const NODE_STATS_SUFFIX: &str = ":stats";

@@ -75,6 +75,8 @@ pub(crate) struct RedisBackend {
     conn: ConnectionManager,
     scripts: Arc<Scripts>,
     node_id: String,
+    /// `<node>|<boot>`: the field of this node's connection reservations.
+    incarnation: String,
     cfg: InboxConfig,
     registrar: registrar::Handle,
 }
@@ -82,8 +84,10 @@ pub(crate) struct RedisBackend {
 /// Connects this node to Redis: checks the server, then starts the
 /// registrar, which delivers the events this node receives to `local`.
 pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -> Result<Backend> {
+    // The URL may hold a password: errors name the address only.
     let client = redis::Client::open(url)
-        .map_err(|e| Error::invalid(format!("--redis-url {url:?}: {e}")))?;
+        .map_err(|e| Error::invalid(format!("--redis-url is not a valid Redis URL: {e}")))?;
+    let addr = client.get_connection_info().addr().to_string();
     let manager_cfg = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(1000)))
         .set_response_timeout(Some(Duration::from_secs(3)))
@@ -92,7 +96,7 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
         .set_max_delay(Duration::from_millis(500));
     let mut conn = ConnectionManager::new_with_config(client.clone(), manager_cfg)
         .await
-        .map_err(|e| Error::Unavailable(format!("cannot reach Redis at {url}: {e}")))?;
+        .map_err(|e| Error::Unavailable(format!("cannot reach Redis at {addr}: {e}")))?;
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(&mut conn)
@@ -115,12 +119,15 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
     }
 
     let scripts = Arc::new(Scripts::new());
+    let boot = format!("{:016x}", rand::random::<u64>());
     let (registrar, ready) = registrar::Registrar {
         client,
         conn: conn.clone(),
         scripts: scripts.clone(),
         local,
         node_id: cfg.node_id.clone(),
+        boot: boot.clone(),
+        started_ms: crate::protocol::now_ms(),
         lease: cfg.node_lease,
     }
     .start();
@@ -138,6 +145,7 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
     let backend = Arc::new(RedisBackend {
         conn,
         scripts,
+        incarnation: registrar::incarnation(&cfg.node_id, &boot),
         node_id: cfg.node_id.clone(),
         cfg: cfg.inbox.clone(),
         registrar,

@@ -11,6 +11,33 @@ use redis::Value;
 
 #[async_trait]
 impl Presence for RedisBackend {
+    async fn reserve(&self, user: &str, cap: u32) -> Result<std::result::Result<(), u32>> {
+        let cap = cap.to_string();
+        let v = self
+            .run_one(self.scripts.reserve.cmd(
+                &[&keys::user_conns(user), &keys::nodes(), &keys::boots()],
+                &[self.incarnation.as_bytes(), cap.as_bytes()],
+            ))
+            .await?;
+        let v = array(v)?;
+        let count = int(nth(&v, 1))?.max(0) as u32;
+        Ok(if int(nth(&v, 0))? == 1 {
+            Ok(())
+        } else {
+            Err(count)
+        })
+    }
+
+    async fn release(&self, user: &str) -> Result<()> {
+        self.run_one(
+            self.scripts
+                .release
+                .cmd(&[&keys::user_conns(user)], &[self.incarnation.as_bytes()]),
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn connected(&self, user: &str) -> Result<()> {
         // The registrar writes this node's count for the user; waiting for
         // it makes IsOnline true as soon as the welcome frame is out.
@@ -37,19 +64,32 @@ impl Presence for RedisBackend {
 
     async fn cluster(&self) -> Result<Cluster> {
         let (a, b) = keys::node_conns_parts();
-        let args: [&[u8]; 2] = [a.as_bytes(), b.as_bytes()];
+        let args: [&[u8]; 3] = [
+            a.as_bytes(),
+            b.as_bytes(),
+            keys::NODE_STATS_SUFFIX.as_bytes(),
+        ];
         let v = array(
             self.run_one(self.scripts.cluster.cmd(&[&keys::nodes()], &args))
                 .await?,
         )?;
         let online_users = int(v.first().ok_or_else(|| bad(&Value::Nil))?)? as u64;
+        let now = crate::protocol::now_ms();
         let nodes = v[1..]
-            .chunks(3)
+            .chunks(6)
             .map(|c| {
+                let started = int(nth(c, 3))?.max(0) as u64;
                 Ok(NodeInfo {
                     node_id: text(&c[0])?.to_string(),
                     connections: int(nth(c, 1))? as u64,
                     users: int(nth(c, 2))? as u64,
+                    uptime_seconds: if started == 0 {
+                        0
+                    } else {
+                        now.saturating_sub(started) / 1000
+                    },
+                    messages_delivered: int(nth(c, 4))?.max(0) as u64,
+                    broker_events_received: int(nth(c, 5))?.max(0) as u64,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -68,6 +108,7 @@ impl Presence for RedisBackend {
             .ignore()
             .cmd("DEL")
             .arg(keys::node_conns(&self.node_id))
+            .arg(keys::node_stats(&self.node_id))
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;

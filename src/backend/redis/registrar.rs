@@ -68,6 +68,10 @@ pub(super) struct Registrar {
     /// subscriptions and presence are made to match.
     pub(super) local: Arc<dyn Dispatch>,
     pub(super) node_id: String,
+    /// This incarnation of the node (see `keys::boots`).
+    pub(super) boot: String,
+    /// When this node started (unix ms), reported with each renewal.
+    pub(super) started_ms: u64,
     pub(super) lease: Duration,
 }
 
@@ -219,18 +223,51 @@ impl Registrar {
             }
             pipe.add_command(c).ignore();
         }
+        // This incarnation's reservations, as they are (Redis may have lost
+        // them, or a release may have failed while it was away).
+        let me = self.incarnation();
+        for (u, n) in users.iter().zip(&counts) {
+            pipe.cmd("HSET")
+                .arg(keys::user_conns(u))
+                .arg(&me)
+                .arg(*n)
+                .ignore();
+        }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
         self.renew().await
     }
 
+    /// `<node>|<boot>`: the field of this node's reservations.
+    pub(super) fn incarnation(&self) -> String {
+        incarnation(&self.node_id, &self.boot)
+    }
+
     async fn renew(&self) -> Result<()> {
         let (nodes, conns) = (keys::nodes(), keys::node_conns(&self.node_id));
         let lease = self.lease.as_millis().to_string();
+        let (delivered, events) = self.local.counters();
+        let (started, delivered, events) = (
+            self.started_ms.to_string(),
+            delivered.to_string(),
+            events.to_string(),
+        );
         let mut pipe = redis::pipe();
         pipe.add_command(self.scripts.renew.cmd(
-            &[&nodes, &conns],
-            &[self.node_id.as_bytes(), lease.as_bytes()],
+            &[
+                &nodes,
+                &conns,
+                &keys::boots(),
+                &keys::node_stats(&self.node_id),
+            ],
+            &[
+                self.node_id.as_bytes(),
+                lease.as_bytes(),
+                self.boot.as_bytes(),
+                started.as_bytes(),
+                delivered.as_bytes(),
+                events.as_bytes(),
+            ],
         ));
         self.scripts.eval(&mut self.conn.clone(), &pipe).await?;
         Ok(())
@@ -306,4 +343,9 @@ impl Registrar {
         }
         result
     }
+}
+
+/// The reservation field of a node incarnation.
+pub(super) fn incarnation(node_id: &str, boot: &str) -> String {
+    format!("{node_id}|{boot}")
 }

@@ -16,6 +16,8 @@ const MARK_READ: &str = include_str!("scripts/mark_read.lua");
 const LOOKUP: &str = include_str!("scripts/lookup.lua");
 const CLUSTER: &str = include_str!("scripts/cluster.lua");
 const RENEW: &str = include_str!("scripts/renew.lua");
+const RESERVE: &str = include_str!("scripts/reserve.lua");
+const RELEASE: &str = include_str!("scripts/release.lua");
 
 /// A Lua script (with the prelude, for the inbox scripts) and its SHA1 for
 /// EVALSHA.
@@ -56,6 +58,8 @@ pub(super) struct Scripts {
     pub(super) lookup: Script,
     pub(super) cluster: Script,
     pub(super) renew: Script,
+    pub(super) reserve: Script,
+    pub(super) release: Script,
 }
 
 impl Scripts {
@@ -68,10 +72,12 @@ impl Scripts {
             lookup: Script::new(LOOKUP, false),
             cluster: Script::new(CLUSTER, false),
             renew: Script::new(RENEW, false),
+            reserve: Script::new(RESERVE, false),
+            release: Script::new(RELEASE, false),
         }
     }
 
-    fn all(&self) -> [&Script; 7] {
+    fn all(&self) -> [&Script; 9] {
         [
             &self.append,
             &self.replay,
@@ -80,6 +86,8 @@ impl Scripts {
             &self.lookup,
             &self.cluster,
             &self.renew,
+            &self.reserve,
+            &self.release,
         ]
     }
 
@@ -166,6 +174,8 @@ mod tests {
             ("lookup", LOOKUP),
             ("cluster", CLUSTER),
             ("renew", RENEW),
+            ("reserve", RESERVE),
+            ("release", RELEASE),
         ] {
             let head: String = code
                 .lines()

@@ -4,15 +4,28 @@
 //
 //	go run ./examples/send -addr 127.0.0.1:50051 -user alice -payload '{"hello":"world"}'
 //
+// The send carries an idempotency key (-key, default a fresh random UUID;
+// a business event id such as "invoice-42-paid" is better, since a re-run of
+// the same job then reuses it) and is retried with the same key on
+// UNAVAILABLE and DEADLINE_EXCEEDED: each attempt has its own deadline
+// (-timeout), at most -attempts attempts, with exponential backoff between
+// them. Herald stores and pushes a keyed message once per recipient, however
+// many attempts reach it; a repeat is answered with the first call's
+// delivery and replayed=true. The example then sends the same request again,
+// as a retry after a lost answer would, to show such an answer.
+//
 // The address defaults to $HERALD_GRPC_ADDR, or 127.0.0.1:50051. A node
 // started with --api-key needs the key: -api-key, or $HERALD_API_KEY.
 package main
 
 import (
 	"context"
+	"crypto/rand"
+	"errors"
 	"flag"
 	"fmt"
 	"log"
+	mathrand "math/rand/v2"
 	"os"
 	"time"
 
@@ -34,9 +47,14 @@ func main() {
 	topic := flag.String("topic", "example.greeting", "message topic")
 	payload := flag.String("payload", `{"text":"hello from Go"}`, "message payload (any JSON value)")
 	apiKey := flag.String("api-key", os.Getenv("HERALD_API_KEY"), "API key, if the node requires one; default $HERALD_API_KEY")
-	timeout := flag.Duration("timeout", 5*time.Second, "deadline for each call")
+	key := flag.String("key", "", "idempotency key of this send (1 to 128 printable ASCII characters); default a fresh random UUID")
+	timeout := flag.Duration("timeout", 5*time.Second, "deadline for each call (for the send: for each attempt)")
+	attempts := flag.Int("attempts", 8, "attempts of the send on UNAVAILABLE / DEADLINE_EXCEEDED")
 	flag.Parse()
 	log.SetFlags(0)
+	if *key == "" {
+		*key = newUUID()
+	}
 
 	// The control API is an internal listener without TLS.
 	opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
@@ -54,23 +72,36 @@ func main() {
 		return context.WithTimeout(context.Background(), *timeout)
 	}
 
-	// 1. Send.
-	ctx, cancel := call()
-	sent, err := client.SendToUser(ctx, &heraldv1.SendToUserRequest{
-		UserIds:     []string{*user},
-		Topic:       *topic,
-		PayloadJson: *payload,
-	})
-	cancel()
+	// 1. Send, with an idempotency key, retried with the same key.
+	req := &heraldv1.SendToUserRequest{
+		UserIds:        []string{*user},
+		Topic:          *topic,
+		PayloadJson:    *payload,
+		IdempotencyKey: *key,
+	}
+	fmt.Printf("idempotency key %s\n", *key)
+	sent, err := sendWithRetry(context.Background(), client, req, *timeout, *attempts)
 	if err != nil {
 		fail("SendToUser", err)
 	}
-	for _, d := range sent.GetDeliveries() {
-		fmt.Printf("sent %s to %s (online=%v)\n", d.GetMessageId(), d.GetUserId(), d.GetOnline())
+	printDeliveries("sent", sent)
+
+	// 1b. The same request again, as a retry whose first attempt went
+	// through but whose answer was lost: nothing is stored or pushed, the
+	// answer is the first call's delivery with replayed=true.
+	again, err := sendWithRetry(context.Background(), client, req, *timeout, *attempts)
+	if err != nil {
+		fail("SendToUser (repeat)", err)
+	}
+	printDeliveries("repeat", again)
+	for i, d := range again.GetDeliveries() {
+		if !d.GetReplayed() || d.GetMessageId() != sent.GetDeliveries()[i].GetMessageId() {
+			log.Fatalf("the repeat with key %s was not replayed: %v", *key, d)
+		}
 	}
 
 	// 2. Presence.
-	ctx, cancel = call()
+	ctx, cancel := call()
 	online, err := client.IsOnline(ctx, &heraldv1.IsOnlineRequest{UserIds: []string{*user}})
 	cancel()
 	if err != nil {
@@ -106,6 +137,64 @@ func main() {
 	default:
 		fail("SendToUser (bad payload)", err)
 	}
+}
+
+// sendWithRetry calls SendToUser until it answers, retrying on UNAVAILABLE
+// (no node, a lost connection, the backend down) and DEADLINE_EXCEEDED (no
+// answer in time) with the very same request, so with the same idempotency
+// key: the first attempt may have stored and pushed the message although its
+// answer never arrived, and the key makes Herald answer the retry with that
+// delivery (replayed=true) instead of pushing the message again. Each attempt
+// gets its own deadline; between attempts it waits 100 ms, 200 ms, 400 ms, ...
+// (at most 2 s), each with up to half taken off at random. Other errors
+// (INVALID_ARGUMENT, UNAUTHENTICATED) come back at once: a retry would fail
+// the same way. ctx bounds the whole loop.
+func sendWithRetry(ctx context.Context, client heraldv1.PushServiceClient, req *heraldv1.SendToUserRequest,
+	perAttempt time.Duration, attempts int) (*heraldv1.SendToUserResponse, error) {
+	backoff := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, perAttempt)
+		resp, err := client.SendToUser(actx, req)
+		cancel()
+		code := status.Code(err)
+		if code != codes.Unavailable && code != codes.DeadlineExceeded {
+			return resp, err // success, or an error a retry will not fix
+		}
+		if attempt >= attempts || ctx.Err() != nil {
+			return nil, fmt.Errorf("after %d attempts: %w", attempt, err)
+		}
+		wait := backoff - mathrand.N(backoff/2)
+		log.Printf("SendToUser attempt %d: %s (%s); retrying in %v with the same key",
+			attempt, code, status.Convert(err).Message(), wait.Round(time.Millisecond))
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return nil, errors.Join(err, ctx.Err())
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+func printDeliveries(what string, resp *heraldv1.SendToUserResponse) {
+	for _, d := range resp.GetDeliveries() {
+		replayed := ""
+		if d.GetReplayed() {
+			replayed = " replayed (an earlier call with this key delivered it; nothing was pushed now)"
+		}
+		fmt.Printf("%s %s to %s (online=%v)%s\n", what, d.GetMessageId(), d.GetUserId(), d.GetOnline(), replayed)
+	}
+}
+
+// newUUID returns a random (version 4) UUID, a good idempotency key when
+// the send has no business event id of its own.
+func newUUID() string {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		log.Fatalf("crypto/rand: %v", err)
+	}
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }
 
 // bearer sends "authorization: Bearer <key>" with every call.

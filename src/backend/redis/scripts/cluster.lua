@@ -1,8 +1,10 @@
 -- Every live node and the distinct users online across them, from the
 -- nodes' presence hashes (exact, O(online users): an ops call).
 -- KEYS: nodes.
--- ARGV: conns prefix, conns suffix (a node's hash is prefix .. id .. suffix).
--- Returns {online users, node1, connections1, users1, node2, ...}.
+-- ARGV: conns prefix, conns suffix (a node's hash is prefix .. id .. suffix),
+--       stats suffix (a node's stats hash is prefix .. id .. stats suffix).
+-- Returns {online users, node1, connections1, users1, started1 (unix ms or
+--          0), delivered1, events1, node2, ...}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
@@ -17,6 +19,8 @@ for _, node in ipairs(live) do
   out[#out + 1] = node
   out[#out + 1] = conns
   out[#out + 1] = #kv / 2
+  local st = redis.call('HMGET', ARGV[1] .. node .. ARGV[3], 'started', 'delivered', 'events')
+  for _, v in ipairs(st) do out[#out + 1] = tonumber(v or '0') end
 end
 out[1] = online
 return out

@@ -14,6 +14,8 @@ import io.grpc.Metadata;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
 import io.grpc.stub.MetadataUtils;
+import java.util.UUID;
+import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.TimeUnit;
 
 /**
@@ -21,17 +23,32 @@ import java.util.concurrent.TimeUnit;
  * user is online and how many messages they have unread, then shows how an
  * INVALID_ARGUMENT error arrives.
  *
- * <p>Usage: {@code SendExample [host:port] [user-id]}. The address defaults
- * to $HERALD_GRPC_ADDR, then to 127.0.0.1:50051; the user to "alice".
+ * <p>The send carries an idempotency key and is retried with the same key on
+ * UNAVAILABLE and DEADLINE_EXCEEDED (see {@link #sendWithRetry}): Herald
+ * stores and pushes a keyed message once per recipient however many attempts
+ * reach it, and answers a repeat with the first call's delivery and
+ * {@code replayed} set. The example sends the same request a second time, as
+ * a retry after a lost answer would, to show such an answer.
+ *
+ * <p>Usage: {@code SendExample [host:port] [user-id] [idempotency-key]}. The
+ * address defaults to $HERALD_GRPC_ADDR, then to 127.0.0.1:50051; the user to
+ * "alice"; the key to a fresh random UUID (a business event id such as
+ * "invoice-42-paid" is better: a re-run of the same job then reuses it).
  * When the node runs with an API key (--api-key), put it in $HERALD_API_KEY.
  */
 public final class SendExample {
+
+    /** Attempts of a send on UNAVAILABLE / DEADLINE_EXCEEDED, and the deadline of each. */
+    private static final int SEND_ATTEMPTS = 8;
+    private static final long ATTEMPT_DEADLINE_MS = 5_000;
 
     private SendExample() {}
 
     public static void main(String[] args) throws InterruptedException {
         String addr = args.length > 0 ? args[0] : envOr("HERALD_GRPC_ADDR", "127.0.0.1:50051");
         String user = args.length > 1 ? args[1] : "alice";
+        // One key per logical send, made before the first attempt.
+        String key = args.length > 2 ? args[2] : UUID.randomUUID().toString();
 
         // The control API is an internal listener without TLS.
         ManagedChannel channel = ManagedChannelBuilder.forTarget(addr).usePlaintext().build();
@@ -46,15 +63,27 @@ public final class SendExample {
                 herald = herald.withInterceptors(MetadataUtils.newAttachHeadersInterceptor(md));
             }
 
-            SendToUserResponse sent = herald.withDeadlineAfter(5, TimeUnit.SECONDS)
-                    .sendToUser(SendToUserRequest.newBuilder()
-                            .addUserIds(user)
-                            .setTopic("billing.invoice")
-                            .setPayloadJson("{\"invoice\":42,\"amount\":\"19.99\"}")
-                            .build());
-            for (Delivery d : sent.getDeliveriesList()) {
-                System.out.printf("sent to %s: message %s (online=%b)%n",
-                        d.getUserId(), d.getMessageId(), d.getOnline());
+            SendToUserRequest request = SendToUserRequest.newBuilder()
+                    .addUserIds(user)
+                    .setTopic("billing.invoice")
+                    .setPayloadJson("{\"invoice\":42,\"amount\":\"19.99\"}")
+                    .setIdempotencyKey(key)
+                    .build();
+            System.out.println("idempotency key " + key);
+            SendToUserResponse sent = sendWithRetry(herald, request);
+            print("sent", sent);
+
+            // The same request again, as a retry whose first attempt went
+            // through but whose answer was lost: nothing is stored or pushed,
+            // the answer is the first call's delivery with replayed=true.
+            SendToUserResponse again = sendWithRetry(herald, request);
+            print("repeat", again);
+            for (int i = 0; i < again.getDeliveriesCount(); i++) {
+                Delivery d = again.getDeliveries(i);
+                if (!d.getReplayed() || !d.getMessageId().equals(sent.getDeliveries(i).getMessageId())) {
+                    System.out.println("unexpected: the repeat with key " + key + " was not replayed: " + d);
+                    exit = 1;
+                }
             }
 
             IsOnlineResponse presence = herald.withDeadlineAfter(5, TimeUnit.SECONDS)
@@ -98,6 +127,48 @@ public final class SendExample {
         }
         if (exit != 0) {
             System.exit(exit);
+        }
+    }
+
+    /**
+     * Calls SendToUser until it answers, retrying on UNAVAILABLE (no node, a
+     * lost connection, the backend down) and DEADLINE_EXCEEDED (no answer in
+     * time) with the very same request, so with the same idempotency key: the
+     * first attempt may have stored and pushed the message although its
+     * answer never arrived, and the key makes Herald answer the retry with
+     * that delivery (replayed=true) instead of pushing it again. Every attempt
+     * has its own deadline; between attempts it waits 100 ms, 200 ms, 400 ms,
+     * ... (at most 2 s), each with up to half taken off at random. Other errors
+     * (INVALID_ARGUMENT, UNAUTHENTICATED) are thrown at once: a retry would
+     * fail the same way.
+     */
+    static SendToUserResponse sendWithRetry(PushServiceGrpc.PushServiceBlockingStub herald,
+            SendToUserRequest request) throws InterruptedException {
+        long backoffMs = 100;
+        for (int attempt = 1; ; attempt++) {
+            try {
+                // withDeadlineAfter returns a new stub: a fresh deadline per attempt.
+                return herald.withDeadlineAfter(ATTEMPT_DEADLINE_MS, TimeUnit.MILLISECONDS).sendToUser(request);
+            } catch (StatusRuntimeException e) {
+                Status.Code code = e.getStatus().getCode();
+                boolean retryable = code == Status.Code.UNAVAILABLE || code == Status.Code.DEADLINE_EXCEEDED;
+                if (!retryable || attempt >= SEND_ATTEMPTS) {
+                    throw e;
+                }
+                long waitMs = backoffMs - ThreadLocalRandom.current().nextLong(backoffMs / 2 + 1);
+                System.err.printf("SendToUser attempt %d: %s (%s); retrying in %d ms with the same key%n",
+                        attempt, code, e.getStatus().getDescription(), waitMs);
+                Thread.sleep(waitMs);
+                backoffMs = Math.min(2 * backoffMs, 2_000);
+            }
+        }
+    }
+
+    private static void print(String what, SendToUserResponse response) {
+        for (Delivery d : response.getDeliveriesList()) {
+            System.out.printf("%s to %s: message %s (online=%b)%s%n", what,
+                    d.getUserId(), d.getMessageId(), d.getOnline(),
+                    d.getReplayed() ? " replayed (an earlier call with this key delivered it; nothing was pushed now)" : "");
         }
     }
 

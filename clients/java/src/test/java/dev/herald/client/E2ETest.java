@@ -393,6 +393,61 @@ class E2ETest {
     }
 
     @Test
+    void aRepeatWithTheSameIdempotencyKeyIsReplayedAndPushedOnce() throws Exception {
+        String user = newUser();
+        Ws ws = open(user, null);
+        ws.expect("welcome");
+        awaitTrue(() -> presence(user).getConnections() == 1, "IsOnline counts the socket");
+
+        // The retry contract: the same request with the same key, sent again
+        // (as after a lost answer), stores and pushes nothing and returns the
+        // first call's delivery with replayed set.
+        String key = UUID.randomUUID().toString();
+        String payload = "{\"invoice\":\"INV-42\", \"amount\":1999}";
+        SendToUserRequest request = SendToUserRequest.newBuilder()
+                .addUserIds(user).setTopic("billing.invoice").setPayloadJson(payload)
+                .setIdempotencyKey(key).build();
+        SendToUserResponse r1 = rpc().sendToUser(request);
+        assertEquals(1, r1.getDeliveriesCount());
+        Delivery first = r1.getDeliveries(0);
+        assertFalse(first.getReplayed(), "the first send with a fresh key is not a replay: " + first);
+        assertTrue(first.getOnline(), "the user has a socket: " + first);
+        assertMessage(ws.expectRaw("message"), first.getMessageId(), "billing.invoice", payload, false);
+
+        SendToUserResponse r2 = rpc().sendToUser(request);
+        assertEquals(1, r2.getDeliveriesCount());
+        Delivery again = r2.getDeliveries(0);
+        assertEquals(user, again.getUserId());
+        assertTrue(again.getReplayed(), "the repeat with the same key is replayed: " + again);
+        assertEquals(first.getMessageId(), again.getMessageId(), "the repeat returns the first call's message id");
+        assertEquals(first.getOnline(), again.getOnline(), "the repeat returns the first call's online flag");
+
+        // Pushed once: the next frame is a marker sent after the repeat, not a
+        // second copy. Stored once: the message and the marker are unread.
+        Delivery marker = sendOne(user, "marker", "{\"marker\":1}", false);
+        assertFalse(marker.getReplayed(), "a send without a key is never a replay");
+        assertMessage(ws.expectRaw("message"), marker.getMessageId(), "marker", "{\"marker\":1}", false);
+        ws.pingPong();
+        assertEquals(2, unread(user), "the keyed message is stored once");
+
+        // The same key with a different request is a caller bug.
+        assertStatus(Status.Code.INVALID_ARGUMENT, "SendToUser reusing a key with another payload",
+                () -> rpc().sendToUser(request.toBuilder().setPayloadJson("{\"invoice\":\"INV-43\"}").build()));
+
+        // Broadcast keys have their own scope: the same string is a fresh key
+        // there, and its repeat is replayed.
+        BroadcastRequest bcast = BroadcastRequest.newBuilder()
+                .setTopic("system").setPayloadJson("{\"keyed\":true}").setIdempotencyKey(key).build();
+        BroadcastResponse b1 = rpc().broadcast(bcast);
+        assertFalse(b1.getReplayed(), "a SendToUser key does not make a Broadcast a replay: " + b1);
+        assertMessage(ws.expectRaw("message"), b1.getMessageId(), "system", "{\"keyed\":true}", true);
+        BroadcastResponse b2 = rpc().broadcast(bcast);
+        assertTrue(b2.getReplayed(), "the repeated Broadcast is replayed: " + b2);
+        assertEquals(b1.getMessageId(), b2.getMessageId());
+        ws.pingPong(); // and nothing was pushed again
+    }
+
+    @Test
     void authorizationHeaderIsAccepted() throws Exception {
         String user = newUser();
         Ws ws = open(user, null, true);
