@@ -48,9 +48,13 @@ fn record_key(kind: char, user: &str, key: &str) -> String {
     format!("{kind}\0{user}\0{key}")
 }
 
+/// A recipient of a stored message: the user and the message's id in their
+/// inbox.
+type Recipient = (Arc<str>, MessageId);
+
 /// What one recipient of a message costs besides the shared body: its entry
 /// in the inbox and its entry in the body's recipient list.
-const PER_RECIPIENT: usize = size_of::<Stored>() + size_of::<(Arc<str>, MessageId)>();
+const PER_RECIPIENT: usize = size_of::<Stored>() + size_of::<Recipient>();
 
 /// What a body costs besides its tail and recipients: the allocation (with
 /// the two reference counts) and its entry in [`Store::by_age`].
@@ -74,7 +78,7 @@ struct Store {
 
 impl Store {
     /// Counts and indexes a body once every recipient holds it.
-    fn finish(&self, body: &Body, recipients: Vec<(Arc<str>, MessageId)>, weak: Weak<Body>) {
+    fn finish(&self, body: &Body, recipients: Vec<Recipient>, weak: Weak<Body>) {
         if recipients.is_empty() || body.recipients.set(recipients.into()).is_err() {
             return; // Stored nowhere: never counted.
         }
@@ -106,7 +110,7 @@ struct Body {
     /// Who holds it, under which id. Set once the send has stored it in
     /// every inbox; from then on it is counted in [`Store::bytes`] and
     /// indexed in [`Store::by_age`].
-    recipients: OnceLock<Box<[(Arc<str>, MessageId)]>>,
+    recipients: OnceLock<Box<[Recipient]>>,
     store: Arc<Store>,
 }
 
@@ -450,7 +454,7 @@ impl MemoryBackend {
         user: &str,
         msg: &NewMessage<'_>,
         body: &Arc<Body>,
-    ) -> Result<(Appended, Option<(Arc<str>, MessageId)>)> {
+    ) -> Result<(Appended, Option<Recipient>)> {
         // Id assignment, delivery and the idempotency record under one
         // inbox lock: connections see a user's stored messages in id
         // order, and a key stores at most once per user.
