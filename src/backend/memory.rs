@@ -236,6 +236,8 @@ pub(crate) struct MemoryBackend {
     inboxes: Box<[Mutex<Shard>]>,
     /// Stored bodies and their bytes, for `--inbox-memory-limit`.
     store: Arc<Store>,
+    /// Inboxes held.
+    inbox_count: AtomicUsize,
     /// The newest `last.ms` of any inbox freed so far. An inbox created
     /// later starts after it, so a user's ids keep increasing across a
     /// free and a re-creation even if the clock stepped back meanwhile
@@ -266,6 +268,7 @@ impl MemoryBackend {
                 by_age: Mutex::new(BTreeMap::new()),
                 next_seq: AtomicU64::new(0),
             }),
+            inbox_count: AtomicUsize::new(0),
             freed_up_to: AtomicU64::new(0),
             peak_bytes: AtomicUsize::new(0),
             warned_at: AtomicU64::new(0),
@@ -306,7 +309,6 @@ impl MemoryBackend {
         for shard in self.records.iter() {
             shard.lock().retain(|_, r| r.expires > now);
         }
-        let mut inboxes = 0;
         for shard in self.inboxes.iter() {
             let mut shard = shard.lock();
             shard.retain(|user, inbox| {
@@ -320,16 +322,15 @@ impl MemoryBackend {
                 }
                 // Before the shard is unlocked: a re-creation must see it.
                 self.freed_up_to.fetch_max(inbox.last.ms, Ordering::Relaxed);
+                self.inbox_count.fetch_sub(1, Ordering::Relaxed);
                 false
             });
             let len = shard.len();
             if shard.capacity() > 64 && shard.capacity() > 4 * len {
                 shard.shrink_to(2 * len);
             }
-            inboxes += len;
         }
-        metrics::gauge!("herald_inboxes").set(inboxes as f64);
-        self.report_bytes();
+        self.report();
         self.give_back_memory();
     }
 
@@ -350,7 +351,9 @@ impl MemoryBackend {
         }
     }
 
-    fn report_bytes(&self) {
+    /// Sets the gauges of what is stored.
+    fn report(&self) {
+        metrics::gauge!("herald_inboxes").set(self.inbox_count.load(Ordering::Relaxed) as f64);
         metrics::gauge!("herald_inbox_memory_bytes")
             .set(self.store.bytes.load(Ordering::Relaxed) as f64);
     }
@@ -436,6 +439,7 @@ impl MemoryBackend {
             let user: Arc<str> = Arc::from(user);
             let mark = now.max(self.freed_up_to.load(Ordering::Relaxed) + 1);
             shard.insert(user.clone(), UserInbox::new(user, mark));
+            self.inbox_count.fetch_add(1, Ordering::Relaxed);
         }
         let inbox = shard.get_mut(user);
         match inbox {
@@ -637,7 +641,7 @@ impl Inbox for MemoryBackend {
         self.store.finish(&body, recipients, Arc::downgrade(&body));
         drop(body);
         self.enforce_limit();
-        self.report_bytes();
+        self.report();
         match failed {
             Some(e) => Err(e),
             None => Ok(out),
