@@ -152,6 +152,9 @@ pub struct ServeArgs {
     /// Age after which stored messages are dropped.
     #[arg(long, env = "HERALD_INBOX_MAX_AGE", default_value = "7d", value_parser = duration)]
     pub inbox_max_age: Duration,
+    /// Embedded backend: bytes of stored messages this node keeps across all inboxes (a payload sent to many users counts once); over it the oldest are dropped first.
+    #[arg(long, env = "HERALD_INBOX_MEMORY_LIMIT", default_value_t = 256 * 1024 * 1024, value_parser = positive)]
+    pub inbox_memory_limit: usize,
     /// Unread messages replayed on a connect without `since` (the newest ones).
     #[arg(long, env = "HERALD_REPLAY_LIMIT", default_value_t = 100)]
     pub replay_limit: usize,
@@ -311,6 +314,8 @@ pub struct InboxConfig {
     pub max_messages: usize,
     pub max_age: Duration,
     pub replay_limit: usize,
+    /// Embedded backend only: bytes of stored messages on this node.
+    pub memory_limit: usize,
 }
 
 /// A fully resolved node configuration.
@@ -410,6 +415,7 @@ impl Config {
                 max_messages: args.inbox_max_messages.max(1),
                 max_age: args.inbox_max_age,
                 replay_limit: args.replay_limit,
+                memory_limit: args.inbox_memory_limit,
             },
             heartbeat: args.heartbeat.max(Duration::from_millis(50)),
             node_lease: args.node_lease.max(Duration::from_millis(500)),

@@ -108,13 +108,11 @@ pub fn message_frame(
     ts: u64,
     transient: bool,
 ) -> String {
-    let (head, tail) = message_frame_parts(topic, payload_json, ts, transient);
-    let mut s = String::with_capacity(head.len() + id.len() + tail.len());
-    s.push_str(&head);
-    s.push_str(id);
-    s.push_str(&tail);
-    s
+    message_frame_with_tail(id, &message_frame_tail(topic, payload_json, ts, transient))
 }
+
+/// The start of every message frame, up to its id.
+const MESSAGE_FRAME_HEAD: &str = "{\"type\":\"message\",\"id\":\"";
 
 /// A message frame split around its id, for a backend that assigns the id
 /// while storing (the Redis inbox script joins `head + id + tail`). Ids are
@@ -125,7 +123,16 @@ pub fn message_frame_parts(
     ts: u64,
     transient: bool,
 ) -> (String, String) {
-    let head = "{\"type\":\"message\",\"id\":\"".to_string();
+    (
+        MESSAGE_FRAME_HEAD.to_string(),
+        message_frame_tail(topic, payload_json, ts, transient),
+    )
+}
+
+/// The part of a message frame after its id: the same for every recipient
+/// of one send, so a backend can keep it once and join it with each id
+/// ([`message_frame_with_tail`]) when it sends.
+pub fn message_frame_tail(topic: &str, payload_json: &str, ts: u64, transient: bool) -> String {
     let mut tail = String::with_capacity(48 + topic.len() + payload_json.len());
     tail.push_str("\",\"topic\":");
     tail.push_str(&json_str(topic));
@@ -137,7 +144,16 @@ pub fn message_frame_parts(
         tail.push_str(",\"transient\":true");
     }
     tail.push('}');
-    (head, tail)
+    tail
+}
+
+/// The message frame of `id` with a tail from [`message_frame_tail`].
+pub fn message_frame_with_tail(id: &str, tail: &str) -> String {
+    let mut s = String::with_capacity(MESSAGE_FRAME_HEAD.len() + id.len() + tail.len());
+    s.push_str(MESSAGE_FRAME_HEAD);
+    s.push_str(id);
+    s.push_str(tail);
+    s
 }
 
 /// `replay` is the number of stored messages that follow before live

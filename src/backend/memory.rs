@@ -13,15 +13,25 @@ use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, MessageId};
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Weak};
+use std::mem::size_of;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 const SHARDS: usize = 64;
 
-/// How often expired idempotency records are swept.
+/// How often expired idempotency records and stored messages are swept and
+/// empty inboxes freed.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// How much stored messages must shrink before freed memory is handed
+/// back to the system.
+const GIVE_BACK_BYTES: usize = 16 << 20;
+
+/// At most one warning per this long while the memory limit drops messages.
+const WARN_EVERY_MS: u64 = 10_000;
 
 /// An idempotency record: what the first call with a key did.
 struct Record {
@@ -38,14 +48,115 @@ fn record_key(kind: char, user: &str, key: &str) -> String {
     format!("{kind}\0{user}\0{key}")
 }
 
+/// A recipient of a stored message: the user and the message's id in their
+/// inbox.
+type Recipient = (Arc<str>, MessageId);
+
+/// What one recipient of a message costs besides the shared body: its entry
+/// in the inbox and its entry in the body's recipient list.
+const PER_RECIPIENT: usize = size_of::<Stored>() + size_of::<Recipient>();
+
+/// What a body costs besides its tail and recipients: the allocation (with
+/// the two reference counts) and its entry in [`Store::by_age`].
+const PER_BODY: usize =
+    size_of::<Body>() + 2 * size_of::<usize>() + size_of::<((u64, u64), Weak<Body>)>();
+
+/// The stored messages of every inbox, as the node-wide memory budget sees
+/// them.
+struct Store {
+    /// What every counted body costs ([`Body::cost`]), each counted once
+    /// however many inboxes hold it.
+    bytes: AtomicUsize,
+    /// Every counted body by `(ts, seq)`, oldest first. A body takes itself
+    /// out when it drops, so this holds exactly the live ones, and the
+    /// budget finds the oldest in O(log n). Lock order: an inbox shard, then
+    /// this; never an inbox shard while this is held.
+    by_age: Mutex<BTreeMap<(u64, u64), Weak<Body>>>,
+    /// Tells bodies of the same millisecond apart.
+    next_seq: AtomicU64,
+}
+
+impl Store {
+    /// Counts and indexes a body once every recipient holds it.
+    fn finish(&self, body: &Body, recipients: Vec<Recipient>, weak: Weak<Body>) {
+        if recipients.is_empty() || body.recipients.set(recipients.into()).is_err() {
+            return; // Stored nowhere: never counted.
+        }
+        let cost = body.cost().expect("recipients set");
+        self.bytes.fetch_add(cost, Ordering::Relaxed);
+        self.by_age.lock().insert((body.ts, body.seq), weak);
+    }
+
+    /// Takes the oldest live body out of the index.
+    fn pop_oldest(&self) -> Option<Arc<Body>> {
+        loop {
+            let (_, weak) = self.by_age.lock().pop_first()?;
+            // Upgraded outside the lock: dropping the last reference takes
+            // the lock again.
+            if let Some(body) = weak.upgrade() {
+                return Some(body);
+            }
+        }
+    }
+}
+
+/// The part of a stored message that is the same for all its recipients:
+/// the frame after the id (topic, data, ts), kept once per send. Each
+/// recipient's frame is built from it when it is sent.
+struct Body {
+    ts: u64,
+    seq: u64,
+    tail: Box<str>,
+    /// Who holds it, under which id. Set once the send has stored it in
+    /// every inbox; from then on it is counted in [`Store::bytes`] and
+    /// indexed in [`Store::by_age`].
+    recipients: OnceLock<Box<[Recipient]>>,
+    store: Arc<Store>,
+}
+
+impl Body {
+    fn new(store: &Arc<Store>, ts: u64, tail: String) -> Arc<Body> {
+        Arc::new(Body {
+            ts,
+            seq: store.next_seq.fetch_add(1, Ordering::Relaxed),
+            tail: tail.into(),
+            recipients: OnceLock::new(),
+            store: store.clone(),
+        })
+    }
+
+    /// Bytes counted for this body (None until it is counted).
+    fn cost(&self) -> Option<usize> {
+        let recipients = self.recipients.get()?;
+        Some(PER_BODY + self.tail.len() + recipients.len() * PER_RECIPIENT)
+    }
+
+    /// The frame of the message with `id`, built for sending (and freed
+    /// once sent): only the body stays in memory.
+    fn frame(&self, id: MessageId) -> Frame {
+        protocol::message_frame_with_tail(&id.to_string(), &self.tail).into()
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if let Some(cost) = self.cost() {
+            self.store.by_age.lock().remove(&(self.ts, self.seq));
+            self.store.bytes.fetch_sub(cost, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One message in one inbox.
 struct Stored {
     id: MessageId,
-    ts: u64,
-    frame: Frame,
+    body: Arc<Body>,
 }
 
 /// One user's inbox.
 struct UserInbox {
+    /// The user (the map's key, shared).
+    user: Arc<str>,
     messages: VecDeque<Stored>,
     /// The newest id ever assigned (or the creation mark).
     last: MessageId,
@@ -57,14 +168,17 @@ struct UserInbox {
 }
 
 impl UserInbox {
-    fn new() -> Self {
+    /// A new inbox created at `mark_ms`.
+    fn new(user: Arc<str>, mark_ms: u64) -> Self {
         // The creation mark is a virtual, already-trimmed message: a resume
-        // position from before it (an earlier process, say) reads as lost.
+        // position from before it (an earlier process, or an inbox freed
+        // since) reads as lost.
         let mark = MessageId {
-            ms: protocol::now_ms(),
+            ms: mark_ms,
             seq: 0,
         };
         UserInbox {
+            user,
             messages: VecDeque::new(),
             last: mark,
             floor: mark,
@@ -75,12 +189,25 @@ impl UserInbox {
     fn trim(&mut self, cfg: &InboxConfig, now: u64) {
         let min_ts = now.saturating_sub(cfg.max_age.as_millis() as u64);
         while let Some(front) = self.messages.front() {
-            if self.messages.len() > cfg.max_messages || front.ts < min_ts {
+            if self.messages.len() > cfg.max_messages || front.body.ts < min_ts {
                 self.floor = self.floor.max(front.id);
                 self.messages.pop_front();
             } else {
                 break;
             }
+        }
+    }
+
+    /// Takes out message `id` if it is `body`'s; says whether it was there.
+    fn drop_message(&mut self, id: MessageId, body: &Arc<Body>) -> bool {
+        let i = self.messages.partition_point(|m| m.id < id);
+        match self.messages.get(i) {
+            Some(m) if m.id == id && Arc::ptr_eq(&m.body, body) => {
+                self.messages.remove(i);
+                self.floor = self.floor.max(id);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -94,6 +221,8 @@ impl UserInbox {
     }
 }
 
+type Shard = HashMap<Arc<str>, UserInbox>;
+
 pub(crate) struct MemoryBackend {
     /// This node's connections: where events go.
     local: Arc<dyn Dispatch>,
@@ -104,7 +233,21 @@ pub(crate) struct MemoryBackend {
     /// every critical section is a few map/deque operations and
     /// non-blocking queue pushes ([`Dispatch`] never blocks). No method
     /// here awaits while a shard is locked; keep it so.
-    inboxes: Box<[Mutex<HashMap<String, UserInbox>>]>,
+    inboxes: Box<[Mutex<Shard>]>,
+    /// Stored bodies and their bytes, for `--inbox-memory-limit`.
+    store: Arc<Store>,
+    /// Inboxes held.
+    inbox_count: AtomicUsize,
+    /// The newest `last.ms` of any inbox freed so far. An inbox created
+    /// later starts after it, so a user's ids keep increasing across a
+    /// free and a re-creation even if the clock stepped back meanwhile
+    /// (ids only compare within one user, so one mark for all users does).
+    freed_up_to: AtomicU64,
+    /// The most stored bytes a sweep has seen since memory was last handed
+    /// back to the system.
+    peak_bytes: AtomicUsize,
+    /// When the memory limit last logged a warning (unix ms).
+    warned_at: AtomicU64,
     /// Idempotency records, sharded by record key; swept every
     /// [`SWEEP_EVERY`]. Lock order: an inbox shard, then a record shard.
     records: Box<[Mutex<HashMap<String, Record>>]>,
@@ -120,6 +263,15 @@ impl MemoryBackend {
             cfg,
             hasher: RandomState::new(),
             inboxes: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            store: Arc::new(Store {
+                bytes: AtomicUsize::new(0),
+                by_age: Mutex::new(BTreeMap::new()),
+                next_seq: AtomicU64::new(0),
+            }),
+            inbox_count: AtomicUsize::new(0),
+            freed_up_to: AtomicU64::new(0),
+            peak_bytes: AtomicUsize::new(0),
+            warned_at: AtomicU64::new(0),
             records: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             reservations: Mutex::new(HashMap::new()),
         })
@@ -143,10 +295,118 @@ impl MemoryBackend {
         self
     }
 
-    /// Frees expired idempotency records, one shard lock at a time.
+    /// Frees expired idempotency records and stored messages, and the
+    /// inboxes nothing is left in, one shard lock at a time.
+    ///
+    /// An inbox is freed when it holds no message (so nothing is unread and
+    /// its cursor means nothing) and its user has no connection here: such
+    /// an inbox is only its marks, and a new one behaves the same except
+    /// that a resume from before it reads `resumed:false` (see
+    /// [`UserInbox::new`]). A connected user's inbox stays, so their other
+    /// devices' resumes are answered exactly; there are at most as many as
+    /// connections.
     fn sweep(&self, now: u64) {
         for shard in self.records.iter() {
             shard.lock().retain(|_, r| r.expires > now);
+        }
+        for shard in self.inboxes.iter() {
+            let mut shard = shard.lock();
+            shard.retain(|user, inbox| {
+                inbox.trim(&self.cfg, now);
+                if !inbox.messages.is_empty() || self.local.has_user(user) {
+                    let m = &mut inbox.messages;
+                    if m.capacity() > 64 && m.capacity() > 4 * m.len() {
+                        m.shrink_to(2 * m.len());
+                    }
+                    return true;
+                }
+                // Before the shard is unlocked: a re-creation must see it.
+                self.freed_up_to.fetch_max(inbox.last.ms, Ordering::Relaxed);
+                self.inbox_count.fetch_sub(1, Ordering::Relaxed);
+                false
+            });
+            let len = shard.len();
+            if shard.capacity() > 64 && shard.capacity() > 4 * len {
+                shard.shrink_to(2 * len);
+            }
+        }
+        self.report();
+        self.give_back_memory();
+    }
+
+    /// Once stored messages have shrunk by [`GIVE_BACK_BYTES`] since the
+    /// last time, asks the allocator to return its free pages to the system
+    /// (glibc keeps them otherwise, and the node's RSS would stay at its
+    /// peak long after the messages are gone).
+    fn give_back_memory(&self) {
+        let now = self.store.bytes.load(Ordering::Relaxed);
+        let peak = self.peak_bytes.fetch_max(now, Ordering::Relaxed).max(now);
+        if peak - now >= GIVE_BACK_BYTES {
+            self.peak_bytes.store(now, Ordering::Relaxed);
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free memory of the allocator.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+
+    /// Sets the gauges of what is stored.
+    fn report(&self) {
+        metrics::gauge!("herald_inboxes").set(self.inbox_count.load(Ordering::Relaxed) as f64);
+        metrics::gauge!("herald_inbox_memory_bytes")
+            .set(self.store.bytes.load(Ordering::Relaxed) as f64);
+    }
+
+    /// Drops the oldest stored messages node-wide, a whole send at a time,
+    /// until what is stored fits `--inbox-memory-limit`. Each inbox a
+    /// message leaves raises its floor: a resume from before it reads
+    /// `resumed:false`.
+    fn enforce_limit(&self) {
+        let limit = self.cfg.memory_limit;
+        // Counted down by what each dropped body weighs, not re-read: a body
+        // a replay still holds is freed a moment later, and must not make
+        // this drop more.
+        let mut over = self
+            .store
+            .bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(limit);
+        let mut dropped = 0u64;
+        while over > 0 {
+            let Some(body) = self.store.pop_oldest() else {
+                break;
+            };
+            over = over.saturating_sub(body.cost().expect("indexed bodies are counted"));
+            for (user, id) in body.recipients.get().into_iter().flatten() {
+                let mut shard = self.shard(user).lock();
+                if let Some(inbox) = shard.get_mut(user) {
+                    dropped += inbox.drop_message(*id, &body) as u64;
+                }
+            }
+            // The last reference to `body` drops here, with no lock held,
+            // and takes its bytes off the count.
+        }
+        if dropped == 0 {
+            return;
+        }
+        metrics::counter!("herald_inbox_dropped_total", "reason" => "memory").increment(dropped);
+        let now = protocol::now_ms();
+        let warned = self.warned_at.load(Ordering::Relaxed);
+        if now >= warned + WARN_EVERY_MS
+            && self
+                .warned_at
+                .compare_exchange(warned, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                dropped,
+                limit,
+                "stored messages exceed --inbox-memory-limit: the oldest were dropped \
+                 (clients resuming from before them get resumed:false; see \
+                 herald_inbox_dropped_total{{reason=\"memory\"}}); raise the limit or lower \
+                 --inbox-max-age / --inbox-max-messages"
+            );
         }
     }
 
@@ -163,7 +423,7 @@ impl MemoryBackend {
         }
     }
 
-    fn shard(&self, user: &str) -> &Mutex<HashMap<String, UserInbox>> {
+    fn shard(&self, user: &str) -> &Mutex<Shard> {
         &self.inboxes[(self.hasher.hash_one(user) as usize) % SHARDS]
     }
 
@@ -176,7 +436,10 @@ impl MemoryBackend {
         let now = protocol::now_ms();
         let mut shard = self.shard(user).lock();
         if create && !shard.contains_key(user) {
-            shard.insert(user.to_string(), UserInbox::new());
+            let user: Arc<str> = Arc::from(user);
+            let mark = now.max(self.freed_up_to.load(Ordering::Relaxed) + 1);
+            shard.insert(user.clone(), UserInbox::new(user, mark));
+            self.inbox_count.fetch_add(1, Ordering::Relaxed);
         }
         let inbox = shard.get_mut(user);
         match inbox {
@@ -186,6 +449,87 @@ impl MemoryBackend {
             }
             None => f(None),
         }
+    }
+
+    /// Stores `body` for `user` (unless the key's record says it already
+    /// was) and pushes it to the user's connections here.
+    fn append_one(
+        &self,
+        user: &str,
+        msg: &NewMessage<'_>,
+        body: &Arc<Body>,
+    ) -> Result<(Appended, Option<Recipient>)> {
+        // Id assignment, delivery and the idempotency record under one
+        // inbox lock: connections see a user's stored messages in id
+        // order, and a key stores at most once per user.
+        self.with_inbox(user, true, |inbox| {
+            let inbox = inbox.expect("created");
+            let record = msg.idempotency.map(|k| (k, record_key('s', user, k.key)));
+            if let Some((k, rkey)) = &record {
+                let seen = self
+                    .records(rkey)
+                    .lock()
+                    .get(rkey)
+                    .filter(|r| r.expires > msg.ts)
+                    .map(|r| {
+                        (
+                            r.fingerprint.as_ref() == k.fingerprint,
+                            r.id.clone(),
+                            r.online,
+                        )
+                    });
+                match seen {
+                    Some((true, id, online)) => {
+                        let id: MessageId = id
+                            .parse()
+                            .map_err(|_| Error::Backend("corrupt idempotency record".into()))?;
+                        let done = Appended {
+                            id,
+                            online,
+                            replayed: true,
+                        };
+                        return Ok((done, None));
+                    }
+                    Some((false, _, _)) => return Err(reused(user)),
+                    None => {}
+                }
+            }
+            let id = inbox.last.next(msg.ts);
+            inbox.last = id;
+            inbox.messages.push_back(Stored {
+                id,
+                body: body.clone(),
+            });
+            inbox.trim(&self.cfg, msg.ts);
+            // Only a connected user's frame is built, and it is freed once
+            // sent. One who connects after this check reads the message in
+            // the replay, which waits for this lock.
+            let online = self.local.has_user(user);
+            if online {
+                self.local.dispatch(Event::Message {
+                    user: inbox.user.clone(),
+                    id: Some(id),
+                    frame: body.frame(id),
+                });
+            }
+            if let Some((k, rkey)) = record {
+                self.records(&rkey).lock().insert(
+                    rkey,
+                    Record {
+                        id: id.to_string(),
+                        online,
+                        fingerprint: k.fingerprint.into(),
+                        expires: msg.ts + k.window.as_millis() as u64,
+                    },
+                );
+            }
+            let done = Appended {
+                id,
+                online,
+                replayed: false,
+            };
+            Ok((done, Some((inbox.user.clone(), id))))
+        })
     }
 }
 
@@ -270,84 +614,38 @@ impl Presence for MemoryBackend {
 #[async_trait]
 impl Inbox for MemoryBackend {
     async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<Appended>> {
+        // One body for every recipient: what stays in memory is one copy of
+        // the payload per send, however many inboxes hold it.
+        let body = Body::new(
+            &self.store,
+            msg.ts,
+            protocol::message_frame_tail(msg.topic, msg.payload_json, msg.ts, false),
+        );
         let mut out = Vec::with_capacity(users.len());
+        let mut recipients = Vec::with_capacity(users.len());
+        let mut failed = None;
         for user in users {
-            // Id assignment, delivery and the idempotency record under one
-            // inbox lock: connections see a user's stored messages in id
-            // order, and a key stores at most once per user.
-            let done = self.with_inbox(user, true, |inbox| {
-                let inbox = inbox.expect("created");
-                let record = msg.idempotency.map(|k| (k, record_key('s', user, k.key)));
-                if let Some((k, rkey)) = &record {
-                    let seen = self
-                        .records(rkey)
-                        .lock()
-                        .get(rkey)
-                        .filter(|r| r.expires > msg.ts)
-                        .map(|r| {
-                            (
-                                r.fingerprint.as_ref() == k.fingerprint,
-                                r.id.clone(),
-                                r.online,
-                            )
-                        });
-                    match seen {
-                        Some((true, id, online)) => {
-                            let id: MessageId = id
-                                .parse()
-                                .map_err(|_| Error::Backend("corrupt idempotency record".into()))?;
-                            return Ok(Appended {
-                                id,
-                                online,
-                                replayed: true,
-                            });
-                        }
-                        Some((false, _, _)) => return Err(reused(user)),
-                        None => {}
-                    }
+            match self.append_one(user, &msg, &body) {
+                Ok((done, stored)) => {
+                    out.push(done);
+                    recipients.extend(stored);
                 }
-                let id = inbox.last.next(msg.ts);
-                inbox.last = id;
-                let frame: Frame = protocol::message_frame(
-                    &id.to_string(),
-                    msg.topic,
-                    msg.payload_json,
-                    msg.ts,
-                    false,
-                )
-                .into();
-                inbox.messages.push_back(Stored {
-                    id,
-                    ts: msg.ts,
-                    frame: frame.clone(),
-                });
-                inbox.trim(&self.cfg, msg.ts);
-                let online = self.local.has_user(user);
-                self.local.dispatch(Event::Message {
-                    user: Arc::from(user.as_str()),
-                    id: Some(id),
-                    frame,
-                });
-                if let Some((k, rkey)) = record {
-                    self.records(&rkey).lock().insert(
-                        rkey,
-                        Record {
-                            id: id.to_string(),
-                            online,
-                            fingerprint: k.fingerprint.into(),
-                            expires: msg.ts + k.window.as_millis() as u64,
-                        },
-                    );
+                Err(e) => {
+                    failed = Some(e);
+                    break;
                 }
-                Ok(Appended {
-                    id,
-                    online,
-                    replayed: false,
-                })
-            })?;
-            out.push(done);
+            }
         }
-        Ok(out)
+        // Counted even when a user refused the call: the users before it
+        // hold the message.
+        self.store.finish(&body, recipients, Arc::downgrade(&body));
+        drop(body);
+        self.enforce_limit();
+        self.report();
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     async fn unread(&self, user: &str) -> Result<u64> {
@@ -355,7 +653,7 @@ impl Inbox for MemoryBackend {
     }
 
     async fn replay(&self, user: &str, since: Option<MessageId>, limit: usize) -> Result<Replay> {
-        Ok(self.with_inbox(user, true, |inbox| {
+        let (replay, bodies) = self.with_inbox(user, true, |inbox| {
             let inbox = inbox.expect("created");
             let unread = inbox.unread();
             let (start, resumed) = match since {
@@ -368,17 +666,24 @@ impl Inbox for MemoryBackend {
                     )
                 }
             };
-            Replay {
+            let bodies: Vec<(MessageId, Arc<Body>)> = inbox
+                .messages
+                .range(start..)
+                .map(|m| (m.id, m.body.clone()))
+                .collect();
+            let replay = Replay {
                 unread,
-                messages: inbox
-                    .messages
-                    .range(start..)
-                    .map(|m| (m.id, m.frame.clone()))
-                    .collect(),
+                messages: Vec::new(),
                 resumed,
                 head: inbox.last,
-            }
-        }))
+            };
+            (replay, bodies)
+        });
+        // The frames are built outside the lock.
+        Ok(Replay {
+            messages: bodies.iter().map(|(id, b)| (*id, b.frame(*id))).collect(),
+            ..replay
+        })
     }
 
     async fn mark_read(&self, user: &str, up_to: Option<MessageId>) -> Result<(u64, bool)> {
