@@ -3,22 +3,24 @@
 //! everything is lost when the process exits. It is the default so that a
 //! fresh machine runs Herald with one command; run a cluster with Redis.
 
+mod idempotency;
+mod inbox;
+mod store;
+
 use super::reused;
-use super::{
-    Appended, Backend, Broker, Claim, ClaimScope, Cluster, Dispatch, Event, IdemKey, Idempotency,
-    Inbox, NewMessage, NodeInfo, Presence, Replay,
-};
+use super::{Appended, Backend, Broker, Cluster, Dispatch, Event, NewMessage, NodeInfo, Presence};
 use crate::config::InboxConfig;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, MessageId};
 use async_trait::async_trait;
+use idempotency::{record_key, Record};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
-use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+use store::{Body, Recipient, Store, Stored, UserInbox};
 
 const SHARDS: usize = 64;
 
@@ -32,194 +34,6 @@ const GIVE_BACK_BYTES: usize = 16 << 20;
 
 /// At most one warning per this long while the memory limit drops messages.
 const WARN_EVERY_MS: u64 = 10_000;
-
-/// An idempotency record: what the first call with a key did.
-struct Record {
-    id: String,
-    online: bool,
-    fingerprint: Box<str>,
-    /// Unix ms after which the record is gone.
-    expires: u64,
-}
-
-/// Where a record lives: `s` stored send, `t` transient send, `b`
-/// broadcast; then the user (if any) and the key.
-fn record_key(kind: char, user: &str, key: &str) -> String {
-    format!("{kind}\0{user}\0{key}")
-}
-
-/// A recipient of a stored message: the user and the message's id in their
-/// inbox.
-type Recipient = (Arc<str>, MessageId);
-
-/// What one recipient of a message costs besides the shared body: its entry
-/// in the inbox and its entry in the body's recipient list.
-const PER_RECIPIENT: usize = size_of::<Stored>() + size_of::<Recipient>();
-
-/// What a body costs besides its tail and recipients: the allocation (with
-/// the two reference counts) and its entry in [`Store::by_age`].
-const PER_BODY: usize =
-    size_of::<Body>() + 2 * size_of::<usize>() + size_of::<((u64, u64), Weak<Body>)>();
-
-/// The stored messages of every inbox, as the node-wide memory budget sees
-/// them.
-struct Store {
-    /// What every counted body costs ([`Body::cost`]), each counted once
-    /// however many inboxes hold it.
-    bytes: AtomicUsize,
-    /// Every counted body by `(ts, seq)`, oldest first. A body takes itself
-    /// out when it drops, so this holds exactly the live ones, and the
-    /// budget finds the oldest in O(log n). Lock order: an inbox shard, then
-    /// this; never an inbox shard while this is held.
-    by_age: Mutex<BTreeMap<(u64, u64), Weak<Body>>>,
-    /// Tells bodies of the same millisecond apart.
-    next_seq: AtomicU64,
-}
-
-impl Store {
-    /// Counts and indexes a body once every recipient holds it.
-    fn finish(&self, body: &Body, recipients: Vec<Recipient>, weak: Weak<Body>) {
-        if recipients.is_empty() || body.recipients.set(recipients.into()).is_err() {
-            return; // Stored nowhere: never counted.
-        }
-        let cost = body.cost().expect("recipients set");
-        self.bytes.fetch_add(cost, Ordering::Relaxed);
-        self.by_age.lock().insert((body.ts, body.seq), weak);
-    }
-
-    /// Takes the oldest live body out of the index.
-    fn pop_oldest(&self) -> Option<Arc<Body>> {
-        loop {
-            let (_, weak) = self.by_age.lock().pop_first()?;
-            // Upgraded outside the lock: dropping the last reference takes
-            // the lock again.
-            if let Some(body) = weak.upgrade() {
-                return Some(body);
-            }
-        }
-    }
-}
-
-/// The part of a stored message that is the same for all its recipients:
-/// the frame after the id (topic, data, ts), kept once per send. Each
-/// recipient's frame is built from it when it is sent.
-struct Body {
-    ts: u64,
-    seq: u64,
-    tail: Box<str>,
-    /// Who holds it, under which id. Set once the send has stored it in
-    /// every inbox; from then on it is counted in [`Store::bytes`] and
-    /// indexed in [`Store::by_age`].
-    recipients: OnceLock<Box<[Recipient]>>,
-    store: Arc<Store>,
-}
-
-impl Body {
-    fn new(store: &Arc<Store>, ts: u64, tail: String) -> Arc<Body> {
-        Arc::new(Body {
-            ts,
-            seq: store.next_seq.fetch_add(1, Ordering::Relaxed),
-            tail: tail.into(),
-            recipients: OnceLock::new(),
-            store: store.clone(),
-        })
-    }
-
-    /// Bytes counted for this body (None until it is counted).
-    fn cost(&self) -> Option<usize> {
-        let recipients = self.recipients.get()?;
-        Some(PER_BODY + self.tail.len() + recipients.len() * PER_RECIPIENT)
-    }
-
-    /// The frame of the message with `id`, built for sending (and freed
-    /// once sent): only the body stays in memory.
-    fn frame(&self, id: MessageId) -> Frame {
-        protocol::message_frame_with_tail(&id.to_string(), &self.tail).into()
-    }
-}
-
-impl Drop for Body {
-    fn drop(&mut self) {
-        if let Some(cost) = self.cost() {
-            self.store.by_age.lock().remove(&(self.ts, self.seq));
-            self.store.bytes.fetch_sub(cost, Ordering::Relaxed);
-        }
-    }
-}
-
-/// One message in one inbox.
-struct Stored {
-    id: MessageId,
-    body: Arc<Body>,
-}
-
-/// One user's inbox.
-struct UserInbox {
-    /// The user (the map's key, shared).
-    user: Arc<str>,
-    messages: VecDeque<Stored>,
-    /// The newest id ever assigned (or the creation mark).
-    last: MessageId,
-    /// Everything at or below this id is gone (trimmed, or from before this
-    /// inbox existed). A resume from an older position is incomplete.
-    floor: MessageId,
-    /// The newest id read.
-    cursor: MessageId,
-}
-
-impl UserInbox {
-    /// A new inbox created at `mark_ms`.
-    fn new(user: Arc<str>, mark_ms: u64) -> Self {
-        // The creation mark is a virtual, already-trimmed message: a resume
-        // position from before it (an earlier process, or an inbox freed
-        // since) reads as lost.
-        let mark = MessageId {
-            ms: mark_ms,
-            seq: 0,
-        };
-        UserInbox {
-            user,
-            messages: VecDeque::new(),
-            last: mark,
-            floor: mark,
-            cursor: MessageId::ZERO,
-        }
-    }
-
-    fn trim(&mut self, cfg: &InboxConfig, now: u64) {
-        let min_ts = now.saturating_sub(cfg.max_age.as_millis() as u64);
-        while let Some(front) = self.messages.front() {
-            if self.messages.len() > cfg.max_messages || front.body.ts < min_ts {
-                self.floor = self.floor.max(front.id);
-                self.messages.pop_front();
-            } else {
-                break;
-            }
-        }
-    }
-
-    /// Takes out message `id` if it is `body`'s; says whether it was there.
-    fn drop_message(&mut self, id: MessageId, body: &Arc<Body>) -> bool {
-        let i = self.messages.partition_point(|m| m.id < id);
-        match self.messages.get(i) {
-            Some(m) if m.id == id && Arc::ptr_eq(&m.body, body) => {
-                self.messages.remove(i);
-                self.floor = self.floor.max(id);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Index of the first message newer than `id`.
-    fn after(&self, id: MessageId) -> usize {
-        self.messages.partition_point(|m| m.id <= id)
-    }
-
-    fn unread(&self) -> u64 {
-        (self.messages.len() - self.after(self.cursor)) as u64
-    }
-}
 
 type Shard = HashMap<Arc<str>, UserInbox>;
 
@@ -608,136 +422,5 @@ impl Presence for MemoryBackend {
             }],
             online_users: users,
         })
-    }
-}
-
-#[async_trait]
-impl Inbox for MemoryBackend {
-    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<Appended>> {
-        // One body for every recipient: what stays in memory is one copy of
-        // the payload per send, however many inboxes hold it.
-        let body = Body::new(
-            &self.store,
-            msg.ts,
-            protocol::message_frame_tail(msg.topic, msg.payload_json, msg.ts, false),
-        );
-        let mut out = Vec::with_capacity(users.len());
-        let mut recipients = Vec::with_capacity(users.len());
-        let mut failed = None;
-        for user in users {
-            match self.append_one(user, &msg, &body) {
-                Ok((done, stored)) => {
-                    out.push(done);
-                    recipients.extend(stored);
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        // Counted even when a user refused the call: the users before it
-        // hold the message.
-        self.store.finish(&body, recipients, Arc::downgrade(&body));
-        drop(body);
-        self.enforce_limit();
-        self.report();
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
-    }
-
-    async fn unread(&self, user: &str) -> Result<u64> {
-        Ok(self.with_inbox(user, false, |i| i.map_or(0, |i| i.unread())))
-    }
-
-    async fn replay(&self, user: &str, since: Option<MessageId>, limit: usize) -> Result<Replay> {
-        let (replay, bodies) = self.with_inbox(user, true, |inbox| {
-            let inbox = inbox.expect("created");
-            let unread = inbox.unread();
-            let (start, resumed) = match since {
-                Some(since) => (inbox.after(since), Some(since >= inbox.floor)),
-                None => {
-                    let first_unread = inbox.after(inbox.cursor);
-                    (
-                        first_unread.max(inbox.messages.len().saturating_sub(limit)),
-                        None,
-                    )
-                }
-            };
-            let bodies: Vec<(MessageId, Arc<Body>)> = inbox
-                .messages
-                .range(start..)
-                .map(|m| (m.id, m.body.clone()))
-                .collect();
-            let replay = Replay {
-                unread,
-                messages: Vec::new(),
-                resumed,
-                head: inbox.last,
-            };
-            (replay, bodies)
-        });
-        // The frames are built outside the lock.
-        Ok(Replay {
-            messages: bodies.iter().map(|(id, b)| (*id, b.frame(*id))).collect(),
-            ..replay
-        })
-    }
-
-    async fn mark_read(&self, user: &str, up_to: Option<MessageId>) -> Result<(u64, bool)> {
-        Ok(self.with_inbox(user, false, |inbox| {
-            let Some(inbox) = inbox else {
-                return (0, false);
-            };
-            let before = inbox.unread();
-            let target = up_to.unwrap_or(inbox.last).min(inbox.last);
-            inbox.cursor = inbox.cursor.max(target);
-            let after = inbox.unread();
-            (after, after != before)
-        }))
-    }
-}
-
-#[async_trait]
-impl Idempotency for MemoryBackend {
-    async fn claim(
-        &self,
-        scopes: &[ClaimScope<'_>],
-        key: IdemKey<'_>,
-        id: &str,
-    ) -> Result<Vec<Claim>> {
-        let now = protocol::now_ms();
-        Ok(scopes
-            .iter()
-            .map(|scope| {
-                let rkey = match scope {
-                    ClaimScope::User(u) => record_key('t', u, key.key),
-                    ClaimScope::Broadcast => record_key('b', "", key.key),
-                };
-                // Check and record under one lock: two concurrent claims of
-                // a key cannot both be new.
-                let mut shard = self.records(&rkey).lock();
-                match shard.get(&rkey).filter(|r| r.expires > now) {
-                    Some(r) if r.fingerprint.as_ref() == key.fingerprint => {
-                        Claim::Seen(r.id.clone())
-                    }
-                    Some(_) => Claim::Conflict,
-                    None => {
-                        shard.insert(
-                            rkey,
-                            Record {
-                                id: id.to_string(),
-                                online: false,
-                                fingerprint: key.fingerprint.into(),
-                                expires: now + key.window.as_millis() as u64,
-                            },
-                        );
-                        Claim::New
-                    }
-                }
-            })
-            .collect())
     }
 }

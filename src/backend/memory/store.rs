@@ -1,0 +1,184 @@
+//! The embedded backend's stored messages: one shared body per send, each
+//! recipient's inbox entry pointing at it, and the node-wide accounting
+//! that the memory budget reads.
+
+use crate::config::InboxConfig;
+use crate::protocol::{self, Frame, MessageId};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, VecDeque};
+use std::mem::size_of;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+/// A recipient of a stored message: the user and the message's id in their
+/// inbox.
+pub(super) type Recipient = (Arc<str>, MessageId);
+
+/// What one recipient of a message costs besides the shared body: its entry
+/// in the inbox and its entry in the body's recipient list.
+pub(super) const PER_RECIPIENT: usize = size_of::<Stored>() + size_of::<Recipient>();
+
+/// What a body costs besides its tail and recipients: the allocation (with
+/// the two reference counts) and its entry in [`Store::by_age`].
+pub(super) const PER_BODY: usize =
+    size_of::<Body>() + 2 * size_of::<usize>() + size_of::<((u64, u64), Weak<Body>)>();
+
+/// The stored messages of every inbox, as the node-wide memory budget sees
+/// them.
+pub(super) struct Store {
+    /// What every counted body costs ([`Body::cost`]), each counted once
+    /// however many inboxes hold it.
+    pub(super) bytes: AtomicUsize,
+    /// Every counted body by `(ts, seq)`, oldest first. A body takes itself
+    /// out when it drops, so this holds exactly the live ones, and the
+    /// budget finds the oldest in O(log n). Lock order: an inbox shard, then
+    /// this; never an inbox shard while this is held.
+    pub(super) by_age: Mutex<BTreeMap<(u64, u64), Weak<Body>>>,
+    /// Tells bodies of the same millisecond apart.
+    pub(super) next_seq: AtomicU64,
+}
+
+impl Store {
+    /// Counts and indexes a body once every recipient holds it.
+    pub(super) fn finish(&self, body: &Body, recipients: Vec<Recipient>, weak: Weak<Body>) {
+        if recipients.is_empty() || body.recipients.set(recipients.into()).is_err() {
+            return; // Stored nowhere: never counted.
+        }
+        let cost = body.cost().expect("recipients set");
+        self.bytes.fetch_add(cost, Ordering::Relaxed);
+        self.by_age.lock().insert((body.ts, body.seq), weak);
+    }
+
+    /// Takes the oldest live body out of the index.
+    pub(super) fn pop_oldest(&self) -> Option<Arc<Body>> {
+        loop {
+            let (_, weak) = self.by_age.lock().pop_first()?;
+            // Upgraded outside the lock: dropping the last reference takes
+            // the lock again.
+            if let Some(body) = weak.upgrade() {
+                return Some(body);
+            }
+        }
+    }
+}
+
+/// The part of a stored message that is the same for all its recipients:
+/// the frame after the id (topic, data, ts), kept once per send. Each
+/// recipient's frame is built from it when it is sent.
+pub(super) struct Body {
+    pub(super) ts: u64,
+    pub(super) seq: u64,
+    pub(super) tail: Box<str>,
+    /// Who holds it, under which id. Set once the send has stored it in
+    /// every inbox; from then on it is counted in [`Store::bytes`] and
+    /// indexed in [`Store::by_age`].
+    pub(super) recipients: OnceLock<Box<[Recipient]>>,
+    pub(super) store: Arc<Store>,
+}
+
+impl Body {
+    pub(super) fn new(store: &Arc<Store>, ts: u64, tail: String) -> Arc<Body> {
+        Arc::new(Body {
+            ts,
+            seq: store.next_seq.fetch_add(1, Ordering::Relaxed),
+            tail: tail.into(),
+            recipients: OnceLock::new(),
+            store: store.clone(),
+        })
+    }
+
+    /// Bytes counted for this body (None until it is counted).
+    pub(super) fn cost(&self) -> Option<usize> {
+        let recipients = self.recipients.get()?;
+        Some(PER_BODY + self.tail.len() + recipients.len() * PER_RECIPIENT)
+    }
+
+    /// The frame of the message with `id`, built for sending (and freed
+    /// once sent): only the body stays in memory.
+    pub(super) fn frame(&self, id: MessageId) -> Frame {
+        protocol::message_frame_with_tail(&id.to_string(), &self.tail).into()
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if let Some(cost) = self.cost() {
+            self.store.by_age.lock().remove(&(self.ts, self.seq));
+            self.store.bytes.fetch_sub(cost, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One message in one inbox.
+pub(super) struct Stored {
+    pub(super) id: MessageId,
+    pub(super) body: Arc<Body>,
+}
+
+/// One user's inbox.
+pub(super) struct UserInbox {
+    /// The user (the map's key, shared).
+    pub(super) user: Arc<str>,
+    pub(super) messages: VecDeque<Stored>,
+    /// The newest id ever assigned (or the creation mark).
+    pub(super) last: MessageId,
+    /// Everything at or below this id is gone (trimmed, or from before this
+    /// inbox existed). A resume from an older position is incomplete.
+    pub(super) floor: MessageId,
+    /// The newest id read.
+    pub(super) cursor: MessageId,
+}
+
+impl UserInbox {
+    /// A new inbox created at `mark_ms`.
+    pub(super) fn new(user: Arc<str>, mark_ms: u64) -> Self {
+        // The creation mark is a virtual, already-trimmed message: a resume
+        // position from before it (an earlier process, or an inbox freed
+        // since) reads as lost.
+        let mark = MessageId {
+            ms: mark_ms,
+            seq: 0,
+        };
+        UserInbox {
+            user,
+            messages: VecDeque::new(),
+            last: mark,
+            floor: mark,
+            cursor: MessageId::ZERO,
+        }
+    }
+
+    pub(super) fn trim(&mut self, cfg: &InboxConfig, now: u64) {
+        let min_ts = now.saturating_sub(cfg.max_age.as_millis() as u64);
+        while let Some(front) = self.messages.front() {
+            if self.messages.len() > cfg.max_messages || front.body.ts < min_ts {
+                self.floor = self.floor.max(front.id);
+                self.messages.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Takes out message `id` if it is `body`'s; says whether it was there.
+    pub(super) fn drop_message(&mut self, id: MessageId, body: &Arc<Body>) -> bool {
+        let i = self.messages.partition_point(|m| m.id < id);
+        match self.messages.get(i) {
+            Some(m) if m.id == id && Arc::ptr_eq(&m.body, body) => {
+                self.messages.remove(i);
+                self.floor = self.floor.max(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Index of the first message newer than `id`.
+    pub(super) fn after(&self, id: MessageId) -> usize {
+        self.messages.partition_point(|m| m.id <= id)
+    }
+
+    pub(super) fn unread(&self) -> u64 {
+        (self.messages.len() - self.after(self.cursor)) as u64
+    }
+}
