@@ -322,7 +322,44 @@ async fn per_user_cap_holds_under_concurrent_connects(b: Backend) {
     node.stop().await;
 }
 
+/// A `since` beyond the newest id (even at the top of the id space) is a
+/// complete resume with nothing to replay, on both backends (Redis used to
+/// close with 1013 "backend unavailable").
+async fn since_beyond_the_newest_id_is_welcomed(b: Backend) {
+    let node = TestNode::start(b).await;
+    let mut c = node.client().await;
+    let u = uid("future");
+    send(&mut c, &[&u], "1").await;
+    for since in [
+        "99999999999999-0",
+        "18446744073709551615-18446744073709551615",
+    ] {
+        let (mut ws, w) = node.connect_since(&u, Some(since)).await;
+        assert_eq!(w["resumed"], true, "{since}: {w}");
+        assert_eq!(w["replay"], 0, "{since}: {w}");
+        ws.expect_silence(Duration::from_millis(100)).await;
+    }
+    node.stop().await;
+}
+
+/// The Redis URL's password never appears in a startup error.
+#[tokio::test]
+async fn startup_errors_do_not_print_the_redis_password() {
+    let mut a = args();
+    a.redis_url = Some(format!(
+        "redis://:hunter2-secret@127.0.0.1:{}/0",
+        free_port()
+    ));
+    let err = TestNode::try_start_with(a)
+        .await
+        .err()
+        .expect("no Redis there");
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(err.contains("127.0.0.1"), "{err}");
+}
+
 on_both_backends!(
+    since_beyond_the_newest_id_is_welcomed,
     per_user_cap_holds_under_concurrent_connects,
     disconnect_reason_fits_a_close_frame,
     frame_flood_is_cut_off_with_1008,
