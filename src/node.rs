@@ -161,7 +161,10 @@ impl Node {
     ) -> Result<Vec<Delivery>> {
         self.check_users(users)?;
         self.check_message(topic, payload_json)?;
-        let fingerprint = fingerprint(topic, payload_json, transient);
+        // Hashing the payload costs only calls that carry a key.
+        let fingerprint = (!idempotency_key.is_empty())
+            .then(|| fingerprint(topic, payload_json, transient))
+            .unwrap_or_default();
         let idem = self.idem_key(idempotency_key, &fingerprint)?;
         let ts = protocol::now_ms();
         // `online` comes from the publish itself (did a node holding the
@@ -246,7 +249,9 @@ impl Node {
         idempotency_key: &str,
     ) -> Result<(String, bool)> {
         self.check_message(topic, payload_json)?;
-        let fingerprint = fingerprint(topic, payload_json, true);
+        let fingerprint = (!idempotency_key.is_empty())
+            .then(|| fingerprint(topic, payload_json, true))
+            .unwrap_or_default();
         let id = protocol::live_id();
         if let Some(k) = self.idem_key(idempotency_key, &fingerprint)? {
             let claim = self

@@ -94,14 +94,7 @@ async fn replay_is_capped_to_the_newest_unread_but_welcome_counts_all(b: Backend
     let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let u = uid("cap");
-    let mut ids = vec![];
-    for i in 0..5 {
-        ids.push(
-            send(&mut c, &[&u], &i.to_string()).await.deliveries[0]
-                .message_id
-                .clone(),
-        );
-    }
+    let ids = send_numbered(&mut c, &u, 5).await;
     let (mut ws, welcome) = node.connect(&u).await;
     assert_eq!(welcome["unread"], 5);
     assert_eq!(welcome["replay"], 2);
@@ -164,14 +157,7 @@ async fn mark_read_partial_and_never_backwards(b: Backend) {
     let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let u = uid("mr");
-    let mut ids = vec![];
-    for i in 0..4 {
-        ids.push(
-            send(&mut c, &[&u], &i.to_string()).await.deliveries[0]
-                .message_id
-                .clone(),
-        );
-    }
+    let ids = send_numbered(&mut c, &u, 4).await;
     let mr = |id: &str| MarkReadRequest {
         user_id: u.clone(),
         up_to_message_id: id.to_string(),
@@ -370,14 +356,7 @@ async fn retention_trims_and_resume_reports_the_gap(b: Backend) {
     let node = TestNode::start_on(b, a).await;
     let mut c = node.client().await;
     let u = uid("trim");
-    let mut ids = vec![];
-    for i in 0..5 {
-        ids.push(
-            send(&mut c, &[&u], &i.to_string()).await.deliveries[0]
-                .message_id
-                .clone(),
-        );
-    }
+    let ids = send_numbered(&mut c, &u, 5).await;
     assert_eq!(unread(&mut c, &u).await, 3);
     let (_ws, w) = node.connect_since(&u, Some(&ids[0])).await;
     assert_eq!(w["resumed"], false, "ids[1] was trimmed");

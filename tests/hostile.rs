@@ -95,14 +95,7 @@ async fn read_bursts_are_coalesced(b: Backend) {
     let node = TestNode::start(b).await;
     let mut c = node.client().await;
     let u = uid("reads");
-    let mut ids = vec![];
-    for i in 0..20 {
-        ids.push(
-            send(&mut c, &[&u], &i.to_string()).await.deliveries[0]
-                .message_id
-                .clone(),
-        );
-    }
+    let ids = send_numbered(&mut c, &u, 20).await;
     let (mut ws, w) = node.connect(&u).await;
     assert_eq!(w["unread"], 20);
     // Nineteen reads written in one go, oldest to newest.

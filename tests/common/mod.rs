@@ -331,6 +331,24 @@ pub async fn send(
     .into_inner()
 }
 
+/// Sends the payloads `0`, `1`, ... `n - 1` to `user`, one call each;
+/// returns their message ids in order.
+pub async fn send_numbered(
+    c: &mut PushServiceClient<Channel>,
+    user: &str,
+    n: usize,
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        ids.push(
+            send(c, &[user], &i.to_string()).await.deliveries[0]
+                .message_id
+                .clone(),
+        );
+    }
+    ids
+}
+
 pub async fn online(c: &mut PushServiceClient<Channel>, user: &str) -> u32 {
     c.is_online(IsOnlineRequest {
         user_ids: vec![user.into()],
