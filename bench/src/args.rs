@@ -16,6 +16,9 @@ pub enum Scenario {
     Idle,
     /// IsOnline / UnreadCount queries per second (Herald only).
     Control,
+    /// SendToUser one call at a time (closed loop), then --callers at a
+    /// time: the time per call a plain backend sees.
+    Sequential,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -102,6 +105,10 @@ pub struct BenchArgs {
     /// Callers of the closed loop (--max-rate, and control without --rate).
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Sequential: closed-loop callers of each step (one call in flight
+    /// per caller).
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub callers: Vec<usize>,
     /// Length of each sending step.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub duration: Duration,

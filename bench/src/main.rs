@@ -17,6 +17,8 @@
 //!   one has it, then sustained fan-out with `--in-flight` broadcasts pending.
 //! * `idle`: connections only; resident memory per connection.
 //! * `control`: IsOnline / UnreadCount queries per second (Herald only).
+//! * `sequential`: SendToUser one call at a time, then a few callers at a
+//!   time (closed loop): per-call latency.
 //!
 //! Every loop is bounded by count and time (`--duration`, `--time-limit`).
 
@@ -29,6 +31,7 @@ mod fleet;
 mod http;
 mod idle;
 mod report;
+mod sequential;
 mod stats;
 mod unicast;
 
@@ -168,6 +171,7 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
             Scenario::Broadcast => broadcast::broadcast(&ctx, &mut report, &mut problems).await,
             Scenario::Idle => idle::idle(&ctx, rss_before, &mut report).await,
             Scenario::Control => control::control(&ctx, &mut report, &mut problems).await,
+            Scenario::Sequential => sequential::sequential(&ctx, &mut report, &mut problems).await,
         }
     }
     fleet.stop();

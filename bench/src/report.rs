@@ -44,6 +44,26 @@ pub fn print_human(r: &Value) {
             }
         }
     }
+    if let Some(steps) = r.get("sequential").and_then(|s| s.as_array()) {
+        for s in steps {
+            let ms = |k: &str, q: &str| fmt_ms(s[k][q].as_f64().unwrap_or(0.0));
+            println!(
+                "  sequential x{}: {:.0} calls/s, per call p50 {} p99 {}, delivery p50 {} p99 {}, lost {} dup {} err {}{}",
+                s["callers"],
+                s["calls_per_s"].as_f64().unwrap_or(0.0),
+                ms("call_latency", "p50_ms"),
+                ms("call_latency", "p99_ms"),
+                ms("delivery_latency", "p50_ms"),
+                ms("delivery_latency", "p99_ms"),
+                s["lost"],
+                s["duplicates"],
+                s["call_errors"],
+                s["cpu_us_per_call"]
+                    .as_f64()
+                    .map_or(String::new(), |c| format!(", {c:.1} server-CPU-µs/call")),
+            );
+        }
+    }
     if let Some(m) = r.get("max_sustained").filter(|m| !m.is_null()) {
         println!(
             "  max sustained (p99 <= {}, nothing lost): {:.0} deliveries/s offered, {:.0} delivered/s, p50 {} p99 {}",

@@ -38,10 +38,10 @@ pub struct Step {
     pub why_not: Vec<String>,
 }
 
-struct StepCounters {
-    calls: AtomicU64,
-    errors: AtomicU64,
-    expected: AtomicU64,
+pub(crate) struct StepCounters {
+    pub(crate) calls: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) expected: AtomicU64,
 }
 
 /// Sends one call and books its outcome.
@@ -64,7 +64,14 @@ fn spawn_call(
 
 /// One API call to `targets` through `node`, booked: an answered call
 /// expects one delivery per target, a failed one counts as an error.
-async fn call(ctx: &Ctx, c: &StepCounters, node: usize, targets: &[usize], seq: u64, t: u64) {
+pub(crate) async fn call(
+    ctx: &Ctx,
+    c: &StepCounters,
+    node: usize,
+    targets: &[usize],
+    seq: u64,
+    t: u64,
+) {
     let users: Vec<String> = targets.iter().map(|&i| ctx.fleet.user(i)).collect();
     let body = payload(seq, t, ctx.args.payload_bytes);
     let api = ctx.api.as_ref().expect("api");
@@ -87,7 +94,7 @@ async fn call(ctx: &Ctx, c: &StepCounters, node: usize, targets: &[usize], seq: 
 
 /// Waits until every delivery the senders expect has arrived, or until
 /// `drain_timeout` passes without any progress.
-async fn drain(ctx: &Ctx, expected: u64) {
+pub(crate) async fn drain(ctx: &Ctx, expected: u64) {
     let f = &ctx.fleet;
     let mut last = f.received.load(Relaxed);
     let mut quiet_since = Instant::now();

@@ -206,3 +206,21 @@ impl<B: Body + Unpin> Body for Held<B> {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    /// Small HTTP/2 frames (a unary call's response headers, data and
+    /// trailers) must leave at once, not wait for the peer's delayed ACK.
+    #[tokio::test]
+    async fn accepted_grpc_sockets_have_tcp_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = super::incoming(listener, 4);
+        tokio::pin!(incoming);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let conn = incoming.next().await.unwrap().unwrap();
+        assert!(conn.io.nodelay().unwrap());
+    }
+}
