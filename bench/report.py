@@ -121,6 +121,28 @@ def generate(runs, meta, commands):
     w("- the bench client runs on the same cores as the servers: every figure is for the whole machine serving and measuring at once")
     w("")
 
+    # Sequential.
+    seq_rows = [(s, m) for s in systems for m in ("stored", "transient") if f"sequential-{m}-{s}" in runs]
+    if seq_rows:
+        w("### Sequential SendToUser: the time per call a plain backend sees")
+        w("")
+        w("| system | mode | callers | calls/s | per call p50 / p99 | delivery p50 / p99 | server CPU-µs per call |")
+        w("|---|---|---:|---:|---:|---:|---:|")
+        for s, m in seq_rows:
+            label = f"sequential-{m}-{s}"
+            rl = runs[label]
+            for k, step in enumerate(get(rl[0], "sequential") or []):
+                def sf(*path, k=k):
+                    return fig(runs, label, lambda r: get((get(r, "sequential") or [{}] * (k + 1))[k], *path))
+                w(f"| {NAMES[s]}{status(rl) if k == 0 else ''} | {'stored' if m == 'stored' else 'live-only'} | {step.get('callers')} "
+                  f"| {n0(sf('calls_per_s'))} | {ms(sf('call_latency', 'p50_ms'))} / {ms(sf('call_latency', 'p99_ms'))} "
+                  f"| {ms(sf('delivery_latency', 'p50_ms'))} / {ms(sf('delivery_latency', 'p99_ms'))} | {f1(sf('cpu_us_per_call'))} |")
+        w("")
+        w("Closed loop: each caller sends SendToUser to one connected user and waits for the answer before the next call "
+          "(one gRPC connection, as a plain backend holds). Per call: request to answer; delivery: request to the recipient's socket. "
+          "Server CPU per call includes the idle time of a half-busy machine (wake-ups), so it is not comparable with the unicast table's.")
+        w("")
+
     # Unicast.
     w("### Unicast: SendToUser to random connected users")
     w("")
@@ -255,6 +277,11 @@ def generate(runs, meta, commands):
     def row(name, value, ok):
         w(f"| {name} | {value} | {'n/a' if ok is None else ('yes' if ok else 'no')} |")
 
+    def seq1(label):
+        return fig(runs, label, lambda r: get(((get(r, "sequential") or [{}])[0]), "call_latency", "p50_ms"))
+    for s, limit in (("herald1", 0.5), ("herald2", 1.0)):
+        p50 = seq1(f"sequential-stored-{s}")
+        row(f"{NAMES[s]}: sequential SendToUser (stored, one call in flight) p50 <= {limit} ms", ms(p50), None if p50 is None else p50 <= limit)
     for mode, want, what in [("transient", 3, "live-only"), ("stored", 2, "stored")]:
         r_ = ratio(sus(f"unicast-{mode}-herald2"), sus("unicast-transient-socketio"))
         row(f"Herald 2 nodes unicast {what} >= {want}x Socket.IO's sustained rate", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= want)

@@ -37,7 +37,8 @@
 #                      not beside HERALD_BIN
 #   HERALD2_WORKERS    tokio worker threads of each of the two co-located Herald
 #                      nodes (TOKIO_WORKER_THREADS) [nproc / 2, at least 1]
-#   EXPERIMENTS        which to run [unicast-transient unicast-stored unicast-batch broadcast control idle]
+#   SEQ_CALLERS        callers of the sequential experiment's steps [1,16]
+#   EXPERIMENTS        which to run [sequential unicast-transient unicast-stored unicast-batch broadcast control idle]
 #   HERALD_SERVER_BIN  run this herald binary as the server (A/B test of a patched build);
 #                      the bench client stays the one built here
 #   WRITE_REPORT       1: rewrite BENCHMARKS.md after a full run [1 when full]
@@ -68,7 +69,8 @@ fi
 : "${RAMP_START:=2000}" "${SLO_P99:=50ms}"
 # Two nodes on one machine share its cores, as two Socket.IO processes do.
 : "${HERALD2_WORKERS:=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}"
-: "${EXPERIMENTS:=unicast-transient unicast-stored unicast-batch broadcast control idle}"
+: "${SEQ_CALLERS:=1,16}"
+: "${EXPERIMENTS:=sequential unicast-transient unicast-stored unicast-batch broadcast control idle}"
 if [ "$MODE" = full ]; then : "${WRITE_REPORT:=1}"; else : "${WRITE_REPORT:=0}"; fi
 SECRET="bench-secret-$RANDOM$RANDOM"
 LOGS="$BENCH_OUT/logs"
@@ -305,7 +307,7 @@ run_bench() {
         sed 's/^/    /' "$log.out" >&2
         [ -s "$json" ] || printf '{"label":"%s","system":"%s","ok":false,"problems":["bench exited %s"]}\n' "$name" "$system" "$rc" >"$json"
     else
-        say "ok   $name: $(grep -E 'max sustained|sustained broadcast|one broadcast|idle:|fixed|control' "$log.out" | head -3 | sed 's/^ *//' | tr '\n' ';')"
+        say "ok   $name: $(grep -E 'max sustained|sustained broadcast|one broadcast|idle:|fixed|control|sequential x' "$log.out" | head -3 | sed 's/^ *//' | tr '\n' ';')"
     fi
     # Remember which system it was for the report.
     python3 - "$json" "$system" <<'EOF'
@@ -347,7 +349,7 @@ meta = {
 }
 meta["settings"] = dict(SYSTEMS="$SYSTEMS", ROUNDS="$ROUNDS", UNICAST_CONNS="$UNICAST_CONNS", FIXED_RATES="$FIXED_RATES",
   RAMP_START="$RAMP_START", STEP_SECS="$STEP_SECS", SLO_P99="$SLO_P99", BATCH="$BATCH", BROADCAST_CONNS="$BROADCAST_CONNS",
-  BROADCASTS="$BROADCASTS", IDLE_SIZES="$IDLE_SIZES", IDLE_HOLD="$IDLE_HOLD", BIG_IDLE="$BIG_IDLE", BENCH_PROFILE="$BENCH_PROFILE", EXPERIMENTS="$EXPERIMENTS", HERALD2_WORKERS="$HERALD2_WORKERS",
+  BROADCASTS="$BROADCASTS", IDLE_SIZES="$IDLE_SIZES", IDLE_HOLD="$IDLE_HOLD", BIG_IDLE="$BIG_IDLE", BENCH_PROFILE="$BENCH_PROFILE", EXPERIMENTS="$EXPERIMENTS", SEQ_CALLERS="$SEQ_CALLERS", HERALD2_WORKERS="$HERALD2_WORKERS",
   HERALD_SERVER_BIN="${HERALD_SERVER_BIN:+patched}")
 json.dump(meta, open(sys.argv[1], "w"), indent=1)
 EOF
@@ -355,6 +357,13 @@ EOF
 T0=$(date +%s)
 for ROUND in $(seq "$ROUNDS"); do
     say "round $ROUND of $ROUNDS: systems $SYSTEMS"
+    # SendToUser one call at a time, then SEQ_CALLERS at a time (Herald only:
+    # the time per call a plain backend sees), stored and live-only.
+    want sequential && for s in $SYSTEMS; do
+        case $s in herald*) ;; *) continue ;; esac
+        run_bench "sequential-stored-$s" "$s" sequential -c 100 --duration "${STEP_SECS}s" --callers "$SEQ_CALLERS" --grpc-channels 1
+        run_bench "sequential-transient-$s" "$s" sequential -c 100 --duration "${STEP_SECS}s" --callers "$SEQ_CALLERS" --grpc-channels 1 --transient
+    done
     # Unicast, live-only: fixed moderate rate, then step up to the max sustained.
     want unicast-transient && for s in $SYSTEMS; do
         # shellcheck disable=SC2046
