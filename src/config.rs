@@ -137,8 +137,11 @@ pub struct ServeArgs {
     /// Largest frame a client may send, in bytes; bigger ones close with 1009.
     #[arg(long, env = "HERALD_MAX_CLIENT_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_client_frame_bytes: usize,
-    /// Frames queued per connection before the client counts as slow and is closed with 1013.
-    #[arg(long, env = "HERALD_SEND_QUEUE", default_value_t = 256, value_parser = positive)]
+    /// Bytes of frames queued per connection before the client counts as slow and is closed with 1013.
+    #[arg(long, env = "HERALD_SEND_QUEUE_BYTES", default_value_t = 1024 * 1024, value_parser = positive)]
+    pub send_queue_bytes: usize,
+    /// Frames queued per connection at most (a backstop to --send-queue-bytes); one more closes with 1013.
+    #[arg(long, env = "HERALD_SEND_QUEUE", default_value_t = 16 * 1024, value_parser = positive)]
     pub send_queue: usize,
     /// Live connections one user may hold across the cluster; one more closes with 4029.
     #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
@@ -289,6 +292,16 @@ pub struct TokenArgs {
     pub ttl: Duration,
 }
 
+/// Bounds of one connection's send queue (see `hub`) (`--send-queue-bytes`,
+/// `--send-queue`).
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    /// Bytes of frame text queued at most.
+    pub bytes: usize,
+    /// Frames queued at most.
+    pub frames: usize,
+}
+
 /// Limits on what callers and clients may send and hold.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -297,7 +310,7 @@ pub struct Limits {
     pub max_user_id_bytes: usize,
     pub max_topic_bytes: usize,
     pub max_client_frame_bytes: usize,
-    pub send_queue: usize,
+    pub send_queue: QueueLimits,
     pub max_connections_per_user: u32,
     pub max_connections: usize,
     pub grpc_max_connections: usize,
@@ -401,7 +414,10 @@ impl Config {
                 max_user_id_bytes: 256,
                 max_topic_bytes: 256,
                 max_client_frame_bytes: args.max_client_frame_bytes,
-                send_queue: args.send_queue.max(1),
+                send_queue: QueueLimits {
+                    bytes: args.send_queue_bytes.max(1),
+                    frames: args.send_queue.max(1),
+                },
                 max_connections_per_user: args.max_connections_per_user.max(1),
                 max_connections: args.max_connections.max(1),
                 grpc_max_connections: args.grpc_max_connections,
@@ -459,7 +475,7 @@ mod tests {
         assert!(!cfg.jwt_secret_generated);
         assert_eq!(cfg.heartbeat, Duration::from_secs(2));
         assert_eq!(cfg.inbox.max_age, Duration::from_secs(3600));
-        assert_eq!(cfg.limits.send_queue, 9);
+        assert_eq!(cfg.limits.send_queue.frames, 9);
     }
 
     #[test]

@@ -10,12 +10,21 @@
 //!
 //! Each connection's queue is a `VecDeque` behind the connection's own lock,
 //! woken through a `Notify`. An idle connection's queue owns no heap memory
-//! (a channel would preallocate a block of slots per connection). When a
-//! push finds the queue full, the client is too slow: the connection is
-//! marked for close with 1013 and its frames are dropped; stored messages
-//! stay in the inbox for the client's resume.
+//! (a channel would preallocate a block of slots per connection).
+//!
+//! The queue is bounded in bytes ([`QueueLimits::bytes`], the frames' text),
+//! with a frame count as a backstop ([`QueueLimits::frames`]): what measures
+//! a client falling behind is how much it has not read, so a burst of many
+//! small frames (600 broadcasts of 100 bytes) passes while a client that
+//! stops reading is cut off once its socket buffers and this budget are
+//! full. When a push would exceed either bound, the client is too slow: the
+//! connection is marked for close with 1013 and its frames are dropped;
+//! stored messages stay in the inbox for the client's resume. The bytes
+//! count what the client would have to read, not what the node holds: a
+//! broadcast frame is shared by every queue it is in.
 
 use crate::backend::{Dispatch, Event};
+pub use crate::config::QueueLimits;
 use crate::protocol::{self, Disconnect, Frame, MessageId};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
@@ -34,6 +43,8 @@ pub struct Outbound {
 
 struct ConnState {
     queue: VecDeque<Outbound>,
+    /// Bytes of frame text in `queue`.
+    queued_bytes: usize,
     close: Option<Disconnect>,
     /// Live delivery had a gap (the broker reconnected): catch up from the
     /// inbox before trusting live traffic again.
@@ -55,7 +66,7 @@ pub struct Pending {
 pub struct Conn {
     pub id: u64,
     pub user: Arc<str>,
-    capacity: usize,
+    limits: QueueLimits,
     state: Mutex<ConnState>,
     wake: Notify,
 }
@@ -69,14 +80,24 @@ impl Conn {
         if st.close.is_some() {
             return false;
         }
-        if st.queue.len() >= self.capacity {
+        let len = out.frame.len();
+        let over = if st.queued_bytes + len > self.limits.bytes && !st.queue.is_empty() {
+            Some("bytes")
+        } else if st.queue.len() >= self.limits.frames {
+            Some("frames")
+        } else {
+            None
+        };
+        if let Some(limit) = over {
             st.queue = VecDeque::new();
+            st.queued_bytes = 0;
             st.close = Some(Disconnect::SlowClient);
             drop(st);
-            metrics::counter!("herald_slow_client_closes_total").increment(1);
+            metrics::counter!("herald_slow_client_closes_total", "limit" => limit).increment(1);
             self.wake.notify_one();
             return false;
         }
+        st.queued_bytes += len;
         st.queue.push_back(out);
         drop(st);
         self.wake.notify_one();
@@ -103,6 +124,7 @@ impl Conn {
     pub fn take(&self, out: &mut Vec<Outbound>) -> Pending {
         let mut st = self.state.lock();
         out.extend(st.queue.drain(..));
+        st.queued_bytes = 0;
         if st.queue.capacity() > 64 {
             st.queue = VecDeque::new(); // give back what a burst grew
         }
@@ -160,7 +182,7 @@ impl Hub {
 
     /// Registers a new connection of `user`; returns it and whether it is the
     /// user's first on this node (the caller then subscribes the node).
-    pub fn register(&self, user: &str, queue_capacity: usize) -> (Arc<Conn>, bool) {
+    pub fn register(&self, user: &str, limits: QueueLimits) -> (Arc<Conn>, bool) {
         let mut shard = self.shard(user).lock();
         let key: Arc<str> = match shard.get_key_value(user) {
             Some((k, _)) => k.clone(),
@@ -169,9 +191,10 @@ impl Hub {
         let conn = Arc::new(Conn {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             user: key.clone(),
-            capacity: queue_capacity,
+            limits,
             state: Mutex::new(ConnState {
                 queue: VecDeque::new(),
+                queued_bytes: 0,
                 close: None,
                 resync: false,
                 heartbeat: false,
