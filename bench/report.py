@@ -21,10 +21,11 @@ END = "<!-- END GENERATED -->"
 NAMES = {
     "herald1": "Herald, 1 node",
     "herald2": "Herald, 2 nodes + Redis",
-    "socketio": "Socket.IO 4, 2 processes + Redis",
+    "socketio": "Socket.IO 4, 2 processes + Redis, sent through @socket.io/redis-emitter",
+    "socketio-http": "Socket.IO 4, 2 processes + Redis, sent through HTTP POST into a process",
     "floor": "herald-floor (bare fan-out)",
 }
-ORDER = ["herald1", "herald2", "socketio", "floor"]
+ORDER = ["herald1", "herald2", "socketio", "socketio-http", "floor"]
 
 
 def load(results):
@@ -116,7 +117,7 @@ def generate(runs, meta, commands):
     w("")
     w(f"- CPU: {meta.get('cpu', '?')}, {meta.get('nproc', '?')} cores (`nproc`); memory {meta.get('memory', '?')} (`free -h`); {meta.get('kernel', '?')}")
     w(f"- open-file limit per process: {meta.get('fd_limit', '?')}")
-    w(f"- {meta.get('rustc', '?')}; Node {meta.get('node', '?')}; Redis {meta.get('redis', '?')}; socket.io {meta.get('socketio', '?')}, @socket.io/redis-adapter {meta.get('redis_adapter', '?')}")
+    w(f"- {meta.get('rustc', '?')}; Node {meta.get('node', '?')}; Redis {meta.get('redis', '?')}; socket.io {meta.get('socketio', '?')}, @socket.io/redis-adapter {meta.get('redis_adapter', '?')}, @socket.io/redis-emitter {meta.get('redis_emitter', '?')}")
     w("- settings: " + ", ".join(f"{k}={v}" for k, v in st.items()))
     w("- the bench client runs on the same cores as the servers: every figure is for the whole machine serving and measuring at once")
     w("")
@@ -282,9 +283,9 @@ def generate(runs, meta, commands):
     for s, limit in (("herald1", 0.5), ("herald2", 1.0)):
         p50 = seq1(f"sequential-stored-{s}")
         row(f"{NAMES[s]}: sequential SendToUser (stored, one call in flight) p50 <= {limit} ms", ms(p50), None if p50 is None else p50 <= limit)
-    for mode, want, what in [("transient", 3, "live-only"), ("stored", 2, "stored")]:
+    for mode, want, what in [("transient", 1.5, "live-only"), ("stored", 1.2, "stored")]:
         r_ = ratio(sus(f"unicast-{mode}-herald2"), sus("unicast-transient-socketio"))
-        row(f"Herald 2 nodes unicast {what} >= {want}x Socket.IO's sustained rate", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= want)
+        row(f"Herald 2 nodes unicast {what} >= {want}x Socket.IO's sustained rate (sent through the emitter)", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= want)
     r_ = ratio(sus("unicast-batch-herald2"), sus("unicast-batch-socketio"))
     row(f"Herald 2 nodes, {st.get('BATCH', '100')} users per call >= 5x Socket.IO (same batches)", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= 5)
     r_ = ratio(sus("unicast-batch-herald2"), sus("unicast-transient-socketio"))
@@ -297,7 +298,7 @@ def generate(runs, meta, commands):
         r_ = ratio(b, fig(runs, "broadcast-socketio", lambda r: get(r, "sustained", "deliveries_per_s")))
         row(f"{NAMES[s]}: broadcast deliveries/s >= 3x Socket.IO", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= 3)
         r_ = ratio(b, fig(runs, "broadcast-floor", lambda r: get(r, "sustained", "deliveries_per_s")))
-        row(f"{NAMES[s]}: broadcast deliveries/s >= 60% of the floor", "n/a" if r_ is None else f"{100*r_:.0f}%", None if r_ is None else r_ >= 0.6)
+        row(f"{NAMES[s]}: broadcast deliveries/s >= 80% of the floor", "n/a" if r_ is None else f"{100*r_:.0f}%", None if r_ is None else r_ >= 0.8)
         t = fig(runs, f"broadcast-{s}", lambda r: get(r, "single", "time_to_all_median_ms"))
         r_ = ratio(t, fig(runs, "broadcast-floor", lambda r: get(r, "single", "time_to_all_median_ms")))
         row(f"{NAMES[s]}: one broadcast reaches all within 1.2x the floor's time", "n/a" if r_ is None else f"{r_:.2f}x ({ms(t)})", None if r_ is None else r_ <= 1.2)
@@ -305,8 +306,8 @@ def generate(runs, meta, commands):
         big = idle_labels[-1]
         n = fig(runs, f"{big}-herald1", lambda r: get(r, "idle", "connected"))
         v = fig(runs, f"{big}-herald1", lambda r: get(r, "idle", "bytes_per_connection"))
-        row(f"Herald 1 node: <= 4 KiB RSS per idle connection at 50k (measured at {n0(n)})", "n/a" if v is None else f"{v/1024:.2f} KiB",
-            None if v is None else v <= 4096)
+        row(f"Herald 1 node: <= 4.5 KiB RSS per idle connection at 50k (measured at {n0(n)})", "n/a" if v is None else f"{v/1024:.2f} KiB",
+            None if v is None else v <= 4608)
     if "idle-big-herald1" in runs:
         rl = runs["idle-big-herald1"]
         ok = all(r.get("ok") for r in rl)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Herald benchmarks: Herald (1 node; 2 nodes + Redis) side by side with
-# Socket.IO 4 (2 processes + the same Redis) and herald-floor (a bare fan-out),
+# Socket.IO 4 (2 processes + the same Redis, sent to through
+# @socket.io/redis-emitter as a backend does; socketio-http: through an HTTP
+# POST into one of the processes) and herald-floor (a bare fan-out),
 # driven by herald-bench (the bench/ crate) in the same run, on this machine's loopback.
 #
 #   bash bench/run.sh          full run; rewrites the tables in BENCHMARKS.md
@@ -15,7 +17,8 @@
 # listens on 127.0.0.1 only and is stopped when the script ends.
 #
 # Sizes (environment variables, full-run defaults in brackets):
-#   SYSTEMS            systems to run [herald1 herald2 socketio floor]
+#   SYSTEMS            systems to run [herald1 herald2 socketio socketio-http floor;
+#                      smoke: herald1 herald2 socketio floor]
 #   ROUNDS             repetitions of the whole set; the tables show medians [1]
 #   UNICAST_CONNS      clients for the unicast experiments [10000]
 #   FIXED_RATES        fixed rates measured first, deliveries/s [5000 10000]
@@ -60,7 +63,7 @@ if [ "$MODE" = smoke ]; then
     : "${BIG_IDLE:=0}" "${ROUNDS:=1}" "${BENCH_PROFILE:=release}"
     : "${BENCH_OUT:=$ROOT/bench-out/smoke}"
 else
-    : "${SYSTEMS:=herald1 herald2 socketio floor}"
+    : "${SYSTEMS:=herald1 herald2 socketio socketio-http floor}"
     : "${UNICAST_CONNS:=10000}" "${FIXED_RATES:=5000 10000}" "${STEP_SECS:=4}" "${BATCH:=100}"
     : "${BROADCAST_CONNS:=10000}" "${BROADCASTS:=40}" "${IDLE_SIZES:=10000 50000}" "${IDLE_HOLD:=10s}"
     : "${BIG_IDLE:=100000}" "${ROUNDS:=1}" "${BENCH_PROFILE:=release}"
@@ -138,13 +141,13 @@ say "open-file limit $FD_LIMIT: at most $MAX_CONNS connections per process"
 
 # --- install and build --------------------------------------------------------
 need_redis=0
-for s in $SYSTEMS; do case $s in herald2 | socketio) need_redis=1 ;; esac; done
+for s in $SYSTEMS; do case $s in herald2 | socketio*) need_redis=1 ;; esac; done
 if [ $need_redis = 1 ] && ! command -v redis-server >/dev/null; then
     say "installing redis-server (apt-get)"
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } >"$LOGS/apt.log" 2>&1 ||
         die "could not install redis-server (see $LOGS/apt.log)"
 fi
-if [[ " $SYSTEMS " == *" socketio "* ]]; then
+if [[ " $SYSTEMS " == *" socketio"* ]]; then
     command -v node >/dev/null || die "Node.js is needed for the Socket.IO server"
     say "npm ci in bench/socketio"
     (cd bench/socketio && npm ci --no-audit --no-fund --loglevel=error) >"$LOGS/npm.log" 2>&1 ||
@@ -204,6 +207,7 @@ redis_flush() {
 SYS_ARGS=()
 SYS_PIDS=()
 SYS_SERVER_PIDS=()
+SYS_EXTRA_PIDS=() # processes of the system that are not servers (the emitter)
 start_herald_node() { # ID USE_REDIS: sets HN_PID HN_WS HN_GRPC
     local id=$1 redis=$2 admin log
     HN_WS=$(free_port)
@@ -239,7 +243,7 @@ start_system() {
             --api "http://127.0.0.1:$b,http://127.0.0.1:$HN_GRPC")
         SYS_PIDS=(--pid "herald-h1=$pid1" --pid "herald-h2=$HN_PID" --pid "redis=$REDIS_PID")
         ;;
-    socketio)
+    socketio | socketio-http)
         p1=$(free_port)
         p2=$(free_port)
         for port in "$p1" "$p2"; do
@@ -252,6 +256,20 @@ start_system() {
         done
         SYS_ARGS=(--target socketio --ws "ws://127.0.0.1:$p1/socket.io/,ws://127.0.0.1:$p2/socket.io/"
             --api "http://127.0.0.1:$p1,http://127.0.0.1:$p2")
+        if [ "$name" = socketio ]; then
+            # The backend's side: @socket.io/redis-emitter publishing to Redis.
+            # Its CPU is the sender's, like herald-bench's own gRPC client.
+            local pe
+            pe=$(free_port)
+            log="$LOGS/socketio-emitter-$RUN_TAG.log"
+            (cd bench/socketio && PORT=$pe HOST=127.0.0.1 REDIS_URL=$REDIS_URL exec node emitter.js) >"$log" 2>&1 &
+            local epid=$!
+            PIDS+=("$epid")
+            wait_ready "$log" "$epid" "emitter ready" || return 1
+            SYS_EXTRA_PIDS=("$epid")
+            SYS_ARGS=(--target socketio --ws "ws://127.0.0.1:$p1/socket.io/,ws://127.0.0.1:$p2/socket.io/"
+                --api "http://127.0.0.1:$pe")
+        fi
         SYS_PIDS=(--pid "socketio-1=${SYS_SERVER_PIDS[0]}" --pid "socketio-2=${SYS_SERVER_PIDS[1]}" --pid "redis=$REDIS_PID")
         ;;
     floor)
@@ -269,7 +287,8 @@ start_system() {
     esac
 }
 stop_system() {
-    stop_pids "${SYS_SERVER_PIDS[@]+"${SYS_SERVER_PIDS[@]}"}"
+    stop_pids "${SYS_SERVER_PIDS[@]+"${SYS_SERVER_PIDS[@]}"}" "${SYS_EXTRA_PIDS[@]+"${SYS_EXTRA_PIDS[@]}"}"
+    SYS_EXTRA_PIDS=()
     sleep 0.5
 }
 
@@ -345,6 +364,7 @@ meta = {
   "redis": sh("redis-server --version | awk '{print \$3}'"),
   "socketio": sh("node -p 'require(\"./bench/socketio/node_modules/socket.io/package.json\").version' 2>/dev/null"),
   "redis_adapter": sh("node -p 'require(\"./bench/socketio/node_modules/@socket.io/redis-adapter/package.json\").version' 2>/dev/null"),
+  "redis_emitter": sh("node -p 'require(\"./bench/socketio/node_modules/@socket.io/redis-emitter/package.json\").version' 2>/dev/null"),
   "git": sh("git rev-parse --short HEAD"),
 }
 meta["settings"] = dict(SYSTEMS="$SYSTEMS", ROUNDS="$ROUNDS", UNICAST_CONNS="$UNICAST_CONNS", FIXED_RATES="$FIXED_RATES",
@@ -384,6 +404,7 @@ for ROUND in $(seq "$ROUNDS"); do
     done
     # Broadcast to every connection.
     want broadcast && for s in $SYSTEMS; do
+        [ "$s" = socketio-http ] && continue # the same servers as socketio
         run_bench "broadcast-$s" "$s" broadcast -c "$BROADCAST_CONNS" --single 10 --broadcasts "$BROADCASTS" --in-flight 4
     done
     # Control queries (Herald only).
@@ -398,6 +419,7 @@ for ROUND in $(seq "$ROUNDS"); do
             continue
         fi
         for s in $SYSTEMS; do
+            [ "$s" = socketio-http ] && continue
             run_bench "idle-$n-$s" "$s" idle -c "$n" --hold "$IDLE_HOLD" --connect-concurrency 500
         done
     done
