@@ -23,9 +23,11 @@ NAMES = {
     "herald2": "Herald, 2 nodes + Redis",
     "socketio": "Socket.IO 4, 2 processes + Redis, sent through @socket.io/redis-emitter",
     "socketio-http": "Socket.IO 4, 2 processes + Redis, sent through HTTP POST into a process",
+    "centrifugo": "Centrifugo v6, 2 nodes + Redis, history on",
+    "centrifugo-live": "Centrifugo v6, 2 nodes + Redis, no history",
     "floor": "herald-floor (bare fan-out)",
 }
-ORDER = ["herald1", "herald2", "socketio", "socketio-http", "floor"]
+ORDER = ["herald1", "herald2", "socketio", "socketio-http", "centrifugo", "centrifugo-live", "floor"]
 
 
 def load(results):
@@ -117,7 +119,7 @@ def generate(runs, meta, commands):
     w("")
     w(f"- CPU: {meta.get('cpu', '?')}, {meta.get('nproc', '?')} cores (`nproc`); memory {meta.get('memory', '?')} (`free -h`); {meta.get('kernel', '?')}")
     w(f"- open-file limit per process: {meta.get('fd_limit', '?')}")
-    w(f"- {meta.get('rustc', '?')}; Node {meta.get('node', '?')}; Redis {meta.get('redis', '?')}; socket.io {meta.get('socketio', '?')}, @socket.io/redis-adapter {meta.get('redis_adapter', '?')}, @socket.io/redis-emitter {meta.get('redis_emitter', '?')}")
+    w(f"- {meta.get('rustc', '?')}; {meta.get('centrifugo') or 'no Centrifugo'}; Node {meta.get('node', '?')}; Redis {meta.get('redis', '?')}; socket.io {meta.get('socketio', '?')}, @socket.io/redis-adapter {meta.get('redis_adapter', '?')}, @socket.io/redis-emitter {meta.get('redis_emitter', '?')}")
     w("- settings: " + ", ".join(f"{k}={v}" for k, v in st.items()))
     w("- the bench client runs on the same cores as the servers: every figure is for the whole machine serving and measuring at once")
     w("")
@@ -167,6 +169,8 @@ def generate(runs, meta, commands):
             slo = slo or get(rl[0], "slo_p99_ms")
             if not s.startswith("herald") and mode != "batch":
                 desc = desc.replace("live-only", "live (no store)")
+            if s == "centrifugo" and mode == "stored":
+                desc = "stored in channel history, 1 user/call"
             row = f"| {NAMES[s]} | {desc}{status(rl)} | {n0(fig(runs, label, lambda r: get(r, 'max_sustained', 'delivered_per_s')))} |"
             for rate in rates:
                 p50 = fig(runs, label, lambda r: get(fixed_step(r, rate) or {}, "latency", "p50_ms"))
@@ -286,6 +290,8 @@ def generate(runs, meta, commands):
     for mode, want, what in [("transient", 1.5, "live-only"), ("stored", 1.2, "stored")]:
         r_ = ratio(sus(f"unicast-{mode}-herald2"), sus("unicast-transient-socketio"))
         row(f"Herald 2 nodes unicast {what} >= {want}x Socket.IO's sustained rate (sent through the emitter)", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= want)
+    r_ = ratio(sus("unicast-stored-herald2"), sus("unicast-stored-centrifugo"))
+    row("Herald 2 nodes unicast stored >= 2x Centrifugo with history", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= 2)
     r_ = ratio(sus("unicast-batch-herald2"), sus("unicast-batch-socketio"))
     row(f"Herald 2 nodes, {st.get('BATCH', '100')} users per call >= 5x Socket.IO (same batches)", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= 5)
     r_ = ratio(sus("unicast-batch-herald2"), sus("unicast-transient-socketio"))

@@ -2,7 +2,9 @@
 # Herald benchmarks: Herald (1 node; 2 nodes + Redis) side by side with
 # Socket.IO 4 (2 processes + the same Redis, sent to through
 # @socket.io/redis-emitter as a backend does; socketio-http: through an HTTP
-# POST into one of the processes) and herald-floor (a bare fan-out),
+# POST into one of the processes), Centrifugo v6 (2 nodes on the same Redis,
+# published to through its GRPC API; `centrifugo` keeps channel history, the
+# stored comparison; `centrifugo-live` does not) and herald-floor (a bare fan-out),
 # driven by herald-bench (the bench/ crate) in the same run, on this machine's loopback.
 #
 #   bash bench/run.sh          full run; rewrites the tables in BENCHMARKS.md
@@ -17,8 +19,12 @@
 # listens on 127.0.0.1 only and is stopped when the script ends.
 #
 # Sizes (environment variables, full-run defaults in brackets):
-#   SYSTEMS            systems to run [herald1 herald2 socketio socketio-http floor;
-#                      smoke: herald1 herald2 socketio floor]
+#   SYSTEMS            systems to run [herald1 herald2 socketio socketio-http centrifugo
+#                      centrifugo-live floor; smoke: herald1 herald2 socketio centrifugo floor,
+#                      centrifugo only when its binary is there or Go can build it]
+#   CENTRIFUGO_BIN     a centrifugo v6 binary [built once with `go install
+#                      github.com/centrifugal/centrifugo/v6@$CENTRIFUGO_VERSION` into
+#                      bench-out/bin, which later runs (and CI's cache) reuse]
 #   ROUNDS             repetitions of the whole set; the tables show medians [1]
 #   UNICAST_CONNS      clients for the unicast experiments [10000]
 #   FIXED_RATES        fixed rates measured first, deliveries/s [5000 10000]
@@ -56,14 +62,21 @@ esac
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
+CENTRIFUGO_VERSION=v6.9.1
+: "${CENTRIFUGO_BIN:=$ROOT/bench-out/bin/centrifugo}"
 if [ "$MODE" = smoke ]; then
-    : "${SYSTEMS:=herald1 herald2 socketio floor}"
+    if [ -x "$CENTRIFUGO_BIN" ] || command -v go >/dev/null; then
+        : "${SYSTEMS:=herald1 herald2 socketio centrifugo floor}"
+    else
+        echo "smoke: no Go toolchain and no $CENTRIFUGO_BIN: Centrifugo left out" >&2
+        : "${SYSTEMS:=herald1 herald2 socketio floor}"
+    fi
     : "${UNICAST_CONNS:=200}" "${FIXED_RATES:=500}" "${STEP_SECS:=2}" "${BATCH:=20}"
     : "${BROADCAST_CONNS:=200}" "${BROADCASTS:=10}" "${IDLE_SIZES:=200}" "${IDLE_HOLD:=1s}"
     : "${BIG_IDLE:=0}" "${ROUNDS:=1}" "${BENCH_PROFILE:=release}"
     : "${BENCH_OUT:=$ROOT/bench-out/smoke}"
 else
-    : "${SYSTEMS:=herald1 herald2 socketio socketio-http floor}"
+    : "${SYSTEMS:=herald1 herald2 socketio socketio-http centrifugo centrifugo-live floor}"
     : "${UNICAST_CONNS:=10000}" "${FIXED_RATES:=5000 10000}" "${STEP_SECS:=4}" "${BATCH:=100}"
     : "${BROADCAST_CONNS:=10000}" "${BROADCASTS:=40}" "${IDLE_SIZES:=10000 50000}" "${IDLE_HOLD:=10s}"
     : "${BIG_IDLE:=100000}" "${ROUNDS:=1}" "${BENCH_PROFILE:=release}"
@@ -116,6 +129,17 @@ stop_pids() {
     PIDS=("${keep[@]+"${keep[@]}"}")
 }
 
+# wait_port PORT PID LOG: until 127.0.0.1:PORT accepts (20 s), or PID died.
+wait_port() {
+    for _ in $(seq 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || break
+        sleep 0.1
+    done
+    tail -5 "$3" >&2
+    return 1
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # wait_ready LOG PID PATTERN: until PATTERN is in LOG (20 s), or the process died.
@@ -141,7 +165,7 @@ say "open-file limit $FD_LIMIT: at most $MAX_CONNS connections per process"
 
 # --- install and build --------------------------------------------------------
 need_redis=0
-for s in $SYSTEMS; do case $s in herald2 | socketio*) need_redis=1 ;; esac; done
+for s in $SYSTEMS; do case $s in herald2 | socketio* | centrifugo*) need_redis=1 ;; esac; done
 if [ $need_redis = 1 ] && ! command -v redis-server >/dev/null; then
     say "installing redis-server (apt-get)"
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } >"$LOGS/apt.log" 2>&1 ||
@@ -152,6 +176,13 @@ if [[ " $SYSTEMS " == *" socketio"* ]]; then
     say "npm ci in bench/socketio"
     (cd bench/socketio && npm ci --no-audit --no-fund --loglevel=error) >"$LOGS/npm.log" 2>&1 ||
         die "npm ci failed (see $LOGS/npm.log)"
+fi
+if [[ " $SYSTEMS " == *" centrifugo"* ]] && [ ! -x "$CENTRIFUGO_BIN" ]; then
+    command -v go >/dev/null || die "Go is needed to build Centrifugo (or set CENTRIFUGO_BIN)"
+    say "go install github.com/centrifugal/centrifugo/v6@$CENTRIFUGO_VERSION (once; kept in $(dirname "$CENTRIFUGO_BIN"))"
+    mkdir -p "$(dirname "$CENTRIFUGO_BIN")"
+    (cd /tmp && GOBIN=$(dirname "$CENTRIFUGO_BIN") go install "github.com/centrifugal/centrifugo/v6@$CENTRIFUGO_VERSION") >"$LOGS/centrifugo-build.log" 2>&1 ||
+        die "building Centrifugo failed (see $LOGS/centrifugo-build.log)"
 fi
 # Prebuilt binaries where given (CI builds the workspace before): herald-bench
 # and herald-floor beside herald, or beside HERALD_BENCH_BIN; the rest is built.
@@ -272,6 +303,37 @@ start_system() {
         fi
         SYS_PIDS=(--pid "socketio-1=${SYS_SERVER_PIDS[0]}" --pid "socketio-2=${SYS_SERVER_PIDS[1]}" --pid "redis=$REDIS_PID")
         ;;
+    centrifugo | centrifugo-live)
+        # Two nodes on the same Redis engine; history on for `centrifugo`
+        # (what a reconnecting client can recover: the stored comparison).
+        local history=0 ttl=0s urls=() apis=() k conf
+        [ "$name" = centrifugo ] && history=1000 ttl=600s
+        for k in 1 2; do
+            p1=$(free_port)
+            p2=$(free_port)
+            conf="$LOGS/centrifugo-$k-$RUN_TAG.json"
+            cat >"$conf" <<CONF
+{
+  "log": {"level": "error"},
+  "http_server": {"address": "127.0.0.1", "port": $p1},
+  "client": {"token": {"hmac_secret_key": "$SECRET"}, "allowed_origins": ["*"]},
+  "engine": {"type": "redis", "redis": {"address": ["$REDIS_URL"]}},
+  "grpc_api": {"enabled": true, "address": "127.0.0.1", "port": $p2},
+  "channel": {"without_namespace": {"history_size": $history, "history_ttl": "$ttl"}}
+}
+CONF
+            log="$LOGS/centrifugo-$k-$RUN_TAG.log"
+            "$CENTRIFUGO_BIN" --config "$conf" >"$log" 2>&1 &
+            pid1=$!
+            PIDS+=("$pid1")
+            SYS_SERVER_PIDS+=("$pid1")
+            { wait_port "$p1" "$pid1" "$log" && wait_port "$p2" "$pid1" "$log"; } || return 1
+            urls+=("ws://127.0.0.1:$p1/connection/websocket")
+            apis+=("http://127.0.0.1:$p2")
+        done
+        SYS_ARGS=(--target centrifugo --jwt-secret "$SECRET" --ws "${urls[0]},${urls[1]}" --api "${apis[0]},${apis[1]}")
+        SYS_PIDS=(--pid "centrifugo-1=${SYS_SERVER_PIDS[0]}" --pid "centrifugo-2=${SYS_SERVER_PIDS[1]}" --pid "redis=$REDIS_PID")
+        ;;
     floor)
         p1=$(free_port)
         log="$LOGS/floor-$RUN_TAG.log"
@@ -365,6 +427,8 @@ meta = {
   "socketio": sh("node -p 'require(\"./bench/socketio/node_modules/socket.io/package.json\").version' 2>/dev/null"),
   "redis_adapter": sh("node -p 'require(\"./bench/socketio/node_modules/@socket.io/redis-adapter/package.json\").version' 2>/dev/null"),
   "redis_emitter": sh("node -p 'require(\"./bench/socketio/node_modules/@socket.io/redis-emitter/package.json\").version' 2>/dev/null"),
+  # go install stamps no version into the binary: the one installed is named.
+  "centrifugo": "Centrifugo $CENTRIFUGO_VERSION" if "${CENTRIFUGO_BIN}" == "$ROOT/bench-out/bin/centrifugo" else sh("'$CENTRIFUGO_BIN' version 2>/dev/null | head -1"),
   "git": sh("git rev-parse --short HEAD"),
 }
 meta["settings"] = dict(SYSTEMS="$SYSTEMS", ROUNDS="$ROUNDS", UNICAST_CONNS="$UNICAST_CONNS", FIXED_RATES="$FIXED_RATES",
@@ -379,32 +443,40 @@ for ROUND in $(seq "$ROUNDS"); do
     say "round $ROUND of $ROUNDS: systems $SYSTEMS"
     # SendToUser one call at a time, then SEQ_CALLERS at a time (Herald only:
     # the time per call a plain backend sees), stored and live-only.
+    # Centrifugo's publish through its GRPC API likewise (with history: stored).
     want sequential && for s in $SYSTEMS; do
-        case $s in herald*) ;; *) continue ;; esac
-        run_bench "sequential-stored-$s" "$s" sequential -c 100 --duration "${STEP_SECS}s" --callers "$SEQ_CALLERS" --grpc-channels 1
-        run_bench "sequential-transient-$s" "$s" sequential -c 100 --duration "${STEP_SECS}s" --callers "$SEQ_CALLERS" --grpc-channels 1 --transient
+        case $s in
+        herald*)
+            run_bench "sequential-stored-$s" "$s" sequential -c 100 --duration "${STEP_SECS}s" --callers "$SEQ_CALLERS" --grpc-channels 1
+            run_bench "sequential-transient-$s" "$s" sequential -c 100 --duration "${STEP_SECS}s" --callers "$SEQ_CALLERS" --grpc-channels 1 --transient
+            ;;
+        centrifugo) run_bench "sequential-stored-$s" "$s" sequential -c 100 --duration "${STEP_SECS}s" --callers "$SEQ_CALLERS" --grpc-channels 1 ;;
+        centrifugo-live) run_bench "sequential-transient-$s" "$s" sequential -c 100 --duration "${STEP_SECS}s" --callers "$SEQ_CALLERS" --grpc-channels 1 ;;
+        esac
     done
     # Unicast, live-only: fixed moderate rate, then step up to the max sustained.
     want unicast-transient && for s in $SYSTEMS; do
+        [ "$s" = centrifugo ] && continue # with history: the stored comparison
         # shellcheck disable=SC2046
         run_bench "unicast-transient-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" $(ramp_args) \
             $([ "${s#herald}" != "$s" ] && echo --transient)
     done
     # Unicast, stored (Herald only: the others have no store).
     want unicast-stored && for s in $SYSTEMS; do
-        case $s in herald*) ;; *) continue ;; esac
+        case $s in herald* | centrifugo) ;; *) continue ;; esac
         # shellcheck disable=SC2046
         run_bench "unicast-stored-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" $(ramp_args)
     done
     # Unicast, BATCH users per call, live-only.
     want unicast-batch && for s in $SYSTEMS; do
+        [ "$s" = centrifugo ] && continue
         # shellcheck disable=SC2046
         run_bench "unicast-batch-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" --users-per-call "$BATCH" \
             $(ramp_args) $([ "${s#herald}" != "$s" ] && echo --transient)
     done
     # Broadcast to every connection.
     want broadcast && for s in $SYSTEMS; do
-        [ "$s" = socketio-http ] && continue # the same servers as socketio
+        case $s in socketio-http | centrifugo) continue ;; esac # the same servers as socketio / centrifugo-live
         run_bench "broadcast-$s" "$s" broadcast -c "$BROADCAST_CONNS" --single 10 --broadcasts "$BROADCASTS" --in-flight 4
     done
     # Control queries (Herald only).
@@ -419,7 +491,7 @@ for ROUND in $(seq "$ROUNDS"); do
             continue
         fi
         for s in $SYSTEMS; do
-            [ "$s" = socketio-http ] && continue
+            case $s in socketio-http | centrifugo) continue ;; esac
             run_bench "idle-$n-$s" "$s" idle -c "$n" --hold "$IDLE_HOLD" --connect-concurrency 500
         done
     done

@@ -7,6 +7,7 @@
 //!
 //! Both answer 200 once the message is handed to the server's fan-out.
 
+use crate::centrifugo::{user_channel, CentrifugoApi, BROADCAST_CHANNEL};
 use crate::http::HttpPool;
 use herald::proto::push_service_client::PushServiceClient;
 use herald::proto::{BroadcastRequest, IsOnlineRequest, SendToUserRequest, UnreadCountRequest};
@@ -22,6 +23,11 @@ pub enum Api {
     },
     Http {
         nodes: Vec<HttpPool>,
+    },
+    /// Centrifugo's GRPC server API (see [`crate::centrifugo`]).
+    Centrifugo {
+        nodes: Vec<Vec<CentrifugoApi>>,
+        rr: AtomicUsize,
     },
 }
 
@@ -54,6 +60,37 @@ impl Api {
         })
     }
 
+    /// `channels` HTTP/2 connections to each node's GRPC API.
+    pub async fn centrifugo(urls: &[String], channels: usize) -> Result<Api, String> {
+        let mut nodes = Vec::new();
+        for u in urls {
+            let mut chans = Vec::new();
+            for _ in 0..channels.max(1) {
+                let ch = Endpoint::from_shared(u.clone())
+                    .map_err(|e| format!("--api {u:?}: {e}"))?
+                    .tcp_nodelay(true)
+                    .connect_timeout(std::time::Duration::from_secs(5))
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot reach Centrifugo's GRPC API at {u}: {e}"))?;
+                chans.push(CentrifugoApi::new(ch));
+            }
+            nodes.push(chans);
+        }
+        Ok(Api::Centrifugo {
+            nodes,
+            rr: AtomicUsize::new(0),
+        })
+    }
+
+    fn centrifugo_client(&self, node: usize) -> CentrifugoApi {
+        let Api::Centrifugo { nodes, rr } = self else {
+            unreachable!("centrifugo only")
+        };
+        let chans = &nodes[node % nodes.len()];
+        chans[rr.fetch_add(1, Relaxed) % chans.len()].clone()
+    }
+
     pub fn http(urls: &[String], conns_per_node: usize) -> Result<Api, String> {
         Ok(Api::Http {
             nodes: urls
@@ -67,6 +104,7 @@ impl Api {
         match self {
             Api::Grpc { nodes, .. } => nodes.len(),
             Api::Http { nodes } => nodes.len(),
+            Api::Centrifugo { nodes, .. } => nodes.len(),
         }
     }
 
@@ -144,6 +182,16 @@ impl Api {
                 body.push('}');
                 Self::post(&nodes[node % nodes.len()], "/send", body).await
             }
+            Api::Centrifugo { .. } => {
+                let mut c = self.centrifugo_client(node);
+                if users.len() == 1 {
+                    c.publish(user_channel(&users[0]), payload.into_bytes())
+                        .await
+                } else {
+                    let channels = users.iter().map(|u| user_channel(u)).collect();
+                    c.broadcast(channels, payload.into_bytes()).await
+                }
+            }
         }
     }
 
@@ -168,6 +216,11 @@ impl Api {
                     format!("{{\"payload\":{payload}}}"),
                 )
                 .await
+            }
+            Api::Centrifugo { .. } => {
+                self.centrifugo_client(node)
+                    .publish(BROADCAST_CHANNEL.into(), payload.into_bytes())
+                    .await
             }
         }
     }

@@ -37,7 +37,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 #[command(
     name = "herald-bench",
     version,
-    about = "Load-test a Herald cluster (or a comparison server: herald-floor, Socket.IO)"
+    about = "Load-test a Herald cluster (or a comparison server: herald-floor, Socket.IO, Centrifugo)"
 )]
 pub struct BenchArgs {
     /// What to measure.
@@ -48,7 +48,8 @@ pub struct BenchArgs {
     pub target: Target,
     /// WebSocket URL of each node (repeat or comma-separate). Clients are
     /// spread over them round-robin. [herald: ws://127.0.0.1:8080/ws;
-    /// floor: ws://H:P/ws; socketio: ws://H:P/socket.io/]
+    /// floor: ws://H:P/ws; socketio: ws://H:P/socket.io/;
+    /// centrifugo: ws://H:P/connection/websocket]
     #[arg(
         long = "ws",
         value_delimiter = ',',
@@ -57,10 +58,11 @@ pub struct BenchArgs {
     pub ws: Vec<String>,
     /// API URL of each node, paired by position with --ws: gRPC for herald
     /// (http://127.0.0.1:50051), the bench protocol's HTTP base for floor and
-    /// socketio. Calls go round-robin over them.
+    /// socketio, the GRPC API (grpc_api) for centrifugo. Calls go round-robin
+    /// over them.
     #[arg(long = "api", value_delimiter = ',')]
     pub api: Vec<String>,
-    /// HS256 secret of the cluster, to mint client tokens (herald).
+    /// HS256 secret of the cluster, to mint client tokens (herald, centrifugo).
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// API key for the gRPC API, if the nodes require one.

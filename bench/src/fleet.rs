@@ -36,6 +36,12 @@ pub enum Target {
     /// The Socket.IO comparison server (bench/socketio): bench protocol over
     /// HTTP, Socket.IO over WebSocket.
     Socketio,
+    /// Centrifugo v6: its GRPC server API (--api http://H:P of the
+    /// grpc_api listener), its JSON client protocol over WebSocket
+    /// (ws://H:P/connection/websocket), HS256 connection tokens whose
+    /// `channels` claim subscribes each client server-side to `#<user>`
+    /// and `broadcast`.
+    Centrifugo,
 }
 
 /// One client connection's slot. The slot survives reconnects; each
@@ -231,6 +237,7 @@ impl Fleet {
             }
             Target::Floor => format!("{base}{sep}user={user}"),
             Target::Socketio => format!("{base}{sep}EIO=4&transport=websocket&user={user}"),
+            Target::Centrifugo => base.clone(),
         }
     }
 
@@ -347,6 +354,14 @@ impl Fleet {
         let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
             .await
             .map_err(|e| format!("handshake: {e}"))?;
+        if self.target == Target::Centrifugo {
+            let token = crate::centrifugo::token(self.secret.as_deref().unwrap_or(""), &user);
+            ws.send(Message::text(format!(
+                "{{\"id\":1,\"connect\":{{\"token\":\"{token}\",\"name\":\"herald-bench\"}}}}"
+            )))
+            .await
+            .map_err(|e| format!("connect command: {e}"))?;
+        }
         // Wait for the server's welcome: until then a message could be lost.
         loop {
             let msg = ws
@@ -359,6 +374,16 @@ impl Fleet {
                     let s = t.as_str();
                     match self.target {
                         Target::Herald | Target::Floor => break,
+                        // The connect reply lists the server-side
+                        // subscriptions: publications flow from here on.
+                        Target::Centrifugo => {
+                            if s.contains("\"connect\":") {
+                                break;
+                            }
+                            if s.contains("\"error\":") {
+                                return Err(format!("centrifugo connect error: {s}"));
+                            }
+                        }
                         Target::Socketio => {
                             if s.starts_with('0') {
                                 ws.send(Message::text("40"))
@@ -457,6 +482,20 @@ async fn receive(fleet: &Fleet, i: usize, ws: &mut Ws) -> String {
                 if fleet.target == Target::Socketio && s == "2" {
                     if ws.send(Message::text("3")).await.is_err() {
                         return "could not answer a ping".into();
+                    }
+                    continue;
+                }
+                if fleet.target == Target::Centrifugo {
+                    // Replies and pushes, several per frame separated by
+                    // newlines; an empty object is the server's ping.
+                    for line in s.split('\n') {
+                        if line == "{}" {
+                            if ws.send(Message::text("{}")).await.is_err() {
+                                return "could not answer a ping".into();
+                            }
+                        } else {
+                            fleet.on_frame(i, line);
+                        }
                     }
                     continue;
                 }

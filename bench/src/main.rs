@@ -2,6 +2,8 @@
 //! comparison servers of `bench/` (Socket.IO and herald-floor) through a tiny
 //! common bench protocol.
 //!
+//! Centrifugo v6 is a target too (its GRPC API and JSON client protocol).
+//!
 //! It opens N WebSocket clients spread over the nodes, drives the API at a
 //! fixed offered rate (open loop: each message carries its *intended* send
 //! time, so a stalled server or a queue in front of it shows up as latency
@@ -25,6 +27,7 @@
 mod api;
 mod args;
 mod broadcast;
+mod centrifugo;
 mod control;
 mod ctx;
 mod fleet;
@@ -95,7 +98,7 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
     if args.api.is_empty() && args.target == Target::Herald {
         args.api = vec!["http://127.0.0.1:50051".into()];
     }
-    if args.target == Target::Herald && args.jwt_secret.is_none() {
+    if matches!(args.target, Target::Herald | Target::Centrifugo) && args.jwt_secret.is_none() {
         return Err("--jwt-secret (or HERALD_JWT_SECRET) is needed to mint client tokens".into());
     }
     if args.scenario == Scenario::Control && args.target != Target::Herald {
@@ -116,6 +119,7 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
             Target::Herald => {
                 Api::grpc(&args.api, args.grpc_channels, args.api_key.clone()).await?
             }
+            Target::Centrifugo => Api::centrifugo(&args.api, args.grpc_channels).await?,
             _ => Api::http(&args.api, args.http_conns)?,
         }))
     } else {
