@@ -11,10 +11,18 @@ local function fmt(ms, seq) return string.format('%.0f-%.0f', ms, seq) end
 -- Drops messages older than max_age and beyond max_len (oldest first), and
 -- raises the floor to the newest id dropped: a resume from below the floor
 -- is incomplete. (XINFO's max-deleted-entry-id does not count XTRIM.)
+-- The age check first reads the oldest entry (cheap): XREVRANGE from an id
+-- older than every entry walks the whole stream backwards (measured 69 us
+-- per call at a few hundred entries), so it runs only when something is
+-- actually too old.
 local function trim(inbox, meta, now, max_age, max_len)
   local gone = nil
-  local old = redis.call('XREVRANGE', inbox, '(' .. fmt(math.max(now - max_age, 0), 0), '-', 'COUNT', 1)
-  if #old > 0 then gone = old[1][1] end
+  local cutoff = fmt(math.max(now - max_age, 0), 0)
+  local first = redis.call('XRANGE', inbox, '-', '+', 'COUNT', 1)
+  if #first > 0 and lt(first[1][1], cutoff) then
+    local old = redis.call('XREVRANGE', inbox, '(' .. cutoff, '-', 'COUNT', 1)
+    if #old > 0 then gone = old[1][1] end
+  end
   if max_len then
     local k = redis.call('XLEN', inbox) - tonumber(max_len)
     if k > 0 then
