@@ -181,7 +181,7 @@ if [[ " $SYSTEMS " == *" centrifugo"* ]] && [ ! -x "$CENTRIFUGO_BIN" ]; then
     command -v go >/dev/null || die "Go is needed to build Centrifugo (or set CENTRIFUGO_BIN)"
     say "go install github.com/centrifugal/centrifugo/v6@$CENTRIFUGO_VERSION (once; kept in $(dirname "$CENTRIFUGO_BIN"))"
     mkdir -p "$(dirname "$CENTRIFUGO_BIN")"
-    (cd /tmp && GOBIN=$(dirname "$CENTRIFUGO_BIN") go install "github.com/centrifugal/centrifugo/v6@$CENTRIFUGO_VERSION") >"$LOGS/centrifugo-build.log" 2>&1 ||
+    (GOBIN=$(dirname "$CENTRIFUGO_BIN") go install "github.com/centrifugal/centrifugo/v6@$CENTRIFUGO_VERSION") >"$LOGS/centrifugo-build.log" 2>&1 ||
         die "building Centrifugo failed (see $LOGS/centrifugo-build.log)"
 fi
 # Prebuilt binaries where given (CI builds the workspace before): herald-bench
