@@ -486,7 +486,9 @@ on_both_backends!(
     browse_read_unread_delete,
     topic_prefixes,
     validation,
-    devices_stay_in_sync
+    devices_stay_in_sync,
+    expiry_with_per_message_state,
+    bad_center_frames
 );
 
 /// Two devices on two nodes of a cluster: a read on one updates the
@@ -552,4 +554,167 @@ async fn two_devices_on_two_nodes() {
     assert_eq!(h["unread"], 2);
     let mut c2 = n2.client().await;
     assert_eq!(unread(&mut c2, &u).await, 2);
+}
+
+/// Expiry by age with per-message state: a deleted newest message and
+/// read/unread marks on messages that expire must not leave a phantom
+/// count behind (the trim re-anchors `tn` below the oldest kept message).
+async fn expiry_with_per_message_state(b: Backend) {
+    let mut args = args();
+    args.inbox_max_age = std::time::Duration::from_secs(2);
+    let node = TestNode::start_on(b, args).await;
+    let mut c = node.client().await;
+    let u = uid("age");
+    let m = send_numbered(&mut c, &u, 4).await;
+    read_ids(&mut c, &u, &[&m[3]]).await; // read above the cursor
+    read_up_to(&mut c, &u, &m[0]).await;
+    unread_ids(&mut c, &u, &[&m[0]]).await; // unread below it
+    delete_ids(&mut c, &u, &[&m[2]]).await; // deleted above it
+    assert_eq!(unread(&mut c, &u).await, 2, "m0 and m1");
+    tokio::time::sleep(std::time::Duration::from_millis(2300)).await;
+    assert_eq!(unread(&mut c, &u).await, 0, "everything expired");
+    let fresh = send_numbered(&mut c, &u, 2).await;
+    assert_eq!(unread(&mut c, &u).await, 2);
+    read_ids(&mut c, &u, &[&fresh[0]]).await;
+    assert_eq!(unread(&mut c, &u).await, 1);
+    let l = list(
+        &mut c,
+        ListMessagesRequest {
+            user_id: u.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        page(&l),
+        vec![(fresh[1].clone(), false), (fresh[0].clone(), true)]
+    );
+    node.stop().await;
+}
+
+/// Message-center client frames are validated: the connection stays and
+/// gets a precise error frame.
+async fn bad_center_frames(b: Backend) {
+    let node = TestNode::start(b).await;
+    let u = uid("badmc");
+    let (mut ws, _) = node.connect(&u).await;
+    let many: Vec<String> = (0..101).map(|i| format!("1-{i}")).collect();
+    for (frame, needle) in [
+        (json!({"type":"read","ids":["x"]}), "ids[0]"),
+        (json!({"type":"read","ids":many}), "at most 100"),
+        (json!({"type":"unread","ids":[]}), "at least one"),
+        (
+            json!({"type":"read","ids":["1-0"],"up_to":"1-0"}),
+            "exactly one",
+        ),
+        (json!({"type":"delete"}), "exactly one"),
+        (json!({"type":"delete","all":false}), "exactly one"),
+        (json!({"type":"history","limit":51}), "cap of 50"),
+        (json!({"type":"history","cursor":"t1-0"}), "cursor"),
+        (json!({"type":"history","req":"x".repeat(65)}), "req"),
+        (json!({"type":"history","topic":"x".repeat(257)}), "topic"),
+    ] {
+        ws.send_json(frame.clone()).await;
+        let e = ws.next_of("error").await;
+        assert_eq!(e["code"], "bad_request", "{frame}");
+        assert!(
+            e["message"].as_str().unwrap().contains(needle),
+            "{frame}: {e}"
+        );
+    }
+    // Still served.
+    ws.send_json(json!({"type":"history"})).await;
+    let h = ws.next_of("history").await;
+    assert_eq!(h["messages"], json!([]));
+    assert_eq!(h["next"], Value::Null);
+    assert_eq!(h["req"], Value::Null);
+    node.stop().await;
+}
+
+/// Devices on two nodes mark, unmark and delete at once; afterwards the
+/// count equals the number of unread messages listed, and every change
+/// frame arrived in an order whose last count is the final one.
+#[tokio::test]
+async fn concurrent_changes_from_two_nodes_keep_the_count_exact() {
+    let redis = RedisServer::start();
+    let n1 = NodeProcess::start("cc1", &redis.url(), &[]);
+    let n2 = NodeProcess::start("cc2", &redis.url(), &[]);
+    let u = uid("conc");
+    let mut c1 = n1.client().await;
+    let m = send_numbered(&mut c1, &u, 40).await;
+    let (mut watcher, _) = n1.connect(&u).await;
+    let mut tasks = Vec::new();
+    for (k, node) in [&n1, &n2, &n1, &n2].into_iter().enumerate() {
+        let mut c = node.client().await;
+        let (u, m) = (u.clone(), m.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..15usize {
+                let pick: Vec<String> = (0..3)
+                    .map(|j| m[(k * 7 + round * 3 + j) % 40].clone())
+                    .collect();
+                match (k + round) % 4 {
+                    0 => {
+                        c.mark_read(MarkReadRequest {
+                            user_id: u.clone(),
+                            message_ids: pick,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap();
+                    }
+                    1 => {
+                        c.mark_unread(MarkUnreadRequest {
+                            user_id: u.clone(),
+                            message_ids: pick,
+                        })
+                        .await
+                        .unwrap();
+                    }
+                    2 if round % 5 == 0 => {
+                        c.delete_messages(DeleteMessagesRequest {
+                            user_id: u.clone(),
+                            message_ids: pick[..1].to_vec(),
+                            all: false,
+                        })
+                        .await
+                        .unwrap();
+                    }
+                    _ => {
+                        c.mark_read(MarkReadRequest {
+                            user_id: u.clone(),
+                            up_to_message_id: pick[0].clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap();
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let l = list(
+        &mut c1,
+        ListMessagesRequest {
+            user_id: u.clone(),
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    let listed_unread = l.messages.iter().filter(|x| !x.read).count() as u64;
+    assert_eq!(unread(&mut c1, &u).await, listed_unread);
+    assert_eq!(l.unread, listed_unread);
+    // The watcher's last "changed" count is the final count.
+    let mut last = None;
+    while let Ok(v) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), watcher.next_json()).await
+    {
+        if v["type"] == "changed" {
+            last = v["count"].as_u64();
+        }
+    }
+    assert_eq!(last, Some(listed_unread));
 }
