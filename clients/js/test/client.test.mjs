@@ -597,24 +597,26 @@ describe('message center', () => {
     assert.deepEqual(billing.messages.map((m) => m.id), [ids[3], ids[1]]);
 
     // Read one in the middle on a: b hears of it, with the count.
-    let seen = nextEvent(b, 'changed');
+    // Each device also hears its own changes: wait for the one expected.
+    const op = (name) => (c) => c.op === name;
+    let seen = nextEvent(b, 'changed', op('read'));
     assert.equal(a.markReadIds([ids[2]]), true);
     let ch = await seen;
     assert.deepEqual([ch.op, ch.ids, ch.count], ['read', [ids[2]], 4]);
     await waitFor(() => b.unread === 4, { what: "b's badge at 4" });
     // Unread it again.
-    seen = nextEvent(b, 'changed');
+    seen = nextEvent(b, 'changed', op('unread'));
     a.markUnread([ids[2]]);
     ch = await seen;
     assert.deepEqual([ch.op, ch.count], ['unread', 5]);
     // Delete one on b: a hears of it.
-    seen = nextEvent(a, 'changed');
+    seen = nextEvent(a, 'changed', op('delete'));
     b.deleteMessages([ids[0]]);
     ch = await seen;
     assert.deepEqual([ch.op, ch.ids, ch.count], ['delete', [ids[0]], 4]);
     assert.equal((await api.listMessages({ userId: user, limit: 100 })).messages.length, 4);
     // Mark all read.
-    seen = nextEvent(b, 'changed');
+    seen = nextEvent(b, 'changed', (c) => c.op === 'read' && c.upTo != null);
     a.markAllRead();
     ch = await seen;
     assert.deepEqual([ch.op, ch.upTo, ch.count], ['read', ids[4], 0]);
