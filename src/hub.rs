@@ -355,6 +355,11 @@ impl Dispatch for Hub {
                     c.send(frame.clone());
                 });
             }
+            Event::State { user, frame } => {
+                self.for_user(&user, |c| {
+                    c.send(frame.clone());
+                });
+            }
             Event::Disconnect { user, reason } => {
                 self.for_user(&user, |c| c.close(Disconnect::Kicked(reason.clone())));
             }

@@ -6,7 +6,8 @@
 //! the same messages.
 
 use crate::backend::{
-    reused, Backend, Claim, ClaimScope, Cluster, Event, IdemKey, NewMessage, NodeInfo, Replay,
+    reused, Backend, Change, Changed, Claim, ClaimScope, Cluster, Event, IdemKey, ListQuery,
+    NewMessage, NodeInfo, Page, Replay,
 };
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -16,6 +17,24 @@ use serde_json::value::RawValue;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// A client's message-center request, validated.
+#[derive(Debug)]
+pub enum ClientOp {
+    Read(Vec<MessageId>),
+    ReadAll,
+    Unread(Vec<MessageId>),
+    Delete(Vec<MessageId>),
+    DeleteAll,
+    History {
+        cursor: Option<MessageId>,
+        limit: usize,
+        oldest_first: bool,
+        unread_only: bool,
+        topic: String,
+        req: Option<String>,
+    },
+}
 
 /// The result of a send, per user, in request order.
 #[derive(Debug, Clone)]
@@ -284,13 +303,19 @@ impl Node {
         self.backend.presence.lookup(users).await
     }
 
-    pub async fn unread_count(&self, user: &str) -> Result<u64> {
+    /// The unread count, optionally among topics starting with `prefix`.
+    pub async fn unread_count(&self, user: &str, prefix: &str) -> Result<u64> {
         self.check_user(user)?;
-        self.backend.inbox.unread(user).await
+        self.check_prefix(prefix)?;
+        if prefix.is_empty() {
+            self.backend.inbox.unread(user).await
+        } else {
+            self.backend.inbox.unread_in(user, prefix).await
+        }
     }
 
-    /// Moves the read cursor and, when the count changed, tells every
-    /// connection of the user (on every node).
+    /// Moves the read cursor; when the count changed, the backend tells
+    /// every connection of the user (on every node) in the same step.
     pub async fn mark_read(&self, user: &str, up_to: &str) -> Result<u64> {
         self.check_user(user)?;
         let up_to = if up_to.is_empty() {
@@ -302,17 +327,95 @@ impl Node {
     }
 
     async fn mark_read_at(&self, user: &str, up_to: Option<MessageId>) -> Result<u64> {
-        let (count, changed) = self.backend.inbox.mark_read(user, up_to).await?;
-        if changed {
-            self.backend
-                .broker
-                .publish(vec![Event::Unread {
-                    user: Arc::from(user),
-                    count,
-                }])
-                .await?;
+        Ok(self.backend.inbox.mark_read(user, up_to).await?.0)
+    }
+
+    fn check_prefix(&self, prefix: &str) -> Result<()> {
+        if prefix.len() > self.cfg.limits.max_topic_bytes {
+            return Err(Error::invalid(format!(
+                "topic_prefix of {} bytes exceeds the limit of {} bytes",
+                prefix.len(),
+                self.cfg.limits.max_topic_bytes
+            )));
         }
-        Ok(count)
+        Ok(())
+    }
+
+    /// Parses a list of message ids: 1 to `max`, each a stored-message id.
+    pub fn parse_ids(field: &str, ids: &[String], max: usize) -> Result<Vec<MessageId>> {
+        if ids.is_empty() {
+            return Err(Error::invalid(format!(
+                "{field} must name at least one message"
+            )));
+        }
+        if ids.len() > max {
+            return Err(Error::invalid(format!(
+                "{field} has {} ids; at most {max} per call",
+                ids.len()
+            )));
+        }
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| Self::parse_id(&format!("{field}[{i}]"), id))
+            .collect()
+    }
+
+    /// A page of the user's stored messages (the message center).
+    pub async fn list_messages(
+        &self,
+        user: &str,
+        cursor: &str,
+        oldest_first: bool,
+        limit: u32,
+        unread_only: bool,
+        topic_prefix: &str,
+    ) -> Result<Page> {
+        self.check_user(user)?;
+        self.check_prefix(topic_prefix)?;
+        let cursor = if cursor.is_empty() {
+            None
+        } else {
+            Some(Self::parse_id("cursor", cursor)?)
+        };
+        let limit = match limit as usize {
+            0 => DEFAULT_LIST_LIMIT,
+            n if n > MAX_LIST_LIMIT => {
+                return Err(Error::invalid(format!(
+                    "limit {n} exceeds the cap of {MAX_LIST_LIMIT} messages per page"
+                )))
+            }
+            n => n,
+        };
+        let q = ListQuery {
+            cursor,
+            oldest_first,
+            limit,
+            unread_only,
+            topic_prefix,
+        };
+        self.backend.inbox.list(user, &q).await
+    }
+
+    /// Marks messages read (`read`) or unread by id; the backend tells
+    /// every connection of the user.
+    pub async fn set_read(&self, user: &str, ids: &[MessageId], read: bool) -> Result<Changed> {
+        self.check_user(user)?;
+        let change = if read {
+            Change::Read(ids)
+        } else {
+            Change::Unread(ids)
+        };
+        self.backend.inbox.change(user, change).await
+    }
+
+    /// Deletes messages by id, or all (`ids` None).
+    pub async fn delete_messages(&self, user: &str, ids: Option<&[MessageId]>) -> Result<Changed> {
+        self.check_user(user)?;
+        let change = match ids {
+            Some(ids) => Change::Delete(ids),
+            None => Change::DeleteAll,
+        };
+        self.backend.inbox.change(user, change).await
     }
 
     pub async fn disconnect_user(&self, user: &str, reason: &str) -> Result<u32> {
@@ -426,6 +529,58 @@ impl Node {
         self.mark_read_at(user, Some(up_to)).await
     }
 
+    /// A client's message-center frame (validated by the gateway). Returns
+    /// the reply for this connection (a `history` page); changes reach
+    /// every connection of the user through the backend instead.
+    pub async fn client_center(&self, user: &str, op: ClientOp) -> Result<Option<Frame>> {
+        match op {
+            ClientOp::ReadAll => {
+                self.mark_read_at(user, None).await?;
+            }
+            ClientOp::Read(ids) => {
+                self.set_read(user, &ids, true).await?;
+            }
+            ClientOp::Unread(ids) => {
+                self.set_read(user, &ids, false).await?;
+            }
+            ClientOp::Delete(ids) => {
+                self.delete_messages(user, Some(&ids)).await?;
+            }
+            ClientOp::DeleteAll => {
+                self.delete_messages(user, None).await?;
+            }
+            ClientOp::History {
+                cursor,
+                limit,
+                oldest_first,
+                unread_only,
+                topic,
+                req,
+            } => {
+                let q = ListQuery {
+                    cursor,
+                    oldest_first,
+                    limit,
+                    unread_only,
+                    topic_prefix: &topic,
+                };
+                let page = self.backend.inbox.list(user, &q).await?;
+                let messages: Vec<(String, bool)> = page
+                    .messages
+                    .iter()
+                    .map(|m| (m.frame.to_string(), m.read))
+                    .collect();
+                return Ok(Some(protocol::history_frame(
+                    req.as_deref(),
+                    &messages,
+                    page.next,
+                    page.unread,
+                )));
+            }
+        }
+        Ok(None)
+    }
+
     /// Leaves the cluster (clean shutdown).
     pub async fn shutdown(&self) {
         if let Err(e) = self.backend.presence.leave().await {
@@ -447,6 +602,13 @@ impl Node {
         self.release(&conn.user).await;
     }
 }
+
+/// Ids per gRPC call that names messages (MarkRead, MarkUnread,
+/// DeleteMessages).
+pub const MAX_IDS_PER_CALL: usize = 1000;
+/// Messages per ListMessages page: the default and the cap.
+pub const DEFAULT_LIST_LIMIT: usize = 20;
+pub const MAX_LIST_LIMIT: usize = 100;
 
 /// The longest idempotency key accepted.
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;

@@ -188,6 +188,61 @@ pub fn unread_frame(count: u64) -> Frame {
     format!("{{\"type\":\"unread\",\"count\":{count}}}").into()
 }
 
+/// `{"type":"changed",...}`: what a message-center change did, for every
+/// connection of the user. `op` is `read`, `unread` or `delete`; `ids` the
+/// messages that changed, or `up_to` (read up to that id), or `all`
+/// (everything deleted); `count` the unread count after it. The Redis
+/// scripts build the same text (`changed_frame` in `prelude.lua`).
+pub fn changed_frame(
+    op: &str,
+    ids: Option<&[MessageId]>,
+    up_to: Option<MessageId>,
+    all: bool,
+    count: u64,
+) -> Frame {
+    let mut s = format!("{{\"type\":\"changed\",\"op\":\"{op}\",");
+    if let Some(ids) = ids {
+        s.push_str("\"ids\":[");
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push('"');
+            s.push_str(&id.to_string());
+            s.push('"');
+        }
+        s.push_str("],");
+    }
+    if let Some(id) = up_to {
+        s.push_str(&format!("\"up_to\":\"{id}\","));
+    }
+    if all {
+        s.push_str("\"all\":true,");
+    }
+    s.push_str(&format!("\"count\":{count}}}"));
+    s.into()
+}
+
+/// A stored message frame with `"read":true|false` added, for history
+/// pages (the frame is ours: it ends with `}`).
+pub fn with_read_flag(frame: &str, read: bool) -> String {
+    let body = frame.strip_suffix('}').unwrap_or(frame);
+    format!("{body},\"read\":{read}}}")
+}
+
+/// The fields of a stored message frame (what `message_frame` wrote).
+#[derive(Debug, Deserialize)]
+pub struct StoredFields<'a> {
+    pub topic: String,
+    #[serde(borrow)]
+    pub data: &'a serde_json::value::RawValue,
+    pub ts: u64,
+}
+
+pub fn parse_stored_frame(frame: &str) -> Result<StoredFields<'_>, serde_json::Error> {
+    serde_json::from_str(frame)
+}
+
 pub fn pong_frame() -> Frame {
     Frame::from_static("{\"type\":\"pong\"}")
 }
@@ -301,12 +356,42 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ClientFrame {
-    /// Marks `up_to` and every older message read.
+    /// Marks messages read: `up_to` and every older one, or the `ids`, or
+    /// everything (`all`). Exactly one of them.
     Read {
-        up_to: String,
+        up_to: Option<String>,
+        ids: Option<Vec<String>>,
+        all: Option<bool>,
+    },
+    /// Marks the `ids` unread again.
+    Unread {
+        ids: Vec<String>,
+    },
+    /// Deletes the `ids`, or everything (`all`).
+    Delete {
+        ids: Option<Vec<String>>,
+        all: Option<bool>,
+    },
+    /// Asks for a page of stored messages (answered with a `history`
+    /// frame echoing `req`).
+    History {
+        cursor: Option<String>,
+        limit: Option<u32>,
+        oldest_first: Option<bool>,
+        unread_only: Option<bool>,
+        topic: Option<String>,
+        req: Option<String>,
     },
     Ping,
 }
+
+/// Ids one client frame may name.
+pub const MAX_IDS_PER_FRAME: usize = 100;
+/// Messages per `history` page over WebSocket: default and cap.
+pub const DEFAULT_HISTORY_LIMIT: u32 = 20;
+pub const MAX_HISTORY_LIMIT: u32 = 50;
+/// The longest `req` tag a client may attach to a `history` request.
+pub const MAX_REQ_TAG_BYTES: usize = 64;
 
 /// Parses an untrusted client frame; the error is the message for the
 /// error frame sent back.
@@ -314,8 +399,39 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, String> {
     serde_json::from_str(text).map_err(|e| {
         let mut m = e.to_string();
         m.truncate(200);
-        format!("malformed frame: {m}; expected {{\"type\":\"read\",\"up_to\":\"<id>\"}} or {{\"type\":\"ping\"}}")
+        format!("malformed frame: {m}; expected a frame of type read, unread, delete, history or ping (see the wire protocol)")
     })
+}
+
+/// `{"type":"history","req":...,"messages":[...],"next":...,"unread":N}`:
+/// a page of stored messages, each its message frame with `"read"`.
+pub fn history_frame(
+    req: Option<&str>,
+    messages: &[(String, bool)],
+    next: Option<MessageId>,
+    unread: u64,
+) -> Frame {
+    let mut s =
+        String::with_capacity(64 + messages.iter().map(|(f, _)| f.len() + 16).sum::<usize>());
+    s.push_str("{\"type\":\"history\",\"req\":");
+    match req {
+        Some(r) => s.push_str(&json_str(r)),
+        None => s.push_str("null"),
+    }
+    s.push_str(",\"messages\":[");
+    for (i, (frame, read)) in messages.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&with_read_flag(frame, *read));
+    }
+    s.push_str("],\"next\":");
+    match next {
+        Some(id) => s.push_str(&format!("\"{id}\"")),
+        None => s.push_str("null"),
+    }
+    s.push_str(&format!(",\"unread\":{unread}}}"));
+    s.into()
 }
 
 #[cfg(test)]
@@ -387,6 +503,15 @@ mod tests {
             parse_client_frame(r#"{"type":"read","up_to":"1-0"}"#),
             Ok(ClientFrame::Read { .. })
         ));
+        assert!(matches!(
+            parse_client_frame(r#"{"type":"unread","ids":["1-0"]}"#),
+            Ok(ClientFrame::Unread { .. })
+        ));
+        assert!(matches!(
+            parse_client_frame(r#"{"type":"history","limit":5,"req":"a"}"#),
+            Ok(ClientFrame::History { .. })
+        ));
+        assert!(parse_client_frame(r#"{"type":"delete","ids":["1-0"],"x":1}"#).is_err());
         assert!(parse_client_frame(r#"{"type":"nope"}"#).is_err());
         assert!(parse_client_frame("not json").is_err());
     }

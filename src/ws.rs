@@ -11,7 +11,7 @@ use crate::auth::{bearer, TokenVerifier};
 use crate::error::Error;
 use crate::http::{respond, ConnPermit};
 use crate::hub::{Conn, Outbound};
-use crate::node::Node;
+use crate::node::{ClientOp, Node};
 use crate::protocol::{self, ClientFrame, Disconnect, MessageId};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -338,10 +338,26 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                         return Some(Disconnect::ProtocolViolation);
                     }
                     Err(_) => return None,
-                    Ok(Message::Text(t)) => match client_frame(t.as_str()) {
+                    Ok(Message::Text(t)) => match client_frame(t.as_str(), limits.max_topic_bytes) {
                         Asked::Read(id) => pending_read = pending_read.max(Some(id)),
                         Asked::Reply(reply) => {
                             conn.send(reply);
+                        }
+                        Asked::Center(op) => {
+                            // A history page costs more of the budget: its
+                            // reply can be large.
+                            if matches!(op, ClientOp::History { .. }) && !budget.take_more(HISTORY_EXTRA_COST) {
+                                metrics::counter!("herald_client_frames_rejected_total", "reason" => "rate").increment(1);
+                                conn.send(protocol::error_frame("rate_limited", "history pages too fast: closing"));
+                                conn.close(Disconnect::RateLimited);
+                                continue;
+                            }
+                            // Reads queued before this frame go first: the
+                            // client's order is kept.
+                            if let Some(up_to) = pending_read.take() {
+                                center_reply(conn, Box::pin(node.client_read(&conn.user, up_to)).await.map(|_| None));
+                            }
+                            center_reply(conn, Box::pin(node.client_center(&conn.user, op)).await);
                         }
                     },
                     Ok(Message::Binary(_)) => {
@@ -398,6 +414,17 @@ impl Budget {
         }
     }
 
+    /// Spends `n` more tokens for an expensive frame (after [`take`]);
+    /// false when there are not enough.
+    fn take_more(&mut self, n: f32) -> bool {
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Spends one token for a frame that just arrived; false when none is
     /// left.
     fn take(&mut self, rate: usize, burst: usize) -> bool {
@@ -414,28 +441,152 @@ impl Budget {
     }
 }
 
+/// A `history` request costs this many budget tokens on top of the one
+/// every frame costs (a page can be up to 50 stored messages).
+const HISTORY_EXTRA_COST: f32 = 4.0;
+
+/// Sends the reply of a message-center request, or its error frame.
+fn center_reply(conn: &Conn, r: Result<Option<protocol::Frame>, Error>) {
+    match r {
+        Ok(Some(frame)) => {
+            conn.send(frame);
+        }
+        Ok(None) => {}
+        Err(Error::InvalidArgument(m)) => {
+            conn.send(protocol::error_frame("bad_request", &m));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "message center request failed");
+            conn.send(protocol::error_frame(
+                "unavailable",
+                "backend unavailable, retry shortly",
+            ));
+        }
+    }
+}
+
 /// What a client text frame asks for.
 enum Asked {
     /// Mark read up to this id (coalesced with reads right behind it).
     Read(MessageId),
     /// Answer with this frame (pong, or an error frame).
     Reply(protocol::Frame),
+    /// A message-center request, validated.
+    Center(ClientOp),
+}
+
+fn bad_request(m: impl AsRef<str>) -> Asked {
+    Asked::Reply(protocol::error_frame("bad_request", m.as_ref()))
+}
+
+/// Parses the `ids` of a client frame: 1 to [`protocol::MAX_IDS_PER_FRAME`].
+fn frame_ids(ids: &[String]) -> Result<Vec<MessageId>, Asked> {
+    Node::parse_ids("ids", ids, protocol::MAX_IDS_PER_FRAME).map_err(|e| bad_request(e.to_string()))
 }
 
 /// Parses one untrusted client text frame.
-fn client_frame(text: &str) -> Asked {
-    match protocol::parse_client_frame(text) {
-        Ok(ClientFrame::Ping) => Asked::Reply(protocol::pong_frame()),
-        Ok(ClientFrame::Read { up_to }) => match up_to.parse::<MessageId>() {
-            Ok(id) => Asked::Read(id),
-            Err(e) => Asked::Reply(protocol::error_frame("bad_request", &format!("up_to: {e}"))),
-        },
+fn client_frame(text: &str, max_topic: usize) -> Asked {
+    let parsed = match protocol::parse_client_frame(text) {
+        Ok(f) => f,
         Err(m) => {
             metrics::counter!("herald_client_frames_rejected_total", "reason" => "malformed")
                 .increment(1);
-            Asked::Reply(protocol::error_frame("bad_frame", &m))
+            return Asked::Reply(protocol::error_frame("bad_frame", &m));
         }
-    }
+    };
+    let op = match parsed {
+        ClientFrame::Ping => return Asked::Reply(protocol::pong_frame()),
+        ClientFrame::Read {
+            up_to: Some(up_to),
+            ids: None,
+            all: None,
+        } => {
+            return match up_to.parse::<MessageId>() {
+                Ok(id) => Asked::Read(id),
+                Err(e) => bad_request(format!("up_to: {e}")),
+            }
+        }
+        ClientFrame::Read {
+            up_to: None,
+            ids: Some(ids),
+            all: None,
+        } => match frame_ids(&ids) {
+            Ok(ids) => ClientOp::Read(ids),
+            Err(a) => return a,
+        },
+        ClientFrame::Read {
+            up_to: None,
+            ids: None,
+            all: Some(true),
+        } => ClientOp::ReadAll,
+        ClientFrame::Read { .. } => {
+            return bad_request("read takes exactly one of up_to, ids or \"all\":true")
+        }
+        ClientFrame::Unread { ids } => match frame_ids(&ids) {
+            Ok(ids) => ClientOp::Unread(ids),
+            Err(a) => return a,
+        },
+        ClientFrame::Delete {
+            ids: Some(ids),
+            all: None,
+        } => match frame_ids(&ids) {
+            Ok(ids) => ClientOp::Delete(ids),
+            Err(a) => return a,
+        },
+        ClientFrame::Delete {
+            ids: None,
+            all: Some(true),
+        } => ClientOp::DeleteAll,
+        ClientFrame::Delete { .. } => {
+            return bad_request("delete takes exactly one of ids or \"all\":true")
+        }
+        ClientFrame::History {
+            cursor,
+            limit,
+            oldest_first,
+            unread_only,
+            topic,
+            req,
+        } => {
+            let cursor = match cursor
+                .filter(|c| !c.is_empty())
+                .map(|c| c.parse::<MessageId>())
+            {
+                None => None,
+                Some(Ok(id)) => Some(id),
+                Some(Err(e)) => return bad_request(format!("cursor: {e}")),
+            };
+            let limit = match limit.unwrap_or(protocol::DEFAULT_HISTORY_LIMIT) {
+                0 => protocol::DEFAULT_HISTORY_LIMIT,
+                n if n > protocol::MAX_HISTORY_LIMIT => {
+                    return bad_request(format!(
+                        "limit {n} exceeds the cap of {} messages per page",
+                        protocol::MAX_HISTORY_LIMIT
+                    ))
+                }
+                n => n,
+            };
+            let topic = topic.unwrap_or_default();
+            if topic.len() > max_topic {
+                return bad_request(format!("topic prefix over {max_topic} bytes"));
+            }
+            if req
+                .as_ref()
+                .is_some_and(|r| r.len() > protocol::MAX_REQ_TAG_BYTES)
+            {
+                return bad_request(format!("req over {} bytes", protocol::MAX_REQ_TAG_BYTES));
+            }
+            ClientOp::History {
+                cursor,
+                limit: limit as usize,
+                oldest_first: oldest_first.unwrap_or(false),
+                unread_only: unread_only.unwrap_or(false),
+                topic,
+                req,
+            }
+        }
+    };
+    Asked::Center(op)
 }
 
 /// Writes `batch` (all of it, then one flush), skipping stored messages at

@@ -114,6 +114,7 @@ async fn presence_unread_and_badge_agree_across_nodes() {
     cb.mark_read(MarkReadRequest {
         user_id: u.clone(),
         up_to_message_id: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -280,7 +281,10 @@ async fn redis_outage_is_unavailable_then_full_service_without_restart() {
     assert!(e.message().contains("unavailable"), "{}", e.message());
     assert!(started.elapsed() < Duration::from_secs(5), "fails fast");
     let e = cb
-        .unread_count(UnreadCountRequest { user_id: u.clone() })
+        .unread_count(UnreadCountRequest {
+            user_id: u.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);

@@ -122,6 +122,12 @@ async fn read_on_one_device_updates_the_badge_on_the_other(b: Backend) {
     phone.send_json(json!({"type":"read","up_to": r1})).await;
     assert_eq!(laptop.next_of("unread").await["count"], 1);
     assert_eq!(phone.next_of("unread").await["count"], 1);
+    // Then what changed, for the message center.
+    for d in [&mut laptop, &mut phone] {
+        let ch = d.next_json().await;
+        assert_eq!(ch["type"], "changed", "{ch}");
+        assert_eq!(ch["up_to"], r1.as_str());
+    }
     assert_eq!(unread(&mut c, &u).await, 1);
     // Re-reading the same message changes nothing and sends nothing.
     phone.send_json(json!({"type":"read","up_to": r1})).await;
@@ -131,6 +137,7 @@ async fn read_on_one_device_updates_the_badge_on_the_other(b: Backend) {
         .mark_read(MarkReadRequest {
             user_id: u.clone(),
             up_to_message_id: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -142,6 +149,7 @@ async fn read_on_one_device_updates_the_badge_on_the_other(b: Backend) {
         .mark_read(MarkReadRequest {
             user_id: u.clone(),
             up_to_message_id: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -161,6 +169,7 @@ async fn mark_read_partial_and_never_backwards(b: Backend) {
     let mr = |id: &str| MarkReadRequest {
         user_id: u.clone(),
         up_to_message_id: id.to_string(),
+        ..Default::default()
     };
     assert_eq!(
         c.mark_read(mr(&ids[1])).await.unwrap().into_inner().unread,
@@ -459,12 +468,14 @@ async fn bad_rpc_input_is_invalid_argument_and_node_keeps_serving(b: Backend) {
             .unwrap_err(),
         c.unread_count(UnreadCountRequest {
             user_id: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err(),
         c.mark_read(MarkReadRequest {
             user_id: String::new(),
             up_to_message_id: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err(),
@@ -494,7 +505,6 @@ async fn bad_client_frames(b: Backend) {
         "not json",
         "{}",
         r#"{"type":"shout"}"#,
-        r#"{"type":"read"}"#,
         r#"{"type":"read","up_to":7}"#,
         "[1,2]",
     ] {
@@ -504,6 +514,9 @@ async fn bad_client_frames(b: Backend) {
         assert_eq!(e["code"], "bad_frame");
         assert!(e["message"].as_str().unwrap().contains("malformed frame"));
     }
+    // A read that names nothing to read is well-formed but wrong.
+    ws.send_text(r#"{"type":"read"}"#).await;
+    assert_eq!(ws.next_json().await["code"], "bad_request");
     ws.stream
         .send(tokio_tungstenite::tungstenite::Message::Binary(
             vec![1, 2, 3].into(),

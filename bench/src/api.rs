@@ -238,7 +238,13 @@ impl Api {
     pub async fn unread(&self, node: usize, user: String) -> Result<u64, String> {
         let (mut c, key) = self.client(node);
         let r = c
-            .unread_count(Self::req(UnreadCountRequest { user_id: user }, key))
+            .unread_count(Self::req(
+                UnreadCountRequest {
+                    user_id: user,
+                    ..Default::default()
+                },
+                key,
+            ))
             .await
             .map_err(|s| format!("UnreadCount: {}: {}", s.code(), s.message()))?;
         Ok(r.into_inner().count)

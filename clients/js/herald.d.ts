@@ -120,7 +120,51 @@ export interface StateDetail {
   state: ConnectionState;
 }
 
+/** A stored message as a history page lists it. */
+export interface StoredMessage {
+  id: string;
+  topic: string;
+  data: unknown;
+  ts: number;
+  read: boolean;
+}
+
+export interface HistoryOptions {
+  /** Exclusive start: the previous page's `next`. */
+  cursor?: string | null;
+  /** 1 to 50; default 20. */
+  limit?: number;
+  oldestFirst?: boolean;
+  unreadOnly?: boolean;
+  /** Only topics starting with this. */
+  topic?: string;
+  /** ms; default 10000. */
+  timeout?: number;
+}
+
+export interface HistoryPage {
+  messages: StoredMessage[];
+  /** Cursor of the next page; null at the end. */
+  next: string | null;
+  /** The user's whole unread count. */
+  unread: number | null;
+}
+
+/** A message-center change made on any device of the user. */
+export interface ChangedDetail {
+  op: 'read' | 'unread' | 'delete';
+  /** The messages that changed (empty for up_to reads and delete-all). */
+  ids: string[];
+  /** Read up to (and including) this id. */
+  upTo: string | null;
+  /** Everything was deleted. */
+  all: boolean;
+  /** The unread count after the change. */
+  count: number | null;
+}
+
 export interface HeraldEventMap {
+  changed: ChangedDetail;
   open: OpenDetail;
   message: HeraldMessage;
   unread: UnreadDetail;
@@ -172,6 +216,18 @@ export declare class HeraldClient extends EventTarget {
    * (default: the newest message seen). Sent on the next connect if offline.
    */
   markRead(id?: string): void;
+  /** A page of stored messages with read flags (the message center). */
+  history(options?: HistoryOptions): Promise<HistoryPage>;
+  /** Marks just these messages read on every device; false when not connected. */
+  markReadIds(ids: string[]): boolean;
+  /** Marks these messages unread again on every device; false when not connected. */
+  markUnread(ids: string[]): boolean;
+  /** Marks everything read on every device; false when not connected. */
+  markAllRead(): boolean;
+  /** Deletes these messages for every device; false when not connected. */
+  deleteMessages(ids: string[]): boolean;
+  /** Deletes every stored message of the user; false when not connected. */
+  deleteAll(): boolean;
   /** Drops the current socket and connects again at once (resets the backoff). */
   reconnect(): void;
   /** Closes for good; resolves when the socket is closed. */

@@ -44,6 +44,14 @@ export const CloseCodes = Object.freeze({
 
 const ID_RE = /^(\d{1,20})-(\d{1,20})$/;
 
+/** Validates a list of stored-message ids for a message-center frame (at most 100). */
+function checkIds(what, ids) {
+  if (!Array.isArray(ids) || ids.length === 0 || ids.length > 100 || !ids.every(isStoredId)) {
+    throw new TypeError(`herald: ${what}(): pass 1 to 100 stored message ids`);
+  }
+  return ids;
+}
+
 /** Whether `id` is a stored-message id ("<ms>-<seq>"), usable as a resume position. */
 export function isStoredId(id) {
   return typeof id === 'string' && ID_RE.test(id);
@@ -112,6 +120,8 @@ export class HeraldClient extends EventTarget {
     this._pongTimer = null;
     this._reconnectTimer = null;
     this._pendingRead = null;
+    this._history = new Map(); // req tag -> { resolve, reject, timer }
+    this._nextReq = 0;
     this._recentTransient = new Set();
     this._closed = false;
     this._closedPromise = null;
@@ -171,6 +181,88 @@ export class HeraldClient extends EventTarget {
     if (!isStoredId(id)) throw new TypeError(`herald: markRead(${JSON.stringify(id)}): only stored message ids can be read (live-only ids start with "t")`);
     if (this._pendingRead == null || compareIds(id, this._pendingRead) > 0) this._pendingRead = id;
     this._flushRead();
+  }
+
+  // ---- The message center ----
+
+  /**
+   * Fetches a page of stored messages with their read state, newest first
+   * (or oldest first). Resolves to { messages: [{id, topic, data, ts,
+   * read}], next, unread }; pass `next` as `cursor` for the following page
+   * (null at the end). Rejects when not connected, on close, or after
+   * `timeout` ms.
+   */
+  history({ cursor = null, limit = 20, oldestFirst = false, unreadOnly = false, topic = '', timeout = 10_000 } = {}) {
+    if (cursor != null && !isStoredId(cursor)) return Promise.reject(new TypeError(`herald: history(): cursor ${JSON.stringify(cursor)} is not a stored message id`));
+    if (!Number.isInteger(limit) || limit < 1 || limit > 50) return Promise.reject(new RangeError('herald: history(): limit must be 1 to 50'));
+    const req = `h${++this._nextReq}`;
+    const frame = { type: 'history', req, limit };
+    if (cursor) frame.cursor = cursor;
+    if (oldestFirst) frame.oldest_first = true;
+    if (unreadOnly) frame.unread_only = true;
+    if (topic) frame.topic = topic;
+    if (!this._conn || !this._conn.welcomed || !this._send(frame)) return Promise.reject(new Error('herald: history(): not connected'));
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._history.delete(req);
+        reject(new Error(`herald: history(): no answer within ${timeout} ms`));
+      }, timeout);
+      this._history.set(req, { resolve, reject, timer });
+    });
+  }
+
+  /** Marks just these messages read, on every device. False when not connected. */
+  markReadIds(ids) {
+    return this._center('read', { ids: checkIds('markReadIds', ids) });
+  }
+
+  /** Marks these messages unread again, on every device. False when not connected. */
+  markUnread(ids) {
+    return this._center('unread', { ids: checkIds('markUnread', ids) });
+  }
+
+  /** Marks every stored message read, on every device. False when not connected. */
+  markAllRead() {
+    return this._center('read', { all: true });
+  }
+
+  /** Deletes these messages for every device of the user. False when not connected. */
+  deleteMessages(ids) {
+    return this._center('delete', { ids: checkIds('deleteMessages', ids) });
+  }
+
+  /** Deletes every stored message of the user. False when not connected. */
+  deleteAll() {
+    return this._center('delete', { all: true });
+  }
+
+  _center(type, fields) {
+    if (!this._conn || !this._conn.welcomed) return false;
+    return this._send({ type, ...fields });
+  }
+
+  _historyDone(f) {
+    const p = this._history.get(f.req);
+    if (!p) return;
+    this._history.delete(f.req);
+    clearTimeout(p.timer);
+    const messages = (Array.isArray(f.messages) ? f.messages : []).map((m) => ({
+      id: m.id,
+      topic: m.topic ?? '',
+      data: m.data,
+      ts: m.ts,
+      read: m.read === true,
+    }));
+    if (typeof f.unread === 'number') this._setUnread(f.unread, 'server');
+    p.resolve({ messages, next: f.next ?? null, unread: f.unread ?? null });
+  }
+
+  _failHistory(why) {
+    for (const [req, p] of this._history) {
+      clearTimeout(p.timer);
+      p.reject(new Error(`herald: history(): ${why}`));
+      this._history.delete(req);
+    }
   }
 
   /**
@@ -343,6 +435,20 @@ export class HeraldClient extends EventTarget {
       case 'unread':
         if (typeof f.count === 'number') this._setUnread(f.count, 'server');
         break;
+      case 'changed':
+        // What changed in the message center, on any device of the user.
+        this._emit('changed', {
+          op: f.op,
+          ids: Array.isArray(f.ids) ? f.ids : [],
+          upTo: f.up_to ?? null,
+          all: f.all === true,
+          count: typeof f.count === 'number' ? f.count : null,
+        });
+        if (typeof f.count === 'number' && f.count !== this.unread) this._setUnread(f.count, 'server');
+        break;
+      case 'history':
+        this._historyDone(f);
+        break;
       case 'pong':
         if (conn.syncPing) {
           // Every replayed message was written before this pong.
@@ -474,6 +580,7 @@ export class HeraldClient extends EventTarget {
   }
 
   _socketClosed(code, reason, wasClean, { reconnect = true, byClient = false } = {}) {
+    this._failHistory('the connection closed');
     this._ws = null;
     this._conn = null;
     this._cancel(this._pingTimer);

@@ -37,6 +37,9 @@ pub enum Event {
     },
     /// The user's unread count changed.
     Unread { user: Arc<str>, count: u64 },
+    /// A control frame for every connection of `user` (the message
+    /// center's `changed`): not a message, never dropped as replayed.
+    State { user: Arc<str>, frame: Frame },
     /// Close every connection of the user (close code 4001).
     Disconnect { user: Arc<str>, reason: Arc<str> },
     /// A frame for every connection on every node.
@@ -247,9 +250,74 @@ pub trait Inbox: Send + Sync + 'static {
     /// `limit` unread messages. Oldest first either way.
     async fn replay(&self, user: &str, since: Option<MessageId>, limit: usize) -> Result<Replay>;
     /// Moves the read cursor to `up_to` (None: the newest message); never
-    /// backwards, never past the newest message. Returns the unread count
-    /// and whether it changed.
+    /// backwards, never past the newest message; every message at or below
+    /// `up_to` is read afterwards (also those marked unread one by one).
+    /// Returns the unread count and whether it changed. When it changed,
+    /// the user's connections get the count and a `changed` frame, in the
+    /// same atomic step (so concurrent changes reach devices in order).
     async fn mark_read(&self, user: &str, up_to: Option<MessageId>) -> Result<(u64, bool)>;
+    /// A page of stored messages with their read state (message center).
+    async fn list(&self, user: &str, q: &ListQuery<'_>) -> Result<Page>;
+    /// Marks messages read or unread, or deletes them; tells the user's
+    /// connections what changed (the new count and a `changed` frame) in
+    /// the same atomic step. Ids no longer stored are skipped.
+    async fn change(&self, user: &str, change: Change<'_>) -> Result<Changed>;
+    /// Unread messages whose topic starts with `prefix` (reads at most the
+    /// inbox).
+    async fn unread_in(&self, user: &str, prefix: &str) -> Result<u64>;
+}
+
+/// Which stored messages a page lists.
+#[derive(Clone, Debug)]
+pub struct ListQuery<'a> {
+    /// Exclusive; None starts at the newest (or oldest) end.
+    pub cursor: Option<MessageId>,
+    pub oldest_first: bool,
+    /// 1 or more (the node caps it).
+    pub limit: usize,
+    pub unread_only: bool,
+    /// Empty for any topic.
+    pub topic_prefix: &'a str,
+}
+
+/// One listed message: its stored frame and read state.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub id: MessageId,
+    pub read: bool,
+    /// The stored message frame, as live delivery sends it.
+    pub frame: Frame,
+}
+
+/// A page of [`Inbox::list`].
+#[derive(Clone, Debug, Default)]
+pub struct Page {
+    /// The user's whole unread count.
+    pub unread: u64,
+    pub messages: Vec<Listed>,
+    /// Where the next page starts (exclusive); None at the end.
+    pub next: Option<MessageId>,
+}
+
+/// A per-message change.
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'a> {
+    Read(&'a [MessageId]),
+    Unread(&'a [MessageId]),
+    Delete(&'a [MessageId]),
+    DeleteAll,
+}
+
+/// What [`Inbox::change`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// The unread count after it.
+    pub unread: u64,
+    /// The ids whose state changed (read, unread, deleted), in request
+    /// order; empty for `DeleteAll`.
+    pub ids: Vec<MessageId>,
+    /// Messages deleted.
+    pub deleted: u64,
 }
 
 /// The three shared concerns, as one node uses them.

@@ -4,9 +4,11 @@
 
 pub(crate) mod limits;
 
-use crate::node::Node;
+use crate::error::Error;
+use crate::node::{Node, MAX_IDS_PER_CALL};
 use crate::proto::push_service_server::PushService;
 use crate::proto::*;
+use crate::protocol;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
@@ -129,7 +131,7 @@ impl PushService for PushApi {
         let r = req.into_inner();
         self.observed("UnreadCount", async {
             Ok(UnreadCountResponse {
-                count: self.node.unread_count(&r.user_id).await?,
+                count: self.node.unread_count(&r.user_id, &r.topic_prefix).await?,
             })
         })
         .await
@@ -141,8 +143,110 @@ impl PushService for PushApi {
     ) -> Result<Response<MarkReadResponse>, Status> {
         let r = req.into_inner();
         self.observed("MarkRead", async {
+            if r.message_ids.is_empty() {
+                return Ok(MarkReadResponse {
+                    unread: self.node.mark_read(&r.user_id, &r.up_to_message_id).await?,
+                    changed_message_ids: Vec::new(),
+                });
+            }
+            if !r.up_to_message_id.is_empty() {
+                return Err(Error::invalid(
+                    "give either up_to_message_id or message_ids, not both",
+                ));
+            }
+            let ids = Node::parse_ids("message_ids", &r.message_ids, MAX_IDS_PER_CALL)?;
+            let c = self.node.set_read(&r.user_id, &ids, true).await?;
             Ok(MarkReadResponse {
-                unread: self.node.mark_read(&r.user_id, &r.up_to_message_id).await?,
+                unread: c.unread,
+                changed_message_ids: c.ids.iter().map(|i| i.to_string()).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn list_messages(
+        &self,
+        req: Request<ListMessagesRequest>,
+    ) -> Result<Response<ListMessagesResponse>, Status> {
+        let r = req.into_inner();
+        self.observed("ListMessages", async {
+            let page = self
+                .node
+                .list_messages(
+                    &r.user_id,
+                    &r.cursor,
+                    r.oldest_first,
+                    r.limit,
+                    r.unread_only,
+                    &r.topic_prefix,
+                )
+                .await?;
+            let messages = page
+                .messages
+                .iter()
+                .map(|m| {
+                    let f = protocol::parse_stored_frame(&m.frame).map_err(|e| {
+                        Error::Backend(format!("stored frame {} does not parse: {e}", m.id))
+                    })?;
+                    Ok(StoredMessage {
+                        message_id: m.id.to_string(),
+                        topic: f.topic,
+                        payload_json: f.data.get().to_string(),
+                        timestamp_ms: f.ts,
+                        read: m.read,
+                    })
+                })
+                .collect::<crate::error::Result<Vec<_>>>()?;
+            Ok(ListMessagesResponse {
+                messages,
+                next_cursor: page.next.map(|i| i.to_string()).unwrap_or_default(),
+                unread: page.unread,
+            })
+        })
+        .await
+    }
+
+    async fn mark_unread(
+        &self,
+        req: Request<MarkUnreadRequest>,
+    ) -> Result<Response<MarkUnreadResponse>, Status> {
+        let r = req.into_inner();
+        self.observed("MarkUnread", async {
+            let ids = Node::parse_ids("message_ids", &r.message_ids, MAX_IDS_PER_CALL)?;
+            let c = self.node.set_read(&r.user_id, &ids, false).await?;
+            Ok(MarkUnreadResponse {
+                unread: c.unread,
+                changed_message_ids: c.ids.iter().map(|i| i.to_string()).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn delete_messages(
+        &self,
+        req: Request<DeleteMessagesRequest>,
+    ) -> Result<Response<DeleteMessagesResponse>, Status> {
+        let r = req.into_inner();
+        self.observed("DeleteMessages", async {
+            let c = match (r.all, r.message_ids.is_empty()) {
+                (true, true) => self.node.delete_messages(&r.user_id, None).await?,
+                (true, false) => {
+                    return Err(Error::invalid("give either message_ids or all, not both"))
+                }
+                (false, true) => {
+                    return Err(Error::invalid(
+                        "message_ids must name at least one message (or set all)",
+                    ))
+                }
+                (false, false) => {
+                    let ids = Node::parse_ids("message_ids", &r.message_ids, MAX_IDS_PER_CALL)?;
+                    self.node.delete_messages(&r.user_id, Some(&ids)).await?
+                }
+            };
+            Ok(DeleteMessagesResponse {
+                unread: c.unread,
+                deleted_message_ids: c.ids.iter().map(|i| i.to_string()).collect(),
+                deleted: c.deleted,
             })
         })
         .await

@@ -134,6 +134,11 @@ impl TestNode {
             .expect("gRPC connects")
     }
 
+    /// The port of the node's private redis-server (Redis backend only).
+    pub fn redis_port(&self) -> Option<u16> {
+        self.redis.as_ref().map(|r| r.port)
+    }
+
     pub fn ws_url(&self, token: &str, since: Option<&str>) -> String {
         match since {
             Some(s) => format!("ws://{}/ws?token={token}&since={s}", self.ws),
@@ -363,6 +368,7 @@ pub async fn online(c: &mut PushServiceClient<Channel>, user: &str) -> u32 {
 pub async fn unread(c: &mut PushServiceClient<Channel>, user: &str) -> u64 {
     c.unread_count(UnreadCountRequest {
         user_id: user.into(),
+        ..Default::default()
     })
     .await
     .unwrap()

@@ -536,10 +536,36 @@ func (x *UserPresence) GetConnections() uint32 {
 	return 0
 }
 
+// Read state, in full (the message center).
+//
+// Every stored message is read or unread. The user's read cursor says
+// "this message and everything older is read"; on top of it, single
+// messages can be marked read (above the cursor) or unread (at or below
+// it). Reading a message in the middle does not move the cursor; marking
+// one unread below the cursor does not move it back; MarkRead with
+// up_to_message_id moves it forward (never backwards) and makes every
+// message at or below that id read, including ones marked unread before.
+// Deleting a message removes it for every device; the cursor stays where
+// it was (it is a position, not a message).
+//
+// Retention: an inbox keeps --inbox-max-messages messages for at most
+// --inbox-max-age, read or not: trimming drops the oldest first whatever
+// their state, and a trimmed unread message stops counting as unread.
+// Counts are exact after any mix of reads, unreads, deletes, trims and
+// expiry.
+//
+// Resume (WebSocket `since`): the replay after `since` is every message
+// still stored after it, oldest first; deleted messages are not replayed.
+// `resumed` stays true after deletions (a deletion is the user's own, not
+// a loss); it is false only when a message after `since` was trimmed.
 type UnreadCountRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// A non-empty user id.
-	UserId        string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Optional: count only messages whose topic starts with this (at most
+	// 256 bytes). Costs a read of the user's unread messages (at most the
+	// inbox size); without it the count is O(log n).
+	TopicPrefix   string `protobuf:"bytes,2,opt,name=topic_prefix,json=topicPrefix,proto3" json:"topic_prefix,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -581,10 +607,16 @@ func (x *UnreadCountRequest) GetUserId() string {
 	return ""
 }
 
+func (x *UnreadCountRequest) GetTopicPrefix() string {
+	if x != nil {
+		return x.TopicPrefix
+	}
+	return ""
+}
+
 type UnreadCountResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Stored messages newer than the user's read cursor that are still
-	// retained.
+	// Unread stored messages (with topic_prefix: among those topics).
 	Count         uint64 `protobuf:"varint,1,opt,name=count,proto3" json:"count,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -631,9 +663,13 @@ type MarkReadRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// A non-empty user id.
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	// Marks this message and every older one read. Empty marks everything
-	// stored read. The cursor never moves backwards.
+	// Marks this message and every older one read. Empty (with no
+	// message_ids) marks everything stored read ("mark all read"). The
+	// cursor never moves backwards.
 	UpToMessageId string `protobuf:"bytes,2,opt,name=up_to_message_id,json=upToMessageId,proto3" json:"up_to_message_id,omitempty"`
+	// Marks just these messages read (1 to 1,000 ids; not together with
+	// up_to_message_id). Ids no longer stored are skipped.
+	MessageIds    []string `protobuf:"bytes,3,rep,name=message_ids,json=messageIds,proto3" json:"message_ids,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -682,12 +718,21 @@ func (x *MarkReadRequest) GetUpToMessageId() string {
 	return ""
 }
 
+func (x *MarkReadRequest) GetMessageIds() []string {
+	if x != nil {
+		return x.MessageIds
+	}
+	return nil
+}
+
 type MarkReadResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The unread count after the call.
-	Unread        uint64 `protobuf:"varint,1,opt,name=unread,proto3" json:"unread,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Unread uint64 `protobuf:"varint,1,opt,name=unread,proto3" json:"unread,omitempty"`
+	// With message_ids: those that were unread and are read now.
+	ChangedMessageIds []string `protobuf:"bytes,2,rep,name=changed_message_ids,json=changedMessageIds,proto3" json:"changed_message_ids,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *MarkReadResponse) Reset() {
@@ -727,6 +772,484 @@ func (x *MarkReadResponse) GetUnread() uint64 {
 	return 0
 }
 
+func (x *MarkReadResponse) GetChangedMessageIds() []string {
+	if x != nil {
+		return x.ChangedMessageIds
+	}
+	return nil
+}
+
+type ListMessagesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A non-empty user id.
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Where the page starts, exclusive: the previous page's next_cursor.
+	// Empty starts at the newest message (or the oldest, with oldest_first).
+	Cursor string `protobuf:"bytes,2,opt,name=cursor,proto3" json:"cursor,omitempty"`
+	// Oldest first instead of newest first.
+	OldestFirst bool `protobuf:"varint,3,opt,name=oldest_first,json=oldestFirst,proto3" json:"oldest_first,omitempty"`
+	// Messages per page, 1 to 100; 0 means 20.
+	Limit uint32 `protobuf:"varint,4,opt,name=limit,proto3" json:"limit,omitempty"`
+	// Only unread messages.
+	UnreadOnly bool `protobuf:"varint,5,opt,name=unread_only,json=unreadOnly,proto3" json:"unread_only,omitempty"`
+	// Only messages whose topic starts with this (at most 256 bytes).
+	TopicPrefix   string `protobuf:"bytes,6,opt,name=topic_prefix,json=topicPrefix,proto3" json:"topic_prefix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMessagesRequest) Reset() {
+	*x = ListMessagesRequest{}
+	mi := &file_herald_v1_push_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMessagesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMessagesRequest) ProtoMessage() {}
+
+func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMessagesRequest.ProtoReflect.Descriptor instead.
+func (*ListMessagesRequest) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ListMessagesRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *ListMessagesRequest) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+func (x *ListMessagesRequest) GetOldestFirst() bool {
+	if x != nil {
+		return x.OldestFirst
+	}
+	return false
+}
+
+func (x *ListMessagesRequest) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+func (x *ListMessagesRequest) GetUnreadOnly() bool {
+	if x != nil {
+		return x.UnreadOnly
+	}
+	return false
+}
+
+func (x *ListMessagesRequest) GetTopicPrefix() string {
+	if x != nil {
+		return x.TopicPrefix
+	}
+	return ""
+}
+
+type ListMessagesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// At most `limit` messages, in the requested order.
+	Messages []*StoredMessage `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
+	// The cursor of the next page; empty when the end was reached. A page
+	// reads at most the inbox size, so with filters a page may hold fewer
+	// than `limit` messages and still have a next_cursor; a page may also
+	// be empty with no next_cursor.
+	NextCursor string `protobuf:"bytes,2,opt,name=next_cursor,json=nextCursor,proto3" json:"next_cursor,omitempty"`
+	// The user's whole unread count.
+	Unread        uint64 `protobuf:"varint,3,opt,name=unread,proto3" json:"unread,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMessagesResponse) Reset() {
+	*x = ListMessagesResponse{}
+	mi := &file_herald_v1_push_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMessagesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMessagesResponse) ProtoMessage() {}
+
+func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMessagesResponse.ProtoReflect.Descriptor instead.
+func (*ListMessagesResponse) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ListMessagesResponse) GetMessages() []*StoredMessage {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+func (x *ListMessagesResponse) GetNextCursor() string {
+	if x != nil {
+		return x.NextCursor
+	}
+	return ""
+}
+
+func (x *ListMessagesResponse) GetUnread() uint64 {
+	if x != nil {
+		return x.Unread
+	}
+	return 0
+}
+
+type StoredMessage struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	MessageId string                 `protobuf:"bytes,1,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
+	Topic     string                 `protobuf:"bytes,2,opt,name=topic,proto3" json:"topic,omitempty"`
+	// The payload as it was sent, byte for byte.
+	PayloadJson string `protobuf:"bytes,3,opt,name=payload_json,json=payloadJson,proto3" json:"payload_json,omitempty"`
+	// When it was stored, unix ms.
+	TimestampMs   uint64 `protobuf:"varint,4,opt,name=timestamp_ms,json=timestampMs,proto3" json:"timestamp_ms,omitempty"`
+	Read          bool   `protobuf:"varint,5,opt,name=read,proto3" json:"read,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StoredMessage) Reset() {
+	*x = StoredMessage{}
+	mi := &file_herald_v1_push_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StoredMessage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StoredMessage) ProtoMessage() {}
+
+func (x *StoredMessage) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StoredMessage.ProtoReflect.Descriptor instead.
+func (*StoredMessage) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *StoredMessage) GetMessageId() string {
+	if x != nil {
+		return x.MessageId
+	}
+	return ""
+}
+
+func (x *StoredMessage) GetTopic() string {
+	if x != nil {
+		return x.Topic
+	}
+	return ""
+}
+
+func (x *StoredMessage) GetPayloadJson() string {
+	if x != nil {
+		return x.PayloadJson
+	}
+	return ""
+}
+
+func (x *StoredMessage) GetTimestampMs() uint64 {
+	if x != nil {
+		return x.TimestampMs
+	}
+	return 0
+}
+
+func (x *StoredMessage) GetRead() bool {
+	if x != nil {
+		return x.Read
+	}
+	return false
+}
+
+type MarkUnreadRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A non-empty user id.
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// 1 to 1,000 ids. Ids no longer stored are skipped.
+	MessageIds    []string `protobuf:"bytes,2,rep,name=message_ids,json=messageIds,proto3" json:"message_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MarkUnreadRequest) Reset() {
+	*x = MarkUnreadRequest{}
+	mi := &file_herald_v1_push_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MarkUnreadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MarkUnreadRequest) ProtoMessage() {}
+
+func (x *MarkUnreadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MarkUnreadRequest.ProtoReflect.Descriptor instead.
+func (*MarkUnreadRequest) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *MarkUnreadRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *MarkUnreadRequest) GetMessageIds() []string {
+	if x != nil {
+		return x.MessageIds
+	}
+	return nil
+}
+
+type MarkUnreadResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The unread count after the call.
+	Unread uint64 `protobuf:"varint,1,opt,name=unread,proto3" json:"unread,omitempty"`
+	// Those that were read and are unread now.
+	ChangedMessageIds []string `protobuf:"bytes,2,rep,name=changed_message_ids,json=changedMessageIds,proto3" json:"changed_message_ids,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *MarkUnreadResponse) Reset() {
+	*x = MarkUnreadResponse{}
+	mi := &file_herald_v1_push_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MarkUnreadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MarkUnreadResponse) ProtoMessage() {}
+
+func (x *MarkUnreadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MarkUnreadResponse.ProtoReflect.Descriptor instead.
+func (*MarkUnreadResponse) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *MarkUnreadResponse) GetUnread() uint64 {
+	if x != nil {
+		return x.Unread
+	}
+	return 0
+}
+
+func (x *MarkUnreadResponse) GetChangedMessageIds() []string {
+	if x != nil {
+		return x.ChangedMessageIds
+	}
+	return nil
+}
+
+type DeleteMessagesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A non-empty user id.
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// 1 to 1,000 ids to delete (or none, with `all`). Ids no longer stored
+	// are skipped.
+	MessageIds []string `protobuf:"bytes,2,rep,name=message_ids,json=messageIds,proto3" json:"message_ids,omitempty"`
+	// Deletes every stored message of the user (message_ids must be empty).
+	// Ids are never reused: new messages get ids after the deleted ones.
+	All           bool `protobuf:"varint,3,opt,name=all,proto3" json:"all,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteMessagesRequest) Reset() {
+	*x = DeleteMessagesRequest{}
+	mi := &file_herald_v1_push_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteMessagesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteMessagesRequest) ProtoMessage() {}
+
+func (x *DeleteMessagesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteMessagesRequest.ProtoReflect.Descriptor instead.
+func (*DeleteMessagesRequest) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *DeleteMessagesRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *DeleteMessagesRequest) GetMessageIds() []string {
+	if x != nil {
+		return x.MessageIds
+	}
+	return nil
+}
+
+func (x *DeleteMessagesRequest) GetAll() bool {
+	if x != nil {
+		return x.All
+	}
+	return false
+}
+
+type DeleteMessagesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The unread count after the call.
+	Unread uint64 `protobuf:"varint,1,opt,name=unread,proto3" json:"unread,omitempty"`
+	// The ids that were deleted (empty with `all`).
+	DeletedMessageIds []string `protobuf:"bytes,2,rep,name=deleted_message_ids,json=deletedMessageIds,proto3" json:"deleted_message_ids,omitempty"`
+	// How many messages were deleted.
+	Deleted       uint64 `protobuf:"varint,3,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteMessagesResponse) Reset() {
+	*x = DeleteMessagesResponse{}
+	mi := &file_herald_v1_push_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteMessagesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteMessagesResponse) ProtoMessage() {}
+
+func (x *DeleteMessagesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteMessagesResponse.ProtoReflect.Descriptor instead.
+func (*DeleteMessagesResponse) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *DeleteMessagesResponse) GetUnread() uint64 {
+	if x != nil {
+		return x.Unread
+	}
+	return 0
+}
+
+func (x *DeleteMessagesResponse) GetDeletedMessageIds() []string {
+	if x != nil {
+		return x.DeletedMessageIds
+	}
+	return nil
+}
+
+func (x *DeleteMessagesResponse) GetDeleted() uint64 {
+	if x != nil {
+		return x.Deleted
+	}
+	return 0
+}
+
 type DisconnectUserRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// A non-empty user id.
@@ -739,7 +1262,7 @@ type DisconnectUserRequest struct {
 
 func (x *DisconnectUserRequest) Reset() {
 	*x = DisconnectUserRequest{}
-	mi := &file_herald_v1_push_proto_msgTypes[12]
+	mi := &file_herald_v1_push_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -751,7 +1274,7 @@ func (x *DisconnectUserRequest) String() string {
 func (*DisconnectUserRequest) ProtoMessage() {}
 
 func (x *DisconnectUserRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[12]
+	mi := &file_herald_v1_push_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -764,7 +1287,7 @@ func (x *DisconnectUserRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectUserRequest.ProtoReflect.Descriptor instead.
 func (*DisconnectUserRequest) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{12}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DisconnectUserRequest) GetUserId() string {
@@ -791,7 +1314,7 @@ type DisconnectUserResponse struct {
 
 func (x *DisconnectUserResponse) Reset() {
 	*x = DisconnectUserResponse{}
-	mi := &file_herald_v1_push_proto_msgTypes[13]
+	mi := &file_herald_v1_push_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -803,7 +1326,7 @@ func (x *DisconnectUserResponse) String() string {
 func (*DisconnectUserResponse) ProtoMessage() {}
 
 func (x *DisconnectUserResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[13]
+	mi := &file_herald_v1_push_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -816,7 +1339,7 @@ func (x *DisconnectUserResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectUserResponse.ProtoReflect.Descriptor instead.
 func (*DisconnectUserResponse) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{13}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *DisconnectUserResponse) GetClosed() uint32 {
@@ -834,7 +1357,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_herald_v1_push_proto_msgTypes[14]
+	mi := &file_herald_v1_push_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -846,7 +1369,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[14]
+	mi := &file_herald_v1_push_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -859,7 +1382,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{14}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{21}
 }
 
 type StatsResponse struct {
@@ -879,7 +1402,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_herald_v1_push_proto_msgTypes[15]
+	mi := &file_herald_v1_push_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -891,7 +1414,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[15]
+	mi := &file_herald_v1_push_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -904,7 +1427,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{15}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StatsResponse) GetNode() *NodeStats {
@@ -959,7 +1482,7 @@ type NodeStats struct {
 
 func (x *NodeStats) Reset() {
 	*x = NodeStats{}
-	mi := &file_herald_v1_push_proto_msgTypes[16]
+	mi := &file_herald_v1_push_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -971,7 +1494,7 @@ func (x *NodeStats) String() string {
 func (*NodeStats) ProtoMessage() {}
 
 func (x *NodeStats) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[16]
+	mi := &file_herald_v1_push_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -984,7 +1507,7 @@ func (x *NodeStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStats.ProtoReflect.Descriptor instead.
 func (*NodeStats) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{16}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *NodeStats) GetNodeId() string {
@@ -1065,16 +1588,56 @@ const file_herald_v1_push_proto_rawDesc = "" +
 	"\fUserPresence\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x16\n" +
 	"\x06online\x18\x02 \x01(\bR\x06online\x12 \n" +
-	"\vconnections\x18\x03 \x01(\rR\vconnections\"-\n" +
+	"\vconnections\x18\x03 \x01(\rR\vconnections\"P\n" +
 	"\x12UnreadCountRequest\x12\x17\n" +
-	"\auser_id\x18\x01 \x01(\tR\x06userId\"+\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12!\n" +
+	"\ftopic_prefix\x18\x02 \x01(\tR\vtopicPrefix\"+\n" +
 	"\x13UnreadCountResponse\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x04R\x05count\"S\n" +
+	"\x05count\x18\x01 \x01(\x04R\x05count\"t\n" +
 	"\x0fMarkReadRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12'\n" +
-	"\x10up_to_message_id\x18\x02 \x01(\tR\rupToMessageId\"*\n" +
+	"\x10up_to_message_id\x18\x02 \x01(\tR\rupToMessageId\x12\x1f\n" +
+	"\vmessage_ids\x18\x03 \x03(\tR\n" +
+	"messageIds\"Z\n" +
 	"\x10MarkReadResponse\x12\x16\n" +
-	"\x06unread\x18\x01 \x01(\x04R\x06unread\"H\n" +
+	"\x06unread\x18\x01 \x01(\x04R\x06unread\x12.\n" +
+	"\x13changed_message_ids\x18\x02 \x03(\tR\x11changedMessageIds\"\xc3\x01\n" +
+	"\x13ListMessagesRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x16\n" +
+	"\x06cursor\x18\x02 \x01(\tR\x06cursor\x12!\n" +
+	"\foldest_first\x18\x03 \x01(\bR\voldestFirst\x12\x14\n" +
+	"\x05limit\x18\x04 \x01(\rR\x05limit\x12\x1f\n" +
+	"\vunread_only\x18\x05 \x01(\bR\n" +
+	"unreadOnly\x12!\n" +
+	"\ftopic_prefix\x18\x06 \x01(\tR\vtopicPrefix\"\x85\x01\n" +
+	"\x14ListMessagesResponse\x124\n" +
+	"\bmessages\x18\x01 \x03(\v2\x18.herald.v1.StoredMessageR\bmessages\x12\x1f\n" +
+	"\vnext_cursor\x18\x02 \x01(\tR\n" +
+	"nextCursor\x12\x16\n" +
+	"\x06unread\x18\x03 \x01(\x04R\x06unread\"\x9e\x01\n" +
+	"\rStoredMessage\x12\x1d\n" +
+	"\n" +
+	"message_id\x18\x01 \x01(\tR\tmessageId\x12\x14\n" +
+	"\x05topic\x18\x02 \x01(\tR\x05topic\x12!\n" +
+	"\fpayload_json\x18\x03 \x01(\tR\vpayloadJson\x12!\n" +
+	"\ftimestamp_ms\x18\x04 \x01(\x04R\vtimestampMs\x12\x12\n" +
+	"\x04read\x18\x05 \x01(\bR\x04read\"M\n" +
+	"\x11MarkUnreadRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1f\n" +
+	"\vmessage_ids\x18\x02 \x03(\tR\n" +
+	"messageIds\"\\\n" +
+	"\x12MarkUnreadResponse\x12\x16\n" +
+	"\x06unread\x18\x01 \x01(\x04R\x06unread\x12.\n" +
+	"\x13changed_message_ids\x18\x02 \x03(\tR\x11changedMessageIds\"c\n" +
+	"\x15DeleteMessagesRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1f\n" +
+	"\vmessage_ids\x18\x02 \x03(\tR\n" +
+	"messageIds\x12\x10\n" +
+	"\x03all\x18\x03 \x01(\bR\x03all\"z\n" +
+	"\x16DeleteMessagesResponse\x12\x16\n" +
+	"\x06unread\x18\x01 \x01(\x04R\x06unread\x12.\n" +
+	"\x13deleted_message_ids\x18\x02 \x03(\tR\x11deletedMessageIds\x12\x18\n" +
+	"\adeleted\x18\x03 \x01(\x04R\adeleted\"H\n" +
 	"\x15DisconnectUserRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"0\n" +
@@ -1092,14 +1655,18 @@ const file_herald_v1_push_proto_rawDesc = "" +
 	"\x05users\x18\x03 \x01(\x04R\x05users\x12%\n" +
 	"\x0euptime_seconds\x18\x04 \x01(\x04R\ruptimeSeconds\x12-\n" +
 	"\x12messages_delivered\x18\x05 \x01(\x04R\x11messagesDelivered\x124\n" +
-	"\x16broker_events_received\x18\x06 \x01(\x04R\x14brokerEventsReceived2\x8b\x04\n" +
+	"\x16broker_events_received\x18\x06 \x01(\x04R\x14brokerEventsReceived2\xfe\x05\n" +
 	"\vPushService\x12I\n" +
 	"\n" +
 	"SendToUser\x12\x1c.herald.v1.SendToUserRequest\x1a\x1d.herald.v1.SendToUserResponse\x12F\n" +
 	"\tBroadcast\x12\x1b.herald.v1.BroadcastRequest\x1a\x1c.herald.v1.BroadcastResponse\x12C\n" +
 	"\bIsOnline\x12\x1a.herald.v1.IsOnlineRequest\x1a\x1b.herald.v1.IsOnlineResponse\x12L\n" +
 	"\vUnreadCount\x12\x1d.herald.v1.UnreadCountRequest\x1a\x1e.herald.v1.UnreadCountResponse\x12C\n" +
-	"\bMarkRead\x12\x1a.herald.v1.MarkReadRequest\x1a\x1b.herald.v1.MarkReadResponse\x12U\n" +
+	"\bMarkRead\x12\x1a.herald.v1.MarkReadRequest\x1a\x1b.herald.v1.MarkReadResponse\x12O\n" +
+	"\fListMessages\x12\x1e.herald.v1.ListMessagesRequest\x1a\x1f.herald.v1.ListMessagesResponse\x12I\n" +
+	"\n" +
+	"MarkUnread\x12\x1c.herald.v1.MarkUnreadRequest\x1a\x1d.herald.v1.MarkUnreadResponse\x12U\n" +
+	"\x0eDeleteMessages\x12 .herald.v1.DeleteMessagesRequest\x1a!.herald.v1.DeleteMessagesResponse\x12U\n" +
 	"\x0eDisconnectUser\x12 .herald.v1.DisconnectUserRequest\x1a!.herald.v1.DisconnectUserResponse\x12:\n" +
 	"\x05Stats\x12\x17.herald.v1.StatsRequest\x1a\x18.herald.v1.StatsResponseBX\n" +
 	"\rdev.herald.v1B\tPushProtoP\x01Z:github.com/herald-push/herald/clients/go/heraldv1;heraldv1b\x06proto3"
@@ -1116,7 +1683,7 @@ func file_herald_v1_push_proto_rawDescGZIP() []byte {
 	return file_herald_v1_push_proto_rawDescData
 }
 
-var file_herald_v1_push_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_herald_v1_push_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_herald_v1_push_proto_goTypes = []any{
 	(*SendToUserRequest)(nil),      // 0: herald.v1.SendToUserRequest
 	(*SendToUserResponse)(nil),     // 1: herald.v1.SendToUserResponse
@@ -1130,36 +1697,50 @@ var file_herald_v1_push_proto_goTypes = []any{
 	(*UnreadCountResponse)(nil),    // 9: herald.v1.UnreadCountResponse
 	(*MarkReadRequest)(nil),        // 10: herald.v1.MarkReadRequest
 	(*MarkReadResponse)(nil),       // 11: herald.v1.MarkReadResponse
-	(*DisconnectUserRequest)(nil),  // 12: herald.v1.DisconnectUserRequest
-	(*DisconnectUserResponse)(nil), // 13: herald.v1.DisconnectUserResponse
-	(*StatsRequest)(nil),           // 14: herald.v1.StatsRequest
-	(*StatsResponse)(nil),          // 15: herald.v1.StatsResponse
-	(*NodeStats)(nil),              // 16: herald.v1.NodeStats
+	(*ListMessagesRequest)(nil),    // 12: herald.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),   // 13: herald.v1.ListMessagesResponse
+	(*StoredMessage)(nil),          // 14: herald.v1.StoredMessage
+	(*MarkUnreadRequest)(nil),      // 15: herald.v1.MarkUnreadRequest
+	(*MarkUnreadResponse)(nil),     // 16: herald.v1.MarkUnreadResponse
+	(*DeleteMessagesRequest)(nil),  // 17: herald.v1.DeleteMessagesRequest
+	(*DeleteMessagesResponse)(nil), // 18: herald.v1.DeleteMessagesResponse
+	(*DisconnectUserRequest)(nil),  // 19: herald.v1.DisconnectUserRequest
+	(*DisconnectUserResponse)(nil), // 20: herald.v1.DisconnectUserResponse
+	(*StatsRequest)(nil),           // 21: herald.v1.StatsRequest
+	(*StatsResponse)(nil),          // 22: herald.v1.StatsResponse
+	(*NodeStats)(nil),              // 23: herald.v1.NodeStats
 }
 var file_herald_v1_push_proto_depIdxs = []int32{
 	2,  // 0: herald.v1.SendToUserResponse.deliveries:type_name -> herald.v1.Delivery
 	7,  // 1: herald.v1.IsOnlineResponse.users:type_name -> herald.v1.UserPresence
-	16, // 2: herald.v1.StatsResponse.node:type_name -> herald.v1.NodeStats
-	16, // 3: herald.v1.StatsResponse.nodes:type_name -> herald.v1.NodeStats
-	0,  // 4: herald.v1.PushService.SendToUser:input_type -> herald.v1.SendToUserRequest
-	3,  // 5: herald.v1.PushService.Broadcast:input_type -> herald.v1.BroadcastRequest
-	5,  // 6: herald.v1.PushService.IsOnline:input_type -> herald.v1.IsOnlineRequest
-	8,  // 7: herald.v1.PushService.UnreadCount:input_type -> herald.v1.UnreadCountRequest
-	10, // 8: herald.v1.PushService.MarkRead:input_type -> herald.v1.MarkReadRequest
-	12, // 9: herald.v1.PushService.DisconnectUser:input_type -> herald.v1.DisconnectUserRequest
-	14, // 10: herald.v1.PushService.Stats:input_type -> herald.v1.StatsRequest
-	1,  // 11: herald.v1.PushService.SendToUser:output_type -> herald.v1.SendToUserResponse
-	4,  // 12: herald.v1.PushService.Broadcast:output_type -> herald.v1.BroadcastResponse
-	6,  // 13: herald.v1.PushService.IsOnline:output_type -> herald.v1.IsOnlineResponse
-	9,  // 14: herald.v1.PushService.UnreadCount:output_type -> herald.v1.UnreadCountResponse
-	11, // 15: herald.v1.PushService.MarkRead:output_type -> herald.v1.MarkReadResponse
-	13, // 16: herald.v1.PushService.DisconnectUser:output_type -> herald.v1.DisconnectUserResponse
-	15, // 17: herald.v1.PushService.Stats:output_type -> herald.v1.StatsResponse
-	11, // [11:18] is the sub-list for method output_type
-	4,  // [4:11] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	14, // 2: herald.v1.ListMessagesResponse.messages:type_name -> herald.v1.StoredMessage
+	23, // 3: herald.v1.StatsResponse.node:type_name -> herald.v1.NodeStats
+	23, // 4: herald.v1.StatsResponse.nodes:type_name -> herald.v1.NodeStats
+	0,  // 5: herald.v1.PushService.SendToUser:input_type -> herald.v1.SendToUserRequest
+	3,  // 6: herald.v1.PushService.Broadcast:input_type -> herald.v1.BroadcastRequest
+	5,  // 7: herald.v1.PushService.IsOnline:input_type -> herald.v1.IsOnlineRequest
+	8,  // 8: herald.v1.PushService.UnreadCount:input_type -> herald.v1.UnreadCountRequest
+	10, // 9: herald.v1.PushService.MarkRead:input_type -> herald.v1.MarkReadRequest
+	12, // 10: herald.v1.PushService.ListMessages:input_type -> herald.v1.ListMessagesRequest
+	15, // 11: herald.v1.PushService.MarkUnread:input_type -> herald.v1.MarkUnreadRequest
+	17, // 12: herald.v1.PushService.DeleteMessages:input_type -> herald.v1.DeleteMessagesRequest
+	19, // 13: herald.v1.PushService.DisconnectUser:input_type -> herald.v1.DisconnectUserRequest
+	21, // 14: herald.v1.PushService.Stats:input_type -> herald.v1.StatsRequest
+	1,  // 15: herald.v1.PushService.SendToUser:output_type -> herald.v1.SendToUserResponse
+	4,  // 16: herald.v1.PushService.Broadcast:output_type -> herald.v1.BroadcastResponse
+	6,  // 17: herald.v1.PushService.IsOnline:output_type -> herald.v1.IsOnlineResponse
+	9,  // 18: herald.v1.PushService.UnreadCount:output_type -> herald.v1.UnreadCountResponse
+	11, // 19: herald.v1.PushService.MarkRead:output_type -> herald.v1.MarkReadResponse
+	13, // 20: herald.v1.PushService.ListMessages:output_type -> herald.v1.ListMessagesResponse
+	16, // 21: herald.v1.PushService.MarkUnread:output_type -> herald.v1.MarkUnreadResponse
+	18, // 22: herald.v1.PushService.DeleteMessages:output_type -> herald.v1.DeleteMessagesResponse
+	20, // 23: herald.v1.PushService.DisconnectUser:output_type -> herald.v1.DisconnectUserResponse
+	22, // 24: herald.v1.PushService.Stats:output_type -> herald.v1.StatsResponse
+	15, // [15:25] is the sub-list for method output_type
+	5,  // [5:15] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_herald_v1_push_proto_init() }
@@ -1173,7 +1754,7 @@ func file_herald_v1_push_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_herald_v1_push_proto_rawDesc), len(file_herald_v1_push_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

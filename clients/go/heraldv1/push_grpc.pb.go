@@ -38,6 +38,9 @@ const (
 	PushService_IsOnline_FullMethodName       = "/herald.v1.PushService/IsOnline"
 	PushService_UnreadCount_FullMethodName    = "/herald.v1.PushService/UnreadCount"
 	PushService_MarkRead_FullMethodName       = "/herald.v1.PushService/MarkRead"
+	PushService_ListMessages_FullMethodName   = "/herald.v1.PushService/ListMessages"
+	PushService_MarkUnread_FullMethodName     = "/herald.v1.PushService/MarkUnread"
+	PushService_DeleteMessages_FullMethodName = "/herald.v1.PushService/DeleteMessages"
 	PushService_DisconnectUser_FullMethodName = "/herald.v1.PushService/DisconnectUser"
 	PushService_Stats_FullMethodName          = "/herald.v1.PushService/Stats"
 )
@@ -56,11 +59,24 @@ type PushServiceClient interface {
 	Broadcast(ctx context.Context, in *BroadcastRequest, opts ...grpc.CallOption) (*BroadcastResponse, error)
 	// Reports, for each user, whether any connection of theirs is live.
 	IsOnline(ctx context.Context, in *IsOnlineRequest, opts ...grpc.CallOption) (*IsOnlineResponse, error)
-	// The number of stored messages the user has not read yet.
+	// The number of stored messages the user has not read yet (optionally
+	// among topics with a prefix).
 	UnreadCount(ctx context.Context, in *UnreadCountRequest, opts ...grpc.CallOption) (*UnreadCountResponse, error)
-	// Moves the user's read cursor forward; every connection of the user gets
-	// an "unread" frame when the count changes.
+	// Marks messages read: everything up to an id (moving the user's read
+	// cursor forward), everything, or a list of ids. Every connection of the
+	// user gets an "unread" frame when the count changes and a "changed"
+	// frame saying what was read.
 	MarkRead(ctx context.Context, in *MarkReadRequest, opts ...grpc.CallOption) (*MarkReadResponse, error)
+	// The message center: a page of the user's stored messages with their
+	// read state, newest or oldest first.
+	ListMessages(ctx context.Context, in *ListMessagesRequest, opts ...grpc.CallOption) (*ListMessagesResponse, error)
+	// Marks messages unread again, by id. Every connection of the user gets
+	// the new count and a "changed" frame.
+	MarkUnread(ctx context.Context, in *MarkUnreadRequest, opts ...grpc.CallOption) (*MarkUnreadResponse, error)
+	// Deletes stored messages, by id or all of them, for every device of the
+	// user. Every connection of the user gets the new count and a "changed"
+	// frame.
+	DeleteMessages(ctx context.Context, in *DeleteMessagesRequest, opts ...grpc.CallOption) (*DeleteMessagesResponse, error)
 	// Closes every connection of a user (logout, ban) with close code 4001.
 	DisconnectUser(ctx context.Context, in *DisconnectUserRequest, opts ...grpc.CallOption) (*DisconnectUserResponse, error)
 	// Connections and online users of this node and of the cluster.
@@ -125,6 +141,36 @@ func (c *pushServiceClient) MarkRead(ctx context.Context, in *MarkReadRequest, o
 	return out, nil
 }
 
+func (c *pushServiceClient) ListMessages(ctx context.Context, in *ListMessagesRequest, opts ...grpc.CallOption) (*ListMessagesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListMessagesResponse)
+	err := c.cc.Invoke(ctx, PushService_ListMessages_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *pushServiceClient) MarkUnread(ctx context.Context, in *MarkUnreadRequest, opts ...grpc.CallOption) (*MarkUnreadResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MarkUnreadResponse)
+	err := c.cc.Invoke(ctx, PushService_MarkUnread_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *pushServiceClient) DeleteMessages(ctx context.Context, in *DeleteMessagesRequest, opts ...grpc.CallOption) (*DeleteMessagesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteMessagesResponse)
+	err := c.cc.Invoke(ctx, PushService_DeleteMessages_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *pushServiceClient) DisconnectUser(ctx context.Context, in *DisconnectUserRequest, opts ...grpc.CallOption) (*DisconnectUserResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DisconnectUserResponse)
@@ -159,11 +205,24 @@ type PushServiceServer interface {
 	Broadcast(context.Context, *BroadcastRequest) (*BroadcastResponse, error)
 	// Reports, for each user, whether any connection of theirs is live.
 	IsOnline(context.Context, *IsOnlineRequest) (*IsOnlineResponse, error)
-	// The number of stored messages the user has not read yet.
+	// The number of stored messages the user has not read yet (optionally
+	// among topics with a prefix).
 	UnreadCount(context.Context, *UnreadCountRequest) (*UnreadCountResponse, error)
-	// Moves the user's read cursor forward; every connection of the user gets
-	// an "unread" frame when the count changes.
+	// Marks messages read: everything up to an id (moving the user's read
+	// cursor forward), everything, or a list of ids. Every connection of the
+	// user gets an "unread" frame when the count changes and a "changed"
+	// frame saying what was read.
 	MarkRead(context.Context, *MarkReadRequest) (*MarkReadResponse, error)
+	// The message center: a page of the user's stored messages with their
+	// read state, newest or oldest first.
+	ListMessages(context.Context, *ListMessagesRequest) (*ListMessagesResponse, error)
+	// Marks messages unread again, by id. Every connection of the user gets
+	// the new count and a "changed" frame.
+	MarkUnread(context.Context, *MarkUnreadRequest) (*MarkUnreadResponse, error)
+	// Deletes stored messages, by id or all of them, for every device of the
+	// user. Every connection of the user gets the new count and a "changed"
+	// frame.
+	DeleteMessages(context.Context, *DeleteMessagesRequest) (*DeleteMessagesResponse, error)
 	// Closes every connection of a user (logout, ban) with close code 4001.
 	DisconnectUser(context.Context, *DisconnectUserRequest) (*DisconnectUserResponse, error)
 	// Connections and online users of this node and of the cluster.
@@ -192,6 +251,15 @@ func (UnimplementedPushServiceServer) UnreadCount(context.Context, *UnreadCountR
 }
 func (UnimplementedPushServiceServer) MarkRead(context.Context, *MarkReadRequest) (*MarkReadResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method MarkRead not implemented")
+}
+func (UnimplementedPushServiceServer) ListMessages(context.Context, *ListMessagesRequest) (*ListMessagesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListMessages not implemented")
+}
+func (UnimplementedPushServiceServer) MarkUnread(context.Context, *MarkUnreadRequest) (*MarkUnreadResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method MarkUnread not implemented")
+}
+func (UnimplementedPushServiceServer) DeleteMessages(context.Context, *DeleteMessagesRequest) (*DeleteMessagesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteMessages not implemented")
 }
 func (UnimplementedPushServiceServer) DisconnectUser(context.Context, *DisconnectUserRequest) (*DisconnectUserResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DisconnectUser not implemented")
@@ -310,6 +378,60 @@ func _PushService_MarkRead_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PushService_ListMessages_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListMessagesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PushServiceServer).ListMessages(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PushService_ListMessages_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PushServiceServer).ListMessages(ctx, req.(*ListMessagesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PushService_MarkUnread_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MarkUnreadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PushServiceServer).MarkUnread(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PushService_MarkUnread_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PushServiceServer).MarkUnread(ctx, req.(*MarkUnreadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PushService_DeleteMessages_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteMessagesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PushServiceServer).DeleteMessages(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PushService_DeleteMessages_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PushServiceServer).DeleteMessages(ctx, req.(*DeleteMessagesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _PushService_DisconnectUser_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(DisconnectUserRequest)
 	if err := dec(in); err != nil {
@@ -372,6 +494,18 @@ var PushService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "MarkRead",
 			Handler:    _PushService_MarkRead_Handler,
+		},
+		{
+			MethodName: "ListMessages",
+			Handler:    _PushService_ListMessages_Handler,
+		},
+		{
+			MethodName: "MarkUnread",
+			Handler:    _PushService_MarkUnread_Handler,
+		},
+		{
+			MethodName: "DeleteMessages",
+			Handler:    _PushService_DeleteMessages_Handler,
 		},
 		{
 			MethodName: "DisconnectUser",

@@ -7,8 +7,7 @@
 import { compareIds, connect } from '/herald.js';
 
 const TOKEN_KEY = 'herald.demo.token';
-const KEEP = 200; // messages kept in memory
-const SHOW = 50; // messages rendered
+const KEEP = 1000; // messages kept in memory (an inbox holds at most --inbox-max-messages)
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -36,8 +35,11 @@ const el = {
   tokenError: $('token-error'),
 };
 
-/** Newest first. Each: {id, topic, data, ts, transient}. */
+/** Newest first. Each: {id, topic, data, ts, transient, read}. */
 let messages = [];
+/** Where the next history page starts; null when everything is loaded. */
+let next = null;
+let loading = false;
 let unread = 0;
 let filter = 'all';
 let client = null;
@@ -123,8 +125,8 @@ function start(token) {
       }
       return current;
     },
-    // "0-0": the whole stored inbox (read and unread), not only the unread.
-    since: '0-0',
+    // The list comes from history pages (with read flags); the replay on
+    // connect brings the newest unread, merged by id.
   });
   window.heraldClient = client; // for the console and tests
 
@@ -135,6 +137,9 @@ function start(token) {
 
   client.on('open', ({ user, resumed, reconnect }) => {
     setUser(user);
+    // The message center: the newest page with read flags, on every
+    // connect (live messages and changes keep it current afterwards).
+    loadPage(null);
     if (reconnect && resumed === false) {
       showNotice('Reconnected after a long break: some older notifications may have expired.');
     } else {
@@ -143,14 +148,17 @@ function start(token) {
   });
 
   client.on('message', (m) => {
-    if (messages.some((x) => x.id === m.id)) return;
-    messages.unshift(m);
-    if (messages.length > KEEP) messages.length = KEEP;
+    if (!add({ ...m, read: m.transient })) return;
     render();
     if (!m.replayed) {
       ring();
       if (el.panel.hidden) showToast(m);
     }
+  });
+
+  client.on('changed', (c) => {
+    applyChange(c);
+    render();
   });
 
   client.on('unread', ({ count }) => {
@@ -198,17 +206,58 @@ function setUser(user) {
   el.avatar.textContent = (user || '?').slice(0, 1);
 }
 
-/** Stored messages newer than the read cursor: the newest `unread` ones. */
-function unreadIds() {
-  const ids = new Set();
-  let left = unread;
-  for (const m of messages) {
-    if (left <= 0) break;
-    if (m.transient) continue;
-    ids.add(m.id);
-    left -= 1;
+/** Adds a message in id order (newest first); false when already there. */
+function add(m) {
+  if (messages.some((x) => x.id === m.id)) return false;
+  if (m.transient) {
+    messages.unshift(m);
+  } else {
+    const i = messages.findIndex((x) => !x.transient && compareIds(x.id, m.id) < 0);
+    if (i < 0) messages.push(m);
+    else messages.splice(i, 0, m);
   }
-  return ids;
+  if (messages.length > KEEP) messages.length = KEEP;
+  return true;
+}
+
+/** Loads a page of history; `cursor` null (re)loads the newest page. */
+async function loadPage(cursor) {
+  if (!client || loading) return;
+  loading = true;
+  try {
+    const page = await client.history({ cursor, limit: 20 });
+    if (cursor == null) {
+      // The server's view wins: drop what it no longer has (deleted on
+      // another device while this one was away) in the page's range.
+      const oldest = page.messages.at(-1)?.id;
+      const fresh = new Set(page.messages.map((m) => m.id));
+      messages = messages.filter((m) => m.transient || fresh.has(m.id) || (oldest && compareIds(m.id, oldest) > 0));
+    }
+    next = page.next;
+    for (const m of page.messages) {
+      const known = messages.find((x) => x.id === m.id);
+      if (known) known.read = m.read;
+      else add({ ...m, transient: false });
+    }
+  } catch (e) {
+    console.warn(e.message);
+  } finally {
+    loading = false;
+    render();
+  }
+}
+
+/** A change made on any device: read, unread or delete. */
+function applyChange({ op, ids, upTo, all }) {
+  const named = new Set(ids);
+  if (op === 'delete') {
+    messages = all ? messages.filter((m) => m.transient) : messages.filter((m) => !named.has(m.id));
+    return;
+  }
+  for (const m of messages) {
+    if (m.transient) continue;
+    if (named.has(m.id) || (upTo && compareIds(m.id, upTo) <= 0)) m.read = op === 'read';
+  }
 }
 
 function render() {
@@ -221,9 +270,21 @@ function render() {
   el.markAll.disabled = unread === 0;
   document.title = `${unread ? `(${badge}) ` : ''}Northwind Console · Herald live notifications`;
 
-  const fresh = unreadIds();
-  const shown = messages.filter((m) => filter === 'all' || fresh.has(m.id)).slice(0, SHOW);
-  const items = shown.map((m) => item(m, fresh.has(m.id)));
+  const shown = messages.filter((m) => filter === 'all' || !m.read);
+  const items = shown.map((m) => item(m, !m.read));
+  if (next) {
+    const li = document.createElement('li');
+    li.className = 'notif-more';
+    const more = document.createElement('button');
+    more.type = 'button';
+    more.className = 'link-btn';
+    more.id = 'load-more';
+    more.dataset.testid = 'load-more';
+    more.textContent = loading ? 'Loading…' : 'Load older notifications';
+    more.addEventListener('click', () => loadPage(next));
+    li.append(more);
+    items.push(li);
+  }
   el.list.replaceChildren(...items);
 }
 
@@ -238,7 +299,9 @@ function item(m, isUnread) {
   btn.type = 'button';
   btn.className = 'notif-btn';
   btn.title = m.transient ? 'Live-only message' : isUnread ? 'Mark as read' : 'Read';
-  btn.addEventListener('click', () => markRead(m));
+  btn.addEventListener('click', () => {
+    if (isUnread) setRead(m, true);
+  });
 
   const icon = document.createElement('span');
   icon.className = 'notif-icon';
@@ -272,6 +335,24 @@ function item(m, isUnread) {
 
   btn.append(icon, body);
   li.append(btn);
+  if (!m.transient) {
+    const tools = document.createElement('span');
+    tools.className = 'notif-tools';
+    const toggle = document.createElement('button');
+    toggle.type = 'button';
+    toggle.className = 'tool-btn';
+    toggle.dataset.testid = 'toggle-read';
+    toggle.textContent = isUnread ? 'Mark read' : 'Mark unread';
+    toggle.addEventListener('click', () => setRead(m, isUnread));
+    const del = document.createElement('button');
+    del.type = 'button';
+    del.className = 'tool-btn';
+    del.dataset.testid = 'delete';
+    del.textContent = 'Delete';
+    del.addEventListener('click', () => remove(m));
+    tools.append(toggle, del);
+    li.append(tools);
+  }
   return li;
 }
 
@@ -324,23 +405,27 @@ setInterval(() => {
   for (const t of el.list.querySelectorAll('time[data-ts]')) t.textContent = relTime(Number(t.dataset.ts));
 }, 15_000);
 
-function markRead(m) {
+/** Marks one message read or unread, on every device (this one at once). */
+function setRead(m, read) {
   if (!client || m.transient) return;
-  // Optimistic: the message and everything older is read; the server's
-  // "unread" frame (on every tab of this user) confirms.
-  const newer = messages.filter((x) => !x.transient && compareIds(x.id, m.id) > 0).length;
-  if (newer < unread) {
-    unread = newer;
-    render();
-  }
-  client.markRead(m.id);
+  if (!(read ? client.markReadIds([m.id]) : client.markUnread([m.id]))) return;
+  m.read = read;
+  render();
+}
+
+/** Deletes one message, on every device. */
+function remove(m) {
+  if (!client || m.transient) return;
+  if (!client.deleteMessages([m.id])) return;
+  messages = messages.filter((x) => x !== m);
+  render();
 }
 
 el.markAll.addEventListener('click', () => {
   if (!client) return;
-  unread = 0;
+  for (const m of messages) m.read = true;
   render();
-  client.markRead(); // up to the newest message seen
+  if (!client.markAllRead()) client.markRead(); // offline: sent on the next connect
 });
 
 function setPanel(open) {

@@ -207,4 +207,49 @@ describe('notification widget in Chromium', () => {
     assert.ok(readFileSync(SCREENSHOT).length > 10_000);
     assert.deepEqual(pageErrors, [], 'no uncaught errors in the page');
   });
+
+  test('message center: scroll back, read one, unread it, delete one, mark all read, second tab in sync', async () => {
+    for (let i = 0; i < 25; i++) await send(api2, `Build #${i} finished`, `Pipeline ${i} is green.`, 'ci.build');
+    const total = sent.length; // 32: nothing trimmed (inbox keeps 1000)
+    await expectBadge(tab1, 28, 'tab 1 after 25 more');
+    await expectBadge(tab2, 28, 'tab 2 after 25 more');
+    // A fresh page load lists the newest page; older ones on demand.
+    await tab1.reload();
+    await waitFor(async () => (await stateOf(tab1)) === 'live', { what: 'tab 1 live after reload' });
+    await tab1.click('#bell');
+    await waitFor(async () => (await listIds(tab1)).length === 20, { what: 'first page of 20' });
+    assert.deepEqual(await listIds(tab1), sent.slice(-20).map((m) => m.id).reverse());
+    await tab1.click('[data-testid="load-more"]');
+    await waitFor(async () => (await listIds(tab1)).length === total, { what: 'every page loaded' });
+    assert.deepEqual(await listIds(tab1), sent.map((m) => m.id).reverse(), 'scrolled back to the oldest, in order');
+    assert.equal(await tab1.locator('[data-testid="load-more"]').count(), 0, 'nothing more to load');
+
+    // Read one in the middle, then unread it: both tabs follow.
+    const mid = sent[total - 15].id;
+    const item = (tab, id) => tab.locator(`#list [data-id="${id}"]`);
+    assert.equal(await item(tab1, mid).getAttribute('data-unread'), 'true');
+    await item(tab1, mid).locator('[data-testid="toggle-read"]').click();
+    await expectBadge(tab2, 27, 'tab 2 after reading one in tab 1');
+    await expectBadge(tab1, 27, 'tab 1 after reading one');
+    await waitFor(async () => (await item(tab2, mid).getAttribute('data-unread')) === 'false', { what: 'tab 2 shows it read' });
+    await item(tab1, mid).locator('[data-testid="toggle-read"]').click();
+    await expectBadge(tab2, 28, 'tab 2 after unreading it in tab 1');
+    await waitFor(async () => (await item(tab2, mid).getAttribute('data-unread')) === 'true', { what: 'tab 2 shows it unread' });
+
+    // Delete one in tab 2: it disappears everywhere.
+    const gone = sent[total - 3].id;
+    await item(tab2, gone).locator('[data-testid="delete"]').click();
+    await waitFor(async () => !(await listIds(tab1)).includes(gone), { what: 'tab 1 drops the deleted message' });
+    await expectBadge(tab1, 27, 'tab 1 after a delete in tab 2');
+    assert.ok(!(await listIds(tab2)).includes(gone));
+    const listed = await api1.listMessages({ userId: USER, limit: 100 });
+    assert.ok(!listed.messages.some((m) => m.messageId === gone), 'gone from the server too');
+
+    // Mark all read in tab 1.
+    await tab1.click('#mark-all');
+    await expectBadge(tab1, 0, 'tab 1 after mark all read');
+    await expectBadge(tab2, 0, 'tab 2 after mark all read');
+    await waitFor(async () => (await tab2.locator('#list [data-unread="true"]').count()) === 0, { what: 'tab 2 shows everything read' });
+    assert.deepEqual(pageErrors, [], 'no uncaught errors in the page');
+  });
 });

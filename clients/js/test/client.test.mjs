@@ -574,3 +574,60 @@ async function blackholeProxy(port) {
     },
   };
 }
+
+describe('message center', () => {
+  test('history pages, per-message read and unread, delete and mark all read, in sync across two clients', async () => {
+    const user = 'center';
+    const ids = [];
+    for (let i = 0; i < 5; i++) ids.push(await api.send(user, { n: i }, { topic: i % 2 ? 'billing' : 'security' }));
+    const a = open(user);
+    const b = open(user);
+    await Promise.all([nextEvent(a, 'open'), nextEvent(b, 'open')]);
+
+    // Newest first, two at a time.
+    const p1 = await a.history({ limit: 2 });
+    assert.deepEqual(p1.messages.map((m) => [m.id, m.read]), [[ids[4], false], [ids[3], false]]);
+    assert.deepEqual(p1.messages[0].data, { n: 4 });
+    assert.equal(p1.messages[0].topic, 'security');
+    assert.equal(p1.next, ids[3]);
+    assert.equal(p1.unread, 5);
+    const p2 = await a.history({ limit: 2, cursor: p1.next });
+    assert.deepEqual(p2.messages.map((m) => m.id), [ids[2], ids[1]]);
+    const billing = await a.history({ topic: 'bill' });
+    assert.deepEqual(billing.messages.map((m) => m.id), [ids[3], ids[1]]);
+
+    // Read one in the middle on a: b hears of it, with the count.
+    // Each device also hears its own changes: wait for the one expected.
+    const op = (name) => (c) => c.op === name;
+    let seen = nextEvent(b, 'changed', op('read'));
+    assert.equal(a.markReadIds([ids[2]]), true);
+    let ch = await seen;
+    assert.deepEqual([ch.op, ch.ids, ch.count], ['read', [ids[2]], 4]);
+    await waitFor(() => b.unread === 4, { what: "b's badge at 4" });
+    // Unread it again.
+    seen = nextEvent(b, 'changed', op('unread'));
+    a.markUnread([ids[2]]);
+    ch = await seen;
+    assert.deepEqual([ch.op, ch.count], ['unread', 5]);
+    // Delete one on b: a hears of it.
+    seen = nextEvent(a, 'changed', op('delete'));
+    b.deleteMessages([ids[0]]);
+    ch = await seen;
+    assert.deepEqual([ch.op, ch.ids, ch.count], ['delete', [ids[0]], 4]);
+    assert.equal((await api.listMessages({ userId: user, limit: 100 })).messages.length, 4);
+    // Mark all read.
+    seen = nextEvent(b, 'changed', (c) => c.op === 'read' && c.upTo != null);
+    a.markAllRead();
+    ch = await seen;
+    assert.deepEqual([ch.op, ch.upTo, ch.count], ['read', ids[4], 0]);
+    await waitFor(() => a.unread === 0 && b.unread === 0, { what: 'both badges at 0' });
+    const all = await b.history({ limit: 50 });
+    assert.ok(all.messages.every((m) => m.read));
+    assert.deepEqual(all.messages.map((m) => m.id), [ids[4], ids[3], ids[2], ids[1]]);
+
+    // Bad input is refused before anything is sent.
+    assert.throws(() => a.markReadIds(['t1-0']), TypeError);
+    assert.throws(() => a.deleteMessages([]), TypeError);
+    await assert.rejects(a.history({ limit: 51 }), RangeError);
+  });
+});

@@ -183,7 +183,7 @@ export function grpcClient(addr) {
   const Service = pushService();
   const raw = new Service(addr, grpc.credentials.createInsecure());
   const api = { raw, close: () => raw.close() };
-  for (const m of ['SendToUser', 'Broadcast', 'IsOnline', 'UnreadCount', 'MarkRead', 'DisconnectUser', 'Stats']) {
+  for (const m of ['SendToUser', 'Broadcast', 'IsOnline', 'UnreadCount', 'MarkRead', 'DisconnectUser', 'Stats', 'ListMessages', 'MarkUnread', 'DeleteMessages']) {
     const name = m[0].toLowerCase() + m.slice(1);
     api[name] = (req = {}) =>
       new Promise((resolve, reject) => {

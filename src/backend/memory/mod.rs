@@ -362,6 +362,7 @@ impl Broker for MemoryBackend {
                 let online = match &e {
                     Event::Message { user, .. }
                     | Event::Unread { user, .. }
+                    | Event::State { user, .. }
                     | Event::Disconnect { user, .. } => self.local.has_user(user),
                     Event::Broadcast { .. } => self.local.connections() > 0,
                 };

@@ -5,7 +5,7 @@
 use crate::config::InboxConfig;
 use crate::protocol::{self, Frame, MessageId};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -93,6 +93,20 @@ impl Body {
         Some(PER_BODY + self.tail.len() + recipients.len() * PER_RECIPIENT)
     }
 
+    /// Whether the message's topic starts with `prefix`.
+    pub(super) fn topic_starts_with(&self, prefix: &str) -> bool {
+        if prefix.is_empty() {
+            return true;
+        }
+        // The tail starts with `","topic":"` and the topic as JSON text;
+        // escaping is per character, so prefixes compare escaped.
+        let quoted = serde_json::to_string(prefix).expect("a str serializes");
+        let escaped = &quoted[1..quoted.len() - 1];
+        self.tail
+            .strip_prefix("\",\"topic\":\"")
+            .is_some_and(|t| t.starts_with(escaped))
+    }
+
     /// The frame of the message with `id`, built for sending (and freed
     /// once sent): only the body stays in memory.
     pub(super) fn frame(&self, id: MessageId) -> Frame {
@@ -127,6 +141,13 @@ pub(super) struct UserInbox {
     pub(super) floor: MessageId,
     /// The newest id read.
     pub(super) cursor: MessageId,
+    /// Message center: stored ids above the cursor read one by one.
+    pub(super) read_above: BTreeSet<MessageId>,
+    /// Message center: stored ids at or below the cursor marked unread.
+    /// Both sets hold only ids still stored (trims, drops and deletes take
+    /// theirs out), so the count is O(log n): unread above the cursor
+    /// minus `read_above` plus `unread_below`.
+    pub(super) unread_below: BTreeSet<MessageId>,
 }
 
 impl UserInbox {
@@ -145,6 +166,8 @@ impl UserInbox {
             last: mark,
             floor: mark,
             cursor: MessageId::ZERO,
+            read_above: BTreeSet::new(),
+            unread_below: BTreeSet::new(),
         }
     }
 
@@ -153,7 +176,9 @@ impl UserInbox {
         while let Some(front) = self.messages.front() {
             if self.messages.len() > cfg.max_messages || front.body.ts < min_ts {
                 self.floor = self.floor.max(front.id);
+                let id = front.id;
                 self.messages.pop_front();
+                self.forget(id);
             } else {
                 break;
             }
@@ -167,6 +192,7 @@ impl UserInbox {
             Some(m) if m.id == id && Arc::ptr_eq(&m.body, body) => {
                 self.messages.remove(i);
                 self.floor = self.floor.max(id);
+                self.forget(id);
                 true
             }
             _ => false,
@@ -179,6 +205,82 @@ impl UserInbox {
     }
 
     pub(super) fn unread(&self) -> u64 {
-        (self.messages.len() - self.after(self.cursor)) as u64
+        (self.messages.len() - self.after(self.cursor) - self.read_above.len()
+            + self.unread_below.len()) as u64
+    }
+
+    /// Takes a message that is gone out of the per-message state.
+    fn forget(&mut self, id: MessageId) {
+        if !self.read_above.is_empty() {
+            self.read_above.remove(&id);
+        }
+        if !self.unread_below.is_empty() {
+            self.unread_below.remove(&id);
+        }
+    }
+
+    /// Whether the stored message `id` is read.
+    pub(super) fn is_read(&self, id: MessageId) -> bool {
+        if id <= self.cursor {
+            !self.unread_below.contains(&id)
+        } else {
+            self.read_above.contains(&id)
+        }
+    }
+
+    /// The position of stored message `id`.
+    pub(super) fn position(&self, id: MessageId) -> Option<usize> {
+        let i = self.messages.partition_point(|m| m.id < id);
+        (self.messages.get(i)?.id == id).then_some(i)
+    }
+
+    /// Moves the cursor to `up_to` (capped at the newest id, never
+    /// backwards) and makes everything at or below `up_to` read.
+    pub(super) fn read_up_to(&mut self, up_to: MessageId) {
+        let target = up_to.min(self.last);
+        self.cursor = self.cursor.max(target);
+        keep_above(&mut self.read_above, self.cursor);
+        keep_above(&mut self.unread_below, target);
+    }
+
+    /// Marks stored message `id` read or unread; true when its state
+    /// changed (false for an id not stored).
+    pub(super) fn set_read(&mut self, id: MessageId, read: bool) -> bool {
+        if self.position(id).is_none() {
+            return false;
+        }
+        match (id <= self.cursor, read) {
+            (true, true) => self.unread_below.remove(&id),
+            (true, false) => self.unread_below.insert(id),
+            (false, true) => self.read_above.insert(id),
+            (false, false) => self.read_above.remove(&id),
+        }
+    }
+
+    /// Deletes stored message `id`; true when it was stored. The floor
+    /// stays: a deletion is the user's own, not a loss.
+    pub(super) fn delete(&mut self, id: MessageId) -> bool {
+        match self.position(id) {
+            Some(i) => {
+                self.messages.remove(i);
+                self.forget(id);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Keeps only the ids above `id` (O(log n + removed)).
+fn keep_above(set: &mut BTreeSet<MessageId>, id: MessageId) {
+    let next = match id.seq.checked_add(1) {
+        Some(seq) => MessageId { ms: id.ms, seq },
+        None => match id.ms.checked_add(1) {
+            Some(ms) => MessageId { ms, seq: 0 },
+            None => return set.clear(),
+        },
+    };
+    if set.first().is_some_and(|f| *f < next) {
+        *set = set.split_off(&next);
     }
 }

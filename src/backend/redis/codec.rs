@@ -9,6 +9,7 @@
 //! | `m<id> <frame>` | a stored message (published by `scripts/append.lua`, which assigns the id) |
 //! | `M<frame>` | a transient message |
 //! | `u<count>` | the user's unread count |
+//! | `s<frame>` | a message-center change (`changed` frame; published by the `center_*`/`mark_read` scripts) |
 //! | `d<reason>` | close the user's connections |
 //!
 //! On the broadcast channel ([`keys::broadcast_channel`]) the payload is
@@ -30,6 +31,7 @@ pub(super) fn channel(event: &Event) -> String {
     match event {
         Event::Message { user, .. }
         | Event::Unread { user, .. }
+        | Event::State { user, .. }
         | Event::Disconnect { user, .. } => keys::user_channel(user),
         Event::Broadcast { .. } => keys::broadcast_channel(),
     }
@@ -50,6 +52,7 @@ impl fmt::Display for Payload<'_> {
                 id: None, frame, ..
             } => write!(f, "M{frame}"),
             Event::Unread { count, .. } => write!(f, "u{count}"),
+            Event::State { frame, .. } => write!(f, "s{frame}"),
             Event::Disconnect { reason, .. } => write!(f, "d{reason}"),
             Event::Broadcast { frame } => f.write_str(frame),
         }
@@ -95,6 +98,10 @@ pub(super) fn decode(broadcast_channel: &str, channel: &str, payload: &[u8]) -> 
         "u" => Event::Unread {
             user,
             count: rest.parse().ok()?,
+        },
+        "s" => Event::State {
+            user,
+            frame: Frame::from(rest),
         },
         "d" => Event::Disconnect {
             user,
@@ -243,6 +250,10 @@ mod tests {
                 frame: Frame::from(f),
             }),
             (user.clone(), any::<u64>()).prop_map(|(user, count)| Event::Unread { user, count }),
+            (user.clone(), text()).prop_map(|(user, f)| Event::State {
+                user,
+                frame: Frame::from(f),
+            }),
             (user, text()).prop_map(|(user, r)| Event::Disconnect {
                 user,
                 reason: Arc::from(r.as_str()),
@@ -264,7 +275,7 @@ mod tests {
             channel in prop_oneof![text(), text().prop_map(|u| keys::user_channel(&u))],
             payload in prop_oneof![
                 proptest::collection::vec(any::<u8>(), 0..64),
-                ("[mMud]", text()).prop_map(|(k, s)| (k + &s).into_bytes()),
+                ("[mMuds]", text()).prop_map(|(k, s)| (k + &s).into_bytes()),
             ],
         ) {
             let _ = decode(&keys::broadcast_channel(), &channel, &payload);

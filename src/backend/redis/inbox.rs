@@ -1,10 +1,14 @@
-//! [`Inbox`] on Redis: one stream and one meta hash per user, read and
+//! [`Inbox`] on Redis: one stream and one meta hash per user (and three
+//! small sorted sets of per-message state, see `center.rs`), read and
 //! written only by the inbox scripts (`scripts/{append,replay,unread,
-//! mark_read}.lua`), so every step is atomic.
+//! mark_read,center_*}.lua`), so every step is atomic.
 
+use super::center::refs;
 use super::scripts::{array, bad, int, msg_id, nth};
 use super::{keys, RedisBackend};
-use crate::backend::{reused, Appended, Inbox, NewMessage, Replay};
+use crate::backend::{
+    reused, Appended, Change, Changed, Inbox, ListQuery, NewMessage, Page, Replay,
+};
 use crate::error::Result;
 use crate::protocol::{self, Frame, MessageId};
 use async_trait::async_trait;
@@ -12,11 +16,11 @@ use redis::Value;
 
 impl RedisBackend {
     /// How long an idle inbox lives.
-    fn ttl_ms(&self) -> u64 {
+    pub(super) fn ttl_ms(&self) -> u64 {
         (self.cfg.max_age.as_millis() as u64).max(1000)
     }
 
-    fn max_age_ms(&self) -> u64 {
+    pub(super) fn max_age_ms(&self) -> u64 {
         self.cfg.max_age.as_millis() as u64
     }
 }
@@ -80,11 +84,13 @@ impl Inbox for RedisBackend {
     async fn unread(&self, user: &str) -> Result<u64> {
         let now = protocol::now_ms().to_string();
         let max_age = self.max_age_ms().to_string();
+        let k = keys::inbox_state(user);
         let v = self
-            .run_one(self.scripts.unread.cmd(
-                &[&keys::inbox(user), &keys::meta(user)],
-                &[now.as_bytes(), max_age.as_bytes()],
-            ))
+            .run_one(
+                self.scripts
+                    .unread
+                    .cmd(&refs(&k), &[now.as_bytes(), max_age.as_bytes()]),
+            )
             .await?;
         Ok(int(&v)?.max(0) as u64)
     }
@@ -95,9 +101,10 @@ impl Inbox for RedisBackend {
         let since = since.map(|s| s.to_string()).unwrap_or_default();
         let limit = limit.to_string();
         let ttl = self.ttl_ms().to_string();
+        let k = keys::inbox_state(user);
         let v = self
             .run_one(self.scripts.replay.cmd(
-                &[&keys::inbox(user), &keys::meta(user)],
+                &refs(&k),
                 &[
                     now.as_bytes(),
                     max_age.as_bytes(),
@@ -144,13 +151,34 @@ impl Inbox for RedisBackend {
         let now = protocol::now_ms().to_string();
         let max_age = self.max_age_ms().to_string();
         let up_to = up_to.map(|s| s.to_string()).unwrap_or_default();
+        let ttl = self.ttl_ms().to_string();
+        let ch = keys::user_channel(user);
+        let k = keys::inbox_state(user);
         let v = self
             .run_one(self.scripts.mark_read.cmd(
-                &[&keys::inbox(user), &keys::meta(user)],
-                &[now.as_bytes(), max_age.as_bytes(), up_to.as_bytes()],
+                &refs(&k),
+                &[
+                    now.as_bytes(),
+                    max_age.as_bytes(),
+                    up_to.as_bytes(),
+                    ttl.as_bytes(),
+                    ch.as_bytes(),
+                ],
             ))
             .await?;
         let v = array(v)?;
         Ok((int(nth(&v, 0))?.max(0) as u64, int(nth(&v, 1))? == 1))
+    }
+
+    async fn list(&self, user: &str, q: &ListQuery<'_>) -> Result<Page> {
+        self.center_list(user, q).await
+    }
+
+    async fn change(&self, user: &str, change: Change<'_>) -> Result<Changed> {
+        self.center_change(user, change).await
+    }
+
+    async fn unread_in(&self, user: &str, prefix: &str) -> Result<u64> {
+        self.center_count(user, prefix).await
     }
 }

@@ -19,9 +19,37 @@ pub(crate) fn inbox(user: &str) -> String {
     user_scoped(user, "inbox")
 }
 
-/// Hash: the user's inbox bookkeeping (`last`, `seq`, `rid`, `rn`, `floor`).
+/// Hash: the user's inbox bookkeeping (`last`, `seq`, `rid`, `rn`, `floor`,
+/// `tn`; see `scripts/prelude.lua`).
 pub(crate) fn meta(user: &str) -> String {
     user_scoped(user, "meta")
+}
+
+/// Sorted set: ids read above the read cursor (score: the ordinal `n`).
+pub(crate) fn read_above(user: &str) -> String {
+    user_scoped(user, "rd")
+}
+
+/// Sorted set: ids unread at or below the read cursor (score: `n`).
+pub(crate) fn unread_below(user: &str) -> String {
+    user_scoped(user, "ur")
+}
+
+/// Sorted set: ids deleted above `tn` (score: `n`).
+pub(crate) fn deleted(user: &str) -> String {
+    user_scoped(user, "del")
+}
+
+/// The keys of every inbox script but append, in their order: inbox, meta,
+/// rd, ur, del (all under the user's hash tag: one slot).
+pub(crate) fn inbox_state(user: &str) -> [String; 5] {
+    [
+        inbox(user),
+        meta(user),
+        read_above(user),
+        unread_below(user),
+        deleted(user),
+    ]
 }
 
 /// String: the record of a stored send to `user` with idempotency key `key`:
@@ -97,6 +125,12 @@ mod tests {
     fn names_are_stable() {
         assert_eq!(inbox("al ice"), "herald:{al ice}:inbox");
         assert_eq!(meta("bob"), "herald:{bob}:meta");
+        for k in inbox_state("bob") {
+            assert!(
+                k.starts_with("herald:{bob}:"),
+                "{k}: one user's keys share a slot"
+            );
+        }
         assert_eq!(user_channel("bob"), "herald:{bob}:ch");
         assert_eq!(broadcast_channel(), "herald:broadcast");
         assert_eq!(nodes(), "herald:nodes");

@@ -52,6 +52,7 @@
 //! up from the inbox (what was published while it was away is not lost).
 
 mod broker;
+mod center;
 mod codec;
 mod idempotency;
 mod inbox;

@@ -13,6 +13,10 @@ pub(super) const APPEND: &str = include_str!("scripts/append.lua");
 const REPLAY: &str = include_str!("scripts/replay.lua");
 const UNREAD: &str = include_str!("scripts/unread.lua");
 const MARK_READ: &str = include_str!("scripts/mark_read.lua");
+const CENTER_LIST: &str = include_str!("scripts/center_list.lua");
+const CENTER_MARK: &str = include_str!("scripts/center_mark.lua");
+const CENTER_DELETE: &str = include_str!("scripts/center_delete.lua");
+const CENTER_COUNT: &str = include_str!("scripts/center_count.lua");
 const LOOKUP: &str = include_str!("scripts/lookup.lua");
 const CLUSTER: &str = include_str!("scripts/cluster.lua");
 const RENEW: &str = include_str!("scripts/renew.lua");
@@ -55,6 +59,10 @@ pub(super) struct Scripts {
     pub(super) replay: Script,
     pub(super) unread: Script,
     pub(super) mark_read: Script,
+    pub(super) center_list: Script,
+    pub(super) center_mark: Script,
+    pub(super) center_delete: Script,
+    pub(super) center_count: Script,
     pub(super) lookup: Script,
     pub(super) cluster: Script,
     pub(super) renew: Script,
@@ -69,6 +77,10 @@ impl Scripts {
             replay: Script::new(REPLAY, true),
             unread: Script::new(UNREAD, true),
             mark_read: Script::new(MARK_READ, true),
+            center_list: Script::new(CENTER_LIST, true),
+            center_mark: Script::new(CENTER_MARK, true),
+            center_delete: Script::new(CENTER_DELETE, true),
+            center_count: Script::new(CENTER_COUNT, true),
             lookup: Script::new(LOOKUP, false),
             cluster: Script::new(CLUSTER, false),
             renew: Script::new(RENEW, false),
@@ -77,12 +89,16 @@ impl Scripts {
         }
     }
 
-    fn all(&self) -> [&Script; 9] {
+    fn all(&self) -> [&Script; 13] {
         [
             &self.append,
             &self.replay,
             &self.unread,
             &self.mark_read,
+            &self.center_list,
+            &self.center_mark,
+            &self.center_delete,
+            &self.center_count,
             &self.lookup,
             &self.cluster,
             &self.renew,
@@ -171,6 +187,10 @@ mod tests {
             ("replay", REPLAY),
             ("unread", UNREAD),
             ("mark_read", MARK_READ),
+            ("center_list", CENTER_LIST),
+            ("center_mark", CENTER_MARK),
+            ("center_delete", CENTER_DELETE),
+            ("center_count", CENTER_COUNT),
             ("lookup", LOOKUP),
             ("cluster", CLUSTER),
             ("renew", RENEW),

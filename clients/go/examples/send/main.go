@@ -120,6 +120,31 @@ func main() {
 	}
 	fmt.Printf("%s has %d unread\n", *user, unread.GetCount())
 
+	// 3b. The message center: the newest page, then one message read on
+	// its own (every device of the user gets the new count and a
+	// "changed" frame).
+	ctx, cancel = call()
+	page, err := client.ListMessages(ctx, &heraldv1.ListMessagesRequest{UserId: *user, Limit: 5})
+	cancel()
+	if err != nil {
+		fail("ListMessages", err)
+	}
+	for _, m := range page.GetMessages() {
+		fmt.Printf("  %s topic=%s read=%v %s\n", m.GetMessageId(), m.GetTopic(), m.GetRead(), m.GetPayloadJson())
+	}
+	if len(page.GetMessages()) > 0 {
+		ctx, cancel = call()
+		read, err := client.MarkRead(ctx, &heraldv1.MarkReadRequest{
+			UserId:     *user,
+			MessageIds: []string{page.GetMessages()[0].GetMessageId()},
+		})
+		cancel()
+		if err != nil {
+			fail("MarkRead (one message)", err)
+		}
+		fmt.Printf("read %v; %s has %d unread\n", read.GetChangedMessageIds(), *user, read.GetUnread())
+	}
+
 	// 4. A request the server must reject: the payload is not JSON.
 	ctx, cancel = call()
 	_, err = client.SendToUser(ctx, &heraldv1.SendToUserRequest{

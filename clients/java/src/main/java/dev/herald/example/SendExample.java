@@ -3,9 +3,14 @@ package dev.herald.example;
 import dev.herald.v1.Delivery;
 import dev.herald.v1.IsOnlineRequest;
 import dev.herald.v1.IsOnlineResponse;
+import dev.herald.v1.ListMessagesRequest;
+import dev.herald.v1.ListMessagesResponse;
+import dev.herald.v1.MarkReadRequest;
+import dev.herald.v1.MarkReadResponse;
 import dev.herald.v1.PushServiceGrpc;
 import dev.herald.v1.SendToUserRequest;
 import dev.herald.v1.SendToUserResponse;
+import dev.herald.v1.StoredMessage;
 import dev.herald.v1.UnreadCountRequest;
 import dev.herald.v1.UserPresence;
 import io.grpc.ManagedChannel;
@@ -97,6 +102,25 @@ public final class SendExample {
                     .unreadCount(UnreadCountRequest.newBuilder().setUserId(user).build())
                     .getCount();
             System.out.printf("%s has %d unread%n", user, unread);
+
+            // The message center: the newest page, then one message read on
+            // its own (every device of the user gets the new count and a
+            // "changed" frame).
+            ListMessagesResponse page = herald.withDeadlineAfter(5, TimeUnit.SECONDS)
+                    .listMessages(ListMessagesRequest.newBuilder().setUserId(user).setLimit(5).build());
+            for (StoredMessage m : page.getMessagesList()) {
+                System.out.printf("  %s topic=%s read=%b %s%n",
+                        m.getMessageId(), m.getTopic(), m.getRead(), m.getPayloadJson());
+            }
+            if (page.getMessagesCount() > 0) {
+                MarkReadResponse read = herald.withDeadlineAfter(5, TimeUnit.SECONDS)
+                        .markRead(MarkReadRequest.newBuilder()
+                                .setUserId(user)
+                                .addMessageIds(page.getMessages(0).getMessageId())
+                                .build());
+                System.out.printf("read %s; %s has %d unread%n",
+                        read.getChangedMessageIdsList(), user, read.getUnread());
+            }
 
             // Errors arrive as StatusRuntimeException; this payload is not JSON.
             try {
