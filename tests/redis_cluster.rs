@@ -141,3 +141,181 @@ async fn cross_node_delivery_presence_unread_badge_and_broadcast() {
     })
     .await;
 }
+
+/// Sends `n` stored messages to `user` (payloads 0..n), each with an
+/// idempotency key and retried with it until it succeeds (the documented
+/// contract: a call that fails while a shard moves or fails over may have
+/// stored); returns the ids in order. `during` runs once after `at` sends.
+async fn stream_with<F>(
+    node: &NodeProcess,
+    user: &str,
+    n: usize,
+    at: usize,
+    during: F,
+) -> Vec<String>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut c = node.client().await;
+    let mut task = None;
+    let mut f = Some(during);
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        if i == at {
+            task = Some(tokio::spawn(f.take().unwrap()));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let id = loop {
+            let r = c
+                .send_to_user(SendToUserRequest {
+                    user_ids: vec![user.to_string()],
+                    topic: "t".into(),
+                    payload_json: i.to_string(),
+                    idempotency_key: format!("k{i}"),
+                    ..Default::default()
+                })
+                .await;
+            match r {
+                Ok(r) => break r.into_inner().deliveries[0].message_id.clone(),
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "send {i} kept failing: {e:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        ids.push(id);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    if let Some(t) = task {
+        t.await.unwrap();
+    }
+    ids
+}
+
+/// Collects `n` stored messages on `ws`; asserts each arrives once and in
+/// order, and that nothing follows.
+async fn collect(mut ws: Ws, n: usize) -> Vec<String> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let m = ws.next_of("message").await;
+        got.push(m["id"].as_str().unwrap().to_string());
+    }
+    ws.expect_silence(Duration::from_millis(300)).await;
+    got
+}
+
+/// The hash slot of a user's keys and channel.
+fn user_slot(rc: &RedisCluster, user: &str) -> u16 {
+    rc.slot(&format!("herald:{{{user}}}:inbox"))
+}
+
+#[tokio::test]
+async fn slot_migration_during_a_stream_loses_and_doubles_nothing() {
+    let rc = RedisCluster::start();
+    let nodes = herald_on(&rc, 3);
+    let u = uid("mig");
+    let slot = user_slot(&rc, &u);
+    let from = rc.owner(slot);
+    let to = rc
+        .nodes()
+        .into_iter()
+        .find(|n| n.primary && n.id != from.id)
+        .unwrap();
+    let (phone, _) = nodes[0].connect(&u).await;
+    let (laptop, _) = nodes[1].connect(&u).await;
+    let total = 300;
+    let phone = tokio::spawn(collect(phone, total));
+    let laptop = tokio::spawn(collect(laptop, total));
+    let rc = std::sync::Arc::new(rc);
+    let mover = {
+        let (rc, to) = (rc.clone(), to.clone());
+        async move {
+            tokio::task::spawn_blocking(move || rc.migrate_slot(slot, &to))
+                .await
+                .unwrap()
+        }
+    };
+    let sent = stream_with(&nodes[2], &u, total, 100, mover).await;
+    assert_eq!(rc.owner(slot).id, to.id, "the slot moved");
+    assert_eq!(
+        phone.await.unwrap(),
+        sent,
+        "phone: every message once, in order"
+    );
+    assert_eq!(
+        laptop.await.unwrap(),
+        sent,
+        "laptop: every message once, in order"
+    );
+    // The user keeps working on the new owner: unread, a new connection.
+    let mut c = nodes[0].client().await;
+    assert_eq!(unread(&mut c, &u).await, total as u64);
+    assert_eq!(online(&mut c, &u).await, 0);
+    let (mut ws, w) = nodes[2].connect(&u).await;
+    assert_eq!(w["unread"], total);
+    for _ in 0..w["replay"].as_u64().unwrap() {
+        ws.next_of("message").await;
+    }
+    let r = send(&mut c, &[&u], "1").await;
+    assert!(r.deliveries[0].online);
+    let m = ws.next_of("message").await;
+    assert_eq!(m["id"], r.deliveries[0].message_id.as_str());
+}
+
+#[tokio::test]
+async fn primary_failover_during_a_stream_loses_and_doubles_nothing() {
+    let rc = RedisCluster::start();
+    let nodes = herald_on(&rc, 3);
+    let u = uid("fo");
+    let slot = user_slot(&rc, &u);
+    let (phone, _) = nodes[0].connect(&u).await;
+    let (laptop, _) = nodes[1].connect(&u).await;
+    let total = 300;
+    let phone = tokio::spawn(collect(phone, total));
+    let laptop = tokio::spawn(collect(laptop, total));
+    let old = rc.owner(slot);
+    let rc = std::sync::Arc::new(parking_lot_free::Cell::new(rc));
+    let killer = {
+        let rc = rc.clone();
+        async move {
+            tokio::task::spawn_blocking(move || rc.with(|c| c.kill_primary_of(slot)))
+                .await
+                .unwrap()
+        }
+    };
+    let sent = stream_with(&nodes[2], &u, total, 100, killer).await;
+    rc.with(|c| assert_ne!(c.owner(slot).id, old.id, "the replica took over"));
+    assert_eq!(
+        phone.await.unwrap(),
+        sent,
+        "phone: every message once, in order"
+    );
+    assert_eq!(
+        laptop.await.unwrap(),
+        sent,
+        "laptop: every message once, in order"
+    );
+    let mut c = nodes[0].client().await;
+    assert_eq!(unread(&mut c, &u).await, total as u64);
+    eventually("presence after the failover", || {
+        let (mut c, u) = (c.clone(), u.clone());
+        async move { online(&mut c, &u).await == 0 }
+    })
+    .await;
+}
+
+/// A `RedisCluster` shared between the test and a blocking task.
+mod parking_lot_free {
+    pub struct Cell<T>(std::sync::Mutex<T>);
+    impl<T> Cell<T> {
+        pub fn new(t: T) -> Self {
+            Cell(std::sync::Mutex::new(t))
+        }
+        pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+            f(&mut self.0.lock().unwrap())
+        }
+    }
+}

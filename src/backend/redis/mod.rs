@@ -362,8 +362,17 @@ impl From<RedisError> for Error {
     fn from(e: RedisError) -> Error {
         let busy = matches!(
             e.code(),
-            Some("LOADING") | Some("BUSY") | Some("MASTERDOWN") | Some("READONLY")
-        );
+            Some("LOADING")
+                | Some("BUSY")
+                | Some("MASTERDOWN")
+                | Some("READONLY")
+                // A cluster moving a slot or failing over, past the
+                // client's retries.
+                | Some("TRYAGAIN")
+                | Some("CLUSTERDOWN")
+                | Some("MOVED")
+                | Some("ASK")
+        ) || e.kind() == redis::ErrorKind::ClusterConnectionNotFound;
         if e.is_io_error()
             || e.is_connection_refusal()
             || e.is_timeout()
