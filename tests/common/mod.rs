@@ -743,6 +743,18 @@ impl Drop for NodeProcess {
     }
 }
 
+/// A free loopback port for a Redis Cluster node: at most 55535 (its
+/// cluster bus listens 10000 higher), with the bus port free too.
+pub fn free_cluster_port() -> u16 {
+    loop {
+        let p: u16 = rand::random_range(20000..55535);
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(p) && free(p + 10000) {
+            return p;
+        }
+    }
+}
+
 /// A local Redis Cluster: six `redis-server` processes on free loopback
 /// ports (three primaries, one replica each, made by `redis-cli --cluster
 /// create`), data in a private temp dir, a short `cluster-node-timeout` so
@@ -774,7 +786,7 @@ impl RedisCluster {
             rand::random::<u64>()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..6).map(|_| free_cluster_port()).collect();
         let mut c = RedisCluster {
             ports: ports.clone(),
             dir,

@@ -1,10 +1,22 @@
 //! Redis-backed broker, presence and inbox: a cluster of nodes sharing one
-//! Redis (7.0 or newer).
+//! Redis (7.0 or newer), or a Redis Cluster (`redis+cluster://` seeds).
+//!
+//! Both run the same code: every file talks to Redis through [`Conn`] (a
+//! connection manager, or the crate's cluster connection that routes each
+//! command to the primary owning its slot), every script touches one
+//! user's keys (one slot), and presence filters each user's reservation
+//! hash through a cache of the node leases ([`leases`]) instead of reading
+//! every node's keys in one script. What differs is pub/sub: `PUBLISH` and
+//! one `SUBSCRIBE` connection on a server; sharded pub/sub (`SPUBLISH`,
+//! `SSUBSCRIBE` on the shard owning the user) on a cluster, with the
+//! registrar re-subscribing after a slot moves or a shard fails over.
 //!
 //! # Files
 //!
-//! * `mod.rs`: [`connect`] (checks the server, starts the registrar) and
-//!   [`RedisBackend`], the handle the three traits are implemented on.
+//! * `mod.rs`: [`connect`] (checks the server, starts the registrar),
+//!   [`Target`] (what `--redis-url` names), [`Conn`] and [`RedisBackend`],
+//!   the handle the traits are implemented on.
+//! * [`leases`]: the cache of live node incarnations.
 //! * [`keys`]: every key and channel name, one function each.
 //! * [`codec`]: the pub/sub payload format, encoded and decoded.
 //! * [`scripts`]: the Lua scripts (`scripts/*.lua`, one per file), the
@@ -26,8 +38,8 @@
 //! |---|---|---|---|
 //! | `herald:{<user>}:inbox` | stream | stored messages: id `<ms>-<seq>`, fields `n` (ordinal), `f` (the frame) | trimmed to the newest `inbox_max_messages` and `inbox_max_age`; expires `inbox_max_age` after the last write |
 //! | `herald:{<user>}:meta` | hash | `last` (newest id), `seq` (messages ever stored), `rid`/`rn` (read cursor id and ordinal), `floor` (newest id gone) | as the inbox |
-//! | `herald:{<user>}:ch` | channel | the user's live events (payloads: [`codec`]) | subscribed by nodes holding the user |
-//! | `herald:broadcast` | channel | broadcast frames | every node |
+//! | `herald:{<user>}:ch` | channel (sharded on a cluster) | the user's live events (payloads: [`codec`]) | subscribed by nodes holding the user |
+//! | `herald:broadcast` | channel (sharded on a cluster) | broadcast frames | every node |
 //! | `herald:nodes` | sorted set | node id, scored by lease expiry (Redis clock, ms) | renewed every lease/3 |
 //! | `herald:node:<id>:conns` | hash | user -> live connections on that node | written only by that node; expires 3 leases after its last renewal |
 //!
