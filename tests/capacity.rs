@@ -154,6 +154,7 @@ async fn capacity() {
     let mut c = node.client().await;
     let payload = format!(r#"{{"title":"Invoice paid","body":"{}"}}"#, "x".repeat(60));
     tokio::time::sleep(Duration::from_millis(500)).await;
+    println!();
     println!("| operation | count | Redis memory each | Redis commands each | Redis CPU µs each | commands each (top) |");
     println!("|---|---|---|---|---|---|");
 
