@@ -319,3 +319,14 @@ mod parking_lot_free {
         }
     }
 }
+
+/// A `redis+cluster://` URL without a seed is refused at startup, and the
+/// error never repeats the URL (it may hold a password).
+#[tokio::test]
+async fn a_cluster_url_without_seeds_is_refused() {
+    let mut args = args();
+    args.redis_url = Some("redis+cluster://user:s3cret@".into());
+    let e = TestNode::try_start_with(args).await.err().expect("refused");
+    assert!(e.contains("no seed node"), "{e}");
+    assert!(!e.contains("s3cret"), "{e}");
+}
