@@ -173,3 +173,57 @@ impl Leases {
         nodes
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(now: i64, leases: &[(&str, i64)], boots: &[(&str, &str)]) -> Leases {
+        let mut v = vec![Value::Int(now)];
+        for (n, e) in leases {
+            v.push(Value::BulkString(n.as_bytes().to_vec()));
+            v.push(Value::Int(*e));
+        }
+        let l = Leases::default();
+        l.store(
+            Value::Array(v),
+            boots
+                .iter()
+                .map(|(n, b)| (n.to_string(), b.to_string()))
+                .collect(),
+        )
+        .unwrap();
+        l
+    }
+
+    #[test]
+    fn incarnations_are_live_lapsed_dead_or_unknown() {
+        let now = 1_000_000;
+        let l = cache(
+            now,
+            &[("a", now + 5000), ("b", now - 5000), ("c", now + 5000)],
+            &[("a", "1"), ("b", "1"), ("c", "2")],
+        );
+        assert_eq!(l.state("a|1"), Some(State::Live));
+        assert_eq!(l.state("c|1"), Some(State::Dead), "c restarted with boot 2");
+        // Unsure until re-read: b's lease ran out (it may have renewed
+        // since), d is not known at all (it may have just started).
+        assert_eq!(l.state("b|1"), None);
+        assert_eq!(l.state("d|9"), None);
+        assert_eq!(l.state_fresh("b|1"), State::Lapsed);
+        assert_eq!(l.state_fresh("d|9"), State::Dead);
+        assert_eq!(l.state("no-separator"), None);
+        let (mut live, lapsed) = l.live_and_lapsed();
+        live.sort();
+        assert_eq!(live, vec!["a|1", "c|2"]);
+        assert_eq!(lapsed, vec!["b|1"]);
+        assert_eq!(l.live_nodes(), vec!["a", "c"]);
+    }
+
+    #[test]
+    fn node_ids_with_a_bar_keep_their_boot_apart() {
+        let now = 5_000;
+        let l = cache(now, &[("x|y", now + 100)], &[("x|y", "b")]);
+        assert_eq!(l.state("x|y|b"), Some(State::Live));
+    }
+}

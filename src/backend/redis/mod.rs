@@ -397,3 +397,35 @@ impl From<RedisError> for Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_name_their_seeds_and_never_show_a_password() {
+        let t = Target::parse("redis+cluster://u:pw@10.0.0.1:7000,10.0.0.2:7001/").unwrap();
+        let Target::Cluster(seeds) = &t else {
+            panic!("a cluster")
+        };
+        assert_eq!(
+            seeds,
+            &["redis://u:pw@10.0.0.1:7000", "redis://u:pw@10.0.0.2:7001"]
+        );
+        assert!(t.sharded());
+        assert_eq!(t.describe(), "cluster 10.0.0.1:7000,10.0.0.2:7001");
+        let t = Target::parse("redis+cluster://10.0.0.1:7000").unwrap();
+        assert_eq!(t.describe(), "cluster 10.0.0.1:7000");
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://pw@",
+            "redis+cluster://,",
+        ] {
+            let e = Target::parse(bad).err().expect(bad).to_string();
+            assert!(!e.contains("pw"), "{e}");
+        }
+        let t = Target::parse("redis://127.0.0.1:6379/0").unwrap();
+        assert!(!t.sharded());
+        assert!(Target::parse("nope://x").is_err());
+    }
+}

@@ -46,7 +46,16 @@ impl Presence for RedisBackend {
         let key = keys::user_conns(user);
         let mut attempt = 0;
         loop {
-            let (live, lapsed) = self.leases.live_and_lapsed();
+            let (mut live, mut lapsed) = self.leases.live_and_lapsed();
+            if !lapsed.is_empty() {
+                // A lease the cache saw run out may have been renewed since
+                // (the cache is as old as this node's last renewal): only a
+                // fresh read may leave an incarnation uncounted.
+                self.leases
+                    .refresh_if_old(&self.conn, &self.scripts)
+                    .await?;
+                (live, lapsed) = self.leases.live_and_lapsed();
+            }
             let n = live.len().to_string();
             let mut args: Vec<&[u8]> =
                 vec![self.incarnation.as_bytes(), cap.as_bytes(), n.as_bytes()];
