@@ -1,5 +1,9 @@
 //! The registrar: the one task per node that owns the pub/sub connection
-//! and this node's presence record (see "Fan-out" in [`super`]).
+//! and this node's presence record (see "Fan-out" in [`super`]): one
+//! `SUBSCRIBE` connection on a Redis server ([`Registrar::run`]), sharded
+//! subscriptions over the cluster connection on a Redis Cluster
+//! ([`Registrar::run_cluster`], which also repairs subscriptions that lapse
+//! when a slot moves or a shard fails over).
 //!
 //! Backends reach it through a [`Handle`]: each request names a user whose
 //! subscription and presence the registrar makes match this node's
