@@ -21,13 +21,14 @@ END = "<!-- END GENERATED -->"
 NAMES = {
     "herald1": "Herald, 1 node",
     "herald2": "Herald, 2 nodes + Redis",
+    "herald2-cluster": "Herald, 2 nodes + Redis Cluster (3 shards)",
     "socketio": "Socket.IO 4, 2 processes + Redis, sent through @socket.io/redis-emitter",
     "socketio-http": "Socket.IO 4, 2 processes + Redis, sent through HTTP POST into a process",
     "centrifugo": "Centrifugo v6, 2 nodes + Redis, history on",
     "centrifugo-live": "Centrifugo v6, 2 nodes + Redis, no history",
     "floor": "herald-floor (bare fan-out)",
 }
-ORDER = ["herald1", "herald2", "socketio", "socketio-http", "centrifugo", "centrifugo-live", "floor"]
+ORDER = ["herald1", "herald2", "herald2-cluster", "socketio", "socketio-http", "centrifugo", "centrifugo-live", "floor"]
 
 
 def load(results):
@@ -225,7 +226,7 @@ def generate(runs, meta, commands):
                     ps = get(r, "idle", "processes") or []
                     n = get(r, "idle", "connected") or 0
                     vals = [p.get("rss_after", 0) - p.get("rss_before", 0) for p in ps
-                            if (p.get("process") == "redis") == redis and p.get("rss_after") is not None and p.get("rss_before") is not None]
+                            if str(p.get("process", "")).startswith("redis") == redis and p.get("rss_after") is not None and p.get("rss_before") is not None]
                     if not vals or not n:
                         return None
                     return sum(vals) / n

@@ -20,11 +20,16 @@
 #
 # Sizes (environment variables, full-run defaults in brackets):
 #   SYSTEMS            systems to run [herald1 herald2 socketio socketio-http centrifugo
-#                      centrifugo-live floor; smoke: herald1 herald2 socketio centrifugo floor,
+#                      centrifugo-live herald2-cluster floor; smoke: herald1 herald2 socketio centrifugo floor,
 #                      centrifugo only when its binary is there or Go can build it]
 #   CENTRIFUGO_BIN     a centrifugo v6 binary [built once with `go install
 #                      github.com/centrifugal/centrifugo/v6@$CENTRIFUGO_VERSION` into
 #                      bench-out/bin, which later runs (and CI's cache) reuse]
+#                      herald2-cluster: 2 Herald nodes on a local Redis Cluster
+#                      (redis+cluster://, sharded pub/sub)
+#   CLUSTER_PRIMARIES  primaries of herald2-cluster's Redis Cluster [3]
+#   CLUSTER_REPLICAS   replicas per primary [0: the sharding path alone; with
+#                      1 every write is also replicated, on the same cores]
 #   ROUNDS             repetitions of the whole set; the tables show medians [1]
 #   UNICAST_CONNS      clients for the unicast experiments [10000]
 #   FIXED_RATES        fixed rates measured first, deliveries/s [5000 10000]
@@ -76,7 +81,7 @@ if [ "$MODE" = smoke ]; then
     : "${BIG_IDLE:=0}" "${ROUNDS:=1}" "${BENCH_PROFILE:=release}"
     : "${BENCH_OUT:=$ROOT/bench-out/smoke}"
 else
-    : "${SYSTEMS:=herald1 herald2 socketio socketio-http centrifugo centrifugo-live floor}"
+    : "${SYSTEMS:=herald1 herald2 herald2-cluster socketio socketio-http centrifugo centrifugo-live floor}"
     : "${UNICAST_CONNS:=10000}" "${FIXED_RATES:=5000 10000}" "${STEP_SECS:=4}" "${BATCH:=100}"
     : "${BROADCAST_CONNS:=10000}" "${BROADCASTS:=40}" "${IDLE_SIZES:=10000 50000}" "${IDLE_HOLD:=10s}"
     : "${BIG_IDLE:=100000}" "${ROUNDS:=1}" "${BENCH_PROFILE:=release}"
@@ -141,6 +146,24 @@ wait_port() {
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A port for a Redis Cluster node: at most 55535 (the cluster bus listens
+# 10000 higher), with the bus port free too.
+free_cluster_port() {
+    python3 -c '
+import random, socket
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+while True:
+    p = random.randrange(20000, 55535)
+    if free(p) and free(p + 10000):
+        print(p); break'
+}
 
 # wait_ready LOG PID PATTERN: until PATTERN is in LOG (20 s), or the process died.
 wait_ready() {
@@ -165,7 +188,7 @@ say "open-file limit $FD_LIMIT: at most $MAX_CONNS connections per process"
 
 # --- install and build --------------------------------------------------------
 need_redis=0
-for s in $SYSTEMS; do case $s in herald2 | socketio* | centrifugo*) need_redis=1 ;; esac; done
+for s in $SYSTEMS; do case $s in herald2 | herald2-cluster | socketio* | centrifugo*) need_redis=1 ;; esac; done
 if [ $need_redis = 1 ] && ! command -v redis-server >/dev/null; then
     say "installing redis-server (apt-get)"
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } >"$LOGS/apt.log" 2>&1 ||
@@ -227,9 +250,49 @@ if [ $need_redis = 1 ]; then
     say "redis on 127.0.0.1:$REDIS_PORT (pid $REDIS_PID)"
 fi
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+
+# A local Redis Cluster for herald2-cluster: CLUSTER_PRIMARIES primaries with
+# CLUSTER_REPLICAS replicas each, made by redis-cli --cluster create.
+: "${CLUSTER_PRIMARIES:=3}" "${CLUSTER_REPLICAS:=0}"
+CLUSTER_PORTS=()
+CLUSTER_PIDS=()
+CLUSTER_URL=""
+if [[ " $SYSTEMS " == *" herald2-cluster "* ]]; then
+    command -v redis-cli >/dev/null || die "redis-cli is needed for the Redis Cluster (Debian: redis-tools)"
+    for _ in $(seq $((CLUSTER_PRIMARIES * (CLUSTER_REPLICAS + 1)))); do
+        port=$(free_cluster_port)
+        mkdir -p "$BENCH_OUT/cluster/$port"
+        redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --protected-mode yes \
+            --maxclients 10000 --cluster-enabled yes --cluster-config-file nodes.conf \
+            --dir "$BENCH_OUT/cluster/$port" >"$LOGS/redis-cluster-$port.log" 2>&1 &
+        CLUSTER_PIDS+=("$!")
+        PIDS+=("$!")
+        CLUSTER_PORTS+=("$port")
+        wait_ready "$LOGS/redis-cluster-$port.log" "$!" "Ready to accept connections" || die "Redis Cluster node did not start"
+    done
+    hosts=()
+    for port in "${CLUSTER_PORTS[@]}"; do hosts+=("127.0.0.1:$port"); done
+    redis-cli --cluster create "${hosts[@]}" --cluster-replicas "$CLUSTER_REPLICAS" --cluster-yes >"$LOGS/cluster-create.log" 2>&1 ||
+        die "redis-cli --cluster create failed (see $LOGS/cluster-create.log)"
+    for _ in $(seq 200); do
+        ok=1
+        for port in "${CLUSTER_PORTS[@]}"; do
+            redis-cli -p "$port" cluster info | grep -q 'cluster_state:ok' || ok=0
+        done
+        [ $ok = 1 ] && break
+        sleep 0.1
+    done
+    [ $ok = 1 ] || die "the Redis Cluster did not become ready"
+    CLUSTER_URL="redis+cluster://$(IFS=,; echo "${hosts[*]}")"
+    say "redis cluster: $CLUSTER_URL (pids ${CLUSTER_PIDS[*]})"
+fi
+
 redis_flush() {
-    [ -n "$REDIS_PID" ] || return 0
-    if command -v redis-cli >/dev/null; then redis-cli -p "$REDIS_PORT" flushall >/dev/null; fi
+    if [ -n "$REDIS_PID" ] && command -v redis-cli >/dev/null; then redis-cli -p "$REDIS_PORT" flushall >/dev/null; fi
+    local port
+    for port in "${CLUSTER_PORTS[@]+"${CLUSTER_PORTS[@]}"}"; do
+        redis-cli -p "$port" flushall >/dev/null 2>&1 || true # replicas refuse (READONLY)
+    done
 }
 
 # --- systems ------------------------------------------------------------------
@@ -239,7 +302,7 @@ SYS_ARGS=()
 SYS_PIDS=()
 SYS_SERVER_PIDS=()
 SYS_EXTRA_PIDS=() # processes of the system that are not servers (the emitter)
-start_herald_node() { # ID USE_REDIS: sets HN_PID HN_WS HN_GRPC
+start_herald_node() { # ID USE_REDIS (0, 1, or a Redis URL): sets HN_PID HN_WS HN_GRPC
     local id=$1 redis=$2 admin log
     HN_WS=$(free_port)
     HN_GRPC=$(free_port)
@@ -247,6 +310,7 @@ start_herald_node() { # ID USE_REDIS: sets HN_PID HN_WS HN_GRPC
     log="$LOGS/$id-$RUN_TAG.log"
     local extra=() env=()
     [ "$redis" = 1 ] && extra=(--redis-url "$REDIS_URL") && env=("TOKIO_WORKER_THREADS=$HERALD2_WORKERS")
+    [[ "$redis" == redis* ]] && extra=(--redis-url "$redis") && env=("TOKIO_WORKER_THREADS=$HERALD2_WORKERS")
     env "${env[@]+"${env[@]}"}" "$SERVER" serve --ws-listen "127.0.0.1:$HN_WS" --grpc-listen "127.0.0.1:$HN_GRPC" --admin-listen "127.0.0.1:$admin" \
         --jwt-secret "$SECRET" --node-id "$id" "${extra[@]+"${extra[@]}"}" >"$log" 2>&1 &
     HN_PID=$!
@@ -273,6 +337,19 @@ start_system() {
         SYS_ARGS=(--target herald --jwt-secret "$SECRET" --ws "ws://127.0.0.1:$a/ws,ws://127.0.0.1:$HN_WS/ws"
             --api "http://127.0.0.1:$b,http://127.0.0.1:$HN_GRPC")
         SYS_PIDS=(--pid "herald-h1=$pid1" --pid "herald-h2=$HN_PID" --pid "redis=$REDIS_PID")
+        ;;
+    herald2-cluster)
+        start_herald_node h1 "$CLUSTER_URL" || return 1
+        pid1=$HN_PID a=$HN_WS b=$HN_GRPC
+        start_herald_node h2 "$CLUSTER_URL" || return 1
+        SYS_ARGS=(--target herald --jwt-secret "$SECRET" --ws "ws://127.0.0.1:$a/ws,ws://127.0.0.1:$HN_WS/ws"
+            --api "http://127.0.0.1:$b,http://127.0.0.1:$HN_GRPC")
+        SYS_PIDS=(--pid "herald-h1=$pid1" --pid "herald-h2=$HN_PID")
+        local i=0 cp
+        for cp in "${CLUSTER_PIDS[@]}"; do
+            i=$((i + 1))
+            SYS_PIDS+=(--pid "redis-$i=$cp")
+        done
         ;;
     socketio | socketio-http)
         p1=$(free_port)

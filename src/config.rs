@@ -128,7 +128,7 @@ pub struct ServeArgs {
     /// This node's id in the cluster. [default: <host name>-<ws port>]
     #[arg(long, env = "HERALD_NODE_ID")]
     pub node_id: Option<String>,
-    /// Redis URL (redis://host:port/db). Without it the node runs alone on the embedded in-memory backend.
+    /// Redis URL: redis://host:port/db, or redis+cluster://host:port[,host:port...] (seed nodes of a Redis Cluster). Without it the node runs alone on the embedded in-memory backend.
     #[arg(long, env = "HERALD_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Largest payload_json accepted, in bytes.

@@ -336,6 +336,9 @@ impl Dispatch for Hub {
     fn resync_all(&self) {
         Hub::resync_all(self)
     }
+    fn resync(&self, user: &str) {
+        self.for_user(user, |c| c.flag(|st| st.resync = true));
+    }
     fn dispatch(&self, event: Event) {
         self.events_received.fetch_add(1, Ordering::Relaxed);
         match event {

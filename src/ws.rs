@@ -283,7 +283,7 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                     // Live delivery had a gap: fetch what was stored after
                     // the last message this connection saw, then go on
                     // (live frames at or below it are dropped in write).
-                    match Box::pin(node.replay(&conn.user, Some(head))).await {
+                    match Box::pin(catch_up(&node, &conn.user, head)).await {
                         Ok(r) => {
                             let mut caught: Vec<Outbound> = Vec::with_capacity(r.messages.len() + batch.len());
                             caught.extend(r.messages.into_iter().map(|(id, frame)| Outbound { id: Some(id), frame }));
@@ -622,6 +622,34 @@ async fn write(
         Err(_) => {
             metrics::counter!("herald_write_timeouts_total").increment(1);
             false
+        }
+    }
+}
+
+/// How long a connection keeps trying to catch up from the inbox while the
+/// backend is unavailable (a Redis Cluster shard failing over takes about
+/// its `cluster-node-timeout` plus an election) before it closes with 1013.
+const CATCH_UP_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Reads what was stored after `head`, retrying with backoff while the
+/// backend is unavailable (for up to [`CATCH_UP_PATIENCE`]). Frames that
+/// arrive meanwhile wait in the connection's bounded queue.
+async fn catch_up(
+    node: &Node,
+    user: &str,
+    head: MessageId,
+) -> crate::error::Result<crate::backend::Replay> {
+    let deadline = tokio::time::Instant::now() + CATCH_UP_PATIENCE;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match node.replay(user, Some(head)).await {
+            Err(crate::error::Error::Unavailable(_))
+                if tokio::time::Instant::now() + backoff < deadline =>
+            {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
         }
     }
 }

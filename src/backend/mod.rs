@@ -69,6 +69,10 @@ pub(crate) trait Dispatch: Send + Sync + 'static {
     /// Asks every connection here to catch up from the inbox: live
     /// delivery had a gap.
     fn resync_all(&self);
+    /// Asks the connections of `user` here to catch up from the inbox: the
+    /// user's live delivery had a gap (on Redis Cluster, the user's slot
+    /// moved or its shard failed over).
+    fn resync(&self, user: &str);
     /// Message frames queued to connections here, and events received from
     /// the broker, since the node started (for other nodes' `Stats`).
     fn counters(&self) -> (u64, u64);

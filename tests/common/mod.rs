@@ -748,3 +748,297 @@ impl Drop for NodeProcess {
         self.kill9();
     }
 }
+
+/// A free loopback port for a Redis Cluster node: at most 55535 (its
+/// cluster bus listens 10000 higher), with the bus port free too.
+pub fn free_cluster_port() -> u16 {
+    loop {
+        let p: u16 = rand::random_range(20000..55535);
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(p) && free(p + 10000) {
+            return p;
+        }
+    }
+}
+
+/// A local Redis Cluster: six `redis-server` processes on free loopback
+/// ports (three primaries, one replica each, made by `redis-cli --cluster
+/// create`), data in a private temp dir, a short `cluster-node-timeout` so
+/// a failover takes about a second. Every process is killed by PID on
+/// drop.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    dir: std::path::PathBuf,
+    children: Vec<Option<std::process::Child>>,
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Clone, Debug)]
+pub struct ClusterNode {
+    pub id: String,
+    pub port: u16,
+    pub primary: bool,
+    pub failed: bool,
+    /// The primary's id, for a replica.
+    pub primary_id: Option<String>,
+    /// Slot ranges served (primaries).
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "herald-test-cluster-{:016x}",
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports: Vec<u16> = (0..6).map(|_| free_cluster_port()).collect();
+        let mut c = RedisCluster {
+            ports: ports.clone(),
+            dir,
+            children: Vec::new(),
+        };
+        for &p in &ports {
+            let child = c.spawn(p);
+            c.children.push(Some(child));
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli on PATH (Debian: apt-get install redis-tools)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        c.wait_healthy();
+        c
+    }
+
+    fn spawn(&self, port: u16) -> std::process::Child {
+        let dir = self.dir.join(port.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .args(["--daemonize", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (Debian: apt-get install redis-server)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Self::cli_at(port, &["PING"]).trim() != "PONG" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// `redis+cluster://` with every node as a seed.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// Runs redis-cli against one node; returns its stdout.
+    pub fn cli_at(port: u16, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// A port of a running node.
+    fn any_port(&self) -> u16 {
+        self.ports
+            .iter()
+            .zip(&self.children)
+            .find(|(_, c)| c.is_some())
+            .map(|(p, _)| *p)
+            .unwrap()
+    }
+
+    /// `CLUSTER NODES` as a live node sees it.
+    pub fn nodes(&self) -> Vec<ClusterNode> {
+        Self::cli_at(self.any_port(), &["CLUSTER", "NODES"])
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.len() < 8 {
+                    return None;
+                }
+                let port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
+                let flags = f[2];
+                let slots = f[8..]
+                    .iter()
+                    .filter(|s| !s.starts_with('['))
+                    .filter_map(|s| match s.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => s.parse().ok().map(|x| (x, x)),
+                    })
+                    .collect();
+                Some(ClusterNode {
+                    id: f[0].to_string(),
+                    port,
+                    primary: flags.contains("master"),
+                    failed: flags.contains("fail"),
+                    primary_id: (f[3] != "-").then(|| f[3].to_string()),
+                    slots,
+                })
+            })
+            .collect()
+    }
+
+    /// The hash slot of `key`.
+    pub fn slot(&self, key: &str) -> u16 {
+        Self::cli_at(self.any_port(), &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The primary serving `slot`.
+    pub fn owner(&self, slot: u16) -> ClusterNode {
+        self.nodes()
+            .into_iter()
+            .find(|n| {
+                n.primary && !n.failed && n.slots.iter().any(|(a, b)| *a <= slot && slot <= *b)
+            })
+            .expect("a primary serves the slot")
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` and every
+    /// replica's link to its primary is up.
+    pub fn wait_healthy(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = self.ports.iter().zip(&self.children).all(|(p, c)| {
+                c.is_none() || {
+                    let info = Self::cli_at(*p, &["CLUSTER", "INFO"]);
+                    let repl = Self::cli_at(*p, &["INFO", "replication"]);
+                    info.contains("cluster_state:ok")
+                        && (repl.contains("role:master") || repl.contains("master_link_status:up"))
+                }
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cluster did not become healthy"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Moves `slot` to the primary on `to` with its keys, as `redis-cli
+    /// --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE in batches,
+    /// then SETSLOT NODE on both ends (the old owner then unsubscribes the
+    /// slot's sharded channels).
+    pub fn migrate_slot(&self, slot: u16, to: &ClusterNode) {
+        let from = self.owner(slot);
+        assert_ne!(from.id, to.id);
+        let s = slot.to_string();
+        let ok = |r: String| assert!(r.trim() == "OK", "{r}");
+        ok(Self::cli_at(
+            to.port,
+            &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from.id],
+        ));
+        ok(Self::cli_at(
+            from.port,
+            &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to.id],
+        ));
+        loop {
+            let keys = Self::cli_at(from.port, &["CLUSTER", "GETKEYSINSLOT", &s, "10"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = to.port.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter());
+            ok(Self::cli_at(from.port, &args));
+        }
+        ok(Self::cli_at(
+            to.port,
+            &["CLUSTER", "SETSLOT", &s, "NODE", &to.id],
+        ));
+        ok(Self::cli_at(
+            from.port,
+            &["CLUSTER", "SETSLOT", &s, "NODE", &to.id],
+        ));
+    }
+
+    /// Kills the primary serving `slot` (SIGKILL) and has its replica take
+    /// over (`CLUSTER FAILOVER FORCE`: no handshake with the dead primary);
+    /// returns once the replica serves the slot and the cluster is healthy.
+    pub fn kill_primary_of(&mut self, slot: u16) {
+        let primary = self.owner(slot);
+        let replica = self
+            .nodes()
+            .into_iter()
+            .find(|n| n.primary_id.as_deref() == Some(primary.id.as_str()))
+            .expect("the primary has a replica");
+        let i = self.ports.iter().position(|p| *p == primary.port).unwrap();
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let _ = Self::cli_at(replica.port, &["CLUSTER", "FAILOVER", "FORCE"]);
+            std::thread::sleep(Duration::from_millis(200));
+            let owner = self
+                .nodes()
+                .into_iter()
+                .find(|n| n.primary && n.slots.iter().any(|(a, b)| *a <= slot && slot <= *b));
+            if owner.is_some_and(|o| o.id == replica.id) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replica was not promoted"
+            );
+        }
+        self.wait_ok_only();
+    }
+
+    /// Waits until every live node reports `cluster_state:ok`.
+    fn wait_ok_only(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !self.ports.iter().zip(&self.children).all(|(p, c)| {
+            c.is_none() || Self::cli_at(*p, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+        }) {
+            assert!(std::time::Instant::now() < deadline, "cluster not ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut() {
+            if let Some(mut c) = c.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,6 +1,7 @@
 //! [`Broker`] on Redis pub/sub: a node subscribes to a user's channel
 //! while it holds one of the user's connections (the registrar does the
-//! subscribing); events are published in the format of [`codec`].
+//! subscribing); events are published in the format of [`codec`], with
+//! `PUBLISH` on one server and `SPUBLISH` (sharded pub/sub) on a cluster.
 
 use super::{codec, RedisBackend};
 use crate::backend::{Broker, Event};
@@ -23,9 +24,13 @@ impl Broker for RedisBackend {
         if events.is_empty() {
             return Ok(Vec::new()); // an empty pipeline is not a valid request
         }
+        // On a cluster every channel is a sharded one (the broadcast
+        // channel too): SPUBLISH goes to the primary of the channel's slot
+        // and reaches only the nodes subscribed there.
+        let publish = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
         let mut pipe = redis::pipe();
         for e in &events {
-            pipe.cmd("PUBLISH")
+            pipe.cmd(publish)
                 .arg(codec::channel(e))
                 .arg(codec::Payload(e));
         }

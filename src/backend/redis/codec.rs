@@ -196,7 +196,7 @@ mod tests {
     #[test]
     fn append_script_writes_the_stored_message_payload() {
         assert!(super::super::scripts::APPEND
-            .contains("redis.call('PUBLISH', ARGV[7], 'm' .. id .. ' ' .. frame)"));
+            .contains("redis.call(PUBLISH, ARGV[7], 'm' .. id .. ' ' .. frame)"));
         // What the script builds from id `5-1` and frame `F`.
         let lua = "m".to_string() + "5-1" + " " + "F";
         assert!(same(

@@ -3,8 +3,11 @@
 //! [`super`] lists them with their types and lifetimes.
 //!
 //! User-scoped names carry the user id as a `{hash tag}` (built by
-//! [`user_scoped`] only), so one user's keys would share a slot under Redis
-//! Cluster.
+//! [`user_scoped`] only), so one user's keys and channel share a slot under
+//! Redis Cluster: every script touches one user's keys, and the user's
+//! sharded channel lives on the same shard as the inbox that publishes to
+//! it. Node and cluster-wide keys have no tag; each is read and written
+//! with single-key commands.
 
 /// What every name starts with.
 const PREFIX: &str = "herald:";
@@ -105,16 +108,14 @@ pub(crate) fn nodes() -> String {
     format!("{PREFIX}nodes")
 }
 
-/// The two parts around a node id in [`node_conns`]: scripts that read
-/// every live node's hash build the names from them.
-pub(crate) fn node_conns_parts() -> (String, &'static str) {
-    (format!("{PREFIX}node:"), ":conns")
+/// What every per-node key starts with.
+fn node_scoped(node: &str, what: &str) -> String {
+    format!("{PREFIX}node:{node}:{what}")
 }
 
 /// Hash: user -> live connections on node `node`.
 pub(crate) fn node_conns(node: &str) -> String {
-    let (a, b) = node_conns_parts();
-    format!("{a}{node}{b}")
+    node_scoped(node, "conns")
 }
 
 #[cfg(test)]
@@ -135,6 +136,9 @@ mod tests {
         assert_eq!(broadcast_channel(), "herald:broadcast");
         assert_eq!(nodes(), "herald:nodes");
         assert_eq!(node_conns("n1"), "herald:node:n1:conns");
+        assert_eq!(node_stats("n1"), "herald:node:n1:stats");
+        assert_eq!(boots(), "herald:boots");
+        assert_eq!(user_conns("bob"), "herald:{bob}:conns");
     }
 
     #[test]
@@ -151,9 +155,5 @@ mod tests {
 /// Hash: what node `node` last reported of itself (`started` unix ms,
 /// `delivered`, `events`), written with each lease renewal.
 pub(crate) fn node_stats(node: &str) -> String {
-    format!("{}{node}{}", node_conns_parts().0, NODE_STATS_SUFFIX)
+    node_scoped(node, "stats")
 }
-
-/// What follows the node id in [`node_stats`] (scripts build the name from
-/// the prefix of [`node_conns_parts`] and this).
-pub(crate) const NODE_STATS_SUFFIX: &str = ":stats";

@@ -1,10 +1,22 @@
 //! Redis-backed broker, presence and inbox: a cluster of nodes sharing one
-//! Redis (7.0 or newer).
+//! Redis (7.0 or newer), or a Redis Cluster (`redis+cluster://` seeds).
+//!
+//! Both run the same code: every file talks to Redis through [`Conn`] (a
+//! connection manager, or the crate's cluster connection that routes each
+//! command to the primary owning its slot), every script touches one
+//! user's keys (one slot), and presence filters each user's reservation
+//! hash through a cache of the node leases ([`leases`]) instead of reading
+//! every node's keys in one script. What differs is pub/sub: `PUBLISH` and
+//! one `SUBSCRIBE` connection on a server; sharded pub/sub (`SPUBLISH`,
+//! `SSUBSCRIBE` on the shard owning the user) on a cluster, with the
+//! registrar re-subscribing after a slot moves or a shard fails over.
 //!
 //! # Files
 //!
-//! * `mod.rs`: [`connect`] (checks the server, starts the registrar) and
-//!   [`RedisBackend`], the handle the three traits are implemented on.
+//! * `mod.rs`: [`connect`] (checks the server, starts the registrar),
+//!   [`Target`] (what `--redis-url` names), [`Conn`] and [`RedisBackend`],
+//!   the handle the traits are implemented on.
+//! * [`leases`]: the cache of live node incarnations.
 //! * [`keys`]: every key and channel name, one function each.
 //! * [`codec`]: the pub/sub payload format, encoded and decoded.
 //! * [`scripts`]: the Lua scripts (`scripts/*.lua`, one per file), the
@@ -26,8 +38,8 @@
 //! |---|---|---|---|
 //! | `herald:{<user>}:inbox` | stream | stored messages: id `<ms>-<seq>`, fields `n` (ordinal), `f` (the frame) | trimmed to the newest `inbox_max_messages` and `inbox_max_age`; expires `inbox_max_age` after the last write |
 //! | `herald:{<user>}:meta` | hash | `last` (newest id), `seq` (messages ever stored), `rid`/`rn` (read cursor id and ordinal), `floor` (newest id gone) | as the inbox |
-//! | `herald:{<user>}:ch` | channel | the user's live events (payloads: [`codec`]) | subscribed by nodes holding the user |
-//! | `herald:broadcast` | channel | broadcast frames | every node |
+//! | `herald:{<user>}:ch` | channel (sharded on a cluster) | the user's live events (payloads: [`codec`]) | subscribed by nodes holding the user |
+//! | `herald:broadcast` | channel (sharded on a cluster) | broadcast frames | every node |
 //! | `herald:nodes` | sorted set | node id, scored by lease expiry (Redis clock, ms) | renewed every lease/3 |
 //! | `herald:node:<id>:conns` | hash | user -> live connections on that node | written only by that node; expires 3 leases after its last renewal |
 //!
@@ -57,6 +69,7 @@ mod codec;
 mod idempotency;
 mod inbox;
 pub(crate) mod keys;
+mod leases;
 mod presence;
 mod registrar;
 mod scripts;
@@ -64,20 +77,166 @@ mod scripts;
 use super::{Backend, Dispatch};
 use crate::config::{Config, InboxConfig};
 use crate::error::{Error, Result};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Value};
+use futures_util::future::{join_all, FutureExt};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 use scripts::Scripts;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The URL scheme of cluster mode: `redis+cluster://[user:pass@]host:port[,host:port...]`
+/// lists seed nodes of a Redis Cluster (any reachable one is enough).
+pub(crate) const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// Where the data lives: one Redis server, or a Redis Cluster.
+#[derive(Clone)]
+pub(crate) enum Target {
+    Standalone(redis::Client),
+    /// The seed nodes, each as a `redis://` URL (credentials repeated).
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    /// Reads `--redis-url`. Errors never repeat the URL (it may hold a
+    /// password).
+    pub(crate) fn parse(url: &str) -> Result<Target> {
+        let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) else {
+            let invalid = |e: RedisError| {
+                Error::invalid(format!("--redis-url is not a valid Redis URL: {e}"))
+            };
+            let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+            let client = redis::Client::open(info.set_tcp_settings(nodelay())).map_err(invalid)?;
+            return Ok(Target::Standalone(client));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((a, h)) => (format!("{a}@"), h),
+            None => (String::new(), rest),
+        };
+        let seeds: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("redis://{auth}{h}"))
+            .collect();
+        if seeds.is_empty() {
+            return Err(Error::invalid(
+                "--redis-url redis+cluster:// names no seed node (host:port[,host:port...])",
+            ));
+        }
+        for s in &seeds {
+            redis::Client::open(s.as_str()).map_err(|e| {
+                Error::invalid(format!("--redis-url has an invalid cluster seed: {e}"))
+            })?;
+        }
+        Ok(Target::Cluster(seeds))
+    }
+
+    /// What errors may name: the address(es), never a password.
+    fn describe(&self) -> String {
+        match self {
+            Target::Standalone(c) => c.get_connection_info().addr().to_string(),
+            Target::Cluster(seeds) => {
+                let hosts: Vec<&str> = seeds
+                    .iter()
+                    .map(|s| s.rsplit_once('@').map_or(&s[8..], |(_, h)| h))
+                    .collect();
+                format!("cluster {}", hosts.join(","))
+            }
+        }
+    }
+
+    /// Whether user channels use sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`).
+    pub(crate) fn sharded(&self) -> bool {
+        matches!(self, Target::Cluster(_))
+    }
+
+    /// A cluster client for these seeds: fast timeouts and few retries, so
+    /// calls fail over to `UNAVAILABLE` instead of hanging.
+    fn cluster_builder(seeds: &[String]) -> redis::cluster::ClusterClientBuilder {
+        redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+            .connection_timeout(Duration::from_millis(1000))
+            .response_timeout(Duration::from_secs(3))
+            .retries(4)
+            .min_retry_wait(20)
+            .max_retry_wait(400)
+            .tcp_settings(nodelay())
+    }
+}
+
+/// The connection every backend file uses: one Redis server (a
+/// reconnecting [`ConnectionManager`]) or a Redis Cluster (the crate's
+/// [`ClusterConnection`], which routes each command to the primary owning
+/// its slot and follows `MOVED`/`ASK`). Cheap to clone (both are handles to
+/// one multiplexed connection task). Pipelines run as one round trip on a
+/// server; on a cluster, a pipeline whose commands live in different slots
+/// is split into single commands sent concurrently (each still pipelined on
+/// its node's multiplexed connection), and a transaction must stay in one
+/// slot.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => {
+                if pipeline.is_transaction() || pipeline.len() <= 1 {
+                    return c.req_packed_commands(pipeline, offset, count);
+                }
+                let c = c.clone();
+                async move {
+                    let replies = join_all(pipeline.cmd_iter().map(|cmd| {
+                        let mut c = c.clone();
+                        async move { c.req_packed_command(cmd).await }
+                    }))
+                    .await;
+                    replies
+                        .into_iter()
+                        .skip(offset)
+                        .take(count)
+                        .collect::<redis::RedisResult<Vec<Value>>>()
+                }
+                .boxed()
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The Redis backend of one node; [`broker`], [`presence`] and [`inbox`]
 /// implement the backend traits on it.
 pub(crate) struct RedisBackend {
-    conn: ConnectionManager,
+    conn: Conn,
     scripts: Arc<Scripts>,
     node_id: String,
     /// `<node>|<boot>`: the field of this node's connection reservations.
     incarnation: String,
+    /// The live node incarnations, as last read (see [`leases`]).
+    leases: Arc<leases::Leases>,
+    /// Cluster mode: user channels are sharded (`SPUBLISH`).
+    sharded: bool,
     cfg: InboxConfig,
     registrar: registrar::Handle,
 }
@@ -86,44 +245,44 @@ pub(crate) struct RedisBackend {
 /// registrar, which delivers the events this node receives to `local`.
 pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -> Result<Backend> {
     // The URL may hold a password: errors name the address only.
-    let client = client(url)?;
-    let addr = client.get_connection_info().addr().to_string();
-    let manager_cfg = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(1000)))
-        .set_response_timeout(Some(Duration::from_secs(3)))
-        .set_number_of_retries(1)
-        .set_min_delay(Duration::from_millis(50))
-        .set_max_delay(Duration::from_millis(500));
-    let mut conn = ConnectionManager::new_with_config(client.clone(), manager_cfg)
-        .await
-        .map_err(|e| Error::Unavailable(format!("cannot reach Redis at {addr}: {e}")))?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn)
-        .await?;
-    let version = info
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .unwrap_or("0")
-        .trim()
-        .to_string();
-    let major: u32 = version
-        .split('.')
-        .next()
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(0);
-    if major < 7 {
-        return Err(Error::invalid(format!(
-            "Redis {version} is too old: Herald needs Redis 7.0 or newer"
-        )));
-    }
+    let target = Target::parse(url)?;
+    let addr = target.describe();
+    let unreachable =
+        |e: RedisError| Error::Unavailable(format!("cannot reach Redis at {addr}: {e}"));
+    let conn = match &target {
+        Target::Standalone(client) => {
+            let manager_cfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_millis(1000)))
+                .set_response_timeout(Some(Duration::from_secs(3)))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_millis(500));
+            Conn::Single(
+                ConnectionManager::new_with_config(client.clone(), manager_cfg)
+                    .await
+                    .map_err(unreachable)?,
+            )
+        }
+        Target::Cluster(seeds) => Conn::Cluster(
+            Target::cluster_builder(seeds)
+                .build()
+                .map_err(|e| Error::invalid(format!("--redis-url: {e}")))?
+                .get_async_connection()
+                .await
+                .map_err(unreachable)?,
+        ),
+    };
+    check_version(&conn).await?;
 
-    let scripts = Arc::new(Scripts::new());
+    let sharded = target.sharded();
+    let scripts = Arc::new(Scripts::new(sharded));
+    let leases = Arc::new(leases::Leases::default());
     let boot = format!("{:016x}", rand::random::<u64>());
     let (registrar, ready) = registrar::Registrar {
-        client,
+        target,
         conn: conn.clone(),
         scripts: scripts.clone(),
+        leases: leases.clone(),
         local,
         node_id: cfg.node_id.clone(),
         boot: boot.clone(),
@@ -147,6 +306,8 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
         scripts,
         incarnation: registrar::incarnation(&cfg.node_id, &boot),
         node_id: cfg.node_id.clone(),
+        leases,
+        sharded,
         cfg: cfg.inbox.clone(),
         registrar,
     });
@@ -158,17 +319,50 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
     })
 }
 
-/// The Redis client of `url`, with TCP_NODELAY on every connection it
-/// opens (the command connection and the pub/sub one). redis-rs leaves
-/// Nagle's algorithm on by default: a command written while an earlier one
-/// is still unacknowledged would then wait for Redis's delayed ACK (40 ms
-/// on Linux) when no reply carries the ACK back sooner.
-fn client(url: &str) -> Result<redis::Client> {
-    let info = redis::IntoConnectionInfo::into_connection_info(url)
-        .map_err(|e| Error::invalid(format!("--redis-url is not a valid Redis URL: {e}")))?;
-    let nodelay = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-    redis::Client::open(info.set_tcp_settings(nodelay))
-        .map_err(|e| Error::invalid(format!("--redis-url is not a valid Redis URL: {e}")))
+/// TCP_NODELAY on every connection a client opens (commands and pub/sub,
+/// standalone and cluster). redis-rs leaves Nagle's algorithm on by
+/// default: a command written while an earlier one is still unacknowledged
+/// would then wait for Redis's delayed ACK (40 ms on Linux) when no reply
+/// carries the ACK back sooner.
+fn nodelay() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
+
+/// Refuses a server (or, on a cluster, the node asked) older than 7.0.
+async fn check_version(conn: &Conn) -> Result<()> {
+    let mut info = redis::cmd("INFO");
+    info.arg("server");
+    let info: String = match conn.clone() {
+        Conn::Single(mut c) => info.query_async(&mut c).await?,
+        Conn::Cluster(mut c) => {
+            let v = c
+                .route_command(
+                    info,
+                    redis::cluster_routing::RoutingInfo::SingleNode(
+                        redis::cluster_routing::SingleNodeRoutingInfo::Random,
+                    ),
+                )
+                .await?;
+            scripts::text(&v)?.to_string()
+        }
+    };
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("0")
+        .trim()
+        .to_string();
+    let major: u32 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    if major < 7 {
+        return Err(Error::invalid(format!(
+            "Redis {version} is too old: Herald needs Redis 7.0 or newer"
+        )));
+    }
+    Ok(())
 }
 
 impl RedisBackend {
@@ -193,8 +387,17 @@ impl From<RedisError> for Error {
     fn from(e: RedisError) -> Error {
         let busy = matches!(
             e.code(),
-            Some("LOADING") | Some("BUSY") | Some("MASTERDOWN") | Some("READONLY")
-        );
+            Some("LOADING")
+                | Some("BUSY")
+                | Some("MASTERDOWN")
+                | Some("READONLY")
+                // A cluster moving a slot or failing over, past the
+                // client's retries.
+                | Some("TRYAGAIN")
+                | Some("CLUSTERDOWN")
+                | Some("MOVED")
+                | Some("ASK")
+        ) || e.kind() == redis::ErrorKind::ClusterConnectionNotFound;
         if e.is_io_error()
             || e.is_connection_refusal()
             || e.is_timeout()
@@ -210,10 +413,40 @@ impl From<RedisError> for Error {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_name_their_seeds_and_never_show_a_password() {
+        let t = Target::parse("redis+cluster://u:pw@10.0.0.1:7000,10.0.0.2:7001/").unwrap();
+        let Target::Cluster(seeds) = &t else {
+            panic!("a cluster")
+        };
+        assert_eq!(
+            seeds,
+            &["redis://u:pw@10.0.0.1:7000", "redis://u:pw@10.0.0.2:7001"]
+        );
+        assert!(t.sharded());
+        assert_eq!(t.describe(), "cluster 10.0.0.1:7000,10.0.0.2:7001");
+        let t = Target::parse("redis+cluster://10.0.0.1:7000").unwrap();
+        assert_eq!(t.describe(), "cluster 10.0.0.1:7000");
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://pw@",
+            "redis+cluster://,",
+        ] {
+            let e = Target::parse(bad).err().expect(bad).to_string();
+            assert!(!e.contains("pw"), "{e}");
+        }
+        let t = Target::parse("redis://127.0.0.1:6379/0").unwrap();
+        assert!(!t.sharded());
+        assert!(Target::parse("nope://x").is_err());
+    }
+
     #[test]
     fn every_redis_connection_has_tcp_nodelay() {
-        let c = super::client("redis://127.0.0.1:6379/0").unwrap();
+        let Target::Standalone(c) = Target::parse("redis://127.0.0.1:6379/0").unwrap() else {
+            panic!("standalone")
+        };
         assert!(c.get_connection_info().tcp_settings().nodelay());
-        assert!(super::client("not a url").is_err());
     }
 }

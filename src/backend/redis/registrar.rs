@@ -1,5 +1,9 @@
 //! The registrar: the one task per node that owns the pub/sub connection
-//! and this node's presence record (see "Fan-out" in [`super`]).
+//! and this node's presence record (see "Fan-out" in [`super`]): one
+//! `SUBSCRIBE` connection on a Redis server ([`Registrar::run`]), sharded
+//! subscriptions over the cluster connection on a Redis Cluster
+//! ([`Registrar::run_cluster`], which also repairs subscriptions that lapse
+//! when a slot moves or a shard fails over).
 //!
 //! Backends reach it through a [`Handle`]: each request names a user whose
 //! subscription and presence the registrar makes match this node's
@@ -8,12 +12,16 @@
 
 use super::codec;
 use super::keys;
+use super::leases::Leases;
 use super::scripts::Scripts;
+use super::{Conn, Target};
 use crate::backend::Dispatch;
 use crate::error::{Error, Result};
+use futures_util::future::join_all;
 use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
-use std::collections::HashSet;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind, Value};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -61,9 +69,10 @@ impl Handle {
 
 /// The task that owns this node's pub/sub connection and presence record.
 pub(super) struct Registrar {
-    pub(super) client: redis::Client,
-    pub(super) conn: ConnectionManager,
+    pub(super) target: Target,
+    pub(super) conn: Conn,
     pub(super) scripts: Arc<Scripts>,
+    pub(super) leases: Arc<Leases>,
     /// This node's connections: where received events go, and what
     /// subscriptions and presence are made to match.
     pub(super) local: Arc<dyn Dispatch>,
@@ -84,12 +93,18 @@ impl Registrar {
     pub(super) fn start(self) -> (Handle, oneshot::Receiver<Result<()>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
-        tokio::spawn(self.run(rx, ready_tx));
+        match self.target.clone() {
+            Target::Standalone(client) => tokio::spawn(self.run(client, rx, ready_tx)),
+            Target::Cluster(seeds) => tokio::spawn(self.run_cluster(seeds, rx, ready_tx)),
+        };
         (Handle(tx), ready_rx)
     }
 
+    /// Standalone Redis: one pub/sub connection (`SUBSCRIBE`); when it
+    /// drops, everything is restored and every local connection catches up.
     async fn run(
         self,
+        client: redis::Client,
         mut rx: mpsc::UnboundedReceiver<Request>,
         ready: oneshot::Sender<Result<()>>,
     ) {
@@ -102,7 +117,7 @@ impl Registrar {
         loop {
             let connected = async {
                 let pubsub =
-                    tokio::time::timeout(Duration::from_secs(2), self.client.get_async_pubsub())
+                    tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
                         .await
                         .map_err(|_| Error::Unavailable("pub/sub connect timed out".into()))??;
                 let (sink, stream) = pubsub.split();
@@ -135,7 +150,9 @@ impl Registrar {
                     continue;
                 }
             };
-            let restored = self.restore(&mut sink, &mut subscribed).await;
+            let restored = self
+                .restore(&mut Sub::Single(&mut sink), &mut subscribed)
+                .await;
             if let Err(e) = restored {
                 if let Some(r) = ready.take() {
                     let _ = r.send(Err(e));
@@ -182,7 +199,7 @@ impl Registrar {
                                 Err(_) => break,
                             }
                         }
-                        if let Err(e) = self.process(&mut sink, &mut subscribed, batch).await {
+                        if let Err(e) = self.process(&mut Sub::Single(&mut sink), &mut subscribed, batch).await {
                             tracing::warn!(error = %e, "subscription sync failed");
                         }
                     }
@@ -198,21 +215,18 @@ impl Registrar {
 
     /// After (re)connecting: subscribe to broadcasts and every local user,
     /// rewrite this node's presence from its connections, renew the lease.
-    async fn restore(
-        &self,
-        sink: &mut redis::aio::PubSubSink,
-        subscribed: &mut Subscribed,
-    ) -> Result<()> {
+    async fn restore(&self, sub: &mut Sub<'_>, subscribed: &mut Subscribed) -> Result<()> {
         subscribed.clear();
-        sink.subscribe(keys::broadcast_channel()).await?;
+        sub.subscribe(&[keys::broadcast_channel()]).await?;
         let users = self.local.users_snapshot();
         for chunk in users.chunks(1000) {
             let channels: Vec<String> = chunk.iter().map(|u| keys::user_channel(u)).collect();
-            sink.subscribe(channels).await?;
+            sub.subscribe(&channels).await?;
             subscribed.extend(chunk.iter().cloned());
         }
         let counts = self.local.local_counts(&users);
         let conns = keys::node_conns(&self.node_id);
+        // This node's hash in one transaction (one key, so one slot).
         let mut pipe = redis::pipe();
         pipe.atomic().cmd("DEL").arg(&conns).ignore();
         for (chunk, counts) in users.chunks(1000).zip(counts.chunks(1000)) {
@@ -223,18 +237,23 @@ impl Registrar {
             }
             pipe.add_command(c).ignore();
         }
-        // This incarnation's reservations, as they are (Redis may have lost
-        // them, or a release may have failed while it was away).
-        let me = self.incarnation();
-        for (u, n) in users.iter().zip(&counts) {
-            pipe.cmd("HSET")
-                .arg(keys::user_conns(u))
-                .arg(&me)
-                .arg(*n)
-                .ignore();
-        }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
+        // This incarnation's reservations, as they are (Redis may have lost
+        // them, or a release may have failed while it was away): one
+        // command per user (each in the user's slot).
+        let me = self.incarnation();
+        if !users.is_empty() {
+            let mut pipe = redis::pipe();
+            for (u, n) in users.iter().zip(&counts) {
+                pipe.cmd("HSET")
+                    .arg(keys::user_conns(u))
+                    .arg(&me)
+                    .arg(*n)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
         self.renew().await
     }
 
@@ -243,41 +262,59 @@ impl Registrar {
         incarnation(&self.node_id, &self.boot)
     }
 
+    /// Renews this node's lease and stats, and refreshes the lease cache
+    /// ([`Leases`]) from what Redis answers. Every command touches one key
+    /// (so one slot on a cluster). The boot id is written first, so no
+    /// reader sees this incarnation's lease with the previous boot.
     async fn renew(&self) -> Result<()> {
-        let (nodes, conns) = (keys::nodes(), keys::node_conns(&self.node_id));
-        let lease = self.lease.as_millis().to_string();
+        let lease_ms = self.lease.as_millis() as u64;
         let (delivered, events) = self.local.counters();
-        let (started, delivered, events) = (
-            self.started_ms.to_string(),
-            delivered.to_string(),
-            events.to_string(),
-        );
+        let stats = keys::node_stats(&self.node_id);
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .cmd("HSET")
+            .arg(keys::boots())
+            .arg(&self.node_id)
+            .arg(&self.boot)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(keys::node_conns(&self.node_id))
+            .arg(lease_ms * 3)
+            .ignore()
+            .cmd("HSET")
+            .arg(&stats)
+            .arg("started")
+            .arg(self.started_ms)
+            .arg("delivered")
+            .arg(delivered)
+            .arg("events")
+            .arg(events)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&stats)
+            .arg(lease_ms * 3)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        let lease = lease_ms.to_string();
+        let asked = std::time::Instant::now();
         let mut pipe = redis::pipe();
         pipe.add_command(self.scripts.renew.cmd(
-            &[
-                &nodes,
-                &conns,
-                &keys::boots(),
-                &keys::node_stats(&self.node_id),
-            ],
-            &[
-                self.node_id.as_bytes(),
-                lease.as_bytes(),
-                self.boot.as_bytes(),
-                started.as_bytes(),
-                delivered.as_bytes(),
-                events.as_bytes(),
-            ],
+            &[&keys::nodes()],
+            &[self.node_id.as_bytes(), lease.as_bytes()],
         ));
-        self.scripts.eval(&mut self.conn.clone(), &pipe).await?;
-        Ok(())
+        pipe.cmd("HGETALL").arg(keys::boots());
+        let mut v = self.scripts.eval(&mut conn, &pipe).await?.into_iter();
+        let nodes = v.next().unwrap_or(Value::Nil);
+        let boots: HashMap<String, String> = super::scripts::parse(v.next().unwrap_or(Value::Nil))?;
+        self.leases.store(asked, nodes, boots)
     }
 
     /// Makes subscriptions and presence of the batch's users match this node
     /// as it is now, then acknowledges.
     async fn process(
         &self,
-        sink: &mut redis::aio::PubSubSink,
+        sink: &mut Sub<'_>,
         subscribed: &mut Subscribed,
         batch: Vec<Request>,
     ) -> Result<()> {
@@ -302,7 +339,7 @@ impl Registrar {
         let result = async {
             if !sub.is_empty() {
                 sink.subscribe(
-                    sub.iter()
+                    &sub.iter()
                         .map(|u| keys::user_channel(u))
                         .collect::<Vec<_>>(),
                 )
@@ -311,7 +348,7 @@ impl Registrar {
             }
             if !unsub.is_empty() {
                 sink.unsubscribe(
-                    unsub
+                    &unsub
                         .iter()
                         .map(|u| keys::user_channel(u))
                         .collect::<Vec<_>>(),
@@ -348,4 +385,222 @@ impl Registrar {
 /// The reservation field of a node incarnation.
 pub(super) fn incarnation(node_id: &str, boot: &str) -> String {
     format!("{node_id}|{boot}")
+}
+
+/// The subscribing side of pub/sub, as [`Registrar::process`] and
+/// [`Registrar::restore`] use it: one server's pub/sub connection
+/// (`SUBSCRIBE`), or the cluster connection of sharded pub/sub
+/// (`SSUBSCRIBE`, one command per channel: each goes to the primary that
+/// owns the channel's slot; a multi-channel `SSUBSCRIBE` must stay in one
+/// slot).
+enum Sub<'a> {
+    Single(&'a mut redis::aio::PubSubSink),
+    Cluster(&'a mut ClusterConnection),
+}
+
+impl Sub<'_> {
+    async fn subscribe(&mut self, channels: &[String]) -> Result<()> {
+        match self {
+            Sub::Single(sink) => Ok(sink.subscribe(channels).await?),
+            Sub::Cluster(conn) => sharded(conn, channels, true).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channels: &[String]) -> Result<()> {
+        match self {
+            Sub::Single(sink) => Ok(sink.unsubscribe(channels).await?),
+            Sub::Cluster(conn) => sharded(conn, channels, false).await,
+        }
+    }
+}
+
+/// `SSUBSCRIBE` (or `SUNSUBSCRIBE`) each channel, concurrently; resolves
+/// when every primary confirmed, or with the first error.
+async fn sharded(conn: &ClusterConnection, channels: &[String], on: bool) -> Result<()> {
+    for chunk in channels.chunks(256) {
+        let results = join_all(chunk.iter().map(|ch| {
+            let mut conn = conn.clone();
+            async move {
+                if on {
+                    conn.ssubscribe(ch).await
+                } else {
+                    conn.sunsubscribe(ch).await
+                }
+            }
+        }))
+        .await;
+        for r in results {
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// How often a cluster node retries channels whose subscription may have
+/// lapsed (see [`Registrar::run_cluster`]).
+const REPAIR_EVERY: Duration = Duration::from_millis(200);
+
+impl Registrar {
+    /// Redis Cluster: sharded pub/sub over the crate's cluster connection
+    /// (RESP3; every push arrives on one channel, in each shard's order).
+    ///
+    /// A channel's subscription can lapse without this node asking: a
+    /// resharding moves its slot (the old owner pushes `sunsubscribe`), or
+    /// its primary dies (the connection reports a disconnection; the
+    /// replica that takes over knows nothing of the subscriptions). Such a
+    /// channel becomes *suspect*: it is subscribed again (routed by the
+    /// current slot map, which `MOVED` replies refresh) every
+    /// [`REPAIR_EVERY`] until the new owner confirms. The confirmation is a
+    /// push in the same stream as that owner's messages, so the user's
+    /// connections are asked to catch up from the inbox right there, before
+    /// any message the new subscription brings is dispatched: what was
+    /// published while nobody listened is read from the inbox, and live
+    /// messages at or below what the catch-up read are dropped by id, so
+    /// every stored message arrives once and in order, with no restart.
+    async fn run_cluster(
+        self,
+        seeds: Vec<String>,
+        mut rx: mpsc::UnboundedReceiver<Request>,
+        ready: oneshot::Sender<Result<()>>,
+    ) {
+        let (push_tx, mut pushes) = mpsc::unbounded_channel::<PushInfo>();
+        let client = match Target::cluster_builder(&seeds)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(push_tx)
+            .build()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = ready.send(Err(Error::invalid(format!("--redis-url: {e}"))));
+                return;
+            }
+        };
+        let mut conn =
+            match tokio::time::timeout(Duration::from_secs(5), client.get_async_connection()).await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    let _ = ready.send(Err(e.into()));
+                    return;
+                }
+                Err(_) => {
+                    let _ = ready.send(Err(Error::Unavailable(
+                        "Redis Cluster pub/sub connect timed out".into(),
+                    )));
+                    return;
+                }
+            };
+        let mut subscribed = Subscribed::new();
+        let broadcast_channel = keys::broadcast_channel();
+        let mut suspect: HashSet<String> = HashSet::new();
+        let restored = self
+            .restore(&mut Sub::Cluster(&mut conn), &mut subscribed)
+            .await;
+        let _ = ready.send(restored);
+        let mut renew = tokio::time::interval(self.lease / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await; // restore renewed just now
+        let mut repair = tokio::time::interval(REPAIR_EVERY);
+        repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                push = pushes.recv() => {
+                    let Some(push) = push else { return };
+                    self.on_push(push, &broadcast_channel, &subscribed, &mut suspect);
+                }
+                req = rx.recv() => {
+                    let Some(first) = req else { return };
+                    let mut batch = vec![first];
+                    while batch.len() < 1024 {
+                        match rx.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = self.process(&mut Sub::Cluster(&mut conn), &mut subscribed, batch).await {
+                        tracing::warn!(error = %e, "subscription sync failed");
+                    }
+                }
+                _ = renew.tick() => {
+                    if let Err(e) = self.renew().await {
+                        tracing::warn!(error = %e, "node lease renewal failed");
+                    }
+                }
+                _ = repair.tick(), if !suspect.is_empty() => {
+                    // Users who left meanwhile need no subscription.
+                    suspect.retain(|ch| *ch == broadcast_channel
+                        || keys::channel_user(ch).is_some_and(|u| subscribed.contains(u)));
+                    let channels: Vec<String> = suspect.iter().take(4096).cloned().collect();
+                    let attempt = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        sharded(&conn, &channels, true),
+                    ).await;
+                    if let Ok(Err(e)) | Err(e) = attempt.map_err(|_| Error::Unavailable("timed out".into())) {
+                        tracing::debug!(error = %e, channels = channels.len(), "re-subscribing suspect channels failed; retrying");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One push of the cluster pub/sub connection (see
+    /// [`Registrar::run_cluster`]).
+    fn on_push(
+        &self,
+        push: PushInfo,
+        broadcast_channel: &str,
+        subscribed: &Subscribed,
+        suspect: &mut HashSet<String>,
+    ) {
+        let channel = |data: &[Value]| match data.first() {
+            Some(Value::BulkString(b)) => std::str::from_utf8(b).ok().map(str::to_string),
+            _ => None,
+        };
+        match push.kind {
+            PushKind::SMessage | PushKind::Message => {
+                if let [Value::BulkString(ch), Value::BulkString(payload), ..] =
+                    push.data.as_slice()
+                {
+                    if let Ok(ch) = std::str::from_utf8(ch) {
+                        if let Some(e) = codec::decode(broadcast_channel, ch, payload) {
+                            self.local.dispatch(e);
+                        }
+                    }
+                }
+            }
+            PushKind::SUnsubscribe => {
+                // Unasked (this node removes a user from `subscribed`
+                // before it unsubscribes): the slot moved away.
+                let Some(ch) = channel(&push.data) else {
+                    return;
+                };
+                let ours = ch == broadcast_channel
+                    || keys::channel_user(&ch).is_some_and(|u| subscribed.contains(u));
+                if ours && suspect.insert(ch) {
+                    metrics::counter!("herald_redis_resubscribes_total", "why" => "slot_moved")
+                        .increment(1);
+                }
+            }
+            PushKind::SSubscribe => {
+                let Some(ch) = channel(&push.data) else {
+                    return;
+                };
+                if suspect.remove(&ch) {
+                    if let Some(u) = keys::channel_user(&ch) {
+                        self.local.resync(u);
+                    }
+                }
+            }
+            PushKind::Disconnection => {
+                // A shard's connection dropped (its primary may be failing
+                // over): every channel may have lapsed on it.
+                tracing::warn!("a Redis Cluster pub/sub connection dropped; re-subscribing");
+                metrics::counter!("herald_redis_resubscribes_total", "why" => "disconnected")
+                    .increment(1);
+                suspect.insert(broadcast_channel.to_string());
+                suspect.extend(subscribed.iter().map(|u| keys::user_channel(u)));
+            }
+            _ => {}
+        }
+    }
 }

@@ -2,9 +2,9 @@
 //! run (EVALSHA, pipelined, reloaded once when Redis has lost them), and
 //! how their replies are read.
 
+use super::Conn;
 use crate::error::{Error, Result};
 use crate::protocol::{self, MessageId};
-use redis::aio::ConnectionManager;
 use redis::Value;
 
 /// Helpers shared by the inbox scripts, put in front of each.
@@ -17,8 +17,6 @@ const CENTER_LIST: &str = include_str!("scripts/center_list.lua");
 const CENTER_MARK: &str = include_str!("scripts/center_mark.lua");
 const CENTER_DELETE: &str = include_str!("scripts/center_delete.lua");
 const CENTER_COUNT: &str = include_str!("scripts/center_count.lua");
-const LOOKUP: &str = include_str!("scripts/lookup.lua");
-const CLUSTER: &str = include_str!("scripts/cluster.lua");
 const RENEW: &str = include_str!("scripts/renew.lua");
 const RESERVE: &str = include_str!("scripts/reserve.lua");
 const RELEASE: &str = include_str!("scripts/release.lua");
@@ -30,9 +28,11 @@ pub(super) struct Script {
 }
 
 impl Script {
-    fn new(body: &str, prelude: bool) -> Script {
+    /// `publish` is the command the inbox scripts publish with (`PUBLISH`,
+    /// or `SPUBLISH` on a cluster), defined in front of the prelude.
+    fn new(body: &str, prelude: bool, publish: &str) -> Script {
         let code = if prelude {
-            format!("{PRELUDE}\n{body}")
+            format!("local PUBLISH = '{publish}'\n{PRELUDE}\n{body}")
         } else {
             body.to_string()
         };
@@ -63,33 +63,33 @@ pub(super) struct Scripts {
     pub(super) center_mark: Script,
     pub(super) center_delete: Script,
     pub(super) center_count: Script,
-    pub(super) lookup: Script,
-    pub(super) cluster: Script,
     pub(super) renew: Script,
     pub(super) reserve: Script,
     pub(super) release: Script,
 }
 
 impl Scripts {
-    pub(super) fn new() -> Scripts {
+    /// `sharded`: cluster mode, where user channels are sharded channels
+    /// (published with `SPUBLISH` from the script, in the user's slot).
+    pub(super) fn new(sharded: bool) -> Scripts {
+        let publish = if sharded { "SPUBLISH" } else { "PUBLISH" };
+        let s = |body, prelude| Script::new(body, prelude, publish);
         Scripts {
-            append: Script::new(APPEND, true),
-            replay: Script::new(REPLAY, true),
-            unread: Script::new(UNREAD, true),
-            mark_read: Script::new(MARK_READ, true),
-            center_list: Script::new(CENTER_LIST, true),
-            center_mark: Script::new(CENTER_MARK, true),
-            center_delete: Script::new(CENTER_DELETE, true),
-            center_count: Script::new(CENTER_COUNT, true),
-            lookup: Script::new(LOOKUP, false),
-            cluster: Script::new(CLUSTER, false),
-            renew: Script::new(RENEW, false),
-            reserve: Script::new(RESERVE, false),
-            release: Script::new(RELEASE, false),
+            append: s(APPEND, true),
+            replay: s(REPLAY, true),
+            unread: s(UNREAD, true),
+            mark_read: s(MARK_READ, true),
+            center_list: s(CENTER_LIST, true),
+            center_mark: s(CENTER_MARK, true),
+            center_delete: s(CENTER_DELETE, true),
+            center_count: s(CENTER_COUNT, true),
+            renew: s(RENEW, false),
+            reserve: s(RESERVE, false),
+            release: s(RELEASE, false),
         }
     }
 
-    fn all(&self) -> [&Script; 13] {
+    fn all(&self) -> [&Script; 11] {
         [
             &self.append,
             &self.replay,
@@ -99,8 +99,6 @@ impl Scripts {
             &self.center_mark,
             &self.center_delete,
             &self.center_count,
-            &self.lookup,
-            &self.cluster,
             &self.renew,
             &self.reserve,
             &self.release,
@@ -108,12 +106,34 @@ impl Scripts {
     }
 
     /// Runs a pipeline of script calls; if Redis has lost the scripts (a
-    /// restart), loads them all once and retries.
-    pub(super) async fn eval(
-        &self,
-        conn: &mut ConnectionManager,
-        pipe: &redis::Pipeline,
-    ) -> Result<Vec<Value>> {
+    /// restart, or on a cluster a replica just promoted or a slot just
+    /// migrated to a node that never ran them), loads them all once (on
+    /// every primary of a cluster) and retries.
+    pub(super) async fn eval(&self, conn: &mut Conn, pipe: &redis::Pipeline) -> Result<Vec<Value>> {
+        if matches!(conn, Conn::Cluster(_)) && pipe.len() > 1 && !pipe.is_transaction() {
+            // The commands run on several primaries, so a NOSCRIPT from one
+            // must not rerun the others (a rerun append stores twice):
+            // each command is retried on its own.
+            let replies = futures_util::future::join_all(pipe.cmd_iter().map(|cmd| {
+                let mut conn = conn.clone();
+                async move {
+                    let mut one = redis::pipe();
+                    one.add_command(cmd.clone());
+                    self.eval_all(&mut conn, &one).await
+                }
+            }))
+            .await;
+            let mut out = Vec::with_capacity(pipe.len());
+            for r in replies {
+                out.extend(r?);
+            }
+            return Ok(out);
+        }
+        self.eval_all(conn, pipe).await
+    }
+
+    /// Runs `pipe`; on NOSCRIPT loads every script and runs it again.
+    async fn eval_all(&self, conn: &mut Conn, pipe: &redis::Pipeline) -> Result<Vec<Value>> {
         match pipe.query_async::<Vec<Value>>(conn).await {
             Err(e) if e.code() == Some("NOSCRIPT") => {
                 for s in self.all() {
@@ -156,6 +176,12 @@ pub(super) fn array(v: Value) -> Result<Vec<Value>> {
     }
 }
 
+/// Any reply read as `T` (hashes as maps or pair lists, optional values).
+pub(super) fn parse<T: redis::FromRedisValue>(v: Value) -> Result<T> {
+    redis::from_redis_value(v)
+        .map_err(|e| Error::Backend(format!("unexpected reply from Redis: {e}")))
+}
+
 /// The error for a reply of an unexpected shape.
 pub(super) fn bad(v: &Value) -> Error {
     Error::Backend(format!(
@@ -191,8 +217,6 @@ mod tests {
             ("center_mark", CENTER_MARK),
             ("center_delete", CENTER_DELETE),
             ("center_count", CENTER_COUNT),
-            ("lookup", LOOKUP),
-            ("cluster", CLUSTER),
             ("renew", RENEW),
             ("reserve", RESERVE),
             ("release", RELEASE),

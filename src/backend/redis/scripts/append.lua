@@ -6,7 +6,8 @@
 -- and the record's answer is returned (or a conflict when it was written
 -- for another fingerprint); otherwise the record is written with the answer.
 -- Assigns the id, stores the frame (head .. id .. tail), trims, publishes
--- `m<id> <frame>` (the stored-message payload of codec.rs).
+-- `m<id> <frame>` (the stored-message payload of codec.rs) with PUBLISH
+-- (scripts.rs defines it: 'PUBLISH', or 'SPUBLISH' on a cluster).
 -- Returns {id, number of nodes that received the publish, replayed 0|1},
 -- or {'', 0, 2} for a key reused with another request.
 if KEYS[3] then
@@ -29,7 +30,7 @@ redis.call('HSET', KEYS[2], 'last', id)
 trim(KEYS[1], KEYS[2], now, tonumber(ARGV[5]), ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
-local receivers = redis.call('PUBLISH', ARGV[7], 'm' .. id .. ' ' .. frame)
+local receivers = redis.call(PUBLISH, ARGV[7], 'm' .. id .. ' ' .. frame)
 if KEYS[3] then
   local online = 0
   if receivers > 0 then online = 1 end

@@ -121,6 +121,6 @@ end
 -- Tells every connection of the user: `u<count>` when the count changed,
 -- then `s<frame>` (codec.rs).
 local function announce(channel, before, after, frame)
-  if after ~= before then redis.call('PUBLISH', channel, 'u' .. after) end
-  redis.call('PUBLISH', channel, 's' .. frame)
+  if after ~= before then redis.call(PUBLISH, channel, 'u' .. after) end
+  redis.call(PUBLISH, channel, 's' .. frame)
 end

@@ -1,16 +1,20 @@
--- Renews this node's lease (Redis clock) and forgets nodes dead for a
--- minute.
--- KEYS: nodes, this node's conns hash, boots, this node's stats hash.
--- ARGV: node id, lease (ms), boot id of this incarnation, started (unix
---       ms), messages delivered, broker events received.
--- Returns Redis's clock (ms).
+-- Renews this node's lease (Redis clock), forgets nodes dead for a minute,
+-- and returns every node's lease; with an empty node id, only reads them.
+-- One key, so it runs unchanged on Redis Cluster (the registrar writes the
+-- node's other keys with plain commands beside it).
+-- KEYS: nodes.
+-- ARGV: node id ('' to only read), lease (ms).
+-- Returns {Redis's clock (ms), node1, expiry1, node2, expiry2, ...}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local lease = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
-redis.call('PEXPIRE', KEYS[2], lease * 3)
-redis.call('HSET', KEYS[4], 'started', ARGV[4], 'delivered', ARGV[5], 'events', ARGV[6])
-redis.call('PEXPIRE', KEYS[4], lease * 3)
-return now
+if ARGV[1] ~= '' then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+end
+local out = {now}
+local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 1, #all, 2 do
+  out[#out + 1] = all[i]
+  out[#out + 1] = math.floor(tonumber(all[i + 1]))
+end
+return out

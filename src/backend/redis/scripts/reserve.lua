@@ -1,33 +1,35 @@
 -- Reserves one connection of a user, cluster-wide, within a cap: the
 -- check and the increment are one atomic step, so concurrent connects on
--- any nodes can never exceed the cap.
--- KEYS: the user's conns hash, nodes, boots.
--- ARGV: this node's incarnation ("<node>|<boot>"), cap.
--- Counts the reservations of live incarnations: this one, and any whose
--- node has a live lease (Redis clock) and whose boot is the node's current
--- one. Entries of a node that restarted (another boot) or that has been
--- dead long enough to leave the nodes set are deleted; entries of a node
--- whose lease just lapsed are kept but not counted (it may come back).
--- Returns {1, count with this one} when reserved, {0, count} when full.
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+-- any nodes can never exceed the cap. Touches the user's hash only (one
+-- slot): which node incarnations are alive comes from the caller's cache
+-- of the node leases (leases.rs).
+-- KEYS: the user's conns hash.
+-- ARGV: this node's incarnation ("<node>|<boot>"), cap, n, then n live
+--       incarnations, then the lapsed ones (current boot, lease run out).
+-- Counts this incarnation, the live ones and any the caller did not name
+-- (a node too new for its cache: counted, so the cap holds); lapsed ones
+-- are kept but not counted.
+-- Returns {1, count with this one, unnamed...} when reserved,
+--         {0, count, unnamed...} when full.
+local n = tonumber(ARGV[3])
+local live, lapsed = {}, {}
+for i = 4, 3 + n do live[ARGV[i]] = true end
+for i = 4 + n, #ARGV do lapsed[ARGV[i]] = true end
 local kv = redis.call('HGETALL', KEYS[1])
-local total = 0
+local total, unnamed = 0, {}
 for i = 1, #kv, 2 do
-  local field, n = kv[i], tonumber(kv[i + 1])
-  if field == ARGV[1] then
-    total = total + n
-  else
-    local node, boot = string.match(field, '^(.*)|([^|]*)$')
-    local lease = node and redis.call('ZSCORE', KEYS[2], node)
-    local current = node and redis.call('HGET', KEYS[3], node)
-    if (not lease) or current ~= boot then
-      redis.call('HDEL', KEYS[1], field)
-    elseif tonumber(lease) >= now then
-      total = total + n
-    end
+  local field, c = kv[i], tonumber(kv[i + 1])
+  if field == ARGV[1] or live[field] then
+    total = total + c
+  elseif not lapsed[field] then
+    total = total + c
+    unnamed[#unnamed + 1] = field
   end
 end
-if total >= tonumber(ARGV[2]) then return {0, total} end
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-return {1, total + 1}
+local out = {0, total}
+if total < tonumber(ARGV[2]) then
+  redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+  out = {1, total + 1}
+end
+for _, f in ipairs(unnamed) do out[#out + 1] = f end
+return out
