@@ -228,6 +228,9 @@ pub enum Disconnect {
     Kicked(std::sync::Arc<str>),
     /// 4029: the user holds too many connections; the text says how many.
     TooManyConnections(String),
+    /// 4401: the connection's token reached its `exp`. Reconnect at once
+    /// with a fresh token and `since` (unlike 4001, which means stay away).
+    TokenExpired,
 }
 
 /// The longest close reason the protocol allows: a close frame is a control
@@ -244,6 +247,7 @@ impl Disconnect {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const KICKED: u16 = 4001;
     pub const TOO_MANY_CONNECTIONS: u16 = 4029;
+    pub const TOKEN_EXPIRED: u16 = 4401;
 
     pub fn code(&self) -> u16 {
         match self {
@@ -256,6 +260,7 @@ impl Disconnect {
             Disconnect::RateLimited => Self::POLICY,
             Disconnect::Kicked(_) => Self::KICKED,
             Disconnect::TooManyConnections(_) => Self::TOO_MANY_CONNECTIONS,
+            Disconnect::TokenExpired => Self::TOKEN_EXPIRED,
         }
     }
 
@@ -274,6 +279,7 @@ impl Disconnect {
             Disconnect::RateLimited => "too many frames: client frame budget exceeded".into(),
             Disconnect::Kicked(reason) => (&**reason).into(),
             Disconnect::TooManyConnections(why) => why.as_str().into(),
+            Disconnect::TokenExpired => "token expired: reconnect with a fresh token".into(),
         };
         truncate_utf8(&text, MAX_CLOSE_REASON_BYTES).to_string()
     }

@@ -5,8 +5,10 @@
 //! close every WebSocket with 1001, let in-flight RPCs finish, then return
 //! once every connection task is done (or a deadline passes).
 
-use crate::auth::{ApiKey, TokenVerifier};
+use crate::apikey::ApiKeys;
+use crate::auth::TokenVerifier;
 use crate::config::Config;
+use crate::expiry::Expiries;
 use crate::grpc::limits::{incoming as grpc_incoming, InflightLimit};
 use crate::http::{accept_loop, respond, stopped};
 use crate::node::Node;
@@ -117,6 +119,10 @@ pub async fn run(
             "connections capped by the open-files limit; raise `ulimit -n` to hold more"
         );
     }
+    // Key files are read before anything serves: a bad one stops the start.
+    let verifier = TokenVerifier::from_config(&cfg.jwt, cfg.limits.max_user_id_bytes)?;
+    let api_keys = ApiKeys::new(&cfg.api_keys)?;
+    warn_about_exposure(&cfg, &listeners, &api_keys);
     let node = build_node(cfg.clone()).await?;
     let (ws_addr, grpc_addr, admin_addr) = listeners.addrs();
     tracing::info!(node = %cfg.node_id, %ws_addr, %grpc_addr, %admin_addr,
@@ -138,16 +144,28 @@ pub async fn run(
     let push = tonic::service::interceptor::InterceptedService::new(
         PushServiceServer::new(crate::grpc::PushApi::new(node.clone()))
             .max_decoding_message_size(cfg.limits.max_payload_bytes + 1024 * 1024),
-        ApiKey(cfg.api_key.as_deref().map(Arc::from)),
+        api_keys.clone(),
     );
+    // Health and reflection: open unless --grpc-auth-discovery.
+    let discovery_keys = if cfg.grpc_auth_discovery {
+        api_keys.clone()
+    } else {
+        ApiKeys::new(&[]).expect("no keys is valid")
+    };
+    fn guarded<S>(
+        svc: S,
+        keys: &ApiKeys,
+    ) -> tonic::service::interceptor::InterceptedService<S, ApiKeys> {
+        tonic::service::interceptor::InterceptedService::new(svc, keys.clone())
+    }
     let mut grpc_stop = stop_rx.clone();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.limits.grpc_max_streams.min(u32::MAX as usize) as u32)
             .layer(InflightLimit::new(cfg.limits.grpc_max_inflight))
-            .add_service(health_svc)
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?)
+            .add_service(guarded(health_svc, &discovery_keys))
+            .add_service(guarded(reflection().build_v1()?, &discovery_keys))
+            .add_service(guarded(reflection().build_v1alpha()?, &discovery_keys))
             .add_service(push)
             .serve_with_incoming_shutdown(
                 grpc_incoming(listeners.grpc, cfg.limits.grpc_max_connections),
@@ -171,10 +189,39 @@ pub async fn run(
         })
     };
 
+    // The one token-expiry ticker of all connections (closes with 4401 at
+    // `exp`), which also re-reads a changed JWKS file.
+    let expiries = Arc::new(Expiries::default());
+    let expiry = {
+        let expiries = expiries.clone();
+        let verifier = verifier.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n: u64 = 0;
+            loop {
+                tick.tick().await;
+                expiries.expire(crate::protocol::now_ms() / 1000);
+                n += 1;
+                if n % 4 == 0 {
+                    match verifier.reload_jwks() {
+                        Ok(true) => tracing::info!("JWKS file changed: keys reloaded"),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(
+                            "JWKS file changed but cannot be used (old keys kept): {e}"
+                        ),
+                    }
+                }
+            }
+        })
+    };
+
     // Public listener: WebSocket gateway.
     let gateway = Arc::new(Gateway {
         node: node.clone(),
-        verifier: TokenVerifier::new(&cfg.jwt_secret, cfg.limits.max_user_id_bytes),
+        verifier,
+        expiries,
+        origins: cfg.origins.clone(),
         tasks: tasks.clone(),
     });
     let permits = Arc::new(Semaphore::new(max_connections));
@@ -215,6 +262,7 @@ pub async fn run(
     let _ = admin.await;
     node.hub.close_all(Disconnect::Shutdown);
     heartbeat.abort();
+    expiry.abort();
     tasks.close();
     if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
         .await
@@ -230,6 +278,25 @@ pub async fn run(
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Says at start what is exposed without protection.
+fn warn_about_exposure(cfg: &Config, listeners: &Listeners, keys: &ApiKeys) {
+    let (ws, grpc, _) = listeners.addrs();
+    if cfg.origins.is_empty() && !ws.ip().is_loopback() {
+        tracing::warn!(%ws, "no --allowed-origin: pages on any site may open WebSockets to this public listener");
+    }
+    if keys.is_empty() && !grpc.ip().is_loopback() {
+        tracing::warn!(%grpc, "no --api-key: anyone who reaches the gRPC listener can push to every user");
+    }
+    if !cfg.api_keys.is_empty() {
+        let names: Vec<String> = cfg
+            .api_keys
+            .iter()
+            .map(|k| format!("{}:{}", k.name, k.scopes.name()))
+            .collect();
+        tracing::info!(keys = %names.join(","), "gRPC API keys");
+    }
 }
 
 fn admin(

@@ -4,6 +4,7 @@
 
 pub(crate) mod limits;
 
+use crate::apikey::{Caller, Scopes};
 use crate::node::Node;
 use crate::proto::push_service_server::PushService;
 use crate::proto::*;
@@ -26,22 +27,37 @@ impl PushApi {
 impl PushApi {
     /// Runs one RPC body inside a span naming the RPC and this node,
     /// recording its count, outcome and latency.
+    ///
+    /// The caller's key must cover `needed` (PERMISSION_DENIED otherwise,
+    /// before the body runs); its name labels the count and the span.
     async fn observed<T>(
         &self,
         rpc: &'static str,
+        needed: Scopes,
+        caller: Caller,
         body: impl Future<Output = crate::error::Result<T>>,
     ) -> Result<Response<T>, Status> {
-        let span = tracing::info_span!("rpc", rpc, node = %self.node.cfg.node_id);
+        let span =
+            tracing::info_span!("rpc", rpc, node = %self.node.cfg.node_id, key = %caller.name);
         let start = Instant::now();
         // Errors are logged (by their conversion to a status) inside the span.
-        let result = async { body.await.map(Response::new).map_err(Status::from) }
-            .instrument(span)
-            .await;
+        let result = match caller.check(rpc, needed) {
+            Ok(()) => {
+                async { body.await.map(Response::new).map_err(Status::from) }
+                    .instrument(span)
+                    .await
+            }
+            Err(denied) => {
+                span.in_scope(|| tracing::info!("{}", denied.message()));
+                Err(denied)
+            }
+        };
         let code = match &result {
             Ok(_) => "OK".to_string(),
             Err(s) => format!("{:?}", s.code()),
         };
-        metrics::counter!("herald_rpc_total", "rpc" => rpc, "code" => code).increment(1);
+        metrics::counter!("herald_rpc_total", "rpc" => rpc, "code" => code, "key" => caller.name.to_string())
+            .increment(1);
         metrics::histogram!("herald_rpc_duration_seconds", "rpc" => rpc)
             .record(start.elapsed().as_secs_f64());
         result
@@ -54,8 +70,9 @@ impl PushService for PushApi {
         &self,
         req: Request<SendToUserRequest>,
     ) -> Result<Response<SendToUserResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("SendToUser", async {
+        self.observed("SendToUser", Scopes::SEND, caller, async {
             let deliveries = self
                 .node
                 .send_to_user(
@@ -85,8 +102,9 @@ impl PushService for PushApi {
         &self,
         req: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("Broadcast", async {
+        self.observed("Broadcast", Scopes::SEND, caller, async {
             let (message_id, replayed) = self
                 .node
                 .broadcast(&r.topic, &r.payload_json, &r.idempotency_key)
@@ -103,8 +121,9 @@ impl PushService for PushApi {
         &self,
         req: Request<IsOnlineRequest>,
     ) -> Result<Response<IsOnlineResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("IsOnline", async {
+        self.observed("IsOnline", Scopes::READ, caller, async {
             let counts = self.node.is_online(&r.user_ids).await?;
             Ok(IsOnlineResponse {
                 users: r
@@ -126,8 +145,9 @@ impl PushService for PushApi {
         &self,
         req: Request<UnreadCountRequest>,
     ) -> Result<Response<UnreadCountResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("UnreadCount", async {
+        self.observed("UnreadCount", Scopes::READ, caller, async {
             Ok(UnreadCountResponse {
                 count: self.node.unread_count(&r.user_id).await?,
             })
@@ -139,8 +159,9 @@ impl PushService for PushApi {
         &self,
         req: Request<MarkReadRequest>,
     ) -> Result<Response<MarkReadResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("MarkRead", async {
+        self.observed("MarkRead", Scopes::SEND, caller, async {
             Ok(MarkReadResponse {
                 unread: self.node.mark_read(&r.user_id, &r.up_to_message_id).await?,
             })
@@ -152,8 +173,9 @@ impl PushService for PushApi {
         &self,
         req: Request<DisconnectUserRequest>,
     ) -> Result<Response<DisconnectUserResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("DisconnectUser", async {
+        self.observed("DisconnectUser", Scopes::SEND, caller, async {
             Ok(DisconnectUserResponse {
                 closed: self.node.disconnect_user(&r.user_id, &r.reason).await?,
             })
@@ -161,8 +183,9 @@ impl PushService for PushApi {
         .await
     }
 
-    async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
-        self.observed("Stats", async {
+    async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let caller = Caller::of(&req);
+        self.observed("Stats", Scopes::READ, caller, async {
             let s = self.node.stats().await?;
             let n = s.node;
             let mut nodes: Vec<NodeStats> = s
