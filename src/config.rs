@@ -151,6 +151,18 @@ pub struct ServeArgs {
     /// Health and reflection also need an API key (any scope); by default they are open for probes and grpcurl.
     #[arg(long, env = "HERALD_GRPC_AUTH_DISCOVERY")]
     pub grpc_auth_discovery: bool,
+    /// PEM certificate chain: with --tls-key, every listener speaks TLS (wss://, gRPC over TLS, https admin). Re-read on change and on SIGHUP.
+    #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "HERALD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: gRPC callers must present a client certificate signed by it (mutual TLS). Needs --tls-cert.
+    #[arg(long, env = "HERALD_GRPC_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+    /// Keep the admin listener plain HTTP when TLS is on (a Prometheus on the same host).
+    #[arg(long, env = "HERALD_ADMIN_PLAIN")]
+    pub admin_plain: bool,
     /// Origin allowed to open WebSockets (`https://app.example.com`, `https://*.example.com`); repeatable. Unset: any origin.
     #[arg(
         long = "allowed-origin",
@@ -369,6 +381,12 @@ pub struct Config {
     pub grpc_auth_discovery: bool,
     /// Allowed WebSocket origins; empty: any.
     pub origins: Origins,
+    /// TLS certificate files; None: plain listeners.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// mTLS for gRPC: the CA client certificates must chain to.
+    pub grpc_tls_client_ca: Option<PathBuf>,
+    /// The admin listener stays plain with TLS on.
+    pub admin_plain: bool,
     pub redis_url: Option<String>,
     pub limits: Limits,
     pub inbox: InboxConfig,
@@ -451,6 +469,13 @@ impl Config {
             },
             grpc_auth_discovery: args.grpc_auth_discovery,
             origins: Origins::parse(&args.allowed_origin)?,
+            tls: match (args.tls_cert, args.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+                (None, None) => None,
+                _ => return Err("--tls-cert and --tls-key go together".into()),
+            },
+            grpc_tls_client_ca: args.grpc_tls_client_ca,
+            admin_plain: args.admin_plain,
             redis_url: args.redis_url.filter(|u| !u.is_empty()),
             limits: Limits {
                 max_payload_bytes: args.max_payload_bytes,

@@ -19,6 +19,7 @@
 //! * [`auth`]: JWTs for WebSocket clients (HMAC, RSA, EC, Ed25519, JWKS).
 //! * [`apikey`]: scoped API keys for gRPC callers.
 //! * [`origin`]: the Origin allow-list of the WebSocket handshake.
+//! * [`tls`]: rustls acceptors and the certificate that reloads itself.
 //! * `expiry`: closes connections whose token expired (one map per node).
 //! * `ws`: the WebSocket handshake and the per-connection task.
 //! * `protocol`: wire protocol v1: message ids, frames, close codes.
@@ -50,6 +51,7 @@ mod node;
 pub mod origin;
 mod protocol;
 pub mod server;
+pub mod tls;
 mod ws;
 
 /// Generated protobuf types and gRPC stubs of `herald.v1`.

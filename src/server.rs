@@ -123,6 +123,23 @@ pub async fn run(
     let verifier = TokenVerifier::from_config(&cfg.jwt, cfg.limits.max_user_id_bytes)?;
     let api_keys = ApiKeys::new(&cfg.api_keys)?;
     warn_about_exposure(&cfg, &listeners, &api_keys);
+    let cert = cfg
+        .tls
+        .clone()
+        .map(crate::tls::ReloadingCert::open)
+        .transpose()?;
+    let acceptor = |alpn: &[&[u8]], ca: Option<&std::path::Path>| {
+        cert.clone()
+            .map(|c| crate::tls::acceptor(c, alpn, ca))
+            .transpose()
+    };
+    let ws_tls = acceptor(&[b"http/1.1"], None)?;
+    let grpc_tls = acceptor(&[b"h2"], cfg.grpc_tls_client_ca.as_deref())?;
+    let admin_tls = if cfg.admin_plain {
+        None
+    } else {
+        acceptor(&[b"http/1.1"], None)?
+    };
     let node = build_node(cfg.clone()).await?;
     let (ws_addr, grpc_addr, admin_addr) = listeners.addrs();
     tracing::info!(node = %cfg.node_id, %ws_addr, %grpc_addr, %admin_addr,
@@ -168,7 +185,11 @@ pub async fn run(
             .add_service(guarded(reflection().build_v1alpha()?, &discovery_keys))
             .add_service(push)
             .serve_with_incoming_shutdown(
-                grpc_incoming(listeners.grpc, cfg.limits.grpc_max_connections),
+                grpc_incoming(
+                    listeners.grpc,
+                    cfg.limits.grpc_max_connections,
+                    grpc_tls.clone(),
+                ),
                 async move {
                     stopped(&mut grpc_stop).await;
                 },
@@ -189,32 +210,21 @@ pub async fn run(
         })
     };
 
-    // The one token-expiry ticker of all connections (closes with 4401 at
-    // `exp`), which also re-reads a changed JWKS file.
+    // The one token-expiry ticker of all connections: closes with 4401 at
+    // `exp` (checked four times a second; `exp` is in whole seconds).
     let expiries = Arc::new(Expiries::default());
     let expiry = {
         let expiries = expiries.clone();
-        let verifier = verifier.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut n: u64 = 0;
             loop {
                 tick.tick().await;
                 expiries.expire(crate::protocol::now_ms() / 1000);
-                n += 1;
-                if n % 4 == 0 {
-                    match verifier.reload_jwks() {
-                        Ok(true) => tracing::info!("JWKS file changed: keys reloaded"),
-                        Ok(false) => {}
-                        Err(e) => tracing::warn!(
-                            "JWKS file changed but cannot be used (old keys kept): {e}"
-                        ),
-                    }
-                }
             }
         })
     };
+    let reloader = tokio::spawn(reload_files(verifier.clone(), cert.clone()));
 
     // Public listener: WebSocket gateway.
     let gateway = Arc::new(Gateway {
@@ -230,6 +240,7 @@ pub async fn run(
         stop_rx.clone(),
         tasks.clone(),
         Some(permits),
+        ws_tls,
         {
             let gateway = gateway.clone();
             move |req| gateway.clone().handle(req)
@@ -242,6 +253,7 @@ pub async fn run(
         stop_rx.clone(),
         tasks.clone(),
         None,
+        admin_tls.clone(),
         {
             let node = node.clone();
             move |req| {
@@ -254,7 +266,13 @@ pub async fn run(
 
     // The line scripts wait for: printed once the node really serves (the
     // backend is up), on stdout.
-    println!("herald ready: ws=ws://{ws_addr}/ws grpc={grpc_addr} admin=http://{admin_addr}");
+    let (ws_scheme, admin_scheme) = (
+        if cert.is_some() { "wss" } else { "ws" },
+        if admin_tls.is_some() { "https" } else { "http" },
+    );
+    println!(
+        "herald ready: ws={ws_scheme}://{ws_addr}/ws grpc={grpc_addr} admin={admin_scheme}://{admin_addr}"
+    );
     shutdown.await;
     tracing::info!("shutting down: closing connections with 1001, finishing in-flight RPCs");
     let _ = stop_tx.send(true);
@@ -263,6 +281,7 @@ pub async fn run(
     node.hub.close_all(Disconnect::Shutdown);
     heartbeat.abort();
     expiry.abort();
+    reloader.abort();
     tasks.close();
     if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
         .await
@@ -280,9 +299,59 @@ pub async fn run(
     Ok(())
 }
 
+/// Re-reads the JWKS file and the TLS certificate when they change (polled
+/// every second) and on SIGHUP (the certificate unconditionally). A file
+/// that does not load keeps what was in force and logs why.
+async fn reload_files(verifier: TokenVerifier, cert: Option<Arc<crate::tls::ReloadingCert>>) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let forced = match &mut hup {
+            Some(h) => tokio::select! {
+                _ = tick.tick() => false,
+                _ = h.recv() => true,
+            },
+            None => {
+                tick.tick().await;
+                false
+            }
+        };
+        #[cfg(not(unix))]
+        let forced = {
+            tick.tick().await;
+            false
+        };
+        if forced {
+            tracing::info!("SIGHUP: reloading the TLS certificate and the JWKS file");
+        }
+        match verifier.reload_jwks() {
+            Ok(true) => tracing::info!("JWKS file changed: keys reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("JWKS file changed but cannot be used (old keys kept): {e}"),
+        }
+        if let Some(c) = &cert {
+            match c.reload(forced) {
+                Ok(true) => tracing::info!("TLS certificate reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!("TLS certificate changed but cannot be used (old one kept): {e}")
+                }
+            }
+        }
+    }
+}
+
 /// Says at start what is exposed without protection.
 fn warn_about_exposure(cfg: &Config, listeners: &Listeners, keys: &ApiKeys) {
-    let (ws, grpc, _) = listeners.addrs();
+    let (ws, grpc, admin) = listeners.addrs();
+    if cfg.tls.is_none() {
+        tracing::warn!(%ws, %grpc, %admin, "listeners are plain (no TLS): fine on loopback or behind a TLS proxy; give --tls-cert and --tls-key for wss:// and gRPC over TLS");
+    } else if cfg.admin_plain {
+        tracing::warn!(%admin, "the admin listener is plain (--admin-plain)");
+    }
     if cfg.origins.is_empty() && !ws.ip().is_loopback() {
         tracing::warn!(%ws, "no --allowed-origin: pages on any site may open WebSockets to this public listener");
     }
