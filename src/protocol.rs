@@ -318,8 +318,10 @@ pub enum ClientFrame {
 /// error frame sent back.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, String> {
     serde_json::from_str(text).map_err(|e| {
-        let mut m = e.to_string();
-        m.truncate(200);
+        // serde's message quotes the client's text (an unknown `type`), so
+        // it is cut on a character boundary: a byte cut could panic.
+        let e = e.to_string();
+        let m = truncate_utf8(&e, 200);
         format!("malformed frame: {m}; expected {{\"type\":\"read\",\"up_to\":\"<id>\"}} or {{\"type\":\"ping\"}}")
     })
 }
@@ -395,5 +397,65 @@ mod tests {
         ));
         assert!(parse_client_frame(r#"{"type":"nope"}"#).is_err());
         assert!(parse_client_frame("not json").is_err());
+    }
+
+    mod properties {
+        //! Property tests of what clients send: frames and message ids.
+        //! Inputs that ever failed are kept in
+        //! `proptest-regressions/protocol.txt` and replayed first.
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// JSON-ish text: frames with random types, keys and values, plus
+        /// arbitrary strings.
+        fn frame_text() -> impl Strategy<Value = String> {
+            let word = || proptest::string::string_regex("[a-zé\\u{1F600}\"\\\\ ]{0,300}").unwrap();
+            prop_oneof![
+                any::<String>(),
+                (word(), word()).prop_map(|(t, v)| format!(
+                    "{{\"type\":{},\"up_to\":{}}}",
+                    serde_json::Value::String(t),
+                    serde_json::Value::String(v)
+                )),
+                word().prop_map(|t| format!("{{\"type\":\"{t}\"}}")),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn client_frame_parser_never_panics_and_errors_stay_short(text in frame_text()) {
+                match parse_client_frame(&text) {
+                    Ok(ClientFrame::Ping) => prop_assert!(text.contains("ping")),
+                    Ok(ClientFrame::Read { up_to }) => prop_assert!(text.contains("read") && up_to.len() <= text.len()),
+                    Err(m) => prop_assert!(m.len() < 400, "{}", m.len()),
+                }
+            }
+
+            #[test]
+            fn message_ids_round_trip(ms in any::<u64>(), seq in any::<u64>()) {
+                let id = MessageId { ms, seq };
+                prop_assert_eq!(id.to_string().parse::<MessageId>().unwrap(), id);
+            }
+
+            #[test]
+            fn message_id_order_is_numeric(a in any::<(u64, u64)>(), b in any::<(u64, u64)>()) {
+                let (x, y) = (MessageId { ms: a.0, seq: a.1 }, MessageId { ms: b.0, seq: b.1 });
+                prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+            }
+
+            #[test]
+            fn message_id_parser_accepts_exactly_digits_dash_digits(s in "[0-9t \\-+]{0,45}|\\PC{0,30}") {
+                let ok = s.parse::<MessageId>();
+                let shape = s.split_once('-').is_some_and(|(a, b)| {
+                    [a, b].iter().all(|p| !p.is_empty() && p.len() <= 20 && p.bytes().all(|c| c.is_ascii_digit()) && p.parse::<u64>().is_ok())
+                });
+                prop_assert_eq!(ok.is_ok(), shape, "{:?}", s);
+                if let Err(e) = ok {
+                    prop_assert!(e.to_string().len() < 400);
+                }
+            }
+        }
     }
 }

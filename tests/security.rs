@@ -523,3 +523,20 @@ async fn token_in_sec_websocket_protocol_and_the_echoed_protocol() {
     );
     node.stop().await;
 }
+
+/// Found by the frame parser's property test: an unknown frame type of
+/// multi-byte characters made the error message cut panic, which killed
+/// the connection task before it could detach.
+#[tokio::test]
+async fn a_long_unicode_frame_type_is_an_error_frame_not_a_crash() {
+    let node = TestNode::start_on(Backend::Memory, args()).await;
+    let user = uid("uni");
+    let (mut ws, _) = node.connect(&user).await;
+    let t = format!("{{\"type\":\"{}\"}}", "é".repeat(150));
+    ws.send_text(&t).await;
+    let e = ws.next_of("error").await;
+    assert_eq!(e["code"], "bad_frame");
+    ws.send_json(json!({"type": "ping"})).await;
+    assert_eq!(ws.next_of("pong").await["type"], "pong");
+    node.stop().await;
+}
