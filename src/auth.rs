@@ -426,6 +426,44 @@ mod tests {
     }
 
     #[test]
+    fn hs384_hs512_lifetime_and_unknown_algorithms() {
+        let cfg = JwtConfig {
+            secret: Some("secret-one".into()),
+            max_lifetime: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        };
+        let v = TokenVerifier::from_config(&cfg, 256).unwrap();
+        let now = crate::protocol::now_ms() / 1000;
+        let key = EncodingKey::from_secret(b"secret-one");
+        let claims = |exp, iat| Claims {
+            sub: "a".into(),
+            exp,
+            nbf: None,
+            iat,
+        };
+        for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+            let t = encode(&Header::new(alg), &claims(now + 60, Some(now)), &key).unwrap();
+            assert_eq!(v.verify_at(&t, now).unwrap().exp, now + 60, "{alg:?}");
+        }
+        // Too long a life, with or without iat; a future iat does not help.
+        for c in [
+            claims(now + 7200, Some(now)),
+            claims(now + 7200, None),
+            claims(now + 7200, Some(now + 5000)),
+        ] {
+            let t = encode(&Header::default(), &c, &key).unwrap();
+            assert!(v.verify_at(&t, now).unwrap_err().contains("lifetime"));
+        }
+        // Expiry is exact: no leeway at exp.
+        let t = encode(&Header::default(), &claims(now, None), &key).unwrap();
+        assert_eq!(v.verify_at(&t, now).unwrap_err(), "token expired");
+        // An RS256 header with no RSA key configured.
+        let rs = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.c2ln";
+        assert!(v.verify(rs).unwrap_err().contains("RSA"));
+        assert!(TokenVerifier::from_config(&JwtConfig::default(), 256).is_err());
+    }
+
+    #[test]
     fn bearer_scheme_is_case_insensitive() {
         assert_eq!(bearer("Bearer abc"), Some("abc"));
         assert_eq!(bearer("bearer abc"), Some("abc"));

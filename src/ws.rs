@@ -570,3 +570,99 @@ async fn write(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the handshake's untrusted inputs: the
+    //! `Sec-WebSocket-Protocol` list, `Authorization` and the query string.
+    //! Failing inputs are kept in `proptest-regressions/ws.txt`.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn request(protocol: Option<&str>, auth: Option<&str>, query: &str) -> Option<Request<()>> {
+        let mut b = Request::builder().uri(format!("/ws?{query}"));
+        if let Some(p) = protocol {
+            b = b.header(header::SEC_WEBSOCKET_PROTOCOL, p);
+        }
+        if let Some(a) = auth {
+            b = b.header(header::AUTHORIZATION, a);
+        }
+        b.body(()).ok()
+    }
+
+    #[test]
+    fn token_sources_in_order() {
+        let r = request(
+            Some("herald.v1, herald.token.AAA.BBB.CCC"),
+            Some("Bearer hdr"),
+            "token=q&since=1-0",
+        )
+        .unwrap();
+        let c = credentials(&r).unwrap();
+        assert_eq!(c.token.as_deref(), Some("AAA.BBB.CCC"));
+        assert!(c.subprotocol);
+        assert_eq!(c.since.as_deref(), Some("1-0"));
+        let r = request(None, Some("bearer hdr"), "token=q").unwrap();
+        assert_eq!(credentials(&r).unwrap().token.as_deref(), Some("hdr"));
+        let r = request(None, None, "token=q%2Bx").unwrap();
+        assert_eq!(credentials(&r).unwrap().token.as_deref(), Some("q+x"));
+        let r = request(Some("herald.token.x"), None, "").unwrap();
+        assert!(credentials(&r).unwrap_err().contains("herald.v1"));
+        let r = request(Some("herald.v1,herald.token.a,herald.token.b"), None, "").unwrap();
+        assert!(credentials(&r).unwrap_err().contains("two tokens"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Whatever the headers and query say, reading credentials never
+        /// panics, a protocol-borne token needs herald.v1, and a token
+        /// found is a substring of what was sent.
+        #[test]
+        fn credentials_never_panic(
+            protocol in proptest::option::of("[ -~]{0,120}"),
+            auth in proptest::option::of("[ -~]{0,80}"),
+            query in "[ -~&=%]{0,120}",
+        ) {
+            let Some(req) = request(protocol.as_deref(), auth.as_deref(), &query) else {
+                return Ok(()); // not a valid request head: hyper would refuse it
+            };
+            match credentials(&req) {
+                Ok(c) => {
+                    if let Some(t) = &c.token {
+                        let from_header = protocol.as_deref().is_some_and(|p| p.contains(&**t))
+                            || auth.as_deref().is_some_and(|a| a.contains(&**t));
+                        prop_assert!(from_header || !query.is_empty());
+                        prop_assert!(t.len() <= 240);
+                    }
+                    if protocol.as_deref().is_some_and(|p| p.split(',').any(|x| x.trim().starts_with(TOKEN_PROTOCOL_PREFIX))) {
+                        prop_assert!(c.subprotocol);
+                    }
+                }
+                Err(m) => prop_assert!(m.len() < 300),
+            }
+        }
+
+        /// Any token text is refused or accepted without panicking, and the
+        /// refusal never echoes the token.
+        #[test]
+        fn token_verification_never_panics(token in "[A-Za-z0-9_\\-.=]{0,400}|\\PC{0,100}") {
+            let v = TokenVerifier::new("proptest-secret", 256);
+            if let Err(why) = v.verify(&token) {
+                prop_assert!(why.len() < 300);
+                if token.len() > 8 {
+                    prop_assert!(!why.contains(&token));
+                }
+            }
+        }
+
+        /// Every subject of 1..=256 bytes survives mint and verify.
+        #[test]
+        fn minted_tokens_verify_for_any_subject(user in "\\PC{1,64}") {
+            prop_assume!(user.len() <= 256);
+            let v = TokenVerifier::new("proptest-secret", 256);
+            let t = crate::auth::mint("proptest-secret", &user, Duration::from_secs(60));
+            prop_assert_eq!(v.verify(&t).unwrap().user, user);
+        }
+    }
+}
