@@ -569,6 +569,27 @@ mod tests {
         );
     }
 
+    /// README's Production example is a valid config file.
+    #[test]
+    fn the_readme_production_config_resolves() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("## Production").unwrap();
+        let block = &readme[start..];
+        let toml_start = block.find("```toml\n").unwrap() + 8;
+        let toml_end = toml_start + block[toml_start..].find("```").unwrap();
+        let path = temp_file(&block[toml_start..toml_end]);
+        let args = serve(&["--config", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        let cfg = Config::resolve(args.unwrap()).unwrap();
+        assert_eq!(cfg.api_keys.len(), 2);
+        assert_eq!(cfg.api_keys[1].name, "ops");
+        assert_eq!(cfg.jwt.audience, vec!["herald".to_string()]);
+        assert!(cfg.jwt.secret.is_none() && !cfg.jwt_secret_generated);
+        assert!(cfg.tls.is_some() && cfg.grpc_tls_client_ca.is_some() && cfg.admin_plain);
+        assert!(!cfg.origins.is_empty());
+        assert_eq!(cfg.jwt.max_lifetime, Some(Duration::from_secs(24 * 3600)));
+    }
+
     #[test]
     fn the_default_node_id_names_the_host_and_port() {
         let cfg = Config::resolve(ServeArgs::default()).unwrap();
