@@ -224,7 +224,13 @@ pub async fn run(
             }
         })
     };
-    let reloader = tokio::spawn(reload_files(verifier.clone(), cert.clone()));
+    // SIGHUP is hooked here, before the ready line, so a signal sent right
+    // after it reloads instead of killing the process.
+    #[cfg(unix)]
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    let hup = None;
+    let reloader = tokio::spawn(reload_files(verifier.clone(), cert.clone(), hup));
 
     // Public listener: WebSocket gateway.
     let gateway = Arc::new(Gateway {
@@ -302,9 +308,12 @@ pub async fn run(
 /// Re-reads the JWKS file and the TLS certificate when they change (polled
 /// every second) and on SIGHUP (the certificate unconditionally). A file
 /// that does not load keeps what was in force and logs why.
-async fn reload_files(verifier: TokenVerifier, cert: Option<Arc<crate::tls::ReloadingCert>>) {
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+async fn reload_files(
+    verifier: TokenVerifier,
+    cert: Option<Arc<crate::tls::ReloadingCert>>,
+    #[cfg(unix)] mut hup: Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] _hup: Option<()>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

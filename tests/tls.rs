@@ -300,3 +300,49 @@ async fn a_missing_certificate_stops_the_start_with_a_clear_error() {
     let err = TestNode::try_start_with(a).await.err().expect("refused");
     assert!(err.contains("cert.pem"), "{err}");
 }
+
+/// SIGHUP re-reads the certificate at once (and does not stop the node,
+/// which is the default action of SIGHUP without a handler).
+#[tokio::test]
+async fn sighup_reloads_the_certificate_in_a_running_process() {
+    use std::io::{BufRead, BufReader};
+    let dir = temp_dir();
+    let ca = Ca::new("hup");
+    let (cert, key, _, _) = ca.leaf("herald");
+    let cert_path = write(&dir, "cert.pem", &cert);
+    let key_path = write(&dir, "key.pem", &key);
+    let log_path = dir.join("node.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--jwt-secret", SECRET, "--node-id", "hup"])
+        .args(["--ws-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .arg("--tls-cert")
+        .arg(&cert_path)
+        .arg("--tls-key")
+        .arg(&key_path)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert!(ready.starts_with("herald ready: ws=wss://"), "{ready}");
+    signal(pid, "-HUP");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    eventually("the SIGHUP reload is logged", || async {
+        let l = log();
+        l.contains("SIGHUP") && l.contains("TLS certificate reloaded")
+    })
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the node"
+    );
+    signal(pid, "-TERM");
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
