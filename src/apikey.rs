@@ -56,12 +56,19 @@ impl Scopes {
 /// The shortest key accepted in the `name:scope:key` form.
 pub const MIN_SCOPED_KEY_BYTES: usize = 16;
 
-/// One configured key, as parsed from `--api-key`.
-#[derive(Clone, Debug)]
+/// One configured key, as parsed from `--api-key`. Its `Debug` shows the
+/// name and scope only.
+#[derive(Clone)]
 pub struct KeySpec {
     pub name: String,
     pub scopes: Scopes,
     digest: [u8; 32],
+}
+
+impl std::fmt::Debug for KeySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:<redacted>", self.name, self.scopes.name())
+    }
 }
 
 impl KeySpec {

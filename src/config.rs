@@ -63,9 +63,12 @@ pub struct SendArgs {
     /// Makes a retry safe: the same key again within the window stores and pushes nothing (see the proto).
     #[arg(long)]
     pub idempotency_key: Option<String>,
-    /// API key, if the node requires one.
+    /// API key, if the node requires one (scope send).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// PEM CA file: connect over TLS, trusting the node's certificate if it chains to this CA (for a node with --tls-cert).
+    #[arg(long, env = "HERALD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {

@@ -346,3 +346,37 @@ async fn sighup_reloads_the_certificate_in_a_running_process() {
     let _ = child.wait();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `herald send --tls-ca` reaches a TLS node; without it, it cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herald_send_over_tls() {
+    let dir = temp_dir();
+    let ca = Ca::new("send");
+    let (cert, key, _, _) = ca.leaf("herald");
+    let ca_path = write(&dir, "ca.pem", &ca.pem());
+    let mut a = args();
+    a.tls_cert = Some(write(&dir, "cert.pem", &cert));
+    a.tls_key = Some(write(&dir, "key.pem", &key));
+    let node = TestNode::start_with(a).await;
+    let send = |tls: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+        c.args(["send", "--grpc", &format!("localhost:{}", node.grpc.port())]);
+        c.args(["--user", "cli-tls", "{\"n\":1}"]);
+        if tls {
+            c.arg("--tls-ca").arg(&ca_path);
+        }
+        c.env_remove("HERALD_API_KEY").env_remove("HERALD_TLS_CA");
+        c.output().unwrap()
+    };
+    let ok = tokio::task::block_in_place(|| send(true));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("cli-tls\t"));
+    let plain = tokio::task::block_in_place(|| send(false));
+    assert!(!plain.status.success());
+    node.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
