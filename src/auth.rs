@@ -76,10 +76,13 @@ struct Key {
 /// when the file changes.
 struct Jwks {
     path: PathBuf,
-    state: RwLock<(Option<(SystemTime, u64)>, Arc<[Key]>)>,
+    state: RwLock<(Stamp, Arc<[Key]>)>,
 }
 
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// A file's modification time and length, to notice a change cheaply.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn file_stamp(path: &Path) -> Stamp {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
 }
