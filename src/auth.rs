@@ -1,13 +1,32 @@
-//! Authentication: HS256 JWTs for WebSocket clients, and the optional API
-//! key interceptor for gRPC callers.
+//! Authentication of WebSocket clients: JWTs signed with an HMAC secret
+//! (HS256/384/512), with RSA, ECDSA or Ed25519 public keys from PEM files
+//! (RS*/PS*, ES256/ES384, EdDSA), or with the keys of a JWKS file chosen by
+//! the token's `kid` (the file is re-read when it changes, so an identity
+//! provider's key rotation needs no restart). `aud`, `iss`, `nbf` and a
+//! maximum lifetime are checked when configured.
+//!
+//! A verified token yields its user and its `exp`; the WebSocket gateway
+//! closes the connection with 4401 at `exp` (see `expiry`).
 
-use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{
+    decode, decode_header, encode, Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header,
+    Validation,
+};
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
-use tonic::{Request, Status};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-/// Clock skew tolerated on `exp`, in seconds (the protocol allows at most 60).
-const LEEWAY_SECS: u64 = 30;
+/// Clock skew tolerated on `nbf`, in seconds. `exp` gets none: a token is
+/// refused from the second the node would close its connection, so a client
+/// never connects only to be closed again.
+const NBF_LEEWAY_SECS: u64 = 30;
+/// The longest token accepted, in bytes.
+pub const MAX_TOKEN_BYTES: usize = 8192;
+/// The largest JWKS file read, in bytes.
+const MAX_JWKS_BYTES: u64 = 1024 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -15,59 +34,323 @@ struct Claims {
     exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
 }
 
-/// Verifies client tokens. Built once per node; verification allocates only
-/// the decoded claims.
+/// Where WebSocket tokens' keys come from and what their claims must say.
+#[derive(Clone, Debug, Default)]
+pub struct JwtConfig {
+    /// HMAC secret (HS256, HS384, HS512).
+    pub secret: Option<String>,
+    /// PEM public keys (RSA, EC or Ed25519; the kind is read from the file).
+    pub public_keys: Vec<PathBuf>,
+    /// A JWKS file (`{"keys": [...]}`), keys chosen by `kid`.
+    pub jwks: Option<PathBuf>,
+    /// Accepted `aud` values; empty: `aud` is not checked.
+    pub audience: Vec<String>,
+    /// Accepted `iss` values; empty: `iss` is not checked.
+    pub issuer: Vec<String>,
+    /// Longest `exp - iat` (or `exp - now` without `iat`) accepted.
+    pub max_lifetime: Option<Duration>,
+}
+
+/// A valid token's user and expiry (Unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub user: String,
+    pub exp: u64,
+}
+
+/// One verification key, with the algorithm it is pinned to (JWKS keys
+/// may name theirs) and its `kid`.
+#[derive(Clone)]
+struct Key {
+    kid: Option<String>,
+    alg: Option<Algorithm>,
+    key: DecodingKey,
+}
+
+/// A JWKS file and the keys last read from it. Read under a short
+/// `parking_lot` read lock (never held across an `.await`); replaced whole
+/// when the file changes.
+struct Jwks {
+    path: PathBuf,
+    state: RwLock<(Stamp, Arc<[Key]>)>,
+}
+
+/// A file's modification time and length, to notice a change cheaply.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn file_stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+impl Jwks {
+    fn load(path: &Path) -> Result<Vec<Key>, String> {
+        let shown = path.display();
+        let len = std::fs::metadata(path)
+            .map_err(|e| format!("JWKS file {shown}: {e}"))?
+            .len();
+        if len > MAX_JWKS_BYTES {
+            return Err(format!(
+                "JWKS file {shown} is {len} bytes; at most {MAX_JWKS_BYTES} are read"
+            ));
+        }
+        let text = std::fs::read(path).map_err(|e| format!("JWKS file {shown}: {e}"))?;
+        let set: JwkSet =
+            serde_json::from_slice(&text).map_err(|e| format!("JWKS file {shown}: {e}"))?;
+        let mut keys = Vec::with_capacity(set.keys.len());
+        for jwk in &set.keys {
+            let kid = jwk.common.key_id.clone();
+            let key = DecodingKey::from_jwk(jwk)
+                .map_err(|e| format!("JWKS file {shown}: key {kid:?}: {e}"))?;
+            let alg = jwk
+                .common
+                .key_algorithm
+                .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+            keys.push(Key { kid, alg, key });
+        }
+        Ok(keys)
+    }
+
+    fn open(path: &Path) -> Result<Jwks, String> {
+        let stamp = file_stamp(path);
+        let keys = Self::load(path)?;
+        Ok(Jwks {
+            path: path.to_path_buf(),
+            state: RwLock::new((stamp, keys.into())),
+        })
+    }
+
+    /// Re-reads the file if its modification time or size changed. A file
+    /// that does not parse keeps the old keys (and says why).
+    fn reload_if_changed(&self) -> Result<bool, String> {
+        let stamp = file_stamp(&self.path);
+        if stamp.is_none() || stamp == self.state.read().0 {
+            return Ok(false);
+        }
+        let keys = Self::load(&self.path)?;
+        *self.state.write() = (stamp, keys.into());
+        Ok(true)
+    }
+
+    fn keys(&self) -> Arc<[Key]> {
+        self.state.read().1.clone()
+    }
+}
+
+/// Verifies client tokens. Built once per node and shared; verification
+/// allocates only the decoded header and claims.
 #[derive(Clone)]
 pub struct TokenVerifier {
-    key: DecodingKey,
-    validation: Validation,
+    /// The HMAC secret and the PEM public keys.
+    fixed: Arc<[Key]>,
+    jwks: Option<Arc<Jwks>>,
+    audience: Arc<[String]>,
+    issuer: Arc<[String]>,
+    max_lifetime: Option<Duration>,
     max_user_id_bytes: usize,
 }
 
+/// Reads a PEM public key of any supported kind.
+fn pem_key(path: &Path) -> Result<DecodingKey, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("JWT public key {}: {e}", path.display()))?;
+    DecodingKey::from_rsa_pem(&pem)
+        .or_else(|_| DecodingKey::from_ec_pem(&pem))
+        .or_else(|_| DecodingKey::from_ed_pem(&pem))
+        .map_err(|_| {
+            format!(
+                "JWT public key {}: not a PEM RSA, EC (P-256/P-384) or Ed25519 public key",
+                path.display()
+            )
+        })
+}
+
+fn family_name(f: AlgorithmFamily) -> &'static str {
+    match f {
+        AlgorithmFamily::Hmac => "an HMAC secret (--jwt-secret)",
+        AlgorithmFamily::Rsa => "an RSA public key",
+        AlgorithmFamily::Ec => "an EC public key",
+        AlgorithmFamily::Ed => "an Ed25519 public key",
+    }
+}
+
 impl TokenVerifier {
+    /// An HS256/384/512 verifier for `secret` (tests and simple setups).
     pub fn new(secret: &str, max_user_id_bytes: usize) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = LEEWAY_SECS;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.validate_exp = true;
-        // A token that is not valid yet is refused like an expired one.
-        validation.validate_nbf = true;
-        TokenVerifier {
-            key: DecodingKey::from_secret(secret.as_bytes()),
-            validation,
+        Self::from_config(
+            &JwtConfig {
+                secret: Some(secret.into()),
+                ..Default::default()
+            },
             max_user_id_bytes,
+        )
+        .expect("a secret alone is always valid")
+    }
+
+    /// Reads the configured key files; an unreadable or unparsable file is
+    /// an error naming it.
+    pub fn from_config(cfg: &JwtConfig, max_user_id_bytes: usize) -> Result<Self, String> {
+        let mut fixed = Vec::new();
+        if let Some(s) = &cfg.secret {
+            fixed.push(Key {
+                kid: None,
+                alg: None,
+                key: DecodingKey::from_secret(s.as_bytes()),
+            });
+        }
+        for p in &cfg.public_keys {
+            fixed.push(Key {
+                kid: None,
+                alg: None,
+                key: pem_key(p)?,
+            });
+        }
+        let jwks = cfg.jwks.as_deref().map(Jwks::open).transpose()?;
+        if fixed.is_empty() && jwks.is_none() {
+            return Err("no key to verify WebSocket tokens: give --jwt-secret, --jwt-public-key or --jwt-jwks".into());
+        }
+        Ok(TokenVerifier {
+            fixed: fixed.into(),
+            jwks: jwks.map(Arc::new),
+            audience: cfg.audience.clone().into(),
+            issuer: cfg.issuer.clone().into(),
+            max_lifetime: cfg.max_lifetime,
+            max_user_id_bytes,
+        })
+    }
+
+    /// Re-reads the JWKS file if it changed; `Ok(true)` when it did. The
+    /// node calls this every second and on SIGHUP.
+    pub fn reload_jwks(&self) -> Result<bool, String> {
+        match &self.jwks {
+            Some(j) => j.reload_if_changed(),
+            None => Ok(false),
         }
     }
 
-    /// The user id (`sub`) of a valid token; the error says what is wrong
-    /// in words fit for an HTTP 401 body.
-    pub fn verify(&self, token: &str) -> Result<String, String> {
-        if token.len() > 8192 {
-            return Err("token too long".into());
+    /// The user and expiry of a valid token; the error says what is wrong
+    /// in words fit for an HTTP 401 body (never echoing the token).
+    pub fn verify(&self, token: &str) -> Result<Verified, String> {
+        self.verify_at(token, crate::protocol::now_ms() / 1000)
+    }
+
+    fn verify_at(&self, token: &str, now: u64) -> Result<Verified, String> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(format!("token longer than {MAX_TOKEN_BYTES} bytes"));
         }
-        let data = decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind::*;
-            match e.kind() {
-                ExpiredSignature => "token expired".to_string(),
-                ImmatureSignature => "token not valid yet (nbf is in the future)".to_string(),
-                InvalidSignature => {
-                    "token signature does not match this cluster's secret".to_string()
+        let header = decode_header(token).map_err(|e| format!("invalid token: {e}"))?;
+        let alg = header.alg;
+        let family = alg.family();
+        // Candidate keys: the JWKS key named by `kid` if there is one;
+        // otherwise every configured key of the algorithm's family.
+        let jwks_keys = self.jwks.as_ref().map(|j| j.keys());
+        let by_kid: Option<&Key> = match (&header.kid, &jwks_keys) {
+            (Some(kid), Some(keys)) => keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
+            _ => None,
+        };
+        let candidates: Vec<&Key> = match by_kid {
+            Some(k) => vec![k],
+            None => self
+                .fixed
+                .iter()
+                .chain(
+                    jwks_keys
+                        .iter()
+                        .flat_map(|ks| ks.iter())
+                        .filter(|k| header.kid.is_none() || k.kid.is_none()),
+                )
+                .filter(|k| k.key.family() == family)
+                .collect(),
+        };
+        let candidates: Vec<&Key> = candidates
+            .into_iter()
+            .filter(|k| k.key.family() == family && k.alg.is_none_or(|a| a == alg))
+            .collect();
+        if candidates.is_empty() {
+            return Err(match (&header.kid, &self.jwks) {
+                (Some(kid), Some(_)) if by_kid.is_none() => format!(
+                    "token names key id {:?}, which is not in this node's JWKS",
+                    crate::protocol::truncate_utf8(kid, 64)
+                ),
+                _ => format!(
+                    "token is signed with {alg:?}, which needs {}; this node has none for it",
+                    family_name(family)
+                ),
+            });
+        }
+        let mut validation = Validation::new(alg);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_exp = true;
+        validation.validate_nbf = false; // checked below, with leeway
+        validation.validate_aud = !self.audience.is_empty();
+        if !self.audience.is_empty() {
+            validation.set_audience(&self.audience);
+            validation.required_spec_claims.insert("aud".into());
+        }
+        if !self.issuer.is_empty() {
+            validation.set_issuer(&self.issuer);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        let mut last = None;
+        let mut claims = None;
+        for k in candidates {
+            match decode::<Claims>(token, &k.key, &validation) {
+                Ok(d) => {
+                    claims = Some(d.claims);
+                    break;
                 }
-                MissingRequiredClaim(c) => format!("token lacks the required claim {c:?}"),
-                InvalidAlgorithm => "token must be signed with HS256".to_string(),
-                _ => format!("invalid token: {e}"),
+                Err(e) => last = Some(e),
             }
-        })?;
-        let sub = data.claims.sub;
+        }
+        let claims = match (claims, last) {
+            (Some(c), _) => c,
+            (None, e) => {
+                use jsonwebtoken::errors::ErrorKind::*;
+                let e = e.expect("at least one candidate was tried");
+                return Err(match e.kind() {
+                    ExpiredSignature => "token expired".to_string(),
+                    InvalidSignature => {
+                        "token signature does not match this node's keys".to_string()
+                    }
+                    MissingRequiredClaim(c) => format!("token lacks the required claim {c:?}"),
+                    InvalidAudience => "token audience (aud) is not accepted here".to_string(),
+                    InvalidIssuer => "token issuer (iss) is not accepted here".to_string(),
+                    _ => format!("invalid token: {e}"),
+                });
+            }
+        };
+        if claims.exp <= now {
+            return Err("token expired".into());
+        }
+        if claims.nbf.is_some_and(|nbf| nbf > now + NBF_LEEWAY_SECS) {
+            return Err("token not valid yet (nbf is in the future)".into());
+        }
+        if let Some(max) = self.max_lifetime {
+            // From the earlier of `iat` and now: an `iat` in the future
+            // cannot shorten the lifetime on paper.
+            let from = claims.iat.map_or(now, |iat| iat.min(now));
+            if claims.exp.saturating_sub(from) > max.as_secs() {
+                return Err(format!(
+                    "token lifetime exceeds this node's maximum of {}",
+                    humantime::format_duration(max)
+                ));
+            }
+        }
+        let sub = claims.sub;
         if sub.is_empty() || sub.len() > self.max_user_id_bytes {
             return Err(format!(
                 "token subject must be 1 to {} bytes",
                 self.max_user_id_bytes
             ));
         }
-        Ok(sub)
+        Ok(Verified {
+            user: sub,
+            exp: claims.exp,
+        })
     }
 }
 
@@ -80,39 +363,11 @@ pub fn mint(secret: &str, user: &str, ttl: Duration) -> String {
             sub: user.to_string(),
             exp,
             nbf: None,
+            iat: None,
         },
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("HS256 encoding cannot fail")
-}
-
-/// gRPC interceptor: with an API key configured, every PushService call must
-/// carry `authorization: Bearer <key>`. Health and reflection stay open so
-/// probes and grpcurl's service listing work without it.
-#[derive(Clone)]
-pub struct ApiKey(pub Option<std::sync::Arc<str>>);
-
-impl tonic::service::Interceptor for ApiKey {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(key) = &self.0 else { return Ok(req) };
-        match req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(v)
-                if bearer(v).is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes())) =>
-            {
-                Ok(req)
-            }
-            Some(_) => Err(Status::unauthenticated(
-                "the API key in `authorization: Bearer <key>` is wrong",
-            )),
-            None => Err(Status::unauthenticated(
-                "this node requires `authorization: Bearer <api key>` metadata",
-            )),
-        }
-    }
 }
 
 /// The credentials of an `authorization: Bearer <credentials>` value; the
@@ -125,10 +380,6 @@ pub(crate) fn bearer(value: &str) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,7 +389,8 @@ mod tests {
         let v = TokenVerifier::new("secret-one", 256);
         assert_eq!(
             v.verify(&mint("secret-one", "alice", Duration::from_secs(60)))
-                .unwrap(),
+                .unwrap()
+                .user,
             "alice"
         );
         assert!(v
@@ -154,6 +406,7 @@ mod tests {
                 sub: "a".into(),
                 exp,
                 nbf: None,
+                iat: None,
             },
             &EncodingKey::from_secret(b"secret-one"),
         )
@@ -167,11 +420,50 @@ mod tests {
                 sub: "a".into(),
                 exp: now + 3600,
                 nbf: Some(now + 600),
+                iat: None,
             },
             &EncodingKey::from_secret(b"secret-one"),
         )
         .unwrap();
         assert!(v.verify(&early).unwrap_err().contains("not valid yet"));
+    }
+
+    #[test]
+    fn hs384_hs512_lifetime_and_unknown_algorithms() {
+        let cfg = JwtConfig {
+            secret: Some("secret-one".into()),
+            max_lifetime: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        };
+        let v = TokenVerifier::from_config(&cfg, 256).unwrap();
+        let now = crate::protocol::now_ms() / 1000;
+        let key = EncodingKey::from_secret(b"secret-one");
+        let claims = |exp, iat| Claims {
+            sub: "a".into(),
+            exp,
+            nbf: None,
+            iat,
+        };
+        for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+            let t = encode(&Header::new(alg), &claims(now + 60, Some(now)), &key).unwrap();
+            assert_eq!(v.verify_at(&t, now).unwrap().exp, now + 60, "{alg:?}");
+        }
+        // Too long a life, with or without iat; a future iat does not help.
+        for c in [
+            claims(now + 7200, Some(now)),
+            claims(now + 7200, None),
+            claims(now + 7200, Some(now + 5000)),
+        ] {
+            let t = encode(&Header::default(), &c, &key).unwrap();
+            assert!(v.verify_at(&t, now).unwrap_err().contains("lifetime"));
+        }
+        // Expiry is exact: no leeway at exp.
+        let t = encode(&Header::default(), &claims(now, None), &key).unwrap();
+        assert_eq!(v.verify_at(&t, now).unwrap_err(), "token expired");
+        // An RS256 header with no RSA key configured.
+        let rs = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.c2ln";
+        assert!(v.verify(rs).unwrap_err().contains("RSA"));
+        assert!(TokenVerifier::from_config(&JwtConfig::default(), 256).is_err());
     }
 
     #[test]

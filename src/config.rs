@@ -11,6 +11,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::apikey::KeySpec;
+use crate::auth::JwtConfig;
+use crate::origin::Origins;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "herald",
@@ -59,9 +63,12 @@ pub struct SendArgs {
     /// Makes a retry safe: the same key again within the window stores and pushes nothing (see the proto).
     #[arg(long)]
     pub idempotency_key: Option<String>,
-    /// API key, if the node requires one.
+    /// API key, if the node requires one (scope send).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// PEM CA file: connect over TLS, trusting the node's certificate if it chains to this CA (for a node with --tls-cert).
+    #[arg(long, env = "HERALD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -101,6 +108,10 @@ fn secret(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+fn api_key(s: &str) -> Result<KeySpec, String> {
+    KeySpec::parse(s)
+}
+
 /// Flags of `herald serve`. Each setting, its environment variable and its
 /// default are written once, here; `--help` shows them. The `--config` TOML
 /// file uses the same names in snake_case and fills in what neither a flag
@@ -119,12 +130,49 @@ pub struct ServeArgs {
     /// Admin HTTP listener: /metrics (Prometheus) and /healthz.
     #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
     pub admin_listen: SocketAddr,
-    /// HS256 secret that signs WebSocket tokens (at least 8 bytes). None: one is generated for this run and a demo token printed.
+    /// HMAC secret of WebSocket tokens (HS256/HS384/HS512, at least 8 bytes). None and no other key: one is generated for this run and a demo token printed.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true, value_parser = secret)]
     pub jwt_secret: Option<String>,
-    /// If set, gRPC callers must send `authorization: Bearer <key>`.
-    #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// PEM public key of WebSocket tokens: RSA (RS*/PS*), EC (ES256/ES384) or Ed25519 (EdDSA). Repeatable.
+    #[arg(long = "jwt-public-key", env = "HERALD_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Vec<PathBuf>,
+    /// JWKS file (an identity provider's `{"keys": [...]}`); keys chosen by the token's `kid`; re-read when it changes.
+    #[arg(long, env = "HERALD_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// Accepted token audience (`aud`); repeatable. Unset: `aud` is not checked.
+    #[arg(long = "jwt-audience", env = "HERALD_JWT_AUDIENCE")]
+    pub jwt_audience: Vec<String>,
+    /// Accepted token issuer (`iss`); repeatable. Unset: `iss` is not checked.
+    #[arg(long = "jwt-issuer", env = "HERALD_JWT_ISSUER")]
+    pub jwt_issuer: Vec<String>,
+    /// Longest token lifetime accepted (`exp` minus `iat`, or minus now without `iat`).
+    #[arg(long, env = "HERALD_JWT_MAX_LIFETIME", value_parser = duration)]
+    pub jwt_max_lifetime: Option<Duration>,
+    /// gRPC API key, repeatable: `name:scope:key` with scope send, read or admin (or send+read), or a bare key (named "default", every scope). Set: PushService callers must send `authorization: Bearer <key>`.
+    #[arg(long = "api-key", env = "HERALD_API_KEY", hide_env_values = true, value_parser = api_key)]
+    pub api_key: Vec<KeySpec>,
+    /// Health and reflection also need an API key (any scope); by default they are open for probes and grpcurl.
+    #[arg(long, env = "HERALD_GRPC_AUTH_DISCOVERY")]
+    pub grpc_auth_discovery: bool,
+    /// PEM certificate chain: with --tls-key, every listener speaks TLS (wss://, gRPC over TLS, https admin). Re-read on change and on SIGHUP.
+    #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "HERALD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: gRPC callers must present a client certificate signed by it (mutual TLS). Needs --tls-cert.
+    #[arg(long, env = "HERALD_GRPC_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+    /// Keep the admin listener plain HTTP when TLS is on (a Prometheus on the same host).
+    #[arg(long, env = "HERALD_ADMIN_PLAIN")]
+    pub admin_plain: bool,
+    /// Origin allowed to open WebSockets (`https://app.example.com`, `https://*.example.com`); repeatable. Unset: any origin.
+    #[arg(
+        long = "allowed-origin",
+        env = "HERALD_ALLOWED_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub allowed_origin: Vec<String>,
     /// This node's id in the cluster. [default: <host name>-<ws port>]
     #[arg(long, env = "HERALD_NODE_ID")]
     pub node_id: Option<String>,
@@ -338,10 +386,23 @@ pub struct Config {
     pub ws_listen: SocketAddr,
     pub grpc_listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub jwt_secret: String,
-    /// True when the secret was generated for this run (no secret configured).
+    /// Where token keys come from and what claims must say.
+    pub jwt: JwtConfig,
+    /// True when the HMAC secret was generated for this run (no key of any
+    /// kind configured).
     pub jwt_secret_generated: bool,
-    pub api_key: Option<String>,
+    /// gRPC API keys; empty: the control API is open.
+    pub api_keys: Vec<KeySpec>,
+    /// Health and reflection need a key too.
+    pub grpc_auth_discovery: bool,
+    /// Allowed WebSocket origins; empty: any.
+    pub origins: Origins,
+    /// TLS certificate files; None: plain listeners.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// mTLS for gRPC: the CA client certificates must chain to.
+    pub grpc_tls_client_ca: Option<PathBuf>,
+    /// The admin listener stays plain with TLS on.
+    pub admin_plain: bool,
     pub redis_url: Option<String>,
     pub limits: Limits,
     pub inbox: InboxConfig,
@@ -380,11 +441,16 @@ impl Config {
     /// Checks parsed settings and fills in what is derived (node id,
     /// generated secret).
     pub fn resolve(args: ServeArgs) -> Result<Config, String> {
+        let has_other_key = !args.jwt_public_key.is_empty() || args.jwt_jwks.is_some();
         let (jwt_secret, generated) = match args.jwt_secret {
-            Some(s) => (secret(&s)?, false),
+            Some(s) => (Some(secret(&s)?), false),
+            None if has_other_key => (None, false),
             None => {
                 let bytes: [u8; 24] = rand::random();
-                (bytes.iter().map(|b| format!("{b:02x}")).collect(), true)
+                (
+                    Some(bytes.iter().map(|b| format!("{b:02x}")).collect()),
+                    true,
+                )
             }
         };
         let node_id = args.node_id.unwrap_or_else(|| {
@@ -404,9 +470,28 @@ impl Config {
             ws_listen: args.ws_listen,
             grpc_listen: args.grpc_listen,
             admin_listen: args.admin_listen,
-            jwt_secret,
+            jwt: JwtConfig {
+                secret: jwt_secret,
+                public_keys: args.jwt_public_key,
+                jwks: args.jwt_jwks,
+                audience: args.jwt_audience,
+                issuer: args.jwt_issuer,
+                max_lifetime: args.jwt_max_lifetime,
+            },
             jwt_secret_generated: generated,
-            api_key: args.api_key.filter(|k| !k.is_empty()),
+            api_keys: {
+                crate::apikey::ApiKeys::new(&args.api_key)?;
+                args.api_key
+            },
+            grpc_auth_discovery: args.grpc_auth_discovery,
+            origins: Origins::parse(&args.allowed_origin)?,
+            tls: match (args.tls_cert, args.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+                (None, None) => None,
+                _ => return Err("--tls-cert and --tls-key go together".into()),
+            },
+            grpc_tls_client_ca: args.grpc_tls_client_ca,
+            admin_plain: args.admin_plain,
             redis_url: args.redis_url.filter(|u| !u.is_empty()),
             limits: Limits {
                 max_payload_bytes: args.max_payload_bytes,
@@ -471,7 +556,7 @@ mod tests {
         assert_eq!(cfg.node_id, "from-flag");
         assert_eq!(cfg.grpc_listen.port(), 6000);
         assert_eq!(cfg.ws_listen.port(), 8080);
-        assert_eq!(cfg.jwt_secret, "file-secret-123");
+        assert_eq!(cfg.jwt.secret.as_deref(), Some("file-secret-123"));
         assert!(!cfg.jwt_secret_generated);
         assert_eq!(cfg.heartbeat, Duration::from_secs(2));
         assert_eq!(cfg.inbox.max_age, Duration::from_secs(3600));
@@ -498,7 +583,30 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("at least 8 bytes"));
         let generated = Config::resolve(ServeArgs::default()).unwrap();
-        assert!(generated.jwt_secret_generated && generated.jwt_secret.len() >= 32);
+        assert!(
+            generated.jwt_secret_generated && generated.jwt.secret.as_ref().unwrap().len() >= 32
+        );
+    }
+
+    /// README's Production example is a valid config file.
+    #[test]
+    fn the_readme_production_config_resolves() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("## Production").unwrap();
+        let block = &readme[start..];
+        let toml_start = block.find("```toml\n").unwrap() + 8;
+        let toml_end = toml_start + block[toml_start..].find("```").unwrap();
+        let path = temp_file(&block[toml_start..toml_end]);
+        let args = serve(&["--config", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        let cfg = Config::resolve(args.unwrap()).unwrap();
+        assert_eq!(cfg.api_keys.len(), 2);
+        assert_eq!(cfg.api_keys[1].name, "ops");
+        assert_eq!(cfg.jwt.audience, vec!["herald".to_string()]);
+        assert!(cfg.jwt.secret.is_none() && !cfg.jwt_secret_generated);
+        assert!(cfg.tls.is_some() && cfg.grpc_tls_client_ca.is_some() && cfg.admin_plain);
+        assert!(!cfg.origins.is_empty());
+        assert_eq!(cfg.jwt.max_lifetime, Some(Duration::from_secs(24 * 3600)));
     }
 
     #[test]

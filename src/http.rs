@@ -10,8 +10,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 /// A connection slot of the public listener; the slot frees when the last
@@ -43,11 +45,14 @@ pub fn respond(
 /// permit is taken before each accept and held for the connection's life
 /// (through a WebSocket upgrade too), so a full node stops accepting instead
 /// of failing later. Accept errors (EMFILE, say) back off exponentially.
+/// With `tls`, each connection's handshake runs in its own task (bounded by
+/// [`crate::tls::HANDSHAKE_TIMEOUT`]) before HTTP is spoken.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
     tasks: TaskTracker,
     permits: Option<Arc<Semaphore>>,
+    tls: Option<TlsAcceptor>,
     handler: F,
 ) where
     F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -76,7 +81,8 @@ pub(crate) async fn accept_loop<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let mut stop = stop.clone();
+        let stop = stop.clone();
+        let tls = tls.clone();
         tasks.spawn(async move {
             let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
                 // The WebSocket task takes this along, keeping the permit for
@@ -86,20 +92,51 @@ pub(crate) async fn accept_loop<F, Fut>(
                 }
                 handler(req)
             });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            match tls {
+                None => serve_http(stream, service, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(
+                        crate::tls::HANDSHAKE_TIMEOUT,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(tls)) => serve_http(tls, service, stop).await,
+                        Ok(Err(e)) => {
+                            metrics::counter!("herald_tls_handshake_failures_total").increment(1);
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!("herald_tls_handshake_failures_total").increment(1);
+                            tracing::debug!("TLS handshake timed out");
+                        }
+                    }
                 }
             }
         });
+    }
+}
+
+/// Speaks HTTP/1.1 (with upgrades) on one accepted connection, plain or
+/// TLS, until it ends or shutdown asks it to finish.
+async fn serve_http<I, S>(io: I, service: S, mut stop: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Full<Bytes>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
     }
 }

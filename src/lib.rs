@@ -16,7 +16,11 @@
 //! * `http`: the HTTP/1.1 accept loop and responses shared by the public and
 //!   admin listeners.
 //! * `grpc`: the PushService edge: protobuf in, status codes out.
-//! * [`auth`]: JWTs for WebSocket clients, the API key for gRPC callers.
+//! * [`auth`]: JWTs for WebSocket clients (HMAC, RSA, EC, Ed25519, JWKS).
+//! * [`apikey`]: scoped API keys for gRPC callers.
+//! * [`origin`]: the Origin allow-list of the WebSocket handshake.
+//! * [`tls`]: rustls acceptors and the certificate that reloads itself.
+//! * `expiry`: closes connections whose token expired (one map per node).
 //! * `ws`: the WebSocket handshake and the per-connection task.
 //! * `protocol`: wire protocol v1: message ids, frames, close codes.
 //! * `hub`: this node's connections and their bounded send queues.
@@ -33,17 +37,21 @@
 //! The load generator lives in its own crate (`bench/`), so the server
 //! neither compiles nor links it.
 
+pub mod apikey;
 pub mod auth;
 mod backend;
 pub mod cli;
 pub mod config;
 mod error;
+mod expiry;
 mod grpc;
 mod http;
 mod hub;
 mod node;
+pub mod origin;
 mod protocol;
 pub mod server;
+pub mod tls;
 mod ws;
 
 /// Generated protobuf types and gRPC stubs of `herald.v1`.

@@ -58,14 +58,11 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             };
             let (ws, _, _) = listeners.addrs();
-            if cfg.jwt_secret_generated {
-                let token = herald::auth::mint(
-                    &cfg.jwt_secret,
-                    "demo",
-                    std::time::Duration::from_secs(24 * 3600),
-                );
+            if let (true, Some(secret)) = (cfg.jwt_secret_generated, &cfg.jwt.secret) {
+                let token =
+                    herald::auth::mint(secret, "demo", std::time::Duration::from_secs(24 * 3600));
                 println!("No --jwt-secret configured: generated one for this run only.");
-                println!("  HERALD_JWT_SECRET={}", cfg.jwt_secret);
+                println!("  HERALD_JWT_SECRET={secret}");
                 println!("Demo token for user \"demo\" (24h):");
                 println!("  {token}");
                 println!("  ws://{ws}/ws?token={token}");

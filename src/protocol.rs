@@ -283,6 +283,9 @@ pub enum Disconnect {
     Kicked(std::sync::Arc<str>),
     /// 4029: the user holds too many connections; the text says how many.
     TooManyConnections(String),
+    /// 4401: the connection's token reached its `exp`. Reconnect at once
+    /// with a fresh token and `since` (unlike 4001, which means stay away).
+    TokenExpired,
 }
 
 /// The longest close reason the protocol allows: a close frame is a control
@@ -299,6 +302,7 @@ impl Disconnect {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const KICKED: u16 = 4001;
     pub const TOO_MANY_CONNECTIONS: u16 = 4029;
+    pub const TOKEN_EXPIRED: u16 = 4401;
 
     pub fn code(&self) -> u16 {
         match self {
@@ -311,6 +315,7 @@ impl Disconnect {
             Disconnect::RateLimited => Self::POLICY,
             Disconnect::Kicked(_) => Self::KICKED,
             Disconnect::TooManyConnections(_) => Self::TOO_MANY_CONNECTIONS,
+            Disconnect::TokenExpired => Self::TOKEN_EXPIRED,
         }
     }
 
@@ -329,6 +334,7 @@ impl Disconnect {
             Disconnect::RateLimited => "too many frames: client frame budget exceeded".into(),
             Disconnect::Kicked(reason) => (&**reason).into(),
             Disconnect::TooManyConnections(why) => why.as_str().into(),
+            Disconnect::TokenExpired => "token expired: reconnect with a fresh token".into(),
         };
         truncate_utf8(&text, MAX_CLOSE_REASON_BYTES).to_string()
     }
@@ -397,8 +403,10 @@ pub const MAX_REQ_TAG_BYTES: usize = 64;
 /// error frame sent back.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, String> {
     serde_json::from_str(text).map_err(|e| {
-        let mut m = e.to_string();
-        m.truncate(200);
+        // serde's message quotes the client's text (an unknown `type`), so
+        // it is cut on a character boundary: a byte cut could panic.
+        let e = e.to_string();
+        let m = truncate_utf8(&e, 200);
         format!("malformed frame: {m}; expected a frame of type read, unread, delete, history or ping (see the wire protocol)")
     })
 }
@@ -514,5 +522,66 @@ mod tests {
         assert!(parse_client_frame(r#"{"type":"delete","ids":["1-0"],"x":1}"#).is_err());
         assert!(parse_client_frame(r#"{"type":"nope"}"#).is_err());
         assert!(parse_client_frame("not json").is_err());
+    }
+
+    mod properties {
+        //! Property tests of what clients send: frames and message ids.
+        //! Inputs that ever failed are kept in
+        //! `proptest-regressions/protocol.txt` and replayed first.
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// JSON-ish text: frames with random types, keys and values, plus
+        /// arbitrary strings.
+        fn frame_text() -> impl Strategy<Value = String> {
+            let word = || proptest::string::string_regex("[a-zé\\u{1F600}\"\\\\ ]{0,300}").unwrap();
+            prop_oneof![
+                any::<String>(),
+                (word(), word()).prop_map(|(t, v)| format!(
+                    "{{\"type\":{},\"up_to\":{}}}",
+                    serde_json::Value::String(t),
+                    serde_json::Value::String(v)
+                )),
+                word().prop_map(|t| format!("{{\"type\":\"{t}\"}}")),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn client_frame_parser_never_panics_and_errors_stay_short(text in frame_text()) {
+                match parse_client_frame(&text) {
+                    Ok(ClientFrame::Ping) => prop_assert!(text.contains("ping")),
+                    Ok(ClientFrame::Read { up_to, .. }) => prop_assert!(text.contains("read") && up_to.map_or(0, |u| u.len()) <= text.len()),
+                    Ok(_) => {}
+                    Err(m) => prop_assert!(m.len() < 400, "{}", m.len()),
+                }
+            }
+
+            #[test]
+            fn message_ids_round_trip(ms in any::<u64>(), seq in any::<u64>()) {
+                let id = MessageId { ms, seq };
+                prop_assert_eq!(id.to_string().parse::<MessageId>().unwrap(), id);
+            }
+
+            #[test]
+            fn message_id_order_is_numeric(a in any::<(u64, u64)>(), b in any::<(u64, u64)>()) {
+                let (x, y) = (MessageId { ms: a.0, seq: a.1 }, MessageId { ms: b.0, seq: b.1 });
+                prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+            }
+
+            #[test]
+            fn message_id_parser_accepts_exactly_digits_dash_digits(s in "[0-9t \\-+]{0,45}|\\PC{0,30}") {
+                let ok = s.parse::<MessageId>();
+                let shape = s.split_once('-').is_some_and(|(a, b)| {
+                    [a, b].iter().all(|p| !p.is_empty() && p.len() <= 20 && p.bytes().all(|c| c.is_ascii_digit()) && p.parse::<u64>().is_ok())
+                });
+                prop_assert_eq!(ok.is_ok(), shape, "{:?}", s);
+                if let Err(e) = ok {
+                    prop_assert!(e.to_string().len() < 400);
+                }
+            }
+        }
     }
 }

@@ -5,8 +5,10 @@
 //! close every WebSocket with 1001, let in-flight RPCs finish, then return
 //! once every connection task is done (or a deadline passes).
 
-use crate::auth::{ApiKey, TokenVerifier};
+use crate::apikey::ApiKeys;
+use crate::auth::TokenVerifier;
 use crate::config::Config;
+use crate::expiry::Expiries;
 use crate::grpc::limits::{incoming as grpc_incoming, InflightLimit};
 use crate::http::{accept_loop, respond, stopped};
 use crate::node::Node;
@@ -117,6 +119,27 @@ pub async fn run(
             "connections capped by the open-files limit; raise `ulimit -n` to hold more"
         );
     }
+    // Key files are read before anything serves: a bad one stops the start.
+    let verifier = TokenVerifier::from_config(&cfg.jwt, cfg.limits.max_user_id_bytes)?;
+    let api_keys = ApiKeys::new(&cfg.api_keys)?;
+    warn_about_exposure(&cfg, &listeners, &api_keys);
+    let cert = cfg
+        .tls
+        .clone()
+        .map(crate::tls::ReloadingCert::open)
+        .transpose()?;
+    let acceptor = |alpn: &[&[u8]], ca: Option<&std::path::Path>| {
+        cert.clone()
+            .map(|c| crate::tls::acceptor(c, alpn, ca))
+            .transpose()
+    };
+    let ws_tls = acceptor(&[b"http/1.1"], None)?;
+    let grpc_tls = acceptor(&[b"h2"], cfg.grpc_tls_client_ca.as_deref())?;
+    let admin_tls = if cfg.admin_plain {
+        None
+    } else {
+        acceptor(&[b"http/1.1"], None)?
+    };
     let node = build_node(cfg.clone()).await?;
     let (ws_addr, grpc_addr, admin_addr) = listeners.addrs();
     tracing::info!(node = %cfg.node_id, %ws_addr, %grpc_addr, %admin_addr,
@@ -138,19 +161,35 @@ pub async fn run(
     let push = tonic::service::interceptor::InterceptedService::new(
         PushServiceServer::new(crate::grpc::PushApi::new(node.clone()))
             .max_decoding_message_size(cfg.limits.max_payload_bytes + 1024 * 1024),
-        ApiKey(cfg.api_key.as_deref().map(Arc::from)),
+        api_keys.clone(),
     );
+    // Health and reflection: open unless --grpc-auth-discovery.
+    let discovery_keys = if cfg.grpc_auth_discovery {
+        api_keys.clone()
+    } else {
+        ApiKeys::new(&[]).expect("no keys is valid")
+    };
+    fn guarded<S>(
+        svc: S,
+        keys: &ApiKeys,
+    ) -> tonic::service::interceptor::InterceptedService<S, ApiKeys> {
+        tonic::service::interceptor::InterceptedService::new(svc, keys.clone())
+    }
     let mut grpc_stop = stop_rx.clone();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.limits.grpc_max_streams.min(u32::MAX as usize) as u32)
             .layer(InflightLimit::new(cfg.limits.grpc_max_inflight))
-            .add_service(health_svc)
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?)
+            .add_service(guarded(health_svc, &discovery_keys))
+            .add_service(guarded(reflection().build_v1()?, &discovery_keys))
+            .add_service(guarded(reflection().build_v1alpha()?, &discovery_keys))
             .add_service(push)
             .serve_with_incoming_shutdown(
-                grpc_incoming(listeners.grpc, cfg.limits.grpc_max_connections),
+                grpc_incoming(
+                    listeners.grpc,
+                    cfg.limits.grpc_max_connections,
+                    grpc_tls.clone(),
+                ),
                 async move {
                     stopped(&mut grpc_stop).await;
                 },
@@ -171,10 +210,34 @@ pub async fn run(
         })
     };
 
+    // The one token-expiry ticker of all connections: closes with 4401 at
+    // `exp` (checked four times a second; `exp` is in whole seconds).
+    let expiries = Arc::new(Expiries::default());
+    let expiry = {
+        let expiries = expiries.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                expiries.expire(crate::protocol::now_ms() / 1000);
+            }
+        })
+    };
+    // SIGHUP is hooked here, before the ready line, so a signal sent right
+    // after it reloads instead of killing the process.
+    #[cfg(unix)]
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    let hup = None;
+    let reloader = tokio::spawn(reload_files(verifier.clone(), cert.clone(), hup));
+
     // Public listener: WebSocket gateway.
     let gateway = Arc::new(Gateway {
         node: node.clone(),
-        verifier: TokenVerifier::new(&cfg.jwt_secret, cfg.limits.max_user_id_bytes),
+        verifier,
+        expiries,
+        origins: cfg.origins.clone(),
         tasks: tasks.clone(),
     });
     let permits = Arc::new(Semaphore::new(max_connections));
@@ -183,6 +246,7 @@ pub async fn run(
         stop_rx.clone(),
         tasks.clone(),
         Some(permits),
+        ws_tls,
         {
             let gateway = gateway.clone();
             move |req| gateway.clone().handle(req)
@@ -195,6 +259,7 @@ pub async fn run(
         stop_rx.clone(),
         tasks.clone(),
         None,
+        admin_tls.clone(),
         {
             let node = node.clone();
             move |req| {
@@ -207,7 +272,13 @@ pub async fn run(
 
     // The line scripts wait for: printed once the node really serves (the
     // backend is up), on stdout.
-    println!("herald ready: ws=ws://{ws_addr}/ws grpc={grpc_addr} admin=http://{admin_addr}");
+    let (ws_scheme, admin_scheme) = (
+        if cert.is_some() { "wss" } else { "ws" },
+        if admin_tls.is_some() { "https" } else { "http" },
+    );
+    println!(
+        "herald ready: ws={ws_scheme}://{ws_addr}/ws grpc={grpc_addr} admin={admin_scheme}://{admin_addr}"
+    );
     shutdown.await;
     tracing::info!("shutting down: closing connections with 1001, finishing in-flight RPCs");
     let _ = stop_tx.send(true);
@@ -215,6 +286,8 @@ pub async fn run(
     let _ = admin.await;
     node.hub.close_all(Disconnect::Shutdown);
     heartbeat.abort();
+    expiry.abort();
+    reloader.abort();
     tasks.close();
     if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
         .await
@@ -230,6 +303,78 @@ pub async fn run(
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Re-reads the JWKS file and the TLS certificate when they change (polled
+/// every second) and on SIGHUP (the certificate unconditionally). A file
+/// that does not load keeps what was in force and logs why.
+async fn reload_files(
+    verifier: TokenVerifier,
+    cert: Option<Arc<crate::tls::ReloadingCert>>,
+    #[cfg(unix)] mut hup: Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] _hup: Option<()>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let forced = match &mut hup {
+            Some(h) => tokio::select! {
+                _ = tick.tick() => false,
+                _ = h.recv() => true,
+            },
+            None => {
+                tick.tick().await;
+                false
+            }
+        };
+        #[cfg(not(unix))]
+        let forced = {
+            tick.tick().await;
+            false
+        };
+        if forced {
+            tracing::info!("SIGHUP: reloading the TLS certificate and the JWKS file");
+        }
+        match verifier.reload_jwks() {
+            Ok(true) => tracing::info!("JWKS file changed: keys reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("JWKS file changed but cannot be used (old keys kept): {e}"),
+        }
+        if let Some(c) = &cert {
+            match c.reload(forced) {
+                Ok(true) => tracing::info!("TLS certificate reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!("TLS certificate changed but cannot be used (old one kept): {e}")
+                }
+            }
+        }
+    }
+}
+
+/// Says at start what is exposed without protection.
+fn warn_about_exposure(cfg: &Config, listeners: &Listeners, keys: &ApiKeys) {
+    let (ws, grpc, admin) = listeners.addrs();
+    if cfg.tls.is_none() {
+        tracing::warn!(%ws, %grpc, %admin, "listeners are plain (no TLS): fine on loopback or behind a TLS proxy; give --tls-cert and --tls-key for wss:// and gRPC over TLS");
+    } else if cfg.admin_plain {
+        tracing::warn!(%admin, "the admin listener is plain (--admin-plain)");
+    }
+    if cfg.origins.is_empty() && !ws.ip().is_loopback() {
+        tracing::warn!(%ws, "no --allowed-origin: pages on any site may open WebSockets to this public listener");
+    }
+    if keys.is_empty() && !grpc.ip().is_loopback() {
+        tracing::warn!(%grpc, "no --api-key: anyone who reaches the gRPC listener can push to every user");
+    }
+    if !cfg.api_keys.is_empty() {
+        let names: Vec<String> = cfg
+            .api_keys
+            .iter()
+            .map(|k| format!("{}:{}", k.name, k.scopes.name()))
+            .collect();
+        tracing::info!(keys = %names.join(","), "gRPC API keys");
+    }
 }
 
 fn admin(

@@ -7,11 +7,13 @@
 //! timer per connection; the hub's queue, the socket's buffers and a small
 //! task state are the connection's whole memory (see BENCHMARKS.md).
 
-use crate::auth::{bearer, TokenVerifier};
+use crate::auth::{bearer, TokenVerifier, Verified};
 use crate::error::Error;
+use crate::expiry::Expiries;
 use crate::http::{respond, ConnPermit};
 use crate::hub::{Conn, Outbound};
 use crate::node::{ClientOp, Node};
+use crate::origin::Origins;
 use crate::protocol::{self, ClientFrame, Disconnect, MessageId};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -61,6 +63,10 @@ type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 pub struct Gateway {
     pub node: Arc<Node>,
     pub verifier: TokenVerifier,
+    /// Connections by token expiry; the node's ticker closes them at `exp`.
+    pub expiries: Arc<Expiries>,
+    /// Allowed `Origin`s of handshakes (empty: all).
+    pub origins: Origins,
     /// Connection tasks, so shutdown can wait for their close frames.
     pub tasks: TaskTracker,
 }
@@ -98,48 +104,53 @@ impl Gateway {
     fn upgrade(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         // Only the head matters from here on (the body of a GET is empty).
         let mut req = Request::from_parts(req.into_parts().0, ());
-        let mut token = None;
-        let mut since = None;
-        if let Some(q) = req.uri().query() {
-            for (k, v) in form_urlencoded::parse(q.as_bytes()) {
-                match &*k {
-                    "token" => token = Some(v.into_owned()),
-                    "since" if !v.is_empty() => since = Some(v.into_owned()),
-                    _ => {}
-                }
+        let origin = req.headers().get(header::ORIGIN);
+        if !self
+            .origins
+            .allows(origin.map(|o| o.to_str().unwrap_or("\u{fffd}")))
+        {
+            metrics::counter!("herald_ws_rejected_total", "reason" => "origin").increment(1);
+            return text(
+                StatusCode::FORBIDDEN,
+                "this Origin is not allowed to open WebSockets here (see --allowed-origin)\n",
+            );
+        }
+        let Credentials {
+            token,
+            since,
+            subprotocol,
+        } = match credentials(&req) {
+            Ok(c) => c,
+            Err(why) => {
+                metrics::counter!("herald_ws_rejected_total", "reason" => "bad_request")
+                    .increment(1);
+                return text(StatusCode::BAD_REQUEST, format!("{why}\n"));
             }
-        }
-        if token.is_none() {
-            token = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(bearer)
-                .map(str::to_string);
-        }
+        };
         let Some(token) = token else {
             metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized").increment(1);
             return text(
                 StatusCode::UNAUTHORIZED,
-                "missing token: pass ?token=<JWT> or Authorization: Bearer <JWT>\n",
+                "missing token: pass Sec-WebSocket-Protocol: herald.v1, herald.token.<JWT>, \
+                 Authorization: Bearer <JWT> or ?token=<JWT>\n",
             );
         };
-        let user = match self.verifier.verify(&token) {
-            Ok(u) => u,
+        let verified = match self.verifier.verify(&token) {
+            Ok(v) => v,
             Err(why) => {
                 metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized")
                     .increment(1);
                 return text(StatusCode::UNAUTHORIZED, format!("{why}\n"));
             }
         };
-        let since: Option<MessageId> = match since.map(|s| s.parse()) {
+        let since: Option<MessageId> = match since.as_deref().map(str::parse) {
             None => None,
             Some(Ok(id)) => Some(id),
             Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("since: {e}\n")),
         };
         // tungstenite validates the handshake (GET, HTTP/1.1 or newer,
         // Connection/Upgrade, version 13, the key) and derives the accept key.
-        let accepted = match create_response(&req) {
+        let mut accepted = match create_response(&req) {
             Ok(r) => r,
             Err(WsError::Protocol(
                 e @ (ProtocolError::MissingConnectionUpgradeHeader
@@ -152,6 +163,14 @@ impl Gateway {
             }
             Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
         };
+        if subprotocol {
+            // RFC 6455 4.2.2: the server echoes one protocol the client
+            // offered; never the token.
+            accepted.headers_mut().insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(SUBPROTOCOL),
+            );
+        }
         let on_upgrade = hyper::upgrade::on(&mut req);
         let permit = req.extensions_mut().remove::<ConnPermit>();
         let gw = self.clone();
@@ -172,13 +191,81 @@ impl Gateway {
                         Some(config),
                     )
                     .await;
-                    run(gw.node.clone(), user, since, ws).await;
+                    run(gw.node.clone(), &gw.expiries, verified, since, ws).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         });
         accepted.map(|()| Full::new(Bytes::new()))
     }
+}
+
+/// The protocol a client names in `Sec-WebSocket-Protocol`, and the one the
+/// server echoes.
+pub const SUBPROTOCOL: &str = "herald.v1";
+/// The prefix of the protocol entry that carries a token:
+/// `Sec-WebSocket-Protocol: herald.v1, herald.token.<JWT>`. A JWT is made
+/// of base64url and dots, which are valid in a protocol token, so browsers
+/// can send it without putting it in the URL.
+pub const TOKEN_PROTOCOL_PREFIX: &str = "herald.token.";
+
+/// What a handshake request carries: the token (from
+/// `Sec-WebSocket-Protocol`, `Authorization` or `?token=`, in that order),
+/// `since`, and whether `herald.v1` was offered (then it is echoed).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Credentials<'a> {
+    pub token: Option<std::borrow::Cow<'a, str>>,
+    pub since: Option<String>,
+    pub subprotocol: bool,
+}
+
+/// Reads the token, `since` and the subprotocol offer of a handshake
+/// request. Errors are fit for a 400 body. The query string is never
+/// logged (it may hold a token).
+pub(crate) fn credentials<T>(req: &Request<T>) -> Result<Credentials<'_>, String> {
+    let mut c = Credentials::default();
+    let mut offered_token = None;
+    for value in req.headers().get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+        let value = value
+            .to_str()
+            .map_err(|_| "Sec-WebSocket-Protocol is not ASCII".to_string())?;
+        for p in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if p == SUBPROTOCOL {
+                c.subprotocol = true;
+            } else if let Some(t) = p.strip_prefix(TOKEN_PROTOCOL_PREFIX) {
+                if offered_token.replace(t).is_some() {
+                    return Err("Sec-WebSocket-Protocol carries two tokens".into());
+                }
+            }
+        }
+    }
+    if offered_token.is_some() && !c.subprotocol {
+        return Err(format!(
+            "Sec-WebSocket-Protocol: offer {SUBPROTOCOL} along with {TOKEN_PROTOCOL_PREFIX}<JWT> \
+             (the server must echo a protocol, and never echoes the token)"
+        ));
+    }
+    let mut query_token = None;
+    if let Some(q) = req.uri().query() {
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            match &*k {
+                "token" => query_token = Some(v),
+                "since" if !v.is_empty() => c.since = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+    }
+    c.token = offered_token
+        .map(std::borrow::Cow::Borrowed)
+        .or_else(|| {
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(bearer)
+                .map(std::borrow::Cow::Borrowed)
+        })
+        .or(query_token);
+    Ok(c)
 }
 
 /// The closing handshake: send our close frame, then keep reading (and
@@ -201,8 +288,15 @@ async fn send_close(ws: &mut Socket, why: &Disconnect) {
 
 /// One connection's whole life, from attach to detach. Everything it logs
 /// carries the node, the user and (once attached) the connection id.
-#[tracing::instrument(name = "conn", skip_all, fields(node = %node.cfg.node_id, user = %user, conn = tracing::field::Empty))]
-async fn run(node: Arc<Node>, user: String, since: Option<MessageId>, mut ws: Socket) {
+#[tracing::instrument(name = "conn", skip_all, fields(node = %node.cfg.node_id, user = %token.user, conn = tracing::field::Empty))]
+async fn run(
+    node: Arc<Node>,
+    expiries: &Expiries,
+    token: Verified,
+    since: Option<MessageId>,
+    mut ws: Socket,
+) {
+    let user = token.user;
     // Futures awaited once (attach, close) are boxed so that they do not
     // widen the state every idle connection's task keeps.
     let conn = match Box::pin(node.attach(&user)).await {
@@ -219,7 +313,9 @@ async fn run(node: Arc<Node>, user: String, since: Option<MessageId>, mut ws: So
     };
     tracing::Span::current().record("conn", conn.id);
     metrics::counter!("herald_ws_connections_total").increment(1);
+    expiries.watch(token.exp, &conn);
     let end = serve(&node, &conn, since, &mut ws).await;
+    expiries.forget(token.exp, conn.id);
     Box::pin(node.detach(&conn)).await;
     if let Some(why) = end {
         Box::pin(send_close(&mut ws, &why)).await;
@@ -650,6 +746,102 @@ async fn catch_up(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
             other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the handshake's untrusted inputs: the
+    //! `Sec-WebSocket-Protocol` list, `Authorization` and the query string.
+    //! Failing inputs are kept in `proptest-regressions/ws.txt`.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn request(protocol: Option<&str>, auth: Option<&str>, query: &str) -> Option<Request<()>> {
+        let mut b = Request::builder().uri(format!("/ws?{query}"));
+        if let Some(p) = protocol {
+            b = b.header(header::SEC_WEBSOCKET_PROTOCOL, p);
+        }
+        if let Some(a) = auth {
+            b = b.header(header::AUTHORIZATION, a);
+        }
+        b.body(()).ok()
+    }
+
+    #[test]
+    fn token_sources_in_order() {
+        let r = request(
+            Some("herald.v1, herald.token.AAA.BBB.CCC"),
+            Some("Bearer hdr"),
+            "token=q&since=1-0",
+        )
+        .unwrap();
+        let c = credentials(&r).unwrap();
+        assert_eq!(c.token.as_deref(), Some("AAA.BBB.CCC"));
+        assert!(c.subprotocol);
+        assert_eq!(c.since.as_deref(), Some("1-0"));
+        let r = request(None, Some("bearer hdr"), "token=q").unwrap();
+        assert_eq!(credentials(&r).unwrap().token.as_deref(), Some("hdr"));
+        let r = request(None, None, "token=q%2Bx").unwrap();
+        assert_eq!(credentials(&r).unwrap().token.as_deref(), Some("q+x"));
+        let r = request(Some("herald.token.x"), None, "").unwrap();
+        assert!(credentials(&r).unwrap_err().contains("herald.v1"));
+        let r = request(Some("herald.v1,herald.token.a,herald.token.b"), None, "").unwrap();
+        assert!(credentials(&r).unwrap_err().contains("two tokens"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Whatever the headers and query say, reading credentials never
+        /// panics, a protocol-borne token needs herald.v1, and a token
+        /// found is a substring of what was sent.
+        #[test]
+        fn credentials_never_panic(
+            protocol in proptest::option::of("[ -~]{0,120}"),
+            auth in proptest::option::of("[ -~]{0,80}"),
+            query in "[ -~&=%]{0,120}",
+        ) {
+            let Some(req) = request(protocol.as_deref(), auth.as_deref(), &query) else {
+                return Ok(()); // not a valid request head: hyper would refuse it
+            };
+            match credentials(&req) {
+                Ok(c) => {
+                    if let Some(t) = &c.token {
+                        let from_header = protocol.as_deref().is_some_and(|p| p.contains(&**t))
+                            || auth.as_deref().is_some_and(|a| a.contains(&**t));
+                        prop_assert!(from_header || !query.is_empty());
+                        prop_assert!(t.len() <= 240);
+                    }
+                    if protocol.as_deref().is_some_and(|p| p.split(',').any(|x| x.trim().starts_with(TOKEN_PROTOCOL_PREFIX))) {
+                        prop_assert!(c.subprotocol);
+                    }
+                }
+                Err(m) => prop_assert!(m.len() < 300),
+            }
+        }
+
+        /// Any token text is refused or accepted without panicking, and the
+        /// refusal never echoes the token.
+        #[test]
+        fn token_verification_never_panics(token in "[A-Za-z0-9_\\-.=]{0,400}|\\PC{0,100}") {
+            let v = TokenVerifier::new("proptest-secret", 256);
+            if let Err(why) = v.verify(&token) {
+                prop_assert!(why.len() < 300);
+                if token.len() > 8 {
+                    prop_assert!(!why.contains(&token));
+                }
+            }
+        }
+
+        /// Every subject of 1..=256 bytes survives mint and verify.
+        #[test]
+        fn minted_tokens_verify_for_any_subject(user in "\\PC{1,64}") {
+            prop_assume!(user.len() <= 256);
+            let v = TokenVerifier::new("proptest-secret", 256);
+            let t = crate::auth::mint("proptest-secret", &user, Duration::from_secs(60));
+            prop_assert_eq!(v.verify(&t).unwrap().user, user);
         }
     }
 }

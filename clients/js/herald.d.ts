@@ -55,6 +55,12 @@ export interface ConnectOptions {
   tooManyConnectionsDelay?: number;
   /** The server's --replay-limit, used to tell replayed from live messages. Default 100. */
   replayLimit?: number;
+  /**
+   * Where the token goes: 'protocol' (default) sends `Sec-WebSocket-Protocol:
+   * herald.v1, herald.token.<JWT>`, keeping it out of URLs and logs; 'query'
+   * sends `?token=<JWT>` (for proxies that drop the header).
+   */
+  tokenIn?: 'protocol' | 'query';
 }
 
 export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
@@ -181,7 +187,14 @@ export declare const CloseCodes: Readonly<{
   TRY_AGAIN_LATER: 1013;
   DISCONNECTED: 4001;
   TOO_MANY_CONNECTIONS: 4029;
+  /** The token expired: the client calls getToken() and reconnects at once with `since`. */
+  TOKEN_EXPIRED: 4401;
 }>;
+
+/** The protocol offered and echoed: 'herald.v1'. */
+export declare const SUBPROTOCOL: 'herald.v1';
+/** Prefix of the protocol entry carrying the token: 'herald.token.'. */
+export declare const TOKEN_PROTOCOL_PREFIX: 'herald.token.';
 
 export declare class HeraldClient extends EventTarget {
   constructor(options: ConnectOptions);

@@ -13,7 +13,12 @@
 // * keeps the unread count: the server's count on every connect, the
 //   server's "unread" frames, and +1 for every new stored live message;
 // * stops for good on close code 4001 (disconnected by the server) or
-//   `close()`, and backs off for long on 4029 (too many connections).
+//   `close()`, and backs off for long on 4029 (too many connections);
+// * on 4401 (the token expired) reconnects at once with a fresh token from
+//   `getToken()` and `since`, so nothing is lost;
+// * sends the token in `Sec-WebSocket-Protocol` (`herald.v1,
+//   herald.token.<JWT>`), not in the URL, so it stays out of access logs
+//   (`tokenIn: 'query'` puts it in `?token=` for old proxies).
 //
 // Wire protocol: see the README beside this file.
 
@@ -40,7 +45,13 @@ export const CloseCodes = Object.freeze({
   TRY_AGAIN_LATER: 1013,
   DISCONNECTED: 4001,
   TOO_MANY_CONNECTIONS: 4029,
+  TOKEN_EXPIRED: 4401,
 });
+
+/** The protocol the client offers and the server echoes. */
+export const SUBPROTOCOL = 'herald.v1';
+/** Prefix of the protocol entry that carries the token. */
+export const TOKEN_PROTOCOL_PREFIX = 'herald.token.';
 
 const ID_RE = /^(\d{1,20})-(\d{1,20})$/;
 
@@ -368,13 +379,17 @@ export class HeraldClient extends EventTarget {
     if (this._closed || this._ws) return;
 
     const url = new URL(this._url);
-    url.searchParams.set('token', token);
+    const inQuery = this._opts.tokenIn === 'query';
+    if (inQuery) url.searchParams.set('token', token);
+    else url.searchParams.delete('token');
     if (this.lastId) url.searchParams.set('since', this.lastId);
     else url.searchParams.delete('since');
 
     let ws;
     try {
-      ws = new this._WebSocket(url.toString());
+      ws = inQuery
+        ? new this._WebSocket(url.toString())
+        : new this._WebSocket(url.toString(), [SUBPROTOCOL, TOKEN_PROTOCOL_PREFIX + token]);
     } catch (err) {
       this._emit('error', { error: err, message: `herald: cannot open ${this._url}: ${err && err.message}` });
       return this._scheduleReconnect(null);
@@ -596,6 +611,15 @@ export class HeraldClient extends EventTarget {
     }
     if (!reconnect) {
       this._emit('close', { code, reason, wasClean, willReconnect: true, delay: 0, byClient: true });
+      return;
+    }
+    if (code === CloseCodes.TOKEN_EXPIRED) {
+      // Not a failure: fetch a fresh token and resume with `since` now.
+      this._attempt = 0;
+      this._setState('reconnecting');
+      this._emit('close', { code, reason, wasClean, willReconnect: true, delay: 0, byClient: false });
+      this._clearReconnect();
+      this._open();
       return;
     }
     this._scheduleReconnect({ code, reason, wasClean, byClient });

@@ -22,57 +22,134 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// An accepted gRPC socket and the connection slot it holds; the slot frees
-/// when the connection is dropped.
+/// An accepted gRPC socket (after its TLS handshake, with TLS) and the
+/// connection slot it holds; the slot frees when the connection is dropped.
 pub(crate) struct Permitted {
-    io: TcpStream,
+    io: Io,
     _permit: OwnedSemaphorePermit,
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 /// Accepts gRPC connections, at most `max` at once, with TCP_NODELAY on each
 /// (small HTTP/2 frames must not wait for delayed ACKs). Accept errors
 /// (EMFILE, say) are logged and retried with backoff, never returned, so the
-/// server never stops on them.
+/// server never stops on them. With `tls`, each handshake runs in its own
+/// task (bounded by [`crate::tls::HANDSHAKE_TIMEOUT`], holding its slot), so
+/// a stalled client never holds up the next accept. The accept task ends,
+/// closing the listener, when the server drops the stream.
 pub(crate) fn incoming(
     listener: TcpListener,
     max: usize,
+    tls: Option<TlsAcceptor>,
 ) -> impl futures_util::Stream<Item = io::Result<Permitted>> {
-    let permits = Arc::new(Semaphore::new(max));
-    futures_util::stream::unfold((listener, permits), |(listener, permits)| async move {
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                metrics::counter!("herald_grpc_connection_limit_waits_total").increment(1);
-                permits.clone().acquire_owned().await.expect("never closed")
-            }
-        };
-        let mut backoff = Duration::from_millis(5);
-        let io = loop {
-            match listener.accept().await {
-                Ok((io, _)) => break io,
-                Err(e) => {
-                    tracing::warn!(error = %e, "gRPC accept failed; backing off {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Permitted>(16);
+    tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(max));
+        loop {
+            let permit = match permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    metrics::counter!("herald_grpc_connection_limit_waits_total").increment(1);
+                    tokio::select! {
+                        p = permits.clone().acquire_owned() => p.expect("never closed"),
+                        _ = tx.closed() => return,
+                    }
+                }
+            };
+            let mut backoff = Duration::from_millis(5);
+            let io = loop {
+                let accepted = tokio::select! {
+                    r = listener.accept() => r,
+                    _ = tx.closed() => return,
+                };
+                match accepted {
+                    Ok((io, _)) => break io,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "gRPC accept failed; backing off {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            };
+            let _ = io.set_nodelay(true);
+            match &tls {
+                None => {
+                    let conn = Permitted {
+                        io: Io::Plain(io),
+                        _permit: permit,
+                    };
+                    if tx.send(conn).await.is_err() {
+                        return;
+                    }
+                }
+                Some(acceptor) => {
+                    let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(
+                            crate::tls::HANDSHAKE_TIMEOUT,
+                            acceptor.accept(io),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => {
+                                let conn = Permitted {
+                                    io: Io::Tls(Box::new(s)),
+                                    _permit: permit,
+                                };
+                                let _ = tx.send(conn).await;
+                            }
+                            Ok(Err(e)) => {
+                                metrics::counter!("herald_tls_handshake_failures_total")
+                                    .increment(1);
+                                tracing::debug!(error = %e, "gRPC TLS handshake failed");
+                            }
+                            Err(_) => {
+                                metrics::counter!("herald_tls_handshake_failures_total")
+                                    .increment(1);
+                                tracing::debug!("gRPC TLS handshake timed out");
+                            }
+                        }
+                    });
                 }
             }
-        };
-        let _ = io.set_nodelay(true);
-        let conn = Permitted {
-            io,
-            _permit: permit,
-        };
-        Some((Ok(conn), (listener, permits)))
-    })
+        }
+    });
+    futures_util::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|c| (Ok(c), rx)) },
+    )
 }
 
 impl Connected for Permitted {
     type ConnectInfo = TcpConnectInfo;
     fn connect_info(&self) -> TcpConnectInfo {
-        self.io.connect_info()
+        match &self.io {
+            Io::Plain(s) => s.connect_info(),
+            Io::Tls(s) => s.get_ref().0.connect_info(),
+        }
     }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut $self.io {
+            Io::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Io::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
 }
 
 impl AsyncRead for Permitted {
@@ -81,7 +158,7 @@ impl AsyncRead for Permitted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        delegate!(self, s => s.poll_read(cx, buf))
     }
 }
 
@@ -91,23 +168,26 @@ impl AsyncWrite for Permitted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        delegate!(self, s => s.poll_write(cx, buf))
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        delegate!(self, s => s.poll_flush(cx))
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        delegate!(self, s => s.poll_shutdown(cx))
     }
 }
 
@@ -217,10 +297,13 @@ mod tests {
     async fn accepted_grpc_sockets_have_tcp_nodelay() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let incoming = super::incoming(listener, 4);
+        let incoming = super::incoming(listener, 4, None);
         tokio::pin!(incoming);
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let conn = incoming.next().await.unwrap().unwrap();
-        assert!(conn.io.nodelay().unwrap());
+        let super::Io::Plain(io) = &conn.io else {
+            panic!("a plain listener")
+        };
+        assert!(io.nodelay().unwrap());
     }
 }

@@ -4,6 +4,7 @@
 
 pub(crate) mod limits;
 
+use crate::apikey::{Caller, Scopes};
 use crate::error::Error;
 use crate::node::{Node, MAX_IDS_PER_CALL};
 use crate::proto::push_service_server::PushService;
@@ -28,22 +29,37 @@ impl PushApi {
 impl PushApi {
     /// Runs one RPC body inside a span naming the RPC and this node,
     /// recording its count, outcome and latency.
+    ///
+    /// The caller's key must cover `needed` (PERMISSION_DENIED otherwise,
+    /// before the body runs); its name labels the count and the span.
     async fn observed<T>(
         &self,
         rpc: &'static str,
+        needed: Scopes,
+        caller: Caller,
         body: impl Future<Output = crate::error::Result<T>>,
     ) -> Result<Response<T>, Status> {
-        let span = tracing::info_span!("rpc", rpc, node = %self.node.cfg.node_id);
+        let span =
+            tracing::info_span!("rpc", rpc, node = %self.node.cfg.node_id, key = %caller.name);
         let start = Instant::now();
         // Errors are logged (by their conversion to a status) inside the span.
-        let result = async { body.await.map(Response::new).map_err(Status::from) }
-            .instrument(span)
-            .await;
+        let result = match caller.check(rpc, needed) {
+            Ok(()) => {
+                async { body.await.map(Response::new).map_err(Status::from) }
+                    .instrument(span)
+                    .await
+            }
+            Err(denied) => {
+                span.in_scope(|| tracing::info!("{}", denied.message()));
+                Err(denied)
+            }
+        };
         let code = match &result {
             Ok(_) => "OK".to_string(),
             Err(s) => format!("{:?}", s.code()),
         };
-        metrics::counter!("herald_rpc_total", "rpc" => rpc, "code" => code).increment(1);
+        metrics::counter!("herald_rpc_total", "rpc" => rpc, "code" => code, "key" => caller.name.to_string())
+            .increment(1);
         metrics::histogram!("herald_rpc_duration_seconds", "rpc" => rpc)
             .record(start.elapsed().as_secs_f64());
         result
@@ -56,8 +72,9 @@ impl PushService for PushApi {
         &self,
         req: Request<SendToUserRequest>,
     ) -> Result<Response<SendToUserResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("SendToUser", async {
+        self.observed("SendToUser", Scopes::SEND, caller, async {
             let deliveries = self
                 .node
                 .send_to_user(
@@ -87,8 +104,9 @@ impl PushService for PushApi {
         &self,
         req: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("Broadcast", async {
+        self.observed("Broadcast", Scopes::SEND, caller, async {
             let (message_id, replayed) = self
                 .node
                 .broadcast(&r.topic, &r.payload_json, &r.idempotency_key)
@@ -105,8 +123,9 @@ impl PushService for PushApi {
         &self,
         req: Request<IsOnlineRequest>,
     ) -> Result<Response<IsOnlineResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("IsOnline", async {
+        self.observed("IsOnline", Scopes::READ, caller, async {
             let counts = self.node.is_online(&r.user_ids).await?;
             Ok(IsOnlineResponse {
                 users: r
@@ -128,8 +147,9 @@ impl PushService for PushApi {
         &self,
         req: Request<UnreadCountRequest>,
     ) -> Result<Response<UnreadCountResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("UnreadCount", async {
+        self.observed("UnreadCount", Scopes::READ, caller, async {
             Ok(UnreadCountResponse {
                 count: self.node.unread_count(&r.user_id, &r.topic_prefix).await?,
             })
@@ -141,8 +161,9 @@ impl PushService for PushApi {
         &self,
         req: Request<MarkReadRequest>,
     ) -> Result<Response<MarkReadResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("MarkRead", async {
+        self.observed("MarkRead", Scopes::SEND, caller, async {
             if r.message_ids.is_empty() {
                 return Ok(MarkReadResponse {
                     unread: self.node.mark_read(&r.user_id, &r.up_to_message_id).await?,
@@ -168,8 +189,9 @@ impl PushService for PushApi {
         &self,
         req: Request<ListMessagesRequest>,
     ) -> Result<Response<ListMessagesResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("ListMessages", async {
+        self.observed("ListMessages", Scopes::SEND, caller, async {
             let page = self
                 .node
                 .list_messages(
@@ -210,8 +232,9 @@ impl PushService for PushApi {
         &self,
         req: Request<MarkUnreadRequest>,
     ) -> Result<Response<MarkUnreadResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("MarkUnread", async {
+        self.observed("MarkUnread", Scopes::SEND, caller, async {
             let ids = Node::parse_ids("message_ids", &r.message_ids, MAX_IDS_PER_CALL)?;
             let c = self.node.set_read(&r.user_id, &ids, false).await?;
             Ok(MarkUnreadResponse {
@@ -226,8 +249,9 @@ impl PushService for PushApi {
         &self,
         req: Request<DeleteMessagesRequest>,
     ) -> Result<Response<DeleteMessagesResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("DeleteMessages", async {
+        self.observed("DeleteMessages", Scopes::SEND, caller, async {
             let c = match (r.all, r.message_ids.is_empty()) {
                 (true, true) => self.node.delete_messages(&r.user_id, None).await?,
                 (true, false) => {
@@ -256,8 +280,9 @@ impl PushService for PushApi {
         &self,
         req: Request<DisconnectUserRequest>,
     ) -> Result<Response<DisconnectUserResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("DisconnectUser", async {
+        self.observed("DisconnectUser", Scopes::SEND, caller, async {
             Ok(DisconnectUserResponse {
                 closed: self.node.disconnect_user(&r.user_id, &r.reason).await?,
             })
@@ -265,8 +290,9 @@ impl PushService for PushApi {
         .await
     }
 
-    async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
-        self.observed("Stats", async {
+    async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let caller = Caller::of(&req);
+        self.observed("Stats", Scopes::READ, caller, async {
             let s = self.node.stats().await?;
             let n = s.node;
             let mut nodes: Vec<NodeStats> = s

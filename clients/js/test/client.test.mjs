@@ -377,14 +377,58 @@ describe('reconnect', () => {
     assert.ok(log.close.length >= 1, 'the rejected attempt closed');
     assert.equal(log.close[0].willReconnect, true);
 
-    const tokenBefore = new URL(c.socket.url).searchParams.get('token');
+    // The token travels in Sec-WebSocket-Protocol, not in the URL.
+    assert.equal(new URL(c.socket.url).searchParams.get('token'), null);
+    assert.equal(c.socket.protocol, 'herald.v1');
     await sleep(1100); // a new second, so the fresh token differs
     const reopened = nextEvent(c, 'open');
     c.socket.terminate();
     await reopened;
     assert.equal(calls.length, 3);
-    const tokenAfter = new URL(c.socket.url).searchParams.get('token');
-    assert.notEqual(tokenAfter, tokenBefore);
+  });
+
+  test('a token that expires on a live socket (4401): getToken at once, resume with since, nothing lost or doubled', async () => {
+    const tokens = [];
+    const c = open('tess', {
+      token: undefined,
+      backoffInitial: 5000, // a 4401 must not wait for backoff
+      getToken: async () => {
+        // The first token lives ~2 s; the fresh ones an hour.
+        const t = mintToken('tess', { ttlSeconds: tokens.length === 0 ? 2 : 3600 });
+        tokens.push(t);
+        return t;
+      },
+    });
+    const log = record(c);
+    await nextEvent(c, 'open');
+    const expired = nextEvent(c, 'close', (d) => d.code === 4401, 10_000);
+    // Push steadily across the expiry and the reconnect.
+    const sent = [];
+    const deadline = Date.now() + 4000;
+    while (Date.now() < deadline) {
+      sent.push(await api.send('tess', { n: sent.length }));
+      await sleep(40);
+    }
+    const cl = await expired;
+    assert.equal(cl.willReconnect, true);
+    assert.equal(cl.delay, 0);
+    assert.match(cl.reason, /fresh token/);
+    await waitFor(() => log.message.length >= sent.length, { what: `all ${sent.length} messages` });
+    await sleep(200);
+    assert.deepEqual(log.message.map((m) => m.id), sent, 'every message once, in order');
+    assert.equal(tokens.length, 2, 'one fresh token');
+    assert.equal(log.open.length, 2);
+    assert.equal(log.open[1].reconnect, true);
+    assert.equal(log.open[1].resumed, true);
+    assert.equal(c.state, 'open');
+    assert.deepEqual(log.error, []);
+  });
+
+  test("tokenIn: 'query' sends the token as ?token=", async () => {
+    const c = open('quinn', { tokenIn: 'query' });
+    const w = await nextEvent(c, 'open');
+    assert.equal(w.user, 'quinn');
+    assert.ok(new URL(c.socket.url).searchParams.get('token'));
   });
 
   test('a getToken that throws is retried with backoff', async () => {

@@ -15,7 +15,13 @@
 // as a retry after a lost answer would, to show such an answer.
 //
 // The address defaults to $HERALD_GRPC_ADDR, or 127.0.0.1:50051. A node
-// started with --api-key needs the key: -api-key, or $HERALD_API_KEY.
+// started with --api-key needs the key: -api-key, or $HERALD_API_KEY (a
+// key with scope "send+read" or "admin": the example sends and also calls
+// IsOnline and UnreadCount). A
+// node started with --tls-cert is reached over TLS with -tls-ca ca.pem (or
+// $HERALD_TLS_CA):
+//
+//	go run ./examples/send -addr push.internal:50051 -tls-ca ca.pem -api-key "$HERALD_API_KEY"
 package main
 
 import (
@@ -31,6 +37,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
@@ -47,6 +54,8 @@ func main() {
 	topic := flag.String("topic", "example.greeting", "message topic")
 	payload := flag.String("payload", `{"text":"hello from Go"}`, "message payload (any JSON value)")
 	apiKey := flag.String("api-key", os.Getenv("HERALD_API_KEY"), "API key, if the node requires one; default $HERALD_API_KEY")
+	tlsCA := flag.String("tls-ca", os.Getenv("HERALD_TLS_CA"), "PEM CA file: connect over TLS and trust the node's certificate if it chains to this CA; default $HERALD_TLS_CA (unset: plaintext)")
+	tlsName := flag.String("tls-server-name", os.Getenv("HERALD_TLS_SERVER_NAME"), "name to check the node's certificate against; default the host of -addr")
 	key := flag.String("key", "", "idempotency key of this send (1 to 128 printable ASCII characters); default a fresh random UUID")
 	timeout := flag.Duration("timeout", 5*time.Second, "deadline for each call (for the send: for each attempt)")
 	attempts := flag.Int("attempts", 8, "attempts of the send on UNAVAILABLE / DEADLINE_EXCEEDED")
@@ -56,8 +65,17 @@ func main() {
 		*key = newUUID()
 	}
 
-	// The control API is an internal listener without TLS.
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	// Plaintext by default (a node on loopback or a private network); with
+	// -tls-ca, TLS that verifies the node's certificate against that CA.
+	creds := insecure.NewCredentials()
+	if *tlsCA != "" {
+		c, err := credentials.NewClientTLSFromFile(*tlsCA, *tlsName)
+		if err != nil {
+			log.Fatalf("TLS CA %s: %v", *tlsCA, err)
+		}
+		creds = c
+	}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
 	if *apiKey != "" {
 		opts = append(opts, grpc.WithPerRPCCredentials(bearer(*apiKey)))
 	}
@@ -229,8 +247,9 @@ func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]strin
 	return map[string]string{"authorization": "Bearer " + string(b)}, nil
 }
 
-// RequireTransportSecurity is false: the control API is plaintext on an
-// internal network.
+// RequireTransportSecurity is false so the key also works on a plaintext
+// loopback node; over a network, use -tls-ca so the key never travels in
+// the clear.
 func (b bearer) RequireTransportSecurity() bool { return false }
 
 // fail reports a gRPC error by its status code and exits.

@@ -13,11 +13,14 @@ import dev.herald.v1.SendToUserResponse;
 import dev.herald.v1.StoredMessage;
 import dev.herald.v1.UnreadCountRequest;
 import dev.herald.v1.UserPresence;
+import io.grpc.ChannelCredentials;
+import io.grpc.Grpc;
 import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
 import io.grpc.Metadata;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
+import io.grpc.TlsChannelCredentials;
 import io.grpc.stub.MetadataUtils;
 import java.util.UUID;
 import java.util.concurrent.ThreadLocalRandom;
@@ -39,7 +42,10 @@ import java.util.concurrent.TimeUnit;
  * address defaults to $HERALD_GRPC_ADDR, then to 127.0.0.1:50051; the user to
  * "alice"; the key to a fresh random UUID (a business event id such as
  * "invoice-42-paid" is better: a re-run of the same job then reuses it).
- * When the node runs with an API key (--api-key), put it in $HERALD_API_KEY.
+ * When the node runs with an API key (--api-key), put it in $HERALD_API_KEY
+ * (scope send+read or admin: the example also calls IsOnline and
+ * UnreadCount). When it runs with TLS (--tls-cert), put the PEM file of the
+ * CA that signed its certificate in $HERALD_TLS_CA.
  */
 public final class SendExample {
 
@@ -49,14 +55,31 @@ public final class SendExample {
 
     private SendExample() {}
 
+    /**
+     * Plaintext (a node on loopback or a private network), or, with a CA
+     * file, TLS that verifies the node's certificate against that CA.
+     */
+    static ManagedChannel channel(String addr, String caFile) {
+        if (caFile == null || caFile.isBlank()) {
+            return ManagedChannelBuilder.forTarget(addr).usePlaintext().build();
+        }
+        try {
+            ChannelCredentials tls = TlsChannelCredentials.newBuilder()
+                    .trustManager(new java.io.File(caFile))
+                    .build();
+            return Grpc.newChannelBuilder(addr, tls).build();
+        } catch (java.io.IOException e) {
+            throw new IllegalArgumentException("cannot read the TLS CA file " + caFile + ": " + e.getMessage(), e);
+        }
+    }
+
     public static void main(String[] args) throws InterruptedException {
         String addr = args.length > 0 ? args[0] : envOr("HERALD_GRPC_ADDR", "127.0.0.1:50051");
         String user = args.length > 1 ? args[1] : "alice";
         // One key per logical send, made before the first attempt.
         String key = args.length > 2 ? args[2] : UUID.randomUUID().toString();
 
-        // The control API is an internal listener without TLS.
-        ManagedChannel channel = ManagedChannelBuilder.forTarget(addr).usePlaintext().build();
+        ManagedChannel channel = channel(addr, System.getenv("HERALD_TLS_CA"));
         int exit = 0;
         try {
             PushServiceGrpc.PushServiceBlockingStub herald = PushServiceGrpc.newBlockingStub(channel);
