@@ -49,15 +49,42 @@ struct Snapshot {
     leases: HashMap<String, i64>,
     /// node id -> current boot id.
     boots: HashMap<String, String>,
+    /// Redis's clock at this read.
+    redis_now: i64,
+    /// Redis's clock when this node's contact with Redis last resumed
+    /// after a gap longer than a lease (or at the first read).
+    healthy_since: i64,
+}
+
+impl Snapshot {
+    /// Whether a lease that ran out at `expiry` still counts at `now`
+    /// (Redis clock): live, or lapsed while nobody could reach Redis. When
+    /// Redis freezes or restarts, every lease runs out with no node at
+    /// fault; reads queued behind the outage may run before the other
+    /// nodes' renewals. For one lease after this node's contact resumed,
+    /// a lapsed lease still counts (the per-user cap errs on the side of
+    /// refusing, never of admitting one connection too many); a node that
+    /// dies while Redis is healthy stops counting when its lease ends.
+    fn counts(&self, expiry: i64, now: i64, lease_ms: i64) -> bool {
+        expiry >= now || now < self.healthy_since + lease_ms
+    }
 }
 
 /// The cache (see the module doc).
-#[derive(Default)]
 pub(super) struct Leases {
     snap: Mutex<Snapshot>,
+    /// The node lease (`--node-lease`), in ms.
+    lease_ms: i64,
 }
 
 impl Leases {
+    pub(super) fn new(lease: std::time::Duration) -> Leases {
+        Leases {
+            snap: Mutex::new(Snapshot::default()),
+            lease_ms: lease.as_millis() as i64,
+        }
+    }
+
     /// Stores what a renewal or a read returned: Redis's clock and the
     /// nodes set (`{now, node1, expiry1, ...}`, from `scripts/renew.lua`),
     /// and the boots hash, read by a request sent at `asked`.
@@ -75,11 +102,19 @@ impl Leases {
                 leases.insert(text(node)?.to_string(), int(expiry)?);
             }
         }
-        *self.snap.lock() = Snapshot {
+        let mut snap = self.snap.lock();
+        let healthy_since = if snap.at.is_none() || now - snap.redis_now > self.lease_ms {
+            now
+        } else {
+            snap.healthy_since
+        };
+        *snap = Snapshot {
             at: Some(asked),
             offset_ms: now - crate::protocol::now_ms() as i64,
             leases,
             boots,
+            redis_now: now,
+            healthy_since,
         };
         Ok(())
     }
@@ -142,7 +177,9 @@ impl Leases {
         let now = crate::protocol::now_ms() as i64 + snap.offset_ms;
         match (snap.leases.get(node), snap.boots.get(node)) {
             (Some(_), Some(current)) if current != boot => Some(State::Dead),
-            (Some(&expiry), Some(_)) if expiry >= now => Some(State::Live),
+            (Some(&expiry), Some(_)) if snap.counts(expiry, now, self.lease_ms) => {
+                Some(State::Live)
+            }
             (Some(_), Some(_)) => None,
             (None, _) => None,
             (Some(_), None) => None,
@@ -175,7 +212,7 @@ impl Leases {
         for (node, &expiry) in &snap.leases {
             if let Some(boot) = snap.boots.get(node) {
                 let field = super::registrar::incarnation(node, boot);
-                if expiry >= now {
+                if snap.counts(expiry, now, self.lease_ms) {
                     live.push(field);
                 } else {
                     lapsed.push(field);
@@ -210,7 +247,7 @@ mod tests {
             v.push(Value::BulkString(n.as_bytes().to_vec()));
             v.push(Value::Int(*e));
         }
-        let l = Leases::default();
+        let l = Leases::new(std::time::Duration::from_millis(1000));
         l.store(
             Instant::now(),
             Value::Array(v),
@@ -220,7 +257,46 @@ mod tests {
                 .collect(),
         )
         .unwrap();
+        // In contact with Redis for long: no grace after an outage.
+        l.snap.lock().healthy_since = now - 60_000;
         l
+    }
+
+    /// After Redis froze for longer than a lease, every lease has run out
+    /// with no node at fault: for one lease after contact resumes, lapsed
+    /// leases still count; later they do not.
+    #[test]
+    fn lapsed_leases_count_for_a_lease_after_an_outage() {
+        let t0 = 1_000_000;
+        let l = cache(
+            t0,
+            &[("a", t0 + 1000), ("b", t0 + 1000)],
+            &[("a", "1"), ("b", "1")],
+        );
+        let reply = |now: i64| {
+            Value::Array(vec![
+                Value::Int(now),
+                Value::BulkString(b"a".to_vec()),
+                Value::Int(now + 1000),
+                Value::BulkString(b"b".to_vec()),
+                Value::Int(t0 + 1000),
+            ])
+        };
+        let boots = || {
+            [("a", "1"), ("b", "1")]
+                .map(|(n, b)| (n.to_string(), b.to_string()))
+                .into()
+        };
+        // Redis answers again 5 s later: b has not renewed yet.
+        l.store(Instant::now(), reply(t0 + 5000), boots()).unwrap();
+        l.snap.lock().offset_ms = t0 + 5000 - crate::protocol::now_ms() as i64;
+        assert_eq!(l.state("b|1"), Some(State::Live), "within the grace");
+        assert_eq!(l.live_and_lapsed().1, Vec::<String>::new());
+        // A lease and more after contact resumed, b still silent: lapsed.
+        l.store(Instant::now(), reply(t0 + 5500), boots()).unwrap();
+        l.snap.lock().offset_ms = t0 + 6100 - crate::protocol::now_ms() as i64;
+        assert_eq!(l.state("b|1"), None);
+        assert_eq!(l.live_and_lapsed().1, vec!["b|1"]);
     }
 
     #[test]

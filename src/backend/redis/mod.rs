@@ -276,7 +276,7 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
 
     let sharded = target.sharded();
     let scripts = Arc::new(Scripts::new(sharded));
-    let leases = Arc::new(leases::Leases::default());
+    let leases = Arc::new(leases::Leases::new(cfg.node_lease));
     let boot = format!("{:016x}", rand::random::<u64>());
     let (registrar, ready) = registrar::Registrar {
         target,
