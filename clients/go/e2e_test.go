@@ -270,6 +270,13 @@ func (c *wsClient) readLoop(ctx context.Context) {
 			continue
 		}
 		f.raw = string(data)
+		if f.Type == "changed" {
+			// Message-center sync (which ids were read, unread or deleted)
+			// follows every unread frame; these checks follow the badge
+			// through the unread frames and skip it, as a client without a
+			// message center does.
+			continue
+		}
 		select {
 		case c.frames <- f:
 		case <-ctx.Done():

@@ -681,6 +681,21 @@ class E2ETest {
 
         /** The next text frame, which must be of the given type. */
         Frame expectRaw(String type) throws Exception {
+            while (true) {
+                Frame f = nextRaw(type);
+                // Message-center sync (which ids were read, unread or
+                // deleted) follows every unread frame; these checks follow
+                // the badge through the unread frames and skip it, as a
+                // client without a message center does.
+                if (!type.equals("changed") && f.json().path("type").asText().equals("changed")) {
+                    continue;
+                }
+                assertEquals(type, f.json().path("type").asText(), "expected a " + type + " frame, got " + f.raw());
+                return f;
+            }
+        }
+
+        private Frame nextRaw(String type) throws Exception {
             Object ev = events.poll(FRAME_WAIT.toMillis(), TimeUnit.MILLISECONDS);
             if (ev == null) {
                 fail("no frame within " + FRAME_WAIT + " (expected type " + type + ")");
@@ -692,9 +707,7 @@ class E2ETest {
                 throw new AssertionError("socket error while expecting a " + type + " frame", t);
             }
             String raw = (String) ev;
-            JsonNode json = JSON.readTree(raw);
-            assertEquals(type, json.path("type").asText(), "expected a " + type + " frame, got " + raw);
-            return new Frame(raw, json);
+            return new Frame(raw, JSON.readTree(raw));
         }
 
         JsonNode expect(String type) throws Exception {
