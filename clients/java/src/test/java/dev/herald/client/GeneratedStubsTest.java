@@ -29,9 +29,12 @@ class GeneratedStubsTest {
         List<String> names = sd.getMethods().stream().map(MethodDescriptor::getFullMethodName).sorted().toList();
         assertEquals(List.of(
                 "herald.v1.PushService/Broadcast",
+                "herald.v1.PushService/DeleteMessages",
                 "herald.v1.PushService/DisconnectUser",
                 "herald.v1.PushService/IsOnline",
+                "herald.v1.PushService/ListMessages",
                 "herald.v1.PushService/MarkRead",
+                "herald.v1.PushService/MarkUnread",
                 "herald.v1.PushService/SendToUser",
                 "herald.v1.PushService/Stats",
                 "herald.v1.PushService/UnreadCount"), names);
