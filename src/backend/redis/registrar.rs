@@ -176,7 +176,9 @@ impl Registrar {
                     self.local.resync_all();
                 }
             }
-            // Serve until the pub/sub connection drops.
+            // Serve until the pub/sub connection drops. Subscription
+            // requests are taken in batches of up to 1,024 (one round trip).
+            let mut batch = Vec::new();
             loop {
                 tokio::select! {
                     msg = stream.next() => match msg {
@@ -190,15 +192,9 @@ impl Registrar {
                             break;
                         }
                     },
-                    req = rx.recv() => {
-                        let Some(first) = req else { return };
-                        let mut batch = vec![first];
-                        while batch.len() < 1024 {
-                            match rx.try_recv() {
-                                Ok(r) => batch.push(r),
-                                Err(_) => break,
-                            }
-                        }
+                    n = rx.recv_many(&mut batch, 1024) => {
+                        if n == 0 { return }
+                        let batch = std::mem::take(&mut batch);
                         if let Err(e) = self.process(&mut Sub::Single(&mut sink), &mut subscribed, batch).await {
                             tracing::warn!(error = %e, "subscription sync failed");
                         }
@@ -502,21 +498,16 @@ impl Registrar {
         renew.tick().await; // restore renewed just now
         let mut repair = tokio::time::interval(REPAIR_EVERY);
         repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::new();
         loop {
             tokio::select! {
                 push = pushes.recv() => {
                     let Some(push) = push else { return };
                     self.on_push(push, &broadcast_channel, &subscribed, &mut suspect);
                 }
-                req = rx.recv() => {
-                    let Some(first) = req else { return };
-                    let mut batch = vec![first];
-                    while batch.len() < 1024 {
-                        match rx.try_recv() {
-                            Ok(r) => batch.push(r),
-                            Err(_) => break,
-                        }
-                    }
+                n = rx.recv_many(&mut batch, 1024) => {
+                    if n == 0 { return }
+                    let batch = std::mem::take(&mut batch);
                     if let Err(e) = self.process(&mut Sub::Cluster(&mut conn), &mut subscribed, batch).await {
                         tracing::warn!(error = %e, "subscription sync failed");
                     }
