@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// The demo page and the browser client, embedded in the binary so a node
 /// serves them with no files beside it: (path, content type, body).
@@ -288,8 +289,23 @@ async fn send_close(ws: &mut Socket, why: &Disconnect) {
 
 /// One connection's whole life, from attach to detach. Everything it logs
 /// carries the node, the user and (once attached) the connection id.
-#[tracing::instrument(name = "conn", skip_all, fields(node = %node.cfg.node_id, user = %token.user, conn = tracing::field::Empty))]
-async fn run(
+///
+/// Not an `async fn` under `#[tracing::instrument]`: that keeps the
+/// arguments (the socket among them) in the outer future and again in the
+/// instrumented inner one, for the connection's whole life; here they are
+/// captured once.
+fn run<'a>(
+    node: Arc<Node>,
+    expiries: &'a Expiries,
+    token: Verified,
+    since: Option<MessageId>,
+    ws: Socket,
+) -> impl std::future::Future<Output = ()> + Send + 'a {
+    let span = tracing::info_span!("conn", node = %node.cfg.node_id, user = %token.user, conn = tracing::field::Empty);
+    connection(node, expiries, token, since, ws).instrument(span)
+}
+
+async fn connection(
     node: Arc<Node>,
     expiries: &Expiries,
     token: Verified,

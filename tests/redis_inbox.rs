@@ -43,6 +43,48 @@ async fn append_does_not_scan_the_inbox_when_nothing_expires() {
     node.stop().await;
 }
 
+/// A stored send with nothing due runs four commands in the script
+/// (HMGET, XADD, HSET, PUBLISH): no EXISTS, no trim reads (XRANGE, XLEN)
+/// while no message can be too old or too many, no expiry refresh (PEXPIRE)
+/// within 1/32 of the inbox's lifetime of the last one; the keys still live
+/// at least `--inbox-max-age` after the last send.
+#[tokio::test]
+async fn a_plain_stored_send_runs_four_commands() {
+    let redis = RedisServer::start();
+    let mut a = args();
+    a.redis_url = Some(redis.url());
+    let node = TestNode::start_with(a).await;
+    let mut c = node.client().await;
+    let u = uid("slim");
+    // The first send creates the inbox, sets its expiry and learns its
+    // oldest message.
+    send_numbered(&mut c, &u, 1).await;
+    let skipped = ["exists", "xrange", "xlen", "pexpire", "hincrby", "hget"];
+    let mut before = Vec::new();
+    for cmd in skipped {
+        before.push(calls(&redis.url(), cmd).await);
+    }
+    let (xadd, publish) = (calls(&redis.url(), "xadd").await, calls(&redis.url(), "publish").await);
+    send_numbered(&mut c, &u, 40).await;
+    for (cmd, n) in skipped.iter().zip(before) {
+        assert_eq!(calls(&redis.url(), cmd).await, n, "{cmd} ran in a plain stored send");
+    }
+    assert_eq!(calls(&redis.url(), "xadd").await, xadd + 40);
+    assert_eq!(calls(&redis.url(), "publish").await, publish + 40);
+    assert_eq!(unread(&mut c, &u).await, 41);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut r = client.get_multiplexed_async_connection().await.unwrap();
+    for key in ["inbox", "meta"] {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(format!("herald:{{{u}}}:{key}"))
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert!(ttl >= 7 * 24 * 3600 * 1000 - 60_000, "{key} lives {ttl} ms");
+    }
+    node.stop().await;
+}
+
 /// A message older than `--inbox-max-age` is dropped by the next store
 /// (the keys themselves expire that long after the last write), and a
 /// resume from before it reports the gap.

@@ -34,6 +34,8 @@ local function fmt(ms, seq) return string.format('%.0f-%.0f', ms, seq) end
 -- older than every entry walks the whole stream backwards (measured 69 us
 -- per call at a few hundred entries), so it runs only when something is
 -- actually too old.
+-- Returns the id of the oldest message kept (nil when none is): append.lua
+-- keeps it in the meta hash as `ok` to skip the next trims.
 local function trim(inbox, meta, now, max_age, max_len)
   local gone, first = nil, nil
   local cutoff = fmt(math.max(now - max_age, 0), 0)
@@ -62,7 +64,9 @@ local function trim(inbox, meta, now, max_age, max_len)
     else
       redis.call('HSET', meta, 'tn', tn)
     end
+    return first and first[1]
   end
+  return oldest[1] and oldest[1][1]
 end
 -- tn (see above). Inboxes written before it existed never had a deletion,
 -- so every ordinal up to seq - XLEN is gone.
@@ -103,12 +107,19 @@ local function prune(rd, ur, del, tn)
   redis.call('ZREMRANGEBYSCORE', ur, '-inf', upto)
   redis.call('ZREMRANGEBYSCORE', del, '-inf', upto)
 end
--- Every key of the user's inbox lives `ttl` more ms, the same for all, so
+-- How long a user's keys live after a write: the inbox's ttl plus the
+-- slack within which append.lua skips refreshing it (ttl / 32), so every
+-- key lives at least `ttl` after the last append (give or take the clock
+-- skew between nodes, which the age trim has too).
+local function slack(ttl) return math.floor(tonumber(ttl) / 32) end
+local function lifetime(ttl) return tonumber(ttl) + slack(ttl) end
+-- Every key of the user's inbox lives `lifetime(ttl)` more ms, the same for all, so
 -- the sets never outlive the meta hash (appends extend the inbox and meta
 -- only; by the time sets written now expire, every message they name is
 -- older than max_age and trimmed).
 local function touch(keys, ttl)
-  for i = 1, 5 do redis.call('PEXPIRE', keys[i], ttl) end
+  local ms = lifetime(ttl)
+  for i = 1, 5 do redis.call('PEXPIRE', keys[i], ms) end
 end
 -- `{"type":"changed","op":op,<extra>"count":count}`; ids are digits and
 -- dashes, so they need no escaping.

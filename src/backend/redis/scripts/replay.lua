@@ -8,7 +8,7 @@
 --          id1, frame1, id2, frame2, ...}.
 local now = tonumber(ARGV[1])
 ensure(KEYS[2], now)
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], lifetime(ARGV[5]))
 trim(KEYS[1], KEYS[2], now, tonumber(ARGV[2]), nil)
 local count = unread(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 local last = redis.call('HGET', KEYS[2], 'last')
