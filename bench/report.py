@@ -293,6 +293,23 @@ def generate(runs, meta, commands):
         row(f"Herald 2 nodes unicast {what} >= {want}x Socket.IO's sustained rate (sent through the emitter)", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= want)
     r_ = ratio(sus("unicast-stored-herald2"), sus("unicast-stored-centrifugo"))
     row("Herald 2 nodes unicast stored >= 2x Centrifugo with history", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= 2)
+    # CPU per message at the first fixed rate, split by process.
+    rate0 = float((st.get("FIXED_RATES") or "5000").split()[0])
+
+    def cpu_per(label, pick):
+        def one(r):
+            step = fixed_step(r, rate0) or {}
+            n = step.get("delivered") or 0
+            procs = get(step, "cpu", "per_process_us") or []
+            us = sum(v for name, v in procs if pick(name))
+            return us / n if n and procs else None
+        return fig(runs, label, one)
+    for mode in ("transient", "stored"):
+        v = cpu_per(f"unicast-{mode}-herald2", lambda name: name.startswith("herald"))
+        row(f"Herald 2 nodes + Redis, unicast {'live-only' if mode == 'transient' else 'stored'}: node CPU per delivery (both nodes summed, at {rate0:,.0f}/s) <= 35 µs",
+            "n/a" if v is None else f"{v:.1f} µs", None if v is None else v <= 35)
+    v = cpu_per("unicast-stored-herald2", lambda name: name == "redis")
+    row(f"Herald 2 nodes + Redis: Redis CPU per stored send (at {rate0:,.0f}/s) <= 20 µs", "n/a" if v is None else f"{v:.1f} µs", None if v is None else v <= 20)
     r_ = ratio(sus("unicast-batch-herald2"), sus("unicast-batch-socketio"))
     row(f"Herald 2 nodes, {st.get('BATCH', '100')} users per call >= 5x Socket.IO (same batches)", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= 5)
     r_ = ratio(sus("unicast-batch-herald2"), sus("unicast-transient-socketio"))

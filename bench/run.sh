@@ -43,7 +43,9 @@
 #   IDLE_HOLD          how long idle connections are held [10s]
 #   BIG_IDLE           idle connections on one Herald node, no errors [100000]
 #   BENCH_OUT          where JSON results and logs go [bench-out]
-#   BENCH_PROFILE      cargo profile of the binaries: release or debug [release]
+#   BENCH_PROFILE      cargo profile of the binaries: production (release with
+#                      fat LTO, Cargo.toml), release or debug [full: production;
+#                      smoke: release]
 #   HERALD_BIN         a prebuilt herald binary (herald-bench and herald-floor
 #                      beside it, as `cargo build --release --workspace` leaves
 #                      them): no build
@@ -84,7 +86,7 @@ else
     : "${SYSTEMS:=herald1 herald2 herald2-cluster socketio socketio-http centrifugo centrifugo-live floor}"
     : "${UNICAST_CONNS:=10000}" "${FIXED_RATES:=5000 10000}" "${STEP_SECS:=4}" "${BATCH:=100}"
     : "${BROADCAST_CONNS:=10000}" "${BROADCASTS:=40}" "${IDLE_SIZES:=10000 50000}" "${IDLE_HOLD:=10s}"
-    : "${BIG_IDLE:=100000}" "${ROUNDS:=1}" "${BENCH_PROFILE:=release}"
+    : "${BIG_IDLE:=100000}" "${ROUNDS:=1}" "${BENCH_PROFILE:=production}"
     : "${BENCH_OUT:=$ROOT/bench-out/full}"
 fi
 : "${RAMP_START:=2000}" "${SLO_P99:=50ms}"
@@ -222,7 +224,11 @@ build=()
 if [ ${#build[@]} -gt 0 ]; then
     say "cargo build ${build[*]} ($BENCH_PROFILE)"
     profile=()
-    [ "$BENCH_PROFILE" = release ] && profile=(--release)
+    case "$BENCH_PROFILE" in
+    release) profile=(--release) ;;
+    debug) ;;
+    *) profile=(--profile "$BENCH_PROFILE") ;;
+    esac
     cargo build "${profile[@]+"${profile[@]}"}" "${build[@]}" >"$LOGS/build.log" 2>&1 || die "build failed (see $LOGS/build.log)"
     TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
     [ -n "$HERALD" ] || HERALD="$TARGET_DIR/$BENCH_PROFILE/herald"
