@@ -345,8 +345,10 @@ def generate(runs, meta, commands):
     if commands.strip():
         w("### Commands")
         w("")
+        prof = st.get("BENCH_PROFILE", "release")
+        flag = "--release" if prof == "release" else f"--profile {prof}"
         w("Each experiment started the system fresh (ports and the JWT secret are per run; "
-          "`herald-bench` is `target/release/herald-bench`, built by `cargo build --release -p herald-bench`):")
+          f"`herald-bench` is `target/{prof}/herald-bench`, built by `cargo build {flag} -p herald-bench`):")
         w("")
         w("```")
         w(commands.strip())

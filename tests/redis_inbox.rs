@@ -64,10 +64,17 @@ async fn a_plain_stored_send_runs_four_commands() {
     for cmd in skipped {
         before.push(calls(&redis.url(), cmd).await);
     }
-    let (xadd, publish) = (calls(&redis.url(), "xadd").await, calls(&redis.url(), "publish").await);
+    let (xadd, publish) = (
+        calls(&redis.url(), "xadd").await,
+        calls(&redis.url(), "publish").await,
+    );
     send_numbered(&mut c, &u, 40).await;
     for (cmd, n) in skipped.iter().zip(before) {
-        assert_eq!(calls(&redis.url(), cmd).await, n, "{cmd} ran in a plain stored send");
+        assert_eq!(
+            calls(&redis.url(), cmd).await,
+            n,
+            "{cmd} ran in a plain stored send"
+        );
     }
     assert_eq!(calls(&redis.url(), "xadd").await, xadd + 40);
     assert_eq!(calls(&redis.url(), "publish").await, publish + 40);
