@@ -209,7 +209,8 @@ def generate(runs, meta, commands):
     w("")
 
     # Idle.
-    idle_labels = sorted({k.rsplit("-", 1)[0] for k in runs if k.startswith("idle-") and not k.startswith("idle-big")},
+    # "idle-<size>" of "idle-<size>-<system>" (system names have dashes).
+    idle_labels = sorted({"-".join(k.split("-")[:2]) for k in runs if k.startswith("idle-") and not k.startswith("idle-big")},
                          key=lambda k: int(k.split("-")[1]))
     if idle_labels:
         w("### Idle connections: resident memory")

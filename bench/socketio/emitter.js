@@ -13,7 +13,7 @@
 // (required: the Redis the Socket.IO processes share).
 "use strict";
 
-const http = require("http");
+const { benchServer } = require("./protocol");
 const Redis = require("ioredis");
 const { Emitter } = require("@socket.io/redis-emitter");
 
@@ -25,42 +25,11 @@ if (!redisUrl) {
   process.exit(2);
 }
 
-function reply(res, status, body) {
-  res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(body) });
-  res.end(body);
-}
-
 async function main() {
   const redis = new Redis(redisUrl, { lazyConnect: true });
   await redis.connect();
   const emitter = new Emitter(redis);
-  const server = http.createServer((req, res) => {
-    if (req.method === "GET" && req.url === "/healthz") return reply(res, 200, "{\"ok\":true}");
-    if (req.method !== "POST" || (req.url !== "/send" && req.url !== "/broadcast")) {
-      return reply(res, 404, "{\"error\":\"not found\"}");
-    }
-    const chunks = [];
-    req.on("data", (c) => chunks.push(c));
-    req.on("end", () => {
-      let body;
-      try {
-        body = JSON.parse(Buffer.concat(chunks).toString("utf8"));
-      } catch (e) {
-        return reply(res, 400, JSON.stringify({ error: String(e) }));
-      }
-      if (req.url === "/send") {
-        if (!Array.isArray(body.users) || body.users.length === 0) {
-          return reply(res, 400, "{\"error\":\"users must be a non-empty array\"}");
-        }
-        emitter.to(body.users).emit("m", body.payload);
-      } else {
-        emitter.emit("m", body.payload);
-      }
-      reply(res, 200, "{}");
-    });
-  });
-  server.keepAliveTimeout = 120000;
-  server.headersTimeout = 125000;
+  const server = benchServer(() => emitter);
   server.listen(port, host, 4096, () => {
     console.log(`emitter ready: http=http://${host}:${port} pid=${process.pid} redis=${redisUrl}`);
   });

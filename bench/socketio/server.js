@@ -14,46 +14,14 @@
 // (redis://127.0.0.1:6379/0; empty: in-memory adapter, one process only).
 "use strict";
 
-const http = require("http");
+const { benchServer } = require("./protocol");
 const { Server } = require("socket.io");
 
 const port = Number(process.env.PORT || 3000);
 const host = process.env.HOST || "127.0.0.1";
 const redisUrl = process.env.REDIS_URL || "";
 
-function reply(res, status, body) {
-  res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(body) });
-  res.end(body);
-}
-
-const httpServer = http.createServer((req, res) => {
-  if (req.method === "GET" && req.url === "/healthz") return reply(res, 200, "{\"ok\":true}");
-  if (req.method !== "POST" || (req.url !== "/send" && req.url !== "/broadcast")) {
-    return reply(res, 404, "{\"error\":\"not found\"}");
-  }
-  const chunks = [];
-  req.on("data", (c) => chunks.push(c));
-  req.on("end", () => {
-    let body;
-    try {
-      body = JSON.parse(Buffer.concat(chunks).toString("utf8"));
-    } catch (e) {
-      return reply(res, 400, JSON.stringify({ error: String(e) }));
-    }
-    if (req.url === "/send") {
-      if (!Array.isArray(body.users) || body.users.length === 0) {
-        return reply(res, 400, "{\"error\":\"users must be a non-empty array\"}");
-      }
-      io.to(body.users).emit("m", body.payload);
-    } else {
-      io.emit("m", body.payload);
-    }
-    reply(res, 200, "{}");
-  });
-});
-// Keep the bench's pooled HTTP connections open between steps.
-httpServer.keepAliveTimeout = 120000;
-httpServer.headersTimeout = 125000;
+const httpServer = benchServer(() => io);
 
 const io = new Server(httpServer, {
   transports: ["websocket"],

@@ -87,6 +87,25 @@ pub struct Tally {
     pub unexpected: u64,
 }
 
+impl Tally {
+    /// What went wrong with these deliveries and with `call_errors`
+    /// failed calls, in words for a report ("3 lost", ...); empty when
+    /// nothing did.
+    pub fn problems(&self, call_errors: u64) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.lost > 0 {
+            p.push(format!("{} lost", self.lost));
+        }
+        if self.duplicates > 0 {
+            p.push(format!("{} duplicated", self.duplicates));
+        }
+        if call_errors > 0 {
+            p.push(format!("{call_errors} call errors"));
+        }
+        p
+    }
+}
+
 pub struct Fleet {
     pub target: Target,
     pub run_id: String,

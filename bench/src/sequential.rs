@@ -125,16 +125,7 @@ pub async fn sequential(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<S
     for &n in &ctx.args.callers {
         settle(ctx).await;
         let s = step(ctx, n.max(1)).await;
-        let mut p = Vec::new();
-        if s.tally.lost > 0 {
-            p.push(format!("{} lost", s.tally.lost));
-        }
-        if s.tally.duplicates > 0 {
-            p.push(format!("{} duplicated", s.tally.duplicates));
-        }
-        if s.call_errors > 0 {
-            p.push(format!("{} call errors", s.call_errors));
-        }
+        let mut p = s.tally.problems(s.call_errors);
         if s.tally.delivered == 0 {
             p.push("nothing delivered".into());
         }

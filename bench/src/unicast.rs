@@ -271,16 +271,7 @@ fn finish_step(
         ok: true,
         why_not: vec![],
     };
-    let mut why = Vec::new();
-    if s.tally.lost > 0 {
-        why.push(format!("{} lost", s.tally.lost));
-    }
-    if s.tally.duplicates > 0 {
-        why.push(format!("{} duplicated", s.tally.duplicates));
-    }
-    if s.call_errors > 0 {
-        why.push(format!("{} call errors", s.call_errors));
-    }
+    let mut why = s.tally.problems(s.call_errors);
     if s.unsent > 0 {
         why.push(format!("{} calls not sent in time", s.unsent));
     }
@@ -307,16 +298,7 @@ fn finish_step(
 
 fn step_problems(steps: &[Step], problems: &mut Vec<String>) {
     for s in steps.iter().filter(|s| s.phase == "fixed") {
-        let mut p = Vec::new();
-        if s.tally.lost > 0 {
-            p.push(format!("{} lost", s.tally.lost));
-        }
-        if s.tally.duplicates > 0 {
-            p.push(format!("{} duplicated", s.tally.duplicates));
-        }
-        if s.call_errors > 0 {
-            p.push(format!("{} call errors", s.call_errors));
-        }
+        let mut p = s.tally.problems(s.call_errors);
         if s.unsent > 0 {
             p.push(format!("{} calls unsent", s.unsent));
         }

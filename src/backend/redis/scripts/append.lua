@@ -26,10 +26,11 @@ local now = tonumber(ARGV[1])
 -- what can be skipped safely is: the trim unless something may be due
 -- (`ok`: no kept message is older than this id; the count is at most
 -- n - tn), and the expiry refresh within `slack` of the last one (`px`).
-local m = redis.call('HMGET', KEYS[2], 'last', 'seq', 'tn', 'ok', 'px')
+local fields = {'last', 'seq', 'tn', 'ok', 'px'}
+local m = redis.call('HMGET', KEYS[2], unpack(fields))
 if not m[1] then
   ensure(KEYS[2], now)
-  m = redis.call('HMGET', KEYS[2], 'last', 'seq', 'tn', 'ok', 'px')
+  m = redis.call('HMGET', KEYS[2], unpack(fields))
 end
 local lms, lseq = parse(m[1])
 -- Numbers handed to redis.call are printed with snprintf("%.17g") by
@@ -37,7 +38,8 @@ local lms, lseq = parse(m[1])
 local id
 if now > lms then id = ARGV[1] .. '-0' else id = fmt(lms, lseq + 1) end
 local frame = ARGV[2] .. id .. ARGV[3]
-local n = tostring(tonumber(m[2]) + 1)
+local seq = tonumber(m[2]) + 1
+local n = tostring(seq)
 redis.call('XADD', KEYS[1], id, 'n', n, 'f', frame)
 local ttl, px = tonumber(ARGV[6]), tonumber(m[5])
 if px and now >= px and now - px < slack(ttl) then
@@ -49,7 +51,7 @@ else
 end
 local max_age = tonumber(ARGV[5])
 local ok, tn = m[4], tonumber(m[3])
-if (not ok) or (not tn) or tonumber(n) - tn > tonumber(ARGV[4]) or parse(ok) < now - max_age then
+if (not ok) or (not tn) or seq - tn > tonumber(ARGV[4]) or parse(ok) < now - max_age then
   redis.call('HSET', KEYS[2], 'ok', trim(KEYS[1], KEYS[2], now, max_age, ARGV[4]) or id)
 end
 local receivers = redis.call(PUBLISH, ARGV[7], 'm' .. id .. ' ' .. frame)
