@@ -1019,6 +1019,71 @@ impl RedisCluster {
         self.wait_ok_only();
     }
 
+    /// Kills the primary serving `slot` (SIGKILL) and lets the cluster
+    /// fail over by itself (the replica's election after
+    /// `cluster-node-timeout`, as in production); returns once the replica
+    /// serves the slot and every live node reports `cluster_state:ok`.
+    pub fn kill_primary_and_wait_promotion(&mut self, slot: u16) {
+        let primary = self.owner(slot);
+        let replica = self
+            .nodes()
+            .into_iter()
+            .find(|n| n.primary_id.as_deref() == Some(primary.id.as_str()))
+            .expect("the primary has a replica");
+        let i = self.ports.iter().position(|p| *p == primary.port).unwrap();
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let owner = self
+                .nodes()
+                .into_iter()
+                .find(|n| n.primary && n.slots.iter().any(|(a, b)| *a <= slot && slot <= *b));
+            if owner.is_some_and(|o| o.id == replica.id) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replica was not promoted"
+            );
+        }
+        self.wait_ok_only();
+    }
+
+    /// Starts again every node killed by [`RedisCluster::kill_primary_of`]
+    /// (same port and data directory: it rejoins from its `nodes.conf` as a
+    /// replica of the primary that replaced it) and waits until the
+    /// cluster is healthy, each primary with a replica again.
+    pub fn restart_killed(&mut self) {
+        for i in 0..self.ports.len() {
+            if self.children[i].is_none() {
+                let child = self.spawn(self.ports[i]);
+                self.children[i] = Some(child);
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let nodes = self.nodes();
+            let paired = nodes.iter().filter(|n| n.primary && !n.failed).all(|p| {
+                nodes
+                    .iter()
+                    .any(|r| !r.failed && r.primary_id.as_deref() == Some(p.id.as_str()))
+            });
+            if paired && nodes.iter().all(|n| !n.failed) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the restarted node did not rejoin as a replica"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.wait_healthy();
+    }
+
     /// Waits until every live node reports `cluster_state:ok`.
     fn wait_ok_only(&self) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -11,6 +11,7 @@
 //! | `u<count>` | the user's unread count |
 //! | `s<frame>` | a message-center change (`changed` frame; published by the `center_*`/`mark_read` scripts) |
 //! | `d<reason>` | close the user's connections |
+//! | `p<incarnation> <nonce>` | a node's probe of its own subscription (Redis Cluster; see `sharded`); every other node ignores it |
 //!
 //! On the broadcast channel ([`keys::broadcast_channel`]) the payload is
 //! the frame itself.
@@ -69,6 +70,20 @@ impl ToRedisArgs for Payload<'_> {
     }
 }
 
+/// The payload of a subscription probe by `incarnation` (see `sharded`):
+/// nodes that do not know the `p` kind (older ones too) ignore it.
+pub(super) fn probe(incarnation: &str, nonce: u64) -> String {
+    format!("p{incarnation} {nonce}")
+}
+
+/// Whether `payload` is a probe sent by `incarnation`.
+pub(super) fn is_probe_of(payload: &[u8], incarnation: &str) -> bool {
+    payload
+        .strip_prefix(b"p")
+        .and_then(|rest| rest.strip_prefix(incarnation.as_bytes()))
+        .is_some_and(|rest| rest.first() == Some(&b' '))
+}
+
 /// The event a pub/sub message carries; `None` for anything this module
 /// did not write. `broadcast_channel` is [`keys::broadcast_channel`],
 /// built once by the caller.
@@ -107,6 +122,7 @@ pub(super) fn decode(broadcast_channel: &str, channel: &str, payload: &[u8]) -> 
             user,
             reason: Arc::from(rest),
         },
+        // Probes ("p") and kinds of later versions: nothing to deliver.
         _ => return None,
     })
 }
@@ -203,6 +219,19 @@ mod tests {
             &decode("b", &keys::user_channel("a"), lua.as_bytes()),
             &message("a", Some(MessageId { ms: 5, seq: 1 }), "F")
         ));
+    }
+
+    /// A probe is delivered to no connection, and a node recognises only
+    /// its own (an incarnation that is a prefix of another's is not it).
+    #[test]
+    fn probes_are_ignored_by_decode_and_told_apart_by_incarnation() {
+        let p = probe("n1|00ab", 7);
+        assert_eq!(p, "pn1|00ab 7");
+        assert!(decode("b", &keys::user_channel("a"), p.as_bytes()).is_none());
+        assert!(is_probe_of(p.as_bytes(), "n1|00ab"));
+        assert!(!is_probe_of(p.as_bytes(), "n1|00a"));
+        assert!(!is_probe_of(p.as_bytes(), "n2|00ab"));
+        assert!(!is_probe_of(b"m1-0 pn1|00ab 7", "n1|00ab"));
     }
 
     #[test]

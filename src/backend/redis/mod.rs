@@ -26,7 +26,8 @@
 //!   [`Presence`](crate::backend::Presence) and
 //!   [`Inbox`](crate::backend::Inbox) implementations.
 //! * [`registrar`]: the task owning the pub/sub connection and this node's
-//!   presence record.
+//!   presence record; [`sharded`]: its loop on a Redis Cluster, which proves
+//!   each subscription live after a failover or a slot move.
 //!
 //! # Data in Redis
 //!
@@ -73,6 +74,7 @@ mod leases;
 mod presence;
 mod registrar;
 mod scripts;
+mod sharded;
 
 use super::{Backend, Dispatch};
 use crate::config::{Config, InboxConfig};
@@ -146,6 +148,14 @@ impl Target {
         }
     }
 
+    /// A new command connection to the cluster (see [`Swappable`]).
+    pub(crate) async fn cluster_connection(seeds: &[String]) -> Result<ClusterConnection> {
+        let client = Target::cluster_builder(seeds)
+            .build()
+            .map_err(|e| Error::invalid(format!("--redis-url: {e}")))?;
+        Ok(client.get_async_connection().await?)
+    }
+
     /// Whether user channels use sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`).
     pub(crate) fn sharded(&self) -> bool {
         matches!(self, Target::Cluster(_))
@@ -176,14 +186,44 @@ impl Target {
 #[derive(Clone)]
 pub(crate) enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Swappable),
+}
+
+/// A cluster connection that can be replaced under every clone of it.
+///
+/// The crate's cluster connection can wedge after a primary dies: its
+/// recovery loops on the dead address and every request times out, for as
+/// long as the process lives (seen in about one failover in twenty-five).
+/// The registrar watches it (see `sharded`) and puts a fresh connection in
+/// its place; each request clones the current one (a handle) and never
+/// holds the lock across an `.await`.
+#[derive(Clone)]
+pub(crate) struct Swappable(Arc<parking_lot::RwLock<ClusterConnection>>);
+
+impl Swappable {
+    fn new(c: ClusterConnection) -> Self {
+        Swappable(Arc::new(parking_lot::RwLock::new(c)))
+    }
+
+    /// The connection in use now.
+    pub(crate) fn current(&self) -> ClusterConnection {
+        self.0.read().clone()
+    }
+
+    /// Puts `c` in place of the current connection for every clone.
+    pub(crate) fn replace(&self, c: ClusterConnection) {
+        *self.0.write() = c;
+    }
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => {
+                let mut c = c.current();
+                async move { c.req_packed_command(cmd).await }.boxed()
+            }
         }
     }
 
@@ -196,10 +236,12 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => {
+                let c = c.current();
                 if pipeline.is_transaction() || pipeline.len() <= 1 {
-                    return c.req_packed_commands(pipeline, offset, count);
+                    let mut c = c;
+                    return async move { c.req_packed_commands(pipeline, offset, count).await }
+                        .boxed();
                 }
-                let c = c.clone();
                 async move {
                     let replies = join_all(pipeline.cmd_iter().map(|cmd| {
                         let mut c = c.clone();
@@ -220,7 +262,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c) => c.current().get_db(),
         }
     }
 }
@@ -263,14 +305,14 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
                     .map_err(unreachable)?,
             )
         }
-        Target::Cluster(seeds) => Conn::Cluster(
-            Target::cluster_builder(seeds)
-                .build()
-                .map_err(|e| Error::invalid(format!("--redis-url: {e}")))?
-                .get_async_connection()
+        Target::Cluster(seeds) => Conn::Cluster(Swappable::new(
+            Target::cluster_connection(seeds)
                 .await
-                .map_err(unreachable)?,
-        ),
+                .map_err(|e| match e {
+                    Error::InvalidArgument(_) => e,
+                    other => Error::Unavailable(format!("cannot reach Redis at {addr}: {other}")),
+                })?,
+        )),
     };
     check_version(&conn).await?;
 
@@ -334,8 +376,9 @@ async fn check_version(conn: &Conn) -> Result<()> {
     info.arg("server");
     let info: String = match conn.clone() {
         Conn::Single(mut c) => info.query_async(&mut c).await?,
-        Conn::Cluster(mut c) => {
+        Conn::Cluster(c) => {
             let v = c
+                .current()
                 .route_command(
                     info,
                     redis::cluster_routing::RoutingInfo::SingleNode(

@@ -2,8 +2,8 @@
 //! and this node's presence record (see "Fan-out" in [`super`]): one
 //! `SUBSCRIBE` connection on a Redis server ([`Registrar::run`]), sharded
 //! subscriptions over the cluster connection on a Redis Cluster
-//! ([`Registrar::run_cluster`], which also repairs subscriptions that lapse
-//! when a slot moves or a shard fails over).
+//! (`Registrar::run_cluster` in [`super::sharded`], which also proves
+//! subscriptions live again after a slot moves or a shard fails over).
 //!
 //! Backends reach it through a [`Handle`]: each request names a user whose
 //! subscription and presence the registrar makes match this node's
@@ -20,14 +20,14 @@ use crate::error::{Error, Result};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use redis::cluster_async::ClusterConnection;
-use redis::{PushInfo, PushKind, Value};
+use redis::Value;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// What the registrar is asked to do.
-enum Request {
+pub(super) enum Request {
     /// Make subscription and presence of `user` match this node's
     /// connections.
     Sync {
@@ -85,7 +85,7 @@ pub(super) struct Registrar {
 }
 
 /// Users whose channel this node is subscribed to right now.
-type Subscribed = HashSet<String>;
+pub(super) type Subscribed = HashSet<String>;
 
 impl Registrar {
     /// Starts the task. The receiver reports whether the first pub/sub
@@ -210,8 +210,12 @@ impl Registrar {
     }
 
     /// After (re)connecting: subscribe to broadcasts and every local user,
-    /// rewrite this node's presence from its connections, renew the lease.
-    async fn restore(&self, sub: &mut Sub<'_>, subscribed: &mut Subscribed) -> Result<()> {
+    /// then [`Registrar::rewrite_presence`].
+    pub(super) async fn restore(
+        &self,
+        sub: &mut Sub<'_>,
+        subscribed: &mut Subscribed,
+    ) -> Result<()> {
         subscribed.clear();
         sub.subscribe(&[keys::broadcast_channel()]).await?;
         let users = self.local.users_snapshot();
@@ -220,7 +224,15 @@ impl Registrar {
             sub.subscribe(&channels).await?;
             subscribed.extend(chunk.iter().cloned());
         }
-        let counts = self.local.local_counts(&users);
+        self.rewrite_presence(&users).await
+    }
+
+    /// Rewrites this node's presence from its connections as they are: its
+    /// per-node hash, each of `users`' reservation of this incarnation
+    /// (Redis may have lost them in a restart or a failover, or a release
+    /// may have failed while it was away), then renews the lease.
+    pub(super) async fn rewrite_presence(&self, users: &[String]) -> Result<()> {
+        let counts = self.local.local_counts(users);
         let conns = keys::node_conns(&self.node_id);
         // This node's hash in one transaction (one key, so one slot).
         let mut pipe = redis::pipe();
@@ -235,9 +247,7 @@ impl Registrar {
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
-        // This incarnation's reservations, as they are (Redis may have lost
-        // them, or a release may have failed while it was away): one
-        // command per user (each in the user's slot).
+        // One command per user (each in the user's slot).
         let me = self.incarnation();
         if !users.is_empty() {
             let mut pipe = redis::pipe();
@@ -262,7 +272,7 @@ impl Registrar {
     /// ([`Leases`]) from what Redis answers. Every command touches one key
     /// (so one slot on a cluster). The boot id is written first, so no
     /// reader sees this incarnation's lease with the previous boot.
-    async fn renew(&self) -> Result<()> {
+    pub(super) async fn renew(&self) -> Result<()> {
         let lease_ms = self.lease.as_millis() as u64;
         let (delivered, events) = self.local.counters();
         let stats = keys::node_stats(&self.node_id);
@@ -308,7 +318,7 @@ impl Registrar {
 
     /// Makes subscriptions and presence of the batch's users match this node
     /// as it is now, then acknowledges.
-    async fn process(
+    pub(super) async fn process(
         &self,
         sink: &mut Sub<'_>,
         subscribed: &mut Subscribed,
@@ -389,7 +399,7 @@ pub(super) fn incarnation(node_id: &str, boot: &str) -> String {
 /// (`SSUBSCRIBE`, one command per channel: each goes to the primary that
 /// owns the channel's slot; a multi-channel `SSUBSCRIBE` must stay in one
 /// slot).
-enum Sub<'a> {
+pub(super) enum Sub<'a> {
     Single(&'a mut redis::aio::PubSubSink),
     Cluster(&'a mut ClusterConnection),
 }
@@ -412,7 +422,7 @@ impl Sub<'_> {
 
 /// `SSUBSCRIBE` (or `SUNSUBSCRIBE`) each channel, concurrently; resolves
 /// when every primary confirmed, or with the first error.
-async fn sharded(conn: &ClusterConnection, channels: &[String], on: bool) -> Result<()> {
+pub(super) async fn sharded(conn: &ClusterConnection, channels: &[String], on: bool) -> Result<()> {
     for chunk in channels.chunks(256) {
         let results = join_all(chunk.iter().map(|ch| {
             let mut conn = conn.clone();
@@ -430,168 +440,4 @@ async fn sharded(conn: &ClusterConnection, channels: &[String], on: bool) -> Res
         }
     }
     Ok(())
-}
-
-/// How often a cluster node retries channels whose subscription may have
-/// lapsed (see [`Registrar::run_cluster`]).
-const REPAIR_EVERY: Duration = Duration::from_millis(200);
-
-impl Registrar {
-    /// Redis Cluster: sharded pub/sub over the crate's cluster connection
-    /// (RESP3; every push arrives on one channel, in each shard's order).
-    ///
-    /// A channel's subscription can lapse without this node asking: a
-    /// resharding moves its slot (the old owner pushes `sunsubscribe`), or
-    /// its primary dies (the connection reports a disconnection; the
-    /// replica that takes over knows nothing of the subscriptions). Such a
-    /// channel becomes *suspect*: it is subscribed again (routed by the
-    /// current slot map, which `MOVED` replies refresh) every
-    /// [`REPAIR_EVERY`] until the new owner confirms. The confirmation is a
-    /// push in the same stream as that owner's messages, so the user's
-    /// connections are asked to catch up from the inbox right there, before
-    /// any message the new subscription brings is dispatched: what was
-    /// published while nobody listened is read from the inbox, and live
-    /// messages at or below what the catch-up read are dropped by id, so
-    /// every stored message arrives once and in order, with no restart.
-    async fn run_cluster(
-        self,
-        seeds: Vec<String>,
-        mut rx: mpsc::UnboundedReceiver<Request>,
-        ready: oneshot::Sender<Result<()>>,
-    ) {
-        let (push_tx, mut pushes) = mpsc::unbounded_channel::<PushInfo>();
-        let client = match Target::cluster_builder(&seeds)
-            .use_protocol(redis::ProtocolVersion::RESP3)
-            .push_sender(push_tx)
-            .build()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = ready.send(Err(Error::invalid(format!("--redis-url: {e}"))));
-                return;
-            }
-        };
-        let mut conn =
-            match tokio::time::timeout(Duration::from_secs(5), client.get_async_connection()).await
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    let _ = ready.send(Err(e.into()));
-                    return;
-                }
-                Err(_) => {
-                    let _ = ready.send(Err(Error::Unavailable(
-                        "Redis Cluster pub/sub connect timed out".into(),
-                    )));
-                    return;
-                }
-            };
-        let mut subscribed = Subscribed::new();
-        let broadcast_channel = keys::broadcast_channel();
-        let mut suspect: HashSet<String> = HashSet::new();
-        let restored = self
-            .restore(&mut Sub::Cluster(&mut conn), &mut subscribed)
-            .await;
-        let _ = ready.send(restored);
-        let mut renew = tokio::time::interval(self.lease / 3);
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        renew.tick().await; // restore renewed just now
-        let mut repair = tokio::time::interval(REPAIR_EVERY);
-        repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut batch = Vec::new();
-        loop {
-            tokio::select! {
-                push = pushes.recv() => {
-                    let Some(push) = push else { return };
-                    self.on_push(push, &broadcast_channel, &subscribed, &mut suspect);
-                }
-                n = rx.recv_many(&mut batch, 1024) => {
-                    if n == 0 { return }
-                    let batch = std::mem::take(&mut batch);
-                    if let Err(e) = self.process(&mut Sub::Cluster(&mut conn), &mut subscribed, batch).await {
-                        tracing::warn!(error = %e, "subscription sync failed");
-                    }
-                }
-                _ = renew.tick() => {
-                    if let Err(e) = self.renew().await {
-                        tracing::warn!(error = %e, "node lease renewal failed");
-                    }
-                }
-                _ = repair.tick(), if !suspect.is_empty() => {
-                    // Users who left meanwhile need no subscription.
-                    suspect.retain(|ch| *ch == broadcast_channel
-                        || keys::channel_user(ch).is_some_and(|u| subscribed.contains(u)));
-                    let channels: Vec<String> = suspect.iter().take(4096).cloned().collect();
-                    let attempt = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        sharded(&conn, &channels, true),
-                    ).await;
-                    if let Ok(Err(e)) | Err(e) = attempt.map_err(|_| Error::Unavailable("timed out".into())) {
-                        tracing::debug!(error = %e, channels = channels.len(), "re-subscribing suspect channels failed; retrying");
-                    }
-                }
-            }
-        }
-    }
-
-    /// One push of the cluster pub/sub connection (see
-    /// [`Registrar::run_cluster`]).
-    fn on_push(
-        &self,
-        push: PushInfo,
-        broadcast_channel: &str,
-        subscribed: &Subscribed,
-        suspect: &mut HashSet<String>,
-    ) {
-        let channel = |data: &[Value]| match data.first() {
-            Some(Value::BulkString(b)) => std::str::from_utf8(b).ok().map(str::to_string),
-            _ => None,
-        };
-        match push.kind {
-            PushKind::SMessage | PushKind::Message => {
-                if let [Value::BulkString(ch), Value::BulkString(payload), ..] =
-                    push.data.as_slice()
-                {
-                    if let Ok(ch) = std::str::from_utf8(ch) {
-                        if let Some(e) = codec::decode(broadcast_channel, ch, payload) {
-                            self.local.dispatch(e);
-                        }
-                    }
-                }
-            }
-            PushKind::SUnsubscribe => {
-                // Unasked (this node removes a user from `subscribed`
-                // before it unsubscribes): the slot moved away.
-                let Some(ch) = channel(&push.data) else {
-                    return;
-                };
-                let ours = ch == broadcast_channel
-                    || keys::channel_user(&ch).is_some_and(|u| subscribed.contains(u));
-                if ours && suspect.insert(ch) {
-                    metrics::counter!("herald_redis_resubscribes_total", "why" => "slot_moved")
-                        .increment(1);
-                }
-            }
-            PushKind::SSubscribe => {
-                let Some(ch) = channel(&push.data) else {
-                    return;
-                };
-                if suspect.remove(&ch) {
-                    if let Some(u) = keys::channel_user(&ch) {
-                        self.local.resync(u);
-                    }
-                }
-            }
-            PushKind::Disconnection => {
-                // A shard's connection dropped (its primary may be failing
-                // over): every channel may have lapsed on it.
-                tracing::warn!("a Redis Cluster pub/sub connection dropped; re-subscribing");
-                metrics::counter!("herald_redis_resubscribes_total", "why" => "disconnected")
-                    .increment(1);
-                suspect.insert(broadcast_channel.to_string());
-                suspect.extend(subscribed.iter().map(|u| keys::user_channel(u)));
-            }
-            _ => {}
-        }
-    }
 }
