@@ -221,9 +221,21 @@ pub struct ServeArgs {
     /// Concurrent gRPC streams (calls) per connection, announced in HTTP/2 SETTINGS.
     #[arg(long, env = "HERALD_GRPC_MAX_STREAMS", default_value_t = 1024, value_parser = positive)]
     pub grpc_max_streams: usize,
-    /// gRPC calls and open streams (e.g. Health/Watch) in flight on this node; more are refused with RESOURCE_EXHAUSTED.
+    /// PushService calls in flight on this node; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "HERALD_GRPC_MAX_INFLIGHT", default_value_t = 10_000, value_parser = positive)]
     pub grpc_max_inflight: usize,
+    /// Health and reflection calls and open streams (e.g. Health/Watch) in flight on this node, a budget apart from --grpc-max-inflight; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HERALD_GRPC_MAX_DISCOVERY_INFLIGHT", default_value_t = 256, value_parser = positive)]
+    pub grpc_max_discovery_inflight: usize,
+    /// A gRPC connection must finish TLS and send the HTTP/2 preface within this, or it is closed.
+    #[arg(long, env = "HERALD_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub grpc_handshake_timeout: Duration,
+    /// A gRPC connection with no PushService call past the key check and no open call is closed this long after its handshake.
+    #[arg(long, env = "HERALD_GRPC_ANONYMOUS_IDLE", default_value = "30s", value_parser = duration)]
+    pub grpc_anonymous_idle: Duration,
+    /// HTTP/2 keepalive: a PING after this much silence on a gRPC connection; a peer that does not answer within --grpc-handshake-timeout is dropped.
+    #[arg(long, env = "HERALD_GRPC_KEEPALIVE", default_value = "30s", value_parser = duration)]
+    pub grpc_keepalive: Duration,
     /// Client frames a connection may send per second, sustained; over the budget it gets an error frame and close 1008.
     #[arg(long, env = "HERALD_CLIENT_FRAME_RATE", default_value_t = 20, value_parser = positive)]
     pub client_frame_rate: usize,
@@ -236,6 +248,9 @@ pub struct ServeArgs {
     /// How long an idempotency key is remembered: a repeat within it stores and pushes nothing.
     #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = duration)]
     pub idempotency_window: Duration,
+    /// Embedded backend: idempotency keys remembered at once; a keyed send that would need more is refused with RESOURCE_EXHAUSTED until older keys expire.
+    #[arg(long, env = "HERALD_IDEMPOTENCY_MAX_RECORDS", default_value_t = 1_000_000, value_parser = positive)]
+    pub idempotency_max_records: usize,
     /// Runtime worker threads. [default: one per core; give each of N nodes sharing a machine cores/N]
     #[arg(long, env = "HERALD_WORKER_THREADS", value_parser = positive)]
     pub worker_threads: Option<usize>,
@@ -364,6 +379,10 @@ pub struct Limits {
     pub grpc_max_connections: usize,
     pub grpc_max_streams: usize,
     pub grpc_max_inflight: usize,
+    pub grpc_max_discovery_inflight: usize,
+    pub grpc_handshake_timeout: Duration,
+    pub grpc_anonymous_idle: Duration,
+    pub grpc_keepalive: Duration,
     pub client_frame_rate: usize,
     pub client_frame_burst: usize,
     pub write_timeout: Duration,
@@ -375,8 +394,11 @@ pub struct InboxConfig {
     pub max_messages: usize,
     pub max_age: Duration,
     pub replay_limit: usize,
-    /// Embedded backend only: bytes of stored messages on this node.
+    /// Embedded backend only: bytes of stored messages and the inboxes
+    /// holding them on this node.
     pub memory_limit: usize,
+    /// Embedded backend only: idempotency records held at once.
+    pub idempotency_max_records: usize,
 }
 
 /// A fully resolved node configuration.
@@ -508,6 +530,10 @@ impl Config {
                 grpc_max_connections: args.grpc_max_connections,
                 grpc_max_streams: args.grpc_max_streams,
                 grpc_max_inflight: args.grpc_max_inflight,
+                grpc_max_discovery_inflight: args.grpc_max_discovery_inflight,
+                grpc_handshake_timeout: args.grpc_handshake_timeout.max(Duration::from_millis(100)),
+                grpc_anonymous_idle: args.grpc_anonymous_idle.max(Duration::from_millis(100)),
+                grpc_keepalive: args.grpc_keepalive.max(Duration::from_millis(100)),
                 client_frame_rate: args.client_frame_rate,
                 client_frame_burst: args.client_frame_burst,
                 write_timeout: args.write_timeout.max(Duration::from_millis(10)),
@@ -517,6 +543,7 @@ impl Config {
                 max_age: args.inbox_max_age,
                 replay_limit: args.replay_limit,
                 memory_limit: args.inbox_memory_limit,
+                idempotency_max_records: args.idempotency_max_records,
             },
             heartbeat: args.heartbeat.max(Duration::from_millis(50)),
             node_lease: args.node_lease.max(Duration::from_millis(500)),

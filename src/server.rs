@@ -179,7 +179,12 @@ pub async fn run(
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.limits.grpc_max_streams.min(u32::MAX as usize) as u32)
-            .layer(InflightLimit::new(cfg.limits.grpc_max_inflight))
+            .http2_keepalive_interval(Some(cfg.limits.grpc_keepalive))
+            .http2_keepalive_timeout(Some(cfg.limits.grpc_handshake_timeout))
+            .layer(InflightLimit::new(
+                cfg.limits.grpc_max_inflight,
+                cfg.limits.grpc_max_discovery_inflight,
+            ))
             .add_service(guarded(health_svc, &discovery_keys))
             .add_service(guarded(reflection().build_v1()?, &discovery_keys))
             .add_service(guarded(reflection().build_v1alpha()?, &discovery_keys))
@@ -189,6 +194,10 @@ pub async fn run(
                     listeners.grpc,
                     cfg.limits.grpc_max_connections,
                     grpc_tls.clone(),
+                    crate::grpc::limits::Deadlines {
+                        handshake: cfg.limits.grpc_handshake_timeout,
+                        anonymous_idle: cfg.limits.grpc_anonymous_idle,
+                    },
                 ),
                 async move {
                     stopped(&mut grpc_stop).await;

@@ -1,7 +1,8 @@
 //! What hostile clients and careless callers can do to one node, and what
 //! they get: each test here reproduces an observed defect (a close frame
 //! over 125 bytes, a flood of frames, a client that stops reading, broken
-//! frames, unbounded gRPC streams) and checks the documented answer.
+//! frames, unbounded gRPC streams, keyless streams starving keyed calls,
+//! silent gRPC sockets) and checks the documented answer.
 #[macro_use]
 mod common;
 
@@ -213,11 +214,16 @@ async fn handshake_edge_cases(b: Backend) {
     node.stop().await;
 }
 
-/// Open streams (Health/Watch needs no key) count against
-/// --grpc-max-inflight until they end; over it, RESOURCE_EXHAUSTED.
-async fn grpc_streams_are_capped(b: Backend) {
+/// Issue 20, item 1: keyless streams (Health/Watch needs no key) have a
+/// budget of their own (--grpc-max-discovery-inflight): over it they get
+/// RESOURCE_EXHAUSTED, and however many are open, keyed PushService calls
+/// (their own --grpc-max-inflight) keep succeeding. Before, the Watch
+/// streams counted against --grpc-max-inflight and refused every send.
+async fn keyless_streams_never_starve_keyed_calls(b: Backend) {
     let mut a = args();
     a.grpc_max_inflight = 5;
+    a.grpc_max_discovery_inflight = 5;
+    a.api_key = vec![herald::apikey::KeySpec::parse("backend:send+read:k-123456789").unwrap()];
     let node = TestNode::start_on(b, a).await;
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc))
         .unwrap()
@@ -244,16 +250,117 @@ async fn grpc_streams_are_capped(b: Backend) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("--grpc-max-discovery-inflight"),
+        "{err:?}"
+    );
+    let key = Some("k-123456789".to_string());
     let mut c = herald::proto::push_service_client::PushServiceClient::new(ch.clone());
-    let err = c.stats(StatsRequest {}).await.unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted);
+    for i in 0..20 {
+        let r = c
+            .send_to_user(herald::cli::with_key(
+                &key,
+                SendToUserRequest {
+                    user_ids: vec!["starved?".into()],
+                    topic: "t".into(),
+                    payload_json: i.to_string(),
+                    ..Default::default()
+                },
+            ))
+            .await;
+        assert!(r.is_ok(), "keyed send {i} with 5 Watch streams open: {r:?}");
+    }
     // Streams that end give their slots back.
     drop(streams);
-    eventually("slots freed", || {
-        let mut c = c.clone();
-        async move { c.stats(StatsRequest {}).await.is_ok() }
+    eventually("discovery slots freed", || {
+        let mut h = health.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok()
+        }
     })
     .await;
+    node.stop().await;
+}
+
+/// Issue 20, item 2: a TCP connection to the gRPC port that never speaks
+/// HTTP/2 is closed after --grpc-handshake-timeout, so such sockets cannot
+/// hold --grpc-max-connections: a backend connecting after them gets
+/// through. Before, the silent sockets held every slot forever.
+async fn silent_grpc_sockets_are_closed_after_the_handshake_timeout(b: Backend) {
+    let mut a = args();
+    a.grpc_max_connections = 3;
+    a.grpc_handshake_timeout = Duration::from_millis(300);
+    let node = TestNode::start_on(b, a).await;
+    let mut silent = vec![];
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(node.grpc).await.unwrap());
+    }
+    let t0 = Instant::now();
+    let mut c = tokio::time::timeout(Duration::from_secs(5), node.client())
+        .await
+        .expect("a backend gets a slot once the silent sockets are closed");
+    c.stats(StatsRequest {}).await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    for mut s in silent {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .expect("the node closes the silent socket");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+    let metrics = node.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"herald_grpc_closed_total{reason="handshake_timeout"} 3"#),
+        "{metrics}"
+    );
+    node.stop().await;
+}
+
+/// Issue 20, item 2: a connection that completes the HTTP/2 handshake but
+/// never makes a keyed call (and holds no stream) is closed after
+/// --grpc-anonymous-idle, so valid but idle sockets cannot lock backends
+/// out either.
+async fn anonymous_idle_grpc_connections_are_closed(b: Backend) {
+    let mut a = args();
+    a.grpc_max_connections = 2;
+    a.grpc_anonymous_idle = Duration::from_millis(300);
+    let node = TestNode::start_on(b, a).await;
+    let mut idle = vec![];
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(node.grpc).await.unwrap();
+        // The client preface, then an empty SETTINGS frame.
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+        idle.push(s);
+    }
+    for mut s in idle {
+        let mut buf = vec![0u8; 4096];
+        let closed = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue, // the node's SETTINGS and ACK
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "an anonymous idle connection stays open");
+    }
+    let mut c = tokio::time::timeout(Duration::from_secs(3), node.client())
+        .await
+        .unwrap();
+    c.stats(StatsRequest {}).await.unwrap();
+    let metrics = node.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"herald_grpc_closed_total{reason="anonymous_idle"} 2"#),
+        "{metrics}"
+    );
     node.stop().await;
 }
 
@@ -360,5 +467,7 @@ on_both_backends!(
     stuck_reader_is_dropped_after_the_write_timeout,
     broken_frames_get_1007_and_1002,
     handshake_edge_cases,
-    grpc_streams_are_capped,
+    keyless_streams_never_starve_keyed_calls,
+    silent_grpc_sockets_are_closed_after_the_handshake_timeout,
+    anonymous_idle_grpc_connections_are_closed,
 );

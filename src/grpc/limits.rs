@@ -6,30 +6,85 @@
 //!   backlog instead of taking memory for them;
 //! * streams per connection: the HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`
 //!   the node announces (set on the tonic server builder);
-//! * RPCs in flight node-wide: a permit per call, held until the response
-//!   body ends, so long-lived streams such as `Health/Watch` count for as long
-//!   as they stay open. A call that finds no permit is answered
-//!   `RESOURCE_EXHAUSTED` at once and costs nothing more.
+//! * a handshake deadline: a connection must finish TLS and send the HTTP/2
+//!   preface (and its first frame header) within `--grpc-handshake-timeout`
+//!   of being accepted, or it is closed; a silent socket holds its slot no
+//!   longer than that;
+//! * anonymous connections: a connection that has carried no `PushService`
+//!   call accepted past the API-key check and has no call open is closed
+//!   `--grpc-anonymous-idle` after its handshake (and checked again as long
+//!   as it only holds keyless streams), so sockets nobody authenticated
+//!   cannot sit on the slots backends need;
+//! * dead peers: HTTP/2 keepalive pings (`--grpc-keepalive`, set on the
+//!   tonic server builder) close a connection whose peer vanished;
+//! * RPCs in flight node-wide, in two budgets: a permit per call, held until
+//!   the response body ends, so long-lived streams such as `Health/Watch`
+//!   count for as long as they stay open. `PushService` calls draw on
+//!   `--grpc-max-inflight`; the keyless discovery services (health,
+//!   reflection) on their own `--grpc-max-discovery-inflight`, so no number
+//!   of open `Watch` streams can refuse a keyed call. A call that finds no
+//!   permit is answered `RESOURCE_EXHAUSTED` at once and costs nothing
+//!   more.
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// An accepted gRPC socket (after its TLS handshake, with TLS) and the
-/// connection slot it holds; the slot frees when the connection is dropped.
+/// connection slot it holds; the slot frees when the connection is dropped
+/// (which is what an error from `poll_read` leads to: hyper closes the
+/// connection).
 pub(crate) struct Permitted {
     io: Io,
     _permit: OwnedSemaphorePermit,
+    usage: Arc<ConnUse>,
+    /// Bytes of the HTTP/2 preface and first frame header still unread.
+    preface_left: usize,
+    /// The next check: the handshake deadline while `preface_left > 0`, then
+    /// when an anonymous connection is closed. `None` once a keyed call used
+    /// the connection.
+    watch: Option<Pin<Box<Sleep>>>,
+    anonymous_idle: Duration,
+}
+
+/// The client preface (24 bytes) and the header of the SETTINGS frame that
+/// must follow it (9 bytes).
+const PREFACE_BYTES: usize = 24 + 9;
+
+/// What the node learns of one gRPC connection from the calls on it
+/// (shared by the socket and, through [`ConnInfo`], every request).
+#[derive(Default)]
+pub(crate) struct ConnUse {
+    keyed: AtomicBool,
+    open: AtomicUsize,
+}
+
+/// The connect info tonic puts in every request's extensions.
+#[derive(Clone)]
+pub(crate) struct ConnInfo {
+    /// The peer, as tonic would give it (for logs).
+    #[allow(dead_code)]
+    pub(crate) tcp: TcpConnectInfo,
+    usage: Arc<ConnUse>,
+}
+
+/// The deadlines of the gRPC listener (see the module doc).
+#[derive(Clone, Copy)]
+pub(crate) struct Deadlines {
+    pub(crate) handshake: Duration,
+    pub(crate) anonymous_idle: Duration,
 }
 
 enum Io {
@@ -48,6 +103,7 @@ pub(crate) fn incoming(
     listener: TcpListener,
     max: usize,
     tls: Option<TlsAcceptor>,
+    deadlines: Deadlines,
 ) -> impl futures_util::Stream<Item = io::Result<Permitted>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Permitted>(16);
     tokio::spawn(async move {
@@ -79,12 +135,18 @@ pub(crate) fn incoming(
                 }
             };
             let _ = io.set_nodelay(true);
+            let deadline = Instant::now() + deadlines.handshake;
+            let permitted = move |io: Io, permit: OwnedSemaphorePermit| Permitted {
+                io,
+                _permit: permit,
+                usage: Arc::default(),
+                preface_left: PREFACE_BYTES,
+                watch: Some(Box::pin(tokio::time::sleep_until(deadline))),
+                anonymous_idle: deadlines.anonymous_idle,
+            };
             match &tls {
                 None => {
-                    let conn = Permitted {
-                        io: Io::Plain(io),
-                        _permit: permit,
-                    };
+                    let conn = permitted(Io::Plain(io), permit);
                     if tx.send(conn).await.is_err() {
                         return;
                     }
@@ -92,17 +154,11 @@ pub(crate) fn incoming(
                 Some(acceptor) => {
                     let (acceptor, tx) = (acceptor.clone(), tx.clone());
                     tokio::spawn(async move {
-                        match tokio::time::timeout(
-                            crate::tls::HANDSHAKE_TIMEOUT,
-                            acceptor.accept(io),
-                        )
-                        .await
-                        {
+                        let tls_deadline =
+                            deadline.min(Instant::now() + crate::tls::HANDSHAKE_TIMEOUT);
+                        match tokio::time::timeout_at(tls_deadline, acceptor.accept(io)).await {
                             Ok(Ok(s)) => {
-                                let conn = Permitted {
-                                    io: Io::Tls(Box::new(s)),
-                                    _permit: permit,
-                                };
+                                let conn = permitted(Io::Tls(Box::new(s)), permit);
                                 let _ = tx.send(conn).await;
                             }
                             Ok(Err(e)) => {
@@ -128,11 +184,45 @@ pub(crate) fn incoming(
 }
 
 impl Connected for Permitted {
-    type ConnectInfo = TcpConnectInfo;
-    fn connect_info(&self) -> TcpConnectInfo {
-        match &self.io {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        let tcp = match &self.io {
             Io::Plain(s) => s.connect_info(),
             Io::Tls(s) => s.get_ref().0.connect_info(),
+        };
+        ConnInfo {
+            tcp,
+            usage: self.usage.clone(),
+        }
+    }
+}
+
+impl Permitted {
+    /// While a read waits: whether the connection must close now (see the
+    /// module doc). Registers the waker of the next check.
+    fn overdue(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
+        loop {
+            let sleep = self.watch.as_mut()?;
+            if sleep.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            if self.preface_left > 0 {
+                metrics::counter!("herald_grpc_closed_total", "reason" => "handshake_timeout")
+                    .increment(1);
+                return Some("no HTTP/2 preface within --grpc-handshake-timeout");
+            }
+            if self.usage.keyed.load(Ordering::Relaxed) {
+                self.watch = None;
+                return None;
+            }
+            if self.usage.open.load(Ordering::Relaxed) == 0 {
+                metrics::counter!("herald_grpc_closed_total", "reason" => "anonymous_idle")
+                    .increment(1);
+                return Some("no keyed call within --grpc-anonymous-idle");
+            }
+            // Keyless streams are open (bounded by their own budget): look
+            // again later.
+            sleep.as_mut().reset(Instant::now() + self.anonymous_idle);
         }
     }
 }
@@ -158,7 +248,26 @@ impl AsyncRead for Permitted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_read(cx, buf))
+        let before = buf.filled().len();
+        let read = delegate!(self, s => s.poll_read(cx, buf));
+        let me = self.get_mut();
+        match read {
+            Poll::Ready(Ok(())) if me.preface_left > 0 => {
+                let n = buf.filled().len() - before;
+                me.preface_left = me.preface_left.saturating_sub(n);
+                if me.preface_left == 0 {
+                    if let Some(w) = me.watch.as_mut() {
+                        w.as_mut().reset(Instant::now() + me.anonymous_idle);
+                    }
+                }
+                read
+            }
+            Poll::Pending => match me.overdue(cx) {
+                Some(why) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why))),
+                None => Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 
@@ -191,18 +300,37 @@ impl AsyncWrite for Permitted {
     }
 }
 
-/// Tower layer capping the RPCs in flight on this node (see the module doc).
+/// Tower layer capping the RPCs in flight on this node, in two budgets (see
+/// the module doc), and telling each connection how it is used.
 #[derive(Clone)]
 pub(crate) struct InflightLimit {
+    keyed: Budget,
+    discovery: Budget,
+}
+
+#[derive(Clone)]
+struct Budget {
     permits: Arc<Semaphore>,
     max: usize,
 }
 
-impl InflightLimit {
-    pub(crate) fn new(max: usize) -> Self {
-        InflightLimit {
+impl Budget {
+    fn new(max: usize) -> Self {
+        Budget {
             permits: Arc::new(Semaphore::new(max)),
             max,
+        }
+    }
+}
+
+/// The path prefix of the keyed service's calls.
+const PUSH_SERVICE: &str = "/herald.v1.PushService/";
+
+impl InflightLimit {
+    pub(crate) fn new(max: usize, discovery_max: usize) -> Self {
+        InflightLimit {
+            keyed: Budget::new(max),
+            discovery: Budget::new(discovery_max),
         }
     }
 }
@@ -225,9 +353,9 @@ pub(crate) struct Inflight<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, Req, B> tower::Service<Req> for Inflight<S>
+impl<S, ReqBody, B> tower::Service<hyper::Request<ReqBody>> for Inflight<S>
 where
-    S: tower::Service<Req, Response = hyper::Response<B>>,
+    S: tower::Service<hyper::Request<ReqBody>, Response = hyper::Response<B>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     B: Body<Data = Bytes> + Send + Unpin + 'static,
@@ -241,33 +369,80 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
-        let Ok(permit) = self.limit.permits.clone().try_acquire_owned() else {
-            metrics::counter!("herald_grpc_rejected_total", "reason" => "inflight").increment(1);
+    fn call(&mut self, req: hyper::Request<ReqBody>) -> Self::Future {
+        let keyed = req.uri().path().starts_with(PUSH_SERVICE);
+        let (budget, reason, setting) = if keyed {
+            (&self.limit.keyed, "inflight", "--grpc-max-inflight")
+        } else {
+            (
+                &self.limit.discovery,
+                "discovery_inflight",
+                "--grpc-max-discovery-inflight",
+            )
+        };
+        let Ok(permit) = budget.permits.clone().try_acquire_owned() else {
+            metrics::counter!("herald_grpc_rejected_total", "reason" => reason).increment(1);
             let status = tonic::Status::resource_exhausted(format!(
-                "this node already serves {} RPCs and streams (--grpc-max-inflight); retry later",
-                self.limit.max
+                "this node already serves {} {} calls and streams ({setting}); retry later",
+                budget.max,
+                if keyed {
+                    "PushService"
+                } else {
+                    "health and reflection"
+                },
             ));
             return Box::pin(std::future::ready(Ok(status.into_http())));
         };
+        let usage = req.extensions().get::<ConnInfo>().map(|c| c.usage.clone());
+        let open = usage.clone().map(Open::new);
         let call = self.inner.call(req);
         Box::pin(async move {
             let resp = call.await?;
+            // A PushService call the key check let through marks its
+            // connection as a backend's (an auth failure is answered at
+            // once, with the status in the headers).
+            if let (true, Some(u)) = (keyed, &usage) {
+                let refused = matches!(
+                    resp.headers().get("grpc-status").map(|v| v.as_bytes()),
+                    Some(b"16") | Some(b"7")
+                );
+                if !refused {
+                    u.keyed.store(true, Ordering::Relaxed);
+                }
+            }
             Ok(resp.map(|body| {
                 tonic::body::Body::new(Held {
                     body,
                     _permit: permit,
+                    _open: open,
                 })
             }))
         })
     }
 }
 
-/// A response body holding its RPC's in-flight permit until it ends or is
-/// dropped.
+/// A response body holding its RPC's in-flight permit (and its place in
+/// its connection's open calls) until it ends or is dropped.
 struct Held<B> {
     body: B,
     _permit: OwnedSemaphorePermit,
+    _open: Option<Open>,
+}
+
+/// One open call on a connection; counted down on drop.
+struct Open(Arc<ConnUse>);
+
+impl Open {
+    fn new(u: Arc<ConnUse>) -> Self {
+        u.open.fetch_add(1, Ordering::Relaxed);
+        Open(u)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl<B: Body + Unpin> Body for Held<B> {
@@ -297,7 +472,15 @@ mod tests {
     async fn accepted_grpc_sockets_have_tcp_nodelay() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let incoming = super::incoming(listener, 4, None);
+        let incoming = super::incoming(
+            listener,
+            4,
+            None,
+            super::Deadlines {
+                handshake: std::time::Duration::from_secs(10),
+                anonymous_idle: std::time::Duration::from_secs(30),
+            },
+        );
         tokio::pin!(incoming);
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let conn = incoming.next().await.unwrap().unwrap();
