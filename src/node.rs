@@ -185,6 +185,14 @@ impl Node {
             .then(|| fingerprint(topic, payload_json, transient))
             .unwrap_or_default();
         let idem = self.idem_key(idempotency_key, &fingerprint)?;
+        // All or nothing: a key used for another request (for any of the
+        // users, stored or transient) refuses the call before anything is
+        // stored, pushed or recorded.
+        if let Some(k) = idem {
+            if let Some(i) = self.backend.idempotency.first_conflict(users, k).await? {
+                return Err(reused(&users[i]));
+            }
+        }
         let ts = protocol::now_ms();
         // `online` comes from the publish itself (did a node holding the
         // user receive it?), so a send costs no separate presence lookup.

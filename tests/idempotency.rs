@@ -132,7 +132,79 @@ async fn transient_and_broadcast_keys_push_once(b: Backend) {
     node.stop().await;
 }
 
+/// Issue 20, item 5: a call refused because its key conflicts for one of
+/// its users did nothing for the others: nothing stored or pushed, no key
+/// recorded (before, it stored and pushed for the others, so a caller that
+/// believed the error and retried without the key got doubles).
+async fn a_refused_call_has_no_side_effects(b: Backend) {
+    let node = TestNode::start(b).await;
+    let mut c = node.client().await;
+    let (x, y, z) = (uid("x"), uid("y"), uid("z"));
+    let (mut wx, _) = node.connect(&x).await;
+    let key = uid("k");
+    c.send_to_user(keyed(&[&y], "1", &key)).await.unwrap();
+    let err = c
+        .send_to_user(keyed(&[&x, &y, &z], "2", &key))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains(y.as_str()), "{}", err.message());
+    assert_eq!(unread(&mut c, &x).await, 0, "nothing stored for x");
+    assert_eq!(unread(&mut c, &z).await, 0, "nothing stored for z");
+    wx.expect_silence(Duration::from_millis(300)).await;
+    // Live-only: the refused call recorded no key for x either.
+    let key2 = uid("k2");
+    let mut first = keyed(&[&y], "\"a\"", &key2);
+    first.transient = true;
+    c.send_to_user(first).await.unwrap();
+    let mut other = keyed(&[&x, &y], "\"b\"", &key2);
+    other.transient = true;
+    let err = c.send_to_user(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    wx.expect_silence(Duration::from_millis(300)).await;
+    let mut to_x = keyed(&[&x], "\"b\"", &key2);
+    to_x.transient = true;
+    let r = c.send_to_user(to_x).await.unwrap().into_inner();
+    assert!(
+        !r.deliveries[0].replayed,
+        "x's record was not written by the refused call"
+    );
+    assert_eq!(wx.next_of("message").await["data"], "b");
+    wx.expect_silence(Duration::from_millis(300)).await;
+    node.stop().await;
+}
+
+/// Issue 20, item 6: a key is one request whichever its `transient` flag:
+/// reused with the other flag, it is refused (before, stored and transient
+/// records lived apart and both sends went out).
+async fn a_key_reused_with_the_other_transient_flag_is_refused(b: Backend) {
+    let node = TestNode::start(b).await;
+    let mut c = node.client().await;
+    let u = uid("flag");
+    let (mut ws, _) = node.connect(&u).await;
+    let key = uid("k");
+    c.send_to_user(keyed(&[&u], "1", &key)).await.unwrap();
+    assert_eq!(ws.next_of("message").await["data"], 1);
+    let mut live = keyed(&[&u], "1", &key);
+    live.transient = true;
+    let err = c.send_to_user(live).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("transient"), "{}", err.message());
+    let key2 = uid("k2");
+    let mut live = keyed(&[&u], "2", &key2);
+    live.transient = true;
+    c.send_to_user(live).await.unwrap();
+    assert_eq!(ws.next_of("message").await["data"], 2);
+    let err = c.send_to_user(keyed(&[&u], "2", &key2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    ws.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(unread(&mut c, &u).await, 1);
+    node.stop().await;
+}
+
 on_both_backends!(
+    a_refused_call_has_no_side_effects,
+    a_key_reused_with_the_other_transient_flag_is_refused,
     a_repeated_key_stores_and_pushes_once,
     a_partly_done_multi_user_send_completes_on_retry,
     a_key_reused_for_another_request_is_refused,

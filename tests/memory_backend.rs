@@ -158,3 +158,84 @@ async fn the_memory_limit_drops_the_oldest_messages_node_wide_first() {
     assert_eq!(welcome["replay"], kept);
     node.stop().await;
 }
+
+/// Issue 20, item 3: idempotency records have a budget
+/// (--idempotency-max-records) and a gauge; a keyed send that would need
+/// more is refused with RESOURCE_EXHAUSTED before it does anything, and
+/// sends without a key go on. Before, transient sends with new keys grew
+/// a node without bound (2.1 GB in 25 s).
+#[tokio::test]
+async fn idempotency_records_have_a_budget() {
+    let _turn = TURN.lock().await;
+    let node = memory_node(args_with(|a| a.idempotency_max_records = 100)).await;
+    let mut c = node.client().await;
+    let keyed =
+        |users: Vec<String>, key: String, transient: bool| herald::proto::SendToUserRequest {
+            user_ids: users,
+            topic: "t".into(),
+            payload_json: "1".into(),
+            transient,
+            idempotency_key: key,
+        };
+    for i in 0..10 {
+        c.send_to_user(keyed(
+            users(&format!("r{i}"), 10),
+            format!("k{i}"),
+            i % 2 == 0,
+        ))
+        .await
+        .expect("within the budget");
+    }
+    for transient in [true, false] {
+        let err = c
+            .send_to_user(keyed(
+                users("over", 1),
+                format!("k-over-{transient}"),
+                transient,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(
+            err.message().contains("--idempotency-max-records"),
+            "{err:?}"
+        );
+    }
+    let mut c2 = c.clone();
+    assert_eq!(
+        unread(&mut c2, "over-0").await,
+        0,
+        "the refused send stored nothing"
+    );
+    send_all(&node, &users("keyless", 3), "1").await;
+    eventually("the gauge shows the budget full", || async {
+        metric(&node, "herald_idempotency_records").await == 100.0
+    })
+    .await;
+    assert!(metric(&node, "herald_idempotency_refused_total").await >= 2.0);
+    node.stop().await;
+}
+
+/// Issue 20, item 4: `--inbox-memory-limit` counts the inboxes themselves,
+/// not only the messages in them: many users holding one small message each
+/// stay within it (before, 64 MiB of messages held about 1 GB of inboxes).
+#[tokio::test]
+async fn inboxes_count_against_the_memory_limit() {
+    let _turn = TURN.lock().await;
+    let limit = 1024 * 1024;
+    let node = memory_node(args_with(|a| a.inbox_memory_limit = limit)).await;
+    for batch in 0..20 {
+        send_all(&node, &users(&format!("many{batch}"), 1000), "1").await;
+    }
+    // Each inbox costs well over 100 bytes: 20,000 of them cannot fit.
+    eventually("what is held fits the limit", || async {
+        let inboxes = metric(&node, "herald_inboxes").await;
+        metric(&node, "herald_inbox_memory_bytes").await <= limit as f64
+            && inboxes > 0.0
+            && inboxes * 100.0 <= limit as f64
+    })
+    .await;
+    let mut c = node.client().await;
+    assert_eq!(unread(&mut c, "many19-999").await, 1, "the newest are kept");
+    node.stop().await;
+}

@@ -136,6 +136,16 @@ pub enum ClaimScope<'a> {
 /// messages are at most once.
 #[async_trait]
 pub trait Idempotency: Send + Sync + 'static {
+    /// Before any effect of a keyed `SendToUser`: the index of the first
+    /// of `users` whose records under `key` (stored or transient: a key is
+    /// one request, whichever kind) were written for another request.
+    /// Makes a rejected call free of side effects; only two different
+    /// requests racing with one key can still get past it (each is then
+    /// refused per recipient by the atomic write). The embedded backend
+    /// also refuses here, with `ResourceExhausted`, when its record budget
+    /// cannot take one more record per user.
+    async fn first_conflict(&self, users: &[String], key: IdemKey<'_>) -> Result<Option<usize>>;
+
     /// For each scope: records `id` under `key` unless a record exists
     /// within `key.window`, and says what was there.
     async fn claim(
@@ -152,6 +162,12 @@ pub(crate) fn reused(user: &str) -> crate::error::Error {
         "idempotency_key was already used for user {user:?} with a different request \
          (topic, payload or transient); use a new key for a new send"
     ))
+}
+
+/// Whether a record (`"<id> <fingerprint>"`, or a stored send's
+/// `"<id> <online> <fingerprint>"`) was written for another request.
+pub(crate) fn conflicts(record: &str, fingerprint: &str) -> bool {
+    record.rsplit(' ').next() != Some(fingerprint)
 }
 
 /// Reads a record written as `"<id> <fingerprint>"` against `fingerprint`.

@@ -65,6 +65,8 @@ pub(crate) struct MemoryBackend {
     /// Idempotency records, sharded by record key; swept every
     /// [`SWEEP_EVERY`]. Lock order: an inbox shard, then a record shard.
     records: Box<[Mutex<HashMap<String, Record>>]>,
+    /// Records held (for `--idempotency-max-records`).
+    record_count: AtomicUsize,
     /// Connection reservations per user (the per-user cap's count).
     reservations: Mutex<HashMap<String, u32>>,
 }
@@ -87,6 +89,7 @@ impl MemoryBackend {
             peak_bytes: AtomicUsize::new(0),
             warned_at: AtomicU64::new(0),
             records: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            record_count: AtomicUsize::new(0),
             reservations: Mutex::new(HashMap::new()),
         })
         .with_sweeper()
@@ -121,7 +124,15 @@ impl MemoryBackend {
     /// connections.
     fn sweep(&self, now: u64) {
         for shard in self.records.iter() {
-            shard.lock().retain(|_, r| r.expires > now);
+            let mut shard = shard.lock();
+            let before = shard.len();
+            shard.retain(|_, r| r.expires > now);
+            self.record_count
+                .fetch_sub(before - shard.len(), Ordering::Relaxed);
+            let len = shard.len();
+            if shard.capacity() > 64 && shard.capacity() > 4 * len {
+                shard.shrink_to(2 * len);
+            }
         }
         for shard in self.inboxes.iter() {
             let mut shard = shard.lock();
@@ -134,9 +145,7 @@ impl MemoryBackend {
                     }
                     return true;
                 }
-                // Before the shard is unlocked: a re-creation must see it.
-                self.freed_up_to.fetch_max(inbox.last.ms, Ordering::Relaxed);
-                self.inbox_count.fetch_sub(1, Ordering::Relaxed);
+                self.forget_inbox(user, inbox);
                 false
             });
             let len = shard.len();
@@ -146,6 +155,16 @@ impl MemoryBackend {
         }
         self.report();
         self.give_back_memory();
+    }
+
+    /// Takes a freed inbox off the counts; called while its shard is still
+    /// locked (a re-creation must see `freed_up_to`).
+    fn forget_inbox(&self, user: &str, inbox: &UserInbox) -> usize {
+        self.freed_up_to.fetch_max(inbox.last.ms, Ordering::Relaxed);
+        self.inbox_count.fetch_sub(1, Ordering::Relaxed);
+        let cost = store::inbox_cost(user);
+        self.store.bytes.fetch_sub(cost, Ordering::Relaxed);
+        cost
     }
 
     /// Once stored messages have shrunk by [`GIVE_BACK_BYTES`] since the
@@ -168,6 +187,8 @@ impl MemoryBackend {
     /// Sets the gauges of what is stored.
     fn report(&self) {
         metrics::gauge!("herald_inboxes").set(self.inbox_count.load(Ordering::Relaxed) as f64);
+        metrics::gauge!("herald_idempotency_records")
+            .set(self.record_count.load(Ordering::Relaxed) as f64);
         metrics::gauge!("herald_inbox_memory_bytes")
             .set(self.store.bytes.load(Ordering::Relaxed) as f64);
     }
@@ -194,8 +215,16 @@ impl MemoryBackend {
             over = over.saturating_sub(body.cost().expect("indexed bodies are counted"));
             for (user, id) in body.recipients.get().into_iter().flatten() {
                 let mut shard = self.shard(user).lock();
-                if let Some(inbox) = shard.get_mut(user) {
-                    dropped += inbox.drop_message(*id, &body) as u64;
+                let Some(inbox) = shard.get_mut(user) else {
+                    continue;
+                };
+                dropped += inbox.drop_message(*id, &body) as u64;
+                // An inbox left with nothing (and no connection here) goes
+                // too, as the sweep would free it: the budget counts it.
+                if inbox.messages.is_empty() && !self.local.has_user(user) {
+                    if let Some((user, inbox)) = shard.remove_entry(user.as_ref()) {
+                        over = over.saturating_sub(self.forget_inbox(&user, &inbox));
+                    }
                 }
             }
             // The last reference to `body` drops here, with no lock held,
@@ -252,6 +281,9 @@ impl MemoryBackend {
         if create && !shard.contains_key(user) {
             let user: Arc<str> = Arc::from(user);
             let mark = now.max(self.freed_up_to.load(Ordering::Relaxed) + 1);
+            self.store
+                .bytes
+                .fetch_add(store::inbox_cost(&user), Ordering::Relaxed);
             shard.insert(user.clone(), UserInbox::new(user, mark));
             self.inbox_count.fetch_add(1, Ordering::Relaxed);
         }
@@ -327,7 +359,7 @@ impl MemoryBackend {
                 });
             }
             if let Some((k, rkey)) = record {
-                self.records(&rkey).lock().insert(
+                self.insert_record(
                     rkey,
                     Record {
                         id: id.to_string(),

@@ -23,11 +23,21 @@ pub(super) const PER_RECIPIENT: usize = size_of::<Stored>() + size_of::<Recipien
 pub(super) const PER_BODY: usize =
     size_of::<Body>() + 2 * size_of::<usize>() + size_of::<((u64, u64), Weak<Body>)>();
 
-/// The stored messages of every inbox, as the node-wide memory budget sees
-/// them.
+/// What an inbox costs besides its messages, counted in [`Store::bytes`]
+/// from its creation until it is freed: the inbox and its map entry (key,
+/// control byte), and the user id's allocation (two counts and the bytes).
+/// Without it a budget of 64 MiB let millions of one-message inboxes hold a
+/// gigabyte.
+pub(super) fn inbox_cost(user: &str) -> usize {
+    size_of::<(Arc<str>, UserInbox)>() + 1 + 2 * size_of::<usize>() + user.len()
+}
+
+/// The stored messages of every inbox, and the inboxes, as the node-wide
+/// memory budget sees them.
 pub(super) struct Store {
     /// What every counted body costs ([`Body::cost`]), each counted once
-    /// however many inboxes hold it.
+    /// however many inboxes hold it, plus what every inbox costs
+    /// ([`inbox_cost`]).
     pub(super) bytes: AtomicUsize,
     /// Every counted body by `(ts, seq)`, oldest first. A body takes itself
     /// out when it drops, so this holds exactly the live ones, and the

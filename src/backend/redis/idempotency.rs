@@ -4,12 +4,24 @@
 //! script instead (`scripts/append.lua`), atomically with the message.
 
 use super::{keys, RedisBackend};
-use crate::backend::{read_claim, Claim, ClaimScope, IdemKey, Idempotency};
+use crate::backend::{conflicts, read_claim, Claim, ClaimScope, IdemKey, Idempotency};
 use crate::error::Result;
 use async_trait::async_trait;
 
 #[async_trait]
 impl Idempotency for RedisBackend {
+    async fn first_conflict(&self, users: &[String], key: IdemKey<'_>) -> Result<Option<usize>> {
+        let mut pipe = redis::pipe();
+        for u in users {
+            pipe.cmd("GET").arg(keys::idem_stored(u, key.key));
+            pipe.cmd("GET").arg(keys::idem_transient(u, key.key));
+        }
+        let seen: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(seen
+            .chunks(2)
+            .position(|r| r.iter().flatten().any(|r| conflicts(r, key.fingerprint))))
+    }
+
     async fn claim(
         &self,
         scopes: &[ClaimScope<'_>],
