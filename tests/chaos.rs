@@ -18,6 +18,12 @@
 //!   as seen by `IsOnline` and by the sockets that hold a welcome;
 //! - the stuck reader is dropped (`--write-timeout 1s`) and the flooder is
 //!   closed with 1008;
+//! - an attacker (issue 20) holds, on every node, as many silent TCP
+//!   sockets to the gRPC port as it can get (`--grpc-max-connections 48`,
+//!   reopened as the node closes them after `--grpc-handshake-timeout 1s`)
+//!   and keyless `Health/Watch` streams at their cap
+//!   (`--grpc-max-discovery-inflight 16`; more are refused): the keyed
+//!   sends above still get through, and the node closes silent sockets;
 //! - no node exits (n3 is killed with SIGKILL on purpose and restarted on
 //!   the same ports), and RSS stays within a generous bound.
 //!
@@ -56,6 +62,100 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
+
+/// The attacker's budgets on every node (see the module doc).
+const GRPC_SLOTS: usize = 48;
+const WATCH_CAP: usize = 16;
+
+/// What the attacker got on one node.
+#[derive(Default, Debug)]
+struct Attack {
+    /// Silent sockets opened (each held until the node closed it).
+    silent_opened: u64,
+    /// Silent sockets the node closed.
+    silent_closed: u64,
+    /// Watch streams the node let open, and refused with RESOURCE_EXHAUSTED.
+    watches_open: u64,
+    watches_refused: u64,
+}
+
+/// The attacker against one node's gRPC port, until `sending` ends: keeps
+/// `GRPC_SLOTS` silent sockets open (a closed one is replaced) and
+/// `WATCH_CAP + 4` Watch streams asked for.
+async fn attack(addr: SocketAddr, sending: Arc<AtomicBool>) -> Attack {
+    let mut got = Attack::default();
+    let mut silent: Vec<tokio::net::TcpStream> = vec![];
+    let mut watches = vec![];
+    let mut health: Option<tonic_health::pb::health_client::HealthClient<Channel>> = None;
+    while sending.load(Ordering::Relaxed) {
+        // Drop what the node closed.
+        let before = silent.len();
+        silent.retain(|s| {
+            let mut b = [0u8; 1];
+            match s.try_read(&mut b) {
+                Ok(0) => false,
+                Ok(_) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            }
+        });
+        got.silent_closed += (before - silent.len()) as u64;
+        while silent.len() < GRPC_SLOTS {
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(s)) => {
+                    silent.push(s);
+                    got.silent_opened += 1;
+                }
+                _ => break,
+            }
+        }
+        // Watch streams: (re)opened while fewer than asked are live.
+        watches.retain(|w: &tokio::task::JoinHandle<()>| !w.is_finished());
+        if watches.len() < WATCH_CAP + 4 {
+            if health.is_none() {
+                if let Ok(ch) = Endpoint::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect_timeout(Duration::from_millis(500))
+                    .connect()
+                    .await
+                {
+                    health = Some(tonic_health::pb::health_client::HealthClient::new(ch));
+                }
+            }
+            if let Some(h) = health.as_mut() {
+                let asked = h
+                    .watch(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await;
+                match asked {
+                    Ok(s) => {
+                        got.watches_open += 1;
+                        let mut s = s.into_inner();
+                        watches.push(tokio::spawn(async move {
+                            while let Some(Ok(_)) = s.next().await {}
+                        }));
+                    }
+                    Err(e) if e.code() == Code::ResourceExhausted => {
+                        got.watches_refused += 1;
+                        // At the cap: hold a placeholder for a while.
+                        watches.push(tokio::spawn(tokio::time::sleep(Duration::from_secs(1))));
+                    }
+                    Err(_) => health = None,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for w in watches {
+        w.abort();
+    }
+    got
+}
 
 /// Per-user cap passed to every node.
 const CAP: u32 = 3;
@@ -544,6 +644,12 @@ async fn chaos() {
         "1000000",
         "--worker-threads",
         "1",
+        "--grpc-max-connections",
+        &GRPC_SLOTS.to_string(),
+        "--grpc-max-discovery-inflight",
+        &WATCH_CAP.to_string(),
+        "--grpc-handshake-timeout",
+        "1s",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -697,6 +803,11 @@ async fn chaos() {
             }
         })
     };
+    // 4. The attacker, on every node.
+    let attack_tasks: Vec<_> = nodes
+        .iter()
+        .map(|n| tokio::spawn(attack(n.grpc, sending.clone())))
+        .collect();
     // 2. The flooder: pings as fast as it can on n2.
     let flood_task = {
         let (ws, _) = nodes[1].connect(&format!("chaos-{run}-flood")).await;
@@ -833,6 +944,10 @@ async fn chaos() {
     let _ = sampler.await;
     let (stuck_dropped, stuck_sent) = stuck_task.await.unwrap();
     let (flood_code, flood_sent) = flood_task.await.unwrap();
+    let mut attacks = vec![];
+    for t in attack_tasks {
+        attacks.push(t.await.unwrap());
+    }
     println!(
         "chaos: t={:.1}s every send settled",
         start.elapsed().as_secs_f64()
@@ -1097,6 +1212,16 @@ async fn chaos() {
             .map(|d| format!("offline after {} ms", ms(d)))
             .unwrap_or("NOT dropped within 15 s".into())
     );
+    for (i, a) in attacks.iter().enumerate() {
+        println!(
+            "attacker on n{}: {} silent sockets opened, {} closed by the node; {} Watch streams open, {} refused",
+            i + 1,
+            a.silent_opened,
+            a.silent_closed,
+            a.watches_open,
+            a.watches_refused
+        );
+    }
     println!(
         "RSS KiB baseline {:?} end {:?} (n3 was restarted: its baseline is the killed process)",
         baseline_rss, end_rss
@@ -1150,6 +1275,15 @@ async fn chaos() {
     }
     if stuck_dropped.is_none() {
         failures.push("the stuck reader was not dropped within 15 s".into());
+    }
+    for (i, a) in attacks.iter().enumerate().take(2) {
+        // n1 and n2 run throughout (n3 is killed and restarted).
+        if a.silent_closed == 0 || a.watches_refused == 0 || a.watches_open < WATCH_CAP as u64 {
+            failures.push(format!(
+                "the attacker on n{} was not held to its budgets: {a:?}",
+                i + 1
+            ));
+        }
     }
     if flood_code != "1008" {
         failures.push(format!("the flooder got close {flood_code}, expected 1008"));
