@@ -237,12 +237,12 @@ func sendWithRetry(ctx context.Context, client heraldv1.PushServiceClient, req *
 // the caller's own context and is not retryable. Any other error that is not
 // a gRPC status comes from the transport (a reset connection) and is
 // retryable.
+//
+// The Go client's README.md shows this code word for word (main_test.go
+// checks).
 func retryable(err error) bool {
-	if err == nil {
-		return false
-	}
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-		return false // the caller's own context ended: it gave up
+	if err == nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return false // success, or your own context ended (not a gRPC status)
 	}
 	st, ok := status.FromError(err)
 	if !ok {
@@ -252,12 +252,8 @@ func retryable(err error) bool {
 	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled, codes.ResourceExhausted,
 		codes.Aborted, codes.Internal, codes.Unknown, codes.DataLoss:
 		return true
-	default:
-		// OK, and the codes that say the request itself is wrong:
-		// InvalidArgument, Unauthenticated, PermissionDenied, NotFound,
-		// FailedPrecondition, OutOfRange, Unimplemented, AlreadyExists.
-		return false
 	}
+	return false // InvalidArgument, Unauthenticated, PermissionDenied, ...: the request is wrong
 }
 
 func printDeliveries(what string, resp *heraldv1.SendToUserResponse) {

@@ -239,6 +239,9 @@ public final class SendExample {
      * {@link InterruptedException}) or the current {@link Context} is
      * cancelled. A throwable that carries no status (a transport's
      * IOException) counts as UNKNOWN, so it is retryable.
+     *
+     * <p>README.md shows both retryable methods word for word (RetryableTest
+     * checks).
      */
     static boolean retryable(Throwable t) {
         for (Throwable c = t; c != null; c = c.getCause()) {
@@ -249,7 +252,7 @@ public final class SendExample {
         if (Thread.currentThread().isInterrupted() || Context.current().isCancelled()) {
             return false; // the caller cancelled the call
         }
-        return retryable(Status.fromThrowable(t).getCode());
+        return retryable(Status.fromThrowable(t).getCode()); // no status (a transport's IOException): UNKNOWN
     }
 
     private static void print(String what, SendToUserResponse response) {
