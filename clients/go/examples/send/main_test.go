@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"regexp"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -202,5 +205,91 @@ func TestSendWithRetryStopsWhenTheCallerCancels(t *testing.T) {
 	}
 	if d := time.Since(start); d > 2*time.Second {
 		t.Fatalf("took %v after the cancel", d)
+	}
+}
+
+// The retry rule is stated once and repeated word for word in every README
+// that gives retry advice; its two lists name every status code once, and
+// retryable follows them.
+func TestREADMEsStateTheRetryRule(t *testing.T) {
+	readmes := []string{
+		"../../../../README.md",   // the project's
+		"../../README.md",         // this module's
+		"../../../java/README.md", // the Java client's
+		"../../../js/README.md",   // the Node/browser client's
+	}
+	var rule string
+	for i, path := range readmes {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		text := string(b)
+		begin := strings.Index(text, "<!-- retry-rule:begin -->")
+		end := strings.Index(text, "<!-- retry-rule:end -->")
+		if begin < 0 || end < begin || strings.Count(text, "<!-- retry-rule:begin -->") != 1 {
+			t.Fatalf("%s: no single retry-rule:begin/end block", path)
+		}
+		block := text[begin:end]
+		if i == 0 {
+			rule = block
+		} else if block != rule {
+			t.Errorf("%s: the retry rule differs from %s's", path, readmes[0])
+		}
+	}
+
+	retryItem := strings.Index(rule, "\n- **retry**")
+	neverItem := strings.Index(rule, "\n- **never retry**")
+	neverEnd := strings.Index(rule, "\n\n"+"Without an idempotency key")
+	if retryItem < 0 || neverItem < retryItem || neverEnd < neverItem {
+		t.Fatalf("the retry rule lacks its retry / never retry lists:\n%s", rule)
+	}
+	named := regexp.MustCompile("`([A-Z_]+)`")
+	listed := map[codes.Code]bool{}
+	for _, list := range []struct {
+		text  string
+		retry bool
+	}{{rule[retryItem:neverItem], true}, {rule[neverItem:neverEnd], false}} {
+		for _, m := range named.FindAllStringSubmatch(list.text, -1) {
+			var c codes.Code
+			if err := c.UnmarshalJSON([]byte(`"` + m[1] + `"`)); err != nil {
+				t.Fatalf("the retry rule names %s, not a status code", m[1])
+			}
+			if prev, dup := listed[c]; dup {
+				if prev != list.retry {
+					t.Errorf("the retry rule lists %s both to retry and not to", m[1])
+				}
+				continue // UNKNOWN, INTERNAL, UNAVAILABLE again, for transport errors
+			}
+			listed[c] = list.retry
+			if got := retryable(status.Error(c, "x")); got != list.retry {
+				t.Errorf("the retry rule says retry %s = %v, retryable says %v", m[1], list.retry, got)
+			}
+		}
+	}
+	for c := codes.Canceled; c <= codes.Unauthenticated; c++ {
+		if _, ok := listed[c]; !ok {
+			t.Errorf("the retry rule does not say whether to retry %s", c)
+		}
+	}
+}
+
+// This module's README shows retryable's code word for word.
+func TestREADMEShowsRetryable(t *testing.T) {
+	fn := regexp.MustCompile(`(?s)\nfunc retryable\(err error\) bool \{\n.*?\n\}\n`)
+	var got []string
+	for _, path := range []string{"main.go", "../../README.md"} {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := fn.FindAllString(string(b), -1)
+		if len(m) != 1 {
+			t.Fatalf("%s: %d retryable functions, want 1", path, len(m))
+		}
+		got = append(got, m[0])
+	}
+	if got[0] != got[1] {
+		t.Errorf("README.md's retryable differs from main.go's:\n%s\nmain.go:\n%s", got[1], got[0])
 	}
 }

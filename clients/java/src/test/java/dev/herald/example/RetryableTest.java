@@ -19,6 +19,8 @@ import io.grpc.inprocess.InProcessChannelBuilder;
 import io.grpc.inprocess.InProcessServerBuilder;
 import io.grpc.stub.StreamObserver;
 import java.io.IOException;
+import java.nio.file.Files;
+import java.nio.file.Path;
 import java.util.EnumMap;
 import java.util.List;
 import java.util.Map;
@@ -76,6 +78,33 @@ class RetryableTest {
         assertFalse(ctx.call(() -> SendExample.retryable(Status.CANCELLED.asRuntimeException())));
         // The same status when nobody cancelled anything: retried.
         assertTrue(SendExample.retryable(Status.CANCELLED.asRuntimeException()));
+    }
+
+    /** README.md's copy of the two retryable methods is the example's code. */
+    @Test
+    void readmeShowsTheExamplesCode() throws IOException {
+        String readme = Files.readString(Path.of("README.md"));
+        String source = Files.readString(Path.of("src/main/java/dev/herald/example/SendExample.java"));
+        for (String signature : List.of("static boolean retryable(Throwable t) {",
+                "static boolean retryable(Status.Code code) {")) {
+            assertEquals(method(source, signature), method(readme, signature), signature);
+        }
+    }
+
+    /** The lines of the method that starts with signature, up to its closing brace, each stripped. */
+    private static List<String> method(String text, String signature) {
+        List<String> lines = text.lines().map(String::strip).toList();
+        int start = lines.indexOf(signature);
+        assertTrue(start >= 0, "no " + signature);
+        int depth = 0;
+        for (int i = start; i < lines.size(); i++) {
+            String line = lines.get(i).replaceAll("//.*", "");
+            depth += line.chars().filter(c -> c == '{').count() - line.chars().filter(c -> c == '}').count();
+            if (depth == 0) {
+                return lines.subList(start, i + 1);
+            }
+        }
+        throw new AssertionError("no end of " + signature);
     }
 
     // sendWithRetry against an in-process stand-in server.
