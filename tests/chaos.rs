@@ -8,8 +8,9 @@
 //! - every message a backend got an answer for is in its user's inbox
 //!   exactly once (each payload carries a unique `seq`; one `seq` stored
 //!   under two ids is a duplicate), and no send is lost (a send is retried
-//!   with the same `idempotency_key` on UNAVAILABLE, DEADLINE_EXCEEDED and
-//!   transport errors until it gets an answer);
+//!   with the same `idempotency_key` until it gets an answer, on
+//!   UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, ABORTED, INTERNAL
+//!   and RESOURCE_EXHAUSTED, as README's retry rule says: see `retryable`);
 //! - every device (except the stuck reader and the flooder) received every
 //!   stored message of its user exactly once, in id order, across its
 //!   reconnects (it reconnects to the next node with `since` = the last id

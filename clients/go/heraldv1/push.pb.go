@@ -60,13 +60,18 @@ type SendToUserRequest struct {
 	// message id and online flag), with `replayed` set.
 	//
 	// This holds whatever happened to the first call: it answered,
-	// its answer was lost, it failed with UNAVAILABLE or DEADLINE_EXCEEDED
-	// (its writes may still have run, for example when Redis was frozen and
-	// woke up later), or it stored the message for some recipients only. So:
-	// on UNAVAILABLE, DEADLINE_EXCEEDED or a lost connection, retry with the
-	// SAME key and the same request until you get an answer; each recipient
-	// gets the message exactly once. Without a key a retry may store and push
-	// the message twice.
+	// its answer was lost, it failed (its writes may still have run, for
+	// example when Redis was frozen and woke up later), or it stored the
+	// message for some recipients only. So retry with the SAME key and the
+	// same request until you get an answer, on every outcome that does not
+	// say the request itself is wrong: UNAVAILABLE, DEADLINE_EXCEEDED,
+	// CANCELLED (unless your code cancelled the call), RESOURCE_EXHAUSTED
+	// (back off), ABORTED, INTERNAL, UNKNOWN, DATA_LOSS, and an error with no
+	// status (a reset connection); never on INVALID_ARGUMENT, UNAUTHENTICATED,
+	// PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE,
+	// UNIMPLEMENTED or ALREADY_EXISTS. Each recipient gets the message exactly
+	// once. Without a key a retry may store and push the message twice, so
+	// only keyed calls are retried this way.
 	//
 	// Reusing a key with a different request (other topic, payload or
 	// transient flag) for a recipient fails with INVALID_ARGUMENT. A key is

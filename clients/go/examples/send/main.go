@@ -6,10 +6,10 @@
 //
 // The send carries an idempotency key (-key, default a fresh random UUID;
 // a business event id such as "invoice-42-paid" is better, since a re-run of
-// the same job then reuses it) and is retried with the same key on
-// UNAVAILABLE and DEADLINE_EXCEEDED: each attempt has its own deadline
-// (-timeout), at most -attempts attempts, with exponential backoff between
-// them. Herald stores and pushes a keyed message once per recipient, however
+// the same job then reuses it) and is retried with the same key on every
+// outcome that does not say the request itself is wrong (see retryable):
+// each attempt has its own deadline (-timeout), at most -attempts attempts,
+// with exponential backoff between them. Herald stores and pushes a keyed message once per recipient, however
 // many attempts reach it; a repeat is answered with the first call's
 // delivery and replayed=true. The example then sends the same request again,
 // as a retry after a lost answer would, to show such an answer.
@@ -58,7 +58,7 @@ func main() {
 	tlsName := flag.String("tls-server-name", os.Getenv("HERALD_TLS_SERVER_NAME"), "name to check the node's certificate against; default the host of -addr")
 	key := flag.String("key", "", "idempotency key of this send (1 to 128 printable ASCII characters); default a fresh random UUID")
 	timeout := flag.Duration("timeout", 5*time.Second, "deadline for each call (for the send: for each attempt)")
-	attempts := flag.Int("attempts", 8, "attempts of the send on UNAVAILABLE / DEADLINE_EXCEEDED")
+	attempts := flag.Int("attempts", 8, "attempts of the send, retried with the same key on UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNKNOWN, DATA_LOSS and transport errors")
 	flag.Parse()
 	log.SetFlags(0)
 	if *key == "" {
@@ -182,16 +182,17 @@ func main() {
 	}
 }
 
-// sendWithRetry calls SendToUser until it answers, retrying on UNAVAILABLE
-// (no node, a lost connection, the backend down) and DEADLINE_EXCEEDED (no
-// answer in time) with the very same request, so with the same idempotency
-// key: the first attempt may have stored and pushed the message although its
-// answer never arrived, and the key makes Herald answer the retry with that
-// delivery (replayed=true) instead of pushing the message again. Each attempt
-// gets its own deadline; between attempts it waits 100 ms, 200 ms, 400 ms, ...
-// (at most 2 s), each with up to half taken off at random. Other errors
-// (INVALID_ARGUMENT, UNAUTHENTICATED) come back at once: a retry would fail
-// the same way. ctx bounds the whole loop.
+// sendWithRetry calls SendToUser until it answers, retrying with the very
+// same request, so with the same idempotency key, on every error retryable
+// accepts: the failed attempt may have stored and pushed the message although
+// its answer never arrived (a lost connection, Redis frozen past the
+// deadline), and the key makes Herald answer the retry with that delivery
+// (replayed=true) instead of pushing the message again. Each attempt gets its
+// own deadline; between attempts it waits 100 ms, 200 ms, 400 ms, ... (at
+// most 2 s), each with up to half taken off at random. An error that says the
+// request itself is wrong (INVALID_ARGUMENT, UNAUTHENTICATED, ...) comes back
+// at once: a retry would fail the same way. ctx bounds the whole loop: once it
+// is done (the caller cancelled, or its deadline passed) nothing is retried.
 func sendWithRetry(ctx context.Context, client heraldv1.PushServiceClient, req *heraldv1.SendToUserRequest,
 	perAttempt time.Duration, attempts int) (*heraldv1.SendToUserResponse, error) {
 	backoff := 100 * time.Millisecond
@@ -199,16 +200,20 @@ func sendWithRetry(ctx context.Context, client heraldv1.PushServiceClient, req *
 		actx, cancel := context.WithTimeout(ctx, perAttempt)
 		resp, err := client.SendToUser(actx, req)
 		cancel()
-		code := status.Code(err)
-		if code != codes.Unavailable && code != codes.DeadlineExceeded {
-			return resp, err // success, or an error a retry will not fix
+		if err == nil || !retryable(err) {
+			return resp, err // success, or the request itself is wrong: a retry will not fix it
 		}
-		if attempt >= attempts || ctx.Err() != nil {
+		if ctx.Err() != nil {
+			// The CANCELLED or DEADLINE_EXCEEDED came from ctx, the caller's
+			// own context: the caller gave up, so do not retry.
+			return nil, errors.Join(err, ctx.Err())
+		}
+		if attempt >= attempts {
 			return nil, fmt.Errorf("after %d attempts: %w", attempt, err)
 		}
 		wait := backoff - mathrand.N(backoff/2)
 		log.Printf("SendToUser attempt %d: %s (%s); retrying in %v with the same key",
-			attempt, code, status.Convert(err).Message(), wait.Round(time.Millisecond))
+			attempt, status.Code(err), status.Convert(err).Message(), wait.Round(time.Millisecond))
 		select {
 		case <-time.After(wait):
 		case <-ctx.Done():
@@ -216,6 +221,39 @@ func sendWithRetry(ctx context.Context, client heraldv1.PushServiceClient, req *
 		}
 		backoff = min(2*backoff, 2*time.Second)
 	}
+}
+
+// retryable reports whether a keyed SendToUser or Broadcast that failed with
+// err may be sent again, with the same request and the same idempotency key:
+// on every outcome that does not say the request itself is wrong (the retry
+// rule of README.md). Only keyed calls are retried this way: without a key a
+// retry may deliver the message twice.
+//
+// A CANCELLED status is retryable: during a Redis freeze a call can end
+// CANCELLED although the caller cancelled nothing. When the caller's own
+// context ended, grpc-go also answers CANCELLED (or DEADLINE_EXCEEDED), which
+// err alone cannot tell apart; check the context too, as sendWithRetry does.
+// A bare context.Canceled or context.DeadlineExceeded (not a gRPC status) is
+// the caller's own context and is not retryable. Any other error that is not
+// a gRPC status comes from the transport (a reset connection) and is
+// retryable.
+//
+// The Go client's README.md shows this code word for word (main_test.go
+// checks).
+func retryable(err error) bool {
+	if err == nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return false // success, or your own context ended (not a gRPC status)
+	}
+	st, ok := status.FromError(err)
+	if !ok {
+		return true // not a gRPC status: a transport error
+	}
+	switch st.Code() {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled, codes.ResourceExhausted,
+		codes.Aborted, codes.Internal, codes.Unknown, codes.DataLoss:
+		return true
+	}
+	return false // InvalidArgument, Unauthenticated, PermissionDenied, ...: the request is wrong
 }
 
 func printDeliveries(what string, resp *heraldv1.SendToUserResponse) {

@@ -14,6 +14,7 @@ import dev.herald.v1.StoredMessage;
 import dev.herald.v1.UnreadCountRequest;
 import dev.herald.v1.UserPresence;
 import io.grpc.ChannelCredentials;
+import io.grpc.Context;
 import io.grpc.Grpc;
 import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
@@ -32,7 +33,8 @@ import java.util.concurrent.TimeUnit;
  * INVALID_ARGUMENT error arrives.
  *
  * <p>The send carries an idempotency key and is retried with the same key on
- * UNAVAILABLE and DEADLINE_EXCEEDED (see {@link #sendWithRetry}): Herald
+ * every outcome that does not say the request itself is wrong (see
+ * {@link #sendWithRetry} and {@link #retryable(Throwable)}): Herald
  * stores and pushes a keyed message once per recipient however many attempts
  * reach it, and answers a repeat with the first call's delivery and
  * {@code replayed} set. The example sends the same request a second time, as
@@ -49,7 +51,7 @@ import java.util.concurrent.TimeUnit;
  */
 public final class SendExample {
 
-    /** Attempts of a send on UNAVAILABLE / DEADLINE_EXCEEDED, and the deadline of each. */
+    /** Attempts of a send (retried as {@link #retryable(Throwable)} says), and the deadline of each. */
     private static final int SEND_ATTEMPTS = 8;
     private static final long ATTEMPT_DEADLINE_MS = 5_000;
 
@@ -165,7 +167,8 @@ public final class SendExample {
         } catch (StatusRuntimeException e) {
             // UNAVAILABLE: no node at that address (or it went away);
             // UNAUTHENTICATED: the node wants an API key ($HERALD_API_KEY);
-            // DEADLINE_EXCEEDED: it did not answer in time.
+            // DEADLINE_EXCEEDED: it did not answer in time. (The send was
+            // retried already: see sendWithRetry.)
             Status st = e.getStatus();
             System.err.printf("herald call failed: %s: %s%n", st.getCode(), st.getDescription());
             exit = 1;
@@ -178,16 +181,18 @@ public final class SendExample {
     }
 
     /**
-     * Calls SendToUser until it answers, retrying on UNAVAILABLE (no node, a
-     * lost connection, the backend down) and DEADLINE_EXCEEDED (no answer in
-     * time) with the very same request, so with the same idempotency key: the
-     * first attempt may have stored and pushed the message although its
-     * answer never arrived, and the key makes Herald answer the retry with
-     * that delivery (replayed=true) instead of pushing it again. Every attempt
-     * has its own deadline; between attempts it waits 100 ms, 200 ms, 400 ms,
-     * ... (at most 2 s), each with up to half taken off at random. Other errors
-     * (INVALID_ARGUMENT, UNAUTHENTICATED) are thrown at once: a retry would
-     * fail the same way.
+     * Calls SendToUser until it answers, retrying with the very same request,
+     * so with the same idempotency key, on every error {@link
+     * #retryable(Throwable)} accepts: the failed attempt may have stored and
+     * pushed the message although its answer never arrived (a lost
+     * connection, Redis frozen past the deadline), and the key makes Herald
+     * answer the retry with that delivery (replayed=true) instead of pushing
+     * it again. Every attempt has its own deadline; between attempts it waits
+     * 100 ms, 200 ms, 400 ms, ... (at most 2 s), each with up to half taken
+     * off at random. An error that says the request itself is wrong
+     * (INVALID_ARGUMENT, UNAUTHENTICATED, ...) is thrown at once: a retry
+     * would fail the same way. So is the CANCELLED of a call this thread's
+     * caller cancelled (an interrupt, or a cancelled {@link Context}).
      */
     static SendToUserResponse sendWithRetry(PushServiceGrpc.PushServiceBlockingStub herald,
             SendToUserRequest request) throws InterruptedException {
@@ -197,18 +202,57 @@ public final class SendExample {
                 // withDeadlineAfter returns a new stub: a fresh deadline per attempt.
                 return herald.withDeadlineAfter(ATTEMPT_DEADLINE_MS, TimeUnit.MILLISECONDS).sendToUser(request);
             } catch (StatusRuntimeException e) {
-                Status.Code code = e.getStatus().getCode();
-                boolean retryable = code == Status.Code.UNAVAILABLE || code == Status.Code.DEADLINE_EXCEEDED;
-                if (!retryable || attempt >= SEND_ATTEMPTS) {
+                if (!retryable(e) || attempt >= SEND_ATTEMPTS) {
                     throw e;
                 }
                 long waitMs = backoffMs - ThreadLocalRandom.current().nextLong(backoffMs / 2 + 1);
                 System.err.printf("SendToUser attempt %d: %s (%s); retrying in %d ms with the same key%n",
-                        attempt, code, e.getStatus().getDescription(), waitMs);
+                        attempt, e.getStatus().getCode(), e.getStatus().getDescription(), waitMs);
                 Thread.sleep(waitMs);
                 backoffMs = Math.min(2 * backoffMs, 2_000);
             }
         }
+    }
+
+    /**
+     * Whether a keyed SendToUser or Broadcast that failed with {@code code}
+     * may be sent again, with the same request and the same idempotency key:
+     * on every outcome that does not say the request itself is wrong (the
+     * retry rule of README.md). Only keyed calls are retried this way:
+     * without a key a retry may deliver the message twice.
+     */
+    static boolean retryable(Status.Code code) {
+        return switch (code) {
+            case UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNKNOWN,
+                    DATA_LOSS -> true;
+            // OK, and the codes that say the request itself is wrong.
+            case OK, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION,
+                    OUT_OF_RANGE, UNIMPLEMENTED, ALREADY_EXISTS -> false;
+        };
+    }
+
+    /**
+     * {@link #retryable(Status.Code)} for what a call threw. A CANCELLED
+     * status is retryable (during a Redis freeze a call can end CANCELLED
+     * although nobody cancelled it) unless the caller cancelled the call: this
+     * thread was interrupted (grpc-java then throws CANCELLED caused by an
+     * {@link InterruptedException}) or the current {@link Context} is
+     * cancelled. A throwable that carries no status (a transport's
+     * IOException) counts as UNKNOWN, so it is retryable.
+     *
+     * <p>README.md shows both retryable methods word for word (RetryableTest
+     * checks).
+     */
+    static boolean retryable(Throwable t) {
+        for (Throwable c = t; c != null; c = c.getCause()) {
+            if (c instanceof InterruptedException) {
+                return false; // this thread was interrupted: the caller gave up
+            }
+        }
+        if (Thread.currentThread().isInterrupted() || Context.current().isCancelled()) {
+            return false; // the caller cancelled the call
+        }
+        return retryable(Status.fromThrowable(t).getCode()); // no status (a transport's IOException): UNKNOWN
     }
 
     private static void print(String what, SendToUserResponse response) {
