@@ -9,8 +9,8 @@
 //!   exactly once (each payload carries a unique `seq`; one `seq` stored
 //!   under two ids is a duplicate), and no send is lost (a send is retried
 //!   with the same `idempotency_key` until it gets an answer, on
-//!   UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, ABORTED, INTERNAL
-//!   and RESOURCE_EXHAUSTED, as README's retry rule says: see `retryable`);
+//!   UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, ABORTED, INTERNAL,
+//!   DATA_LOSS and RESOURCE_EXHAUSTED, as README's retry rule says: see `retryable`);
 //! - every device (except the stuck reader and the flooder) received every
 //!   stored message of its user exactly once, in id order, across its
 //!   reconnects (it reconnects to the next node with `since` = the last id
@@ -375,6 +375,7 @@ fn retryable(c: Code) -> bool {
             | Code::Cancelled
             | Code::Aborted
             | Code::Internal
+            | Code::DataLoss
             | Code::ResourceExhausted
     )
 }
