@@ -74,8 +74,12 @@ type SendToUserRequest struct {
 	// only keyed calls are retried this way.
 	//
 	// Reusing a key with a different request (other topic, payload or
-	// transient flag) for a recipient fails with INVALID_ARGUMENT. A key is
-	// scoped to SendToUser (Broadcast keys are separate). For transient sends
+	// transient flag) for any recipient fails with INVALID_ARGUMENT, and the
+	// call then does nothing for any recipient: nothing is stored, pushed or
+	// recorded (the check runs before any effect; only two different
+	// requests racing with one key at the same moment can get past it, and
+	// each is then still refused for the recipients it conflicts on). A key
+	// is scoped to SendToUser (Broadcast keys are separate). For transient sends
 	// the key only prevents a second push (transient messages are at most
 	// once either way).
 	IdempotencyKey string `protobuf:"bytes,5,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
