@@ -98,12 +98,6 @@ pub(crate) fn channel_user(channel: &str) -> Option<&str> {
         .strip_suffix("}:ch")
 }
 
-/// A key that never exists: the registrar sends `EXISTS` of it to a replica
-/// to be answered `MOVED` (see `sharded`).
-pub(crate) fn slot_map_nudge() -> String {
-    format!("{PREFIX}slot-map-nudge")
-}
-
 /// Channel: broadcast frames, subscribed by every node.
 pub(crate) fn broadcast_channel() -> String {
     format!("{PREFIX}broadcast")

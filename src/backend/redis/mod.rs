@@ -191,28 +191,56 @@ pub(crate) enum Conn {
 
 /// A cluster connection that can be replaced under every clone of it.
 ///
-/// The crate's cluster connection can wedge after a primary dies: its
-/// recovery loops on the dead address and every request times out, for as
-/// long as the process lives (seen in about one failover in twenty-five).
-/// The registrar watches it (see `sharded`) and puts a fresh connection in
-/// its place; each request clones the current one (a handle) and never
-/// holds the lock across an `.await`.
+/// The crate's cluster connection can stay stuck after a primary dies: it
+/// refreshes its slot map only on a `MOVED`, so requests for the dead
+/// primary's slots time out against the old address for as long as the
+/// process lives (seen in about one failover in twenty-five). The registrar
+/// puts a fresh connection in its place when the slot map changes or the
+/// connection stops answering (see `sharded`); each request clones the
+/// current one (a handle) and never holds the lock across an `.await`.
 #[derive(Clone)]
-pub(crate) struct Swappable(Arc<parking_lot::RwLock<ClusterConnection>>);
+pub(crate) struct Swappable {
+    current: Arc<parking_lot::RwLock<ClusterConnection>>,
+    /// A request timed out or lost its connection since the registrar last
+    /// looked (see `sharded`).
+    troubled: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Swappable {
     fn new(c: ClusterConnection) -> Self {
-        Swappable(Arc::new(parking_lot::RwLock::new(c)))
+        Swappable {
+            current: Arc::new(parking_lot::RwLock::new(c)),
+            troubled: Arc::default(),
+        }
     }
 
     /// The connection in use now.
     pub(crate) fn current(&self) -> ClusterConnection {
-        self.0.read().clone()
+        self.current.read().clone()
     }
 
     /// Puts `c` in place of the current connection for every clone.
     pub(crate) fn replace(&self, c: ClusterConnection) {
-        *self.0.write() = c;
+        *self.current.write() = c;
+        self.troubled
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a request met a timeout or a lost connection since the last
+    /// call.
+    pub(crate) fn take_trouble(&self) -> bool {
+        self.troubled
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Notes the outcome of a request.
+    fn note<T>(&self, r: &redis::RedisResult<T>) {
+        if let Err(e) = r {
+            if e.is_timeout() || e.is_io_error() || e.is_connection_dropped() {
+                self.troubled
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -220,9 +248,14 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => {
-                let mut c = c.current();
-                async move { c.req_packed_command(cmd).await }.boxed()
+            Conn::Cluster(s) => {
+                let (s, mut c) = (s.clone(), s.current());
+                async move {
+                    let r = c.req_packed_command(cmd).await;
+                    s.note(&r);
+                    r
+                }
+                .boxed()
             }
         }
     }
@@ -235,12 +268,16 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => {
-                let c = c.current();
+            Conn::Cluster(s) => {
+                let (s, c) = (s.clone(), s.current());
                 if pipeline.is_transaction() || pipeline.len() <= 1 {
                     let mut c = c;
-                    return async move { c.req_packed_commands(pipeline, offset, count).await }
-                        .boxed();
+                    return async move {
+                        let r = c.req_packed_commands(pipeline, offset, count).await;
+                        s.note(&r);
+                        r
+                    }
+                    .boxed();
                 }
                 async move {
                     let replies = join_all(pipeline.cmd_iter().map(|cmd| {
@@ -248,11 +285,13 @@ impl ConnectionLike for Conn {
                         async move { c.req_packed_command(cmd).await }
                     }))
                     .await;
-                    replies
+                    let r = replies
                         .into_iter()
                         .skip(offset)
                         .take(count)
-                        .collect::<redis::RedisResult<Vec<Value>>>()
+                        .collect::<redis::RedisResult<Vec<Value>>>();
+                    s.note(&r);
+                    r
                 }
                 .boxed()
             }

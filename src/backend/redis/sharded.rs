@@ -31,6 +31,14 @@
 //! node's presence (a failover can lose the newest writes of the dead
 //! primary) until a rewrite succeeds.
 //!
+//! The `redis` crate refreshes its slot map only on a `MOVED` reply; after a
+//! failover its requests for the dead primary's slots could time out
+//! against the old address for as long as the process lived. So a changed
+//! slot map also replaces both connections (commands, through
+//! [`super::Swappable`], and this loop's pub/sub), at the change and again
+//! two seconds later, when every node has heard of it; so does a
+//! connection that stops answering for [`WEDGED_AFTER`] checks in a row.
+//!
 //! Broadcasts carry the frame itself (no room for a probe), and are not
 //! stored: the broadcast channel is subscribed again after the same events.
 
@@ -111,9 +119,10 @@ impl Registrar {
             .restore(&mut Sub::Cluster(&mut conn), &mut subscribed)
             .await;
         let _ = ready.send(restored);
-        let mut slots = slot_map(&mut conn).await.ok().map(|m| m.ranges);
-        // Slot-map refreshes still to force after a change (see `nudge`).
-        let mut nudges = 0u32;
+        let mut slots = slot_map(&mut conn).await.ok();
+        // A subscribe or probe of this loop's connection timed out or lost
+        // its connection since the last topology check.
+        let mut pubsub_trouble = false;
         let mut health = Health::default();
         let mut renew = tokio::time::interval(self.lease / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -150,44 +159,62 @@ impl Registrar {
                     }
                 }
                 _ = topology.tick() => {
-                    // Either connection wedged (see `Swappable`): a new one.
                     let commands_ok = self.commands_answer().await;
-                    if health.commands.failed(commands_ok) {
+                    let read = slot_map(&mut conn).await;
+                    let read_ok = read.is_ok();
+                    let changed = matches!((&slots, &read), (Some(before), Ok(now)) if before != now);
+                    if changed {
+                        tracing::info!("the Redis Cluster slot map changed; new connections, every subscription proven again");
+                        metrics::counter!("herald_redis_resubscribes_total", "why" => "topology").increment(1);
+                    }
+                    match read {
+                        Ok(now) => slots = Some(now),
+                        Err(ref e) => tracing::debug!(error = %e, "reading the slot map failed"),
+                    }
+                    // See `Swappable`. A connection is replaced when the
+                    // slot map changed; when, the map being readable, its
+                    // requests met timeouts or lost connections (a fresh
+                    // connection may have read its map from a node that
+                    // had not heard of the change yet), at most every
+                    // [`REPLACE_AT_MOST_EVERY`]; and when it stops
+                    // answering altogether.
+                    let commands_troubled = read_ok && self.commands_troubled();
+                    if changed
+                        || health.commands.failed(commands_ok)
+                        || (commands_troubled && health.commands.may_replace())
+                    {
                         self.replace_commands(&seeds).await;
+                        health.commands.replaced();
                     }
-                    let slots_read = slot_map(&mut conn).await;
-                    if health.pubsub.failed(slots_read.is_ok()) {
-                        if let Ok((c, p)) = pubsub_connection(&seeds).await {
-                            tracing::warn!("the Redis Cluster pub/sub connection stopped answering; replaced it");
-                            metrics::counter!("herald_redis_connections_replaced_total", "conn" => "pubsub").increment(1);
-                            (conn, pushes) = (c, p);
-                            unproven.everything(&subscribed);
-                        }
-                    }
-                    match slots_read {
-                        Ok(now) => {
-                            if slots.as_ref().is_some_and(|before| *before != now.ranges) {
-                                tracing::info!("the Redis Cluster slot map changed; proving every subscription again");
-                                metrics::counter!("herald_redis_resubscribes_total", "why" => "topology")
-                                    .increment(1);
+                    let pubsub_troubled = read_ok && std::mem::take(&mut pubsub_trouble);
+                    if changed
+                        || health.pubsub.failed(read_ok)
+                        || (pubsub_troubled && health.pubsub.may_replace())
+                    {
+                        match pubsub_connection(&seeds).await {
+                            Ok((c, p)) => {
+                                (conn, pushes) = (c, p);
+                                health.pubsub.replaced();
+                                metrics::counter!("herald_redis_connections_replaced_total", "conn" => "pubsub").increment(1);
                                 unproven.everything(&subscribed);
-                                nudges = 3;
                             }
-                            if nudges > 0 {
-                                nudges -= 1;
-                                // A different replica each time, in case one is down.
-                                let replica = now.replicas.get(nudges as usize % now.replicas.len().max(1));
-                                self.nudge(&mut conn, replica).await;
-                            }
-                            slots = Some(now.ranges);
+                            Err(e) => tracing::debug!(error = %e, "a new Redis Cluster pub/sub connection failed; retrying"),
                         }
-                        Err(e) => tracing::debug!(error = %e, "reading the slot map failed"),
                     }
                 }
                 _ = repair.tick(), if unproven.pending() => {
-                    self.prove(&conn, &subscribed, &broadcast_channel, &me, &mut unproven).await;
+                    pubsub_trouble |= !self.prove(&conn, &subscribed, &broadcast_channel, &me, &mut unproven).await;
                 }
             }
+        }
+    }
+
+    /// Whether a command met a timeout or a lost connection since the last
+    /// look.
+    fn commands_troubled(&self) -> bool {
+        match &self.conn {
+            super::Conn::Cluster(c) => c.take_trouble(),
+            super::Conn::Single(_) => false,
         }
     }
 
@@ -217,8 +244,8 @@ impl Registrar {
         {
             Ok(Ok(fresh)) => {
                 c.replace(fresh);
-                tracing::warn!(
-                    "the Redis Cluster command connection stopped answering; replaced it"
+                tracing::info!(
+                    "the Redis Cluster command connection was replaced (slot map changed, or it stopped answering)"
                 );
                 metrics::counter!("herald_redis_connections_replaced_total", "conn" => "commands")
                     .increment(1);
@@ -227,39 +254,10 @@ impl Registrar {
         }
     }
 
-    /// Makes both of this node's cluster connections (commands, and pub/sub)
-    /// read the slot map again. The client refreshes its map only on a
-    /// `MOVED`; a request for a slot whose primary died goes on to the dead
-    /// address (connection refused, reconnect, again) and never gets one,
-    /// so sends and subscriptions of that slot failed long after the
-    /// replica took over. Any key command sent to a replica is answered
-    /// `MOVED`: one to each connection is enough.
-    async fn nudge(&self, pubsub: &mut ClusterConnection, replica: Option<&(String, u16)>) {
-        let Some((host, port)) = replica else {
-            return;
-        };
-        let route = || {
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                host: host.clone(),
-                port: *port,
-            })
-        };
-        let probe = || redis::cmd("EXISTS").arg(keys::slot_map_nudge()).clone();
-        let mut conns = vec![pubsub.clone()];
-        if let super::Conn::Cluster(c) = &self.conn {
-            conns.push(c.current());
-        }
-        for mut c in conns {
-            let asked =
-                tokio::time::timeout(Duration::from_secs(2), c.route_command(probe(), route()));
-            if let Ok(Err(e)) = asked.await {
-                tracing::debug!(error = %e, "slot-map nudge failed");
-            }
-        }
-    }
-
     /// One repair step: the broadcast subscription, presence, then a batch
-    /// of due channels subscribed and probed.
+    /// of due channels subscribed and probed. False when a subscribe or a
+    /// probe timed out or failed (the connection may be stuck on an old
+    /// slot map).
     async fn prove(
         &self,
         conn: &ClusterConnection,
@@ -267,7 +265,8 @@ impl Registrar {
         broadcast_channel: &str,
         me: &str,
         unproven: &mut Unproven,
-    ) {
+    ) -> bool {
+        let mut smooth = true;
         // Users who left meanwhile need no subscription.
         unproven
             .channels
@@ -277,8 +276,14 @@ impl Registrar {
             match tokio::time::timeout(Duration::from_secs(2), sharded(conn, &channel, true)).await
             {
                 Ok(Ok(())) => unproven.broadcast = false,
-                Ok(Err(e)) => tracing::debug!(error = %e, "re-subscribing broadcasts failed"),
-                Err(_) => tracing::debug!("re-subscribing broadcasts timed out"),
+                Ok(Err(e)) => {
+                    smooth = false;
+                    tracing::debug!(error = %e, "re-subscribing broadcasts failed")
+                }
+                Err(_) => {
+                    smooth = false;
+                    tracing::debug!("re-subscribing broadcasts timed out")
+                }
             }
         }
         if unproven.presence {
@@ -300,7 +305,7 @@ impl Registrar {
             .collect();
         metrics::gauge!("herald_redis_unproven_subscriptions").set(unproven.channels.len() as f64);
         if due.is_empty() {
-            return;
+            return smooth;
         }
         for ch in &due {
             unproven.channels.insert(ch.clone(), Some(now));
@@ -313,6 +318,7 @@ impl Registrar {
                 .await
                 .map_err(|_| Error::Unavailable("timed out".into()))
         {
+            smooth = false;
             tracing::debug!(error = %e, channels = due.len(), "re-subscribing unproven channels failed; retrying");
         }
         unproven.nonce += 1;
@@ -324,14 +330,15 @@ impl Registrar {
                 cmd.arg(ch).arg(&probe);
                 async move { cmd.query_async::<Value>(&mut conn).await }
             }));
-            if tokio::time::timeout(Duration::from_secs(2), sent)
-                .await
-                .is_err()
-            {
-                tracing::debug!("probing unproven channels timed out; retrying");
-                break;
+            match tokio::time::timeout(Duration::from_secs(2), sent).await {
+                Ok(replies) => smooth &= replies.iter().all(|r| r.is_ok()),
+                Err(_) => {
+                    tracing::debug!("probing unproven channels timed out; retrying");
+                    return false;
+                }
             }
         }
+        smooth
     }
 
     /// One push of the cluster pub/sub connection (see the module doc).
@@ -402,6 +409,8 @@ impl Registrar {
 /// checks to wait after replacing one before judging it again.
 const WEDGED_AFTER: u32 = 4;
 const GRACE_AFTER_REPLACING: u32 = 10;
+/// A connection whose requests met trouble is replaced at most this often.
+const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(2);
 
 /// The health of the two cluster connections, one check per
 /// [`TOPOLOGY_EVERY`].
@@ -415,9 +424,20 @@ struct Health {
 struct Streak {
     failures: u32,
     grace: u32,
+    replaced_at: Option<Instant>,
 }
 
 impl Streak {
+    /// Whether the connection was last replaced long enough ago.
+    fn may_replace(&self) -> bool {
+        self.replaced_at
+            .is_none_or(|t| t.elapsed() >= REPLACE_AT_MOST_EVERY)
+    }
+
+    fn replaced(&mut self) {
+        self.replaced_at = Some(Instant::now());
+    }
+
     /// Records one check; true when the connection should be replaced (a
     /// whole cluster down fails every check too: a replacement then just
     /// fails to connect, and is tried again after the grace period).
@@ -454,14 +474,10 @@ async fn pubsub_connection(
     }
 }
 
-/// The slot map as a live node reports it.
-struct SlotMap {
-    /// (first slot, last slot, primary) per range, sorted. Compared, not
-    /// interpreted: any change is a reason to prove subscriptions again.
-    ranges: Vec<(i64, i64, String)>,
-    /// Replicas' addresses (for [`Registrar::nudge`]).
-    replicas: Vec<(String, u16)>,
-}
+/// The slot map as a live node reports it: (first slot, last slot,
+/// primary) per range, sorted. Compared, not interpreted: any change is a
+/// reason to replace the connections and prove subscriptions again.
+type SlotMap = Vec<(i64, i64, String)>;
 
 async fn slot_map(conn: &mut ClusterConnection) -> crate::error::Result<SlotMap> {
     let v = tokio::time::timeout(
@@ -477,7 +493,6 @@ async fn slot_map(conn: &mut ClusterConnection) -> crate::error::Result<SlotMap>
         return Err(Error::Backend("CLUSTER SLOTS: not an array".into()));
     };
     let mut map = Vec::with_capacity(ranges.len());
-    let mut replicas = Vec::new();
     for r in ranges {
         let Value::Array(f) = r else { continue };
         let (Some(Value::Int(a)), Some(Value::Int(b)), Some(Value::Array(primary))) =
@@ -497,19 +512,7 @@ async fn slot_map(conn: &mut ClusterConnection) -> crate::error::Result<SlotMap>
             .collect::<Vec<_>>()
             .join(" ");
         map.push((*a, *b, who));
-        for node in f.iter().skip(3) {
-            if let Value::Array(n) = node {
-                if let (Some(Value::BulkString(h)), Some(Value::Int(p))) = (n.first(), n.get(1)) {
-                    if let Ok(p) = u16::try_from(*p) {
-                        replicas.push((String::from_utf8_lossy(h).into_owned(), p));
-                    }
-                }
-            }
-        }
     }
     map.sort();
-    Ok(SlotMap {
-        ranges: map,
-        replicas,
-    })
+    Ok(map)
 }
