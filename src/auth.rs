@@ -341,12 +341,10 @@ impl TokenVerifier {
             }
         }
         let sub = claims.sub;
-        if sub.is_empty() || sub.len() > self.max_user_id_bytes {
-            return Err(format!(
-                "token subject must be 1 to {} bytes",
-                self.max_user_id_bytes
-            ));
-        }
+        // The same check as a gRPC request's user id: a token cannot make a
+        // user that no backend can address.
+        crate::protocol::check_user_id(&sub, self.max_user_id_bytes)
+            .map_err(|e| format!("token subject (sub) is not a valid user id: {e}"))?;
         Ok(Verified {
             user: sub,
             exp: claims.exp,
@@ -464,6 +462,22 @@ mod tests {
         let rs = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.c2ln";
         assert!(v.verify(rs).unwrap_err().contains("RSA"));
         assert!(TokenVerifier::from_config(&JwtConfig::default(), 256).is_err());
+    }
+
+    #[test]
+    fn a_subject_that_is_not_a_valid_user_id_is_refused() {
+        let v = TokenVerifier::new("secret-one", 256);
+        for sub in ["a\nb", "a\0b", "\u{1b}[2J", "", &"x".repeat(257)] {
+            let t = mint("secret-one", sub, Duration::from_secs(60));
+            let e = v.verify(&t).unwrap_err();
+            assert!(e.contains("not a valid user id"), "{sub:?}: {e}");
+        }
+        assert_eq!(
+            v.verify(&mint("secret-one", "a b", Duration::from_secs(60)))
+                .unwrap()
+                .user,
+            "a b"
+        );
     }
 
     #[test]

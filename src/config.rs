@@ -108,6 +108,13 @@ fn secret(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// A user id for `herald token`: the check gRPC requests and nodes apply
+/// to a token's `sub`, so no token is minted that a node would refuse.
+fn user_id(s: &str) -> Result<String, String> {
+    crate::protocol::check_user_id(s, crate::protocol::MAX_USER_ID_BYTES)?;
+    Ok(s.to_string())
+}
+
 fn api_key(s: &str) -> Result<KeySpec, String> {
     KeySpec::parse(s)
 }
@@ -330,7 +337,8 @@ fn file_flags(path: &Path, given: &ArgMatches) -> Result<Vec<OsString>, String> 
 
 #[derive(Args, Debug)]
 pub struct TokenArgs {
-    /// The user id (the token's `sub`).
+    /// The user id (the token's `sub`): 1 to 256 bytes, no control characters.
+    #[arg(value_parser = user_id)]
     pub user: String,
     /// The secret; must match the nodes' --jwt-secret (at least 8 bytes).
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true, value_parser = secret)]
@@ -496,7 +504,7 @@ impl Config {
             limits: Limits {
                 max_payload_bytes: args.max_payload_bytes,
                 max_users_per_call: 1000,
-                max_user_id_bytes: 256,
+                max_user_id_bytes: crate::protocol::MAX_USER_ID_BYTES,
                 max_topic_bytes: 256,
                 max_client_frame_bytes: args.max_client_frame_bytes,
                 send_queue: QueueLimits {

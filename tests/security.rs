@@ -581,3 +581,136 @@ async fn a_long_unicode_frame_type_is_an_error_frame_not_a_crash() {
     assert_eq!(ws.next_of("pong").await["type"], "pong");
     node.stop().await;
 }
+
+/// The status and body of a refused handshake (101 and "" when accepted).
+async fn refusal(node: &TestNode, token: &str) -> (u16, String) {
+    match tokio_tungstenite::connect_async(node.ws_url(token, None)).await {
+        Ok(_) => (101, String::new()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => (
+            r.status().as_u16(),
+            String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// User ids that no backend could address or that would split a log line.
+const BAD_USER_IDS: [&str; 4] = ["a\nb", "a\0b", "a\r\nINFO forged line", "\u{1b}[31mred"];
+
+#[tokio::test]
+async fn a_token_whose_sub_is_not_a_valid_user_id_is_refused_at_the_handshake() {
+    let node = TestNode::start_on(Backend::Memory, args()).await;
+    let hs = |sub: &str| {
+        sign(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+            None,
+            json!({"sub": sub, "exp": now() + 600}),
+        )
+    };
+    for sub in BAD_USER_IDS {
+        let (status, body) = refusal(&node, &hs(sub)).await;
+        assert_eq!(status, 401, "{sub:?}: {body}");
+        assert!(
+            body.contains("sub") && body.contains("not a valid user id"),
+            "{sub:?}: {body}"
+        );
+        assert!(body.contains("control character"), "{sub:?}: {body}");
+    }
+    assert_eq!(refusal(&node, &hs("fine user")).await.0, 101);
+    let metrics = node.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"herald_ws_rejected_total{reason="unauthorized"}"#),
+        "{metrics}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_refuses_user_ids_with_control_characters() {
+    let node = TestNode::start_on(Backend::Memory, args()).await;
+    let mut c = node.client().await;
+    for id in BAD_USER_IDS {
+        let u = || id.to_string();
+        let results = [
+            (
+                "SendToUser",
+                c.send_to_user(SendToUserRequest {
+                    user_ids: vec!["ok".into(), u()],
+                    payload_json: "{}".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "IsOnline",
+                c.is_online(IsOnlineRequest {
+                    user_ids: vec![u()],
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "UnreadCount",
+                c.unread_count(UnreadCountRequest {
+                    user_id: u(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "ListMessages",
+                c.list_messages(ListMessagesRequest {
+                    user_id: u(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "DisconnectUser",
+                c.disconnect_user(DisconnectUserRequest {
+                    user_id: u(),
+                    reason: String::new(),
+                })
+                .await
+                .map(|_| ()),
+            ),
+        ];
+        for (rpc, r) in results {
+            let e = r.expect_err(rpc);
+            assert_eq!(e.code(), Code::InvalidArgument, "{rpc} {id:?}: {e:?}");
+            assert!(
+                e.message().contains("control character"),
+                "{rpc} {id:?}: {}",
+                e.message()
+            );
+        }
+    }
+    node.stop().await;
+}
+
+#[test]
+fn herald_token_refuses_a_user_id_with_a_control_character() {
+    let token = |user: &str| {
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["token", user, "--jwt-secret", SECRET])
+            .env_remove("HERALD_JWT_SECRET")
+            .output()
+            .unwrap()
+    };
+    // NUL cannot travel in an argument; the rest can.
+    for user in ["a\nb", "a\r\nINFO forged line", "\u{1b}[31mred", "a\tb"] {
+        let out = token(user);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{user:?} minted a token");
+        assert!(out.stdout.is_empty(), "{user:?}");
+        assert!(stderr.contains("control character"), "{user:?}: {stderr}");
+    }
+    let out = token("alice");
+    assert!(out.status.success());
+    let t = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(t.trim().split('.').count(), 3, "{t}");
+}
