@@ -115,8 +115,34 @@ fn user_id(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-fn api_key(s: &str) -> Result<KeySpec, String> {
-    KeySpec::parse(s)
+/// Parses `--api-key` values. Not a plain function parser: clap's error
+/// for those quotes the value, and this one is a secret. The error names
+/// the setting in each of its forms and says what is wrong (see
+/// [`KeySpec::parse`]), never the value.
+#[derive(Clone, Copy, Debug)]
+struct ApiKeyParser;
+
+impl clap::builder::TypedValueParser for ApiKeyParser {
+    type Value = KeySpec;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<KeySpec, clap::Error> {
+        let refuse = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("--api-key (HERALD_API_KEY, api_key in the config file): {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let s = value
+            .to_str()
+            .ok_or_else(|| refuse("the value is not UTF-8".into()))?;
+        KeySpec::parse(s).map_err(refuse)
+    }
 }
 
 /// Flags of `herald serve`. Each setting, its environment variable and its
@@ -155,8 +181,8 @@ pub struct ServeArgs {
     /// Longest token lifetime accepted (`exp` minus `iat`, or minus now without `iat`).
     #[arg(long, env = "HERALD_JWT_MAX_LIFETIME", value_parser = duration)]
     pub jwt_max_lifetime: Option<Duration>,
-    /// gRPC API key, repeatable: `name:scope:key` with scope send, read or admin (or send+read), or a bare key (named "default", every scope). Set: PushService callers must send `authorization: Bearer <key>`.
-    #[arg(long = "api-key", env = "HERALD_API_KEY", hide_env_values = true, value_parser = api_key)]
+    /// gRPC API key, repeatable: `name:scope:key` with scope send, read or admin (or send+read), or a bare key without ':' (named "default", every scope). A value with ':' that is not name:scope:key stops the start. Set: PushService callers must send `authorization: Bearer <key>`.
+    #[arg(long = "api-key", env = "HERALD_API_KEY", hide_env_values = true, value_parser = ApiKeyParser)]
     pub api_key: Vec<KeySpec>,
     /// Health and reflection also need an API key (any scope); by default they are open for probes and grpcurl.
     #[arg(long, env = "HERALD_GRPC_AUTH_DISCOVERY")]
@@ -594,6 +620,22 @@ mod tests {
         assert!(
             generated.jwt_secret_generated && generated.jwt.secret.as_ref().unwrap().len() >= 32
         );
+    }
+
+    /// A bad `--api-key` is refused naming the setting, never echoing the
+    /// value (clap's own parse errors quote it).
+    #[test]
+    fn a_bad_api_key_is_refused_without_echoing_it() {
+        for v in ["ops:reads:SECRET0123456789abcdef", "ops:read:SECRETshort"] {
+            let e = serve(&["--api-key", v]).unwrap_err().to_string();
+            assert!(
+                e.contains("--api-key") && e.contains("HERALD_API_KEY"),
+                "{e}"
+            );
+            assert!(!e.contains("SECRET"), "{e}");
+        }
+        let a = serve(&["--api-key", "ops:read:0123456789abcdef"]).unwrap();
+        assert_eq!(a.api_key[0].name, "ops");
     }
 
     /// README's Production example is a valid config file.

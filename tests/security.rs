@@ -714,3 +714,84 @@ fn herald_token_refuses_a_user_id_with_a_control_character() {
     let t = String::from_utf8(out.stdout).unwrap();
     assert_eq!(t.trim().split('.').count(), 3, "{t}");
 }
+
+/// Runs `herald serve` (embedded backend, ephemeral ports) with `extra`
+/// flags and `env`: its exit status (None if it was still running after
+/// 10 s: it started, and was killed) and its standard error.
+fn serve_briefly(
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<std::process::ExitStatus>, String) {
+    let dir = temp_dir("serve");
+    let err_path = dir.join("stderr");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.args(["serve", "--jwt-secret", SECRET])
+        .args(["--ws-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("HERALD_API_KEY")
+        .env_remove("HERALD_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    (status, stderr)
+}
+
+/// `ops:reads:<key>` is a typo of a read key, not a bare admin key named
+/// "default"; from a flag, the environment or the config file, the start
+/// stops with a message naming the setting, the bad scope and the valid
+/// ones, and never the key.
+#[test]
+fn a_mistyped_api_key_scope_stops_the_start_without_printing_the_key() {
+    const KEY: &str = "SECRET-0123456789abcdef";
+    let spec = format!("ops:reads:{KEY}");
+    let dir = temp_dir("apikey");
+    let config = dir.join("herald.toml");
+    std::fs::write(&config, format!("api_key = [\"{spec}\"]\n")).unwrap();
+    let cases: [(&str, Vec<&str>, Vec<(&str, &str)>); 3] = [
+        ("flag", vec!["--api-key", &spec], vec![]),
+        ("env", vec![], vec![("HERALD_API_KEY", &spec)]),
+        ("config", vec!["--config", config.to_str().unwrap()], vec![]),
+    ];
+    for (how, flags, env) in cases {
+        let (status, stderr) = serve_briefly(&flags, &env);
+        let status = status.unwrap_or_else(|| panic!("{how}: started with {spec:?}: {stderr}"));
+        assert!(!status.success(), "{how}: {stderr}");
+        for want in [
+            "--api-key",
+            "HERALD_API_KEY",
+            "api_key",
+            "\"reads\"",
+            "send, read, admin",
+        ] {
+            assert!(stderr.contains(want), "{how}: no {want:?} in: {stderr}");
+        }
+        assert!(
+            !stderr.contains("SECRET"),
+            "{how}: the key leaked: {stderr}"
+        );
+    }
+    // A key too short for the scoped form is refused without being shown.
+    let (status, stderr) = serve_briefly(&["--api-key", "ops:read:SECRETshort"], &[]);
+    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
+    assert!(stderr.contains("at least 16 bytes"), "{stderr}");
+    assert!(!stderr.contains("SECRET"), "the key leaked: {stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
