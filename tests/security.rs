@@ -795,3 +795,176 @@ fn a_mistyped_api_key_scope_stops_the_start_without_printing_the_key() {
     assert!(!stderr.contains("SECRET"), "the key leaked: {stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A JWKS as `write_jwks` makes it, with `edit` applied to each key.
+fn write_jwks_edited(
+    path: &Path,
+    keys: &[(&str, &EncodingKey, Algorithm)],
+    edit: impl Fn(&mut serde_json::Value),
+) {
+    write_jwks(path, keys);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for k in v["keys"].as_array_mut().unwrap() {
+        edit(k);
+    }
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+fn rsa_encoding_key(dir: &Path, name: &str) -> EncodingKey {
+    let k = openssl_key(
+        dir,
+        name,
+        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+    );
+    EncodingKey::from_rsa_pem(&k.private).unwrap()
+}
+
+#[tokio::test]
+async fn a_jwks_without_a_usable_key_stops_the_start() {
+    let dir = temp_dir("jwks-empty");
+    let k1 = rsa_encoding_key(&dir, "k1");
+    let jwks = dir.join("jwks.json");
+    let start = |path: &Path| {
+        let mut a = args();
+        a.jwt_secret = None;
+        a.jwt_jwks = Some(path.to_path_buf());
+        TestNode::try_start_with(a)
+    };
+    std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+    let err = start(&jwks).await.err().expect("an empty JWKS is refused");
+    assert!(
+        err.contains("--jwt-jwks") && err.contains("no keys"),
+        "{err}"
+    );
+    // Keys that cannot verify a token: one for encryption, one pinned to
+    // an encryption algorithm.
+    write_jwks_edited(&jwks, &[("enc", &k1, Algorithm::RS256)], |k| {
+        k["use"] = json!("enc")
+    });
+    let err = start(&jwks)
+        .await
+        .err()
+        .expect("an encryption key is refused");
+    assert!(
+        err.contains("--jwt-jwks") && err.contains("no key usable") && err.contains("\"enc\""),
+        "{err}"
+    );
+    write_jwks_edited(&jwks, &[("oaep", &k1, Algorithm::RS256)], |k| {
+        k["alg"] = json!("RSA-OAEP")
+    });
+    let err = start(&jwks)
+        .await
+        .err()
+        .expect("an RSA-OAEP key is refused");
+    assert!(
+        err.contains("no key usable") && err.contains("RSA-OAEP"),
+        "{err}"
+    );
+    // One usable key among unusable ones is enough.
+    let k2 = rsa_encoding_key(&dir, "k2");
+    write_jwks(&jwks, &[("k2", &k2, Algorithm::RS256)]);
+    let node = start(&jwks).await.expect("a usable key starts");
+    let t = sign(
+        Algorithm::RS256,
+        &k2,
+        Some("k2"),
+        json!({"sub": "u", "exp": now() + 600}),
+    );
+    assert_eq!(handshake_status(&node, &t).await, 101);
+    node.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A JWKS file rewritten empty or broken keeps the last good keys in force;
+/// the log says why and `herald_jwks_reloads_total{result="rejected"}`
+/// counts it. A good file after that is taken.
+#[tokio::test]
+async fn a_jwks_reloaded_empty_or_broken_keeps_the_last_good_keys() {
+    use std::io::{BufRead, BufReader};
+    let dir = temp_dir("jwks-reload");
+    let k1 = rsa_encoding_key(&dir, "k1");
+    let k2 = rsa_encoding_key(&dir, "k2");
+    let jwks = dir.join("jwks.json");
+    write_jwks(&jwks, &[("k1", &k1, Algorithm::RS256)]);
+    let log_path = dir.join("node.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--node-id", "jwks-reload"])
+        .args(["--ws-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .arg("--jwt-jwks")
+        .arg(&jwks)
+        .env_remove("HERALD_JWT_SECRET")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    while !ready.starts_with("herald ready:") {
+        ready.clear();
+        assert!(out.read_line(&mut ready).unwrap() > 0, "the node exited");
+    }
+    std::thread::spawn(move || for _ in out.lines() {});
+    let field = |k: &str| -> std::net::SocketAddr {
+        let v = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap();
+        let v = v.split("://").nth(1).unwrap().trim_end_matches("/ws");
+        v.parse().unwrap()
+    };
+    let (ws, admin) = (field("ws="), field("admin="));
+    let status = |t: String| async move {
+        match tokio_tungstenite::connect_async(format!("ws://{ws}/ws?token={t}")).await {
+            Ok(_) => 101,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let claims = || json!({"sub": "jwks-reload", "exp": now() + 600});
+    let t1 = || sign(Algorithm::RS256, &k1, Some("k1"), claims());
+    let t2 = || sign(Algorithm::RS256, &k2, Some("k2"), claims());
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let rejected = |n: u32| async move {
+        http_get(admin, "/metrics").await.contains(&format!(
+            "herald_jwks_reloads_total{{result=\"rejected\"}} {n}"
+        ))
+    };
+    assert_eq!(status(t1()).await, 101);
+    // Emptied (as a sync job that got an empty answer would): refused.
+    std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+    eventually("the empty JWKS is rejected", || async { rejected(1).await }).await;
+    let l = log();
+    assert!(
+        l.contains("JWKS") && l.contains("no keys") && l.contains("last good keys kept"),
+        "{l}"
+    );
+    assert_eq!(status(t1()).await, 101, "k1 is still in force");
+    // Broken: refused too, once.
+    std::fs::write(&jwks, "{ not json").unwrap();
+    eventually("the broken JWKS is rejected", || async {
+        rejected(2).await
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        rejected(2).await,
+        "a broken file is reported once, not every second"
+    );
+    assert_eq!(status(t1()).await, 101, "k1 is still in force");
+    // A good file again: in force.
+    write_jwks(&jwks, &[("k2", &k2, Algorithm::RS256)]);
+    eventually("the rotated JWKS is in force", || async {
+        status(t2()).await == 101
+    })
+    .await;
+    assert_eq!(status(t1()).await, 401, "k1 is retired");
+    assert!(http_get(admin, "/metrics")
+        .await
+        .contains("herald_jwks_reloads_total{result=\"loaded\"} 1"));
+    signal(child.id(), "-TERM");
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
