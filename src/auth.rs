@@ -266,6 +266,23 @@ fn family_short(f: AlgorithmFamily) -> &'static str {
     }
 }
 
+/// The `alg` a token's header names when it is not one Herald verifies
+/// (`none`, `ES512`, an encryption algorithm), cut to 32 bytes; None when
+/// the header is unreadable for another reason.
+fn unsupported_alg(token: &str) -> Option<String> {
+    use base64::Engine;
+    let head = token.split('.').next()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head.trim_end_matches('='))
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    let named = value.get("alg")?.as_str()?;
+    named
+        .parse::<Algorithm>()
+        .is_err()
+        .then(|| crate::protocol::truncate_utf8(named, 32).to_string())
+}
+
 impl TokenVerifier {
     /// An HS256/384/512 verifier for `secret` (tests and simple setups).
     pub fn new(secret: &str, max_user_id_bytes: usize) -> Self {
@@ -332,17 +349,23 @@ impl TokenVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(format!("token longer than {MAX_TOKEN_BYTES} bytes"));
         }
-        let header = decode_header(token).map_err(|e| format!("invalid token: {e}"))?;
+        let header = decode_header(token).map_err(|e| match unsupported_alg(token) {
+            Some(named) => format!(
+                "token algorithm {named:?} is not supported; Herald verifies {SUPPORTED_ALGORITHMS}"
+            ),
+            None => format!("invalid token: {e}"),
+        })?;
         let alg = header.alg;
         let family = alg.family();
         // Candidate keys: the JWKS key named by `kid` if there is one;
-        // otherwise every configured key of the algorithm's family.
+        // otherwise every configured key of the algorithm's family. Of
+        // those, the keys not pinned to another algorithm.
         let jwks_keys = self.jwks.as_ref().map(|j| j.keys());
         let by_kid: Option<&Key> = match (&header.kid, &jwks_keys) {
             (Some(kid), Some(keys)) => keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
             _ => None,
         };
-        let candidates: Vec<&Key> = match by_kid {
+        let of_family: Vec<&Key> = match by_kid {
             Some(k) => vec![k],
             None => self
                 .fixed
@@ -353,19 +376,51 @@ impl TokenVerifier {
                         .flat_map(|ks| ks.iter())
                         .filter(|k| header.kid.is_none() || k.kid.is_none()),
                 )
-                .filter(|k| k.key.family() == family)
                 .collect(),
-        };
-        let candidates: Vec<&Key> = candidates
-            .into_iter()
-            .filter(|k| k.key.family() == family && k.alg.is_none_or(|a| a == alg))
+        }
+        .into_iter()
+        .filter(|k| k.key.family() == family)
+        .collect();
+        let candidates: Vec<&Key> = of_family
+            .iter()
+            .copied()
+            .filter(|k| k.alg.is_none_or(|a| a == alg))
             .collect();
         if candidates.is_empty() {
-            return Err(match (&header.kid, &self.jwks) {
-                (Some(kid), Some(_)) if by_kid.is_none() => format!(
+            return Err(match (by_kid, &header.kid, &self.jwks) {
+                (None, Some(kid), Some(_)) => format!(
                     "token names key id {:?}, which is not in this node's JWKS",
                     crate::protocol::truncate_utf8(kid, 64)
                 ),
+                (Some(k), _, _) if k.key.family() != family => format!(
+                    "token is signed with {alg:?}, which needs {}; key {} in this node's JWKS \
+                     is an {} key",
+                    family_name(family),
+                    kid_name(k.kid.as_deref()),
+                    family_short(k.key.family())
+                ),
+                _ if !of_family.is_empty() => {
+                    // Keys of the right kind, each published for another
+                    // algorithm of the family (an RS256 key and a PS256
+                    // token): say so, rather than that there is no key.
+                    let pins: Vec<String> = of_family
+                        .iter()
+                        .take(4)
+                        .map(|k| {
+                            format!(
+                                "key {} allows {:?} only",
+                                kid_name(k.kid.as_deref()),
+                                k.alg.expect("a pinned key")
+                            )
+                        })
+                        .collect();
+                    format!(
+                        "token is signed with {alg:?}, which is not allowed for this node's {} \
+                         keys: {} (the JWKS entry's alg)",
+                        family_short(family),
+                        pins.join(", ")
+                    )
+                }
                 _ => format!(
                     "token is signed with {alg:?}, which needs {}; this node has none for it",
                     family_name(family)
@@ -700,6 +755,47 @@ mod tests {
             .verify(&signed(Algorithm::HS256, Some("b"), b"secret-b"))
             .is_ok());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_refused_algorithm_says_why() {
+        let path = temp_jwks(&jwks_text(&[oct(
+            "h",
+            b"secret-h",
+            serde_json::json!({"alg": "HS256"}),
+        )]));
+        let v = jwks_verifier(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(v
+            .verify(&signed(Algorithm::HS256, Some("h"), b"secret-h"))
+            .is_ok());
+        for kid in [Some("h"), None] {
+            let e = v
+                .verify(&signed(Algorithm::HS384, kid, b"secret-h"))
+                .unwrap_err();
+            assert!(
+                e.contains("HS384")
+                    && e.contains("not allowed")
+                    && e.contains("\"h\" allows HS256 only"),
+                "{kid:?}: {e}"
+            );
+        }
+        // A kid naming a key of another kind.
+        let rs = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImgifQ.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.c2ln";
+        let e = v.verify(rs).unwrap_err();
+        assert!(e.contains("RS256") && e.contains("HMAC"), "{e}");
+        // Algorithms outside what jsonwebtoken implements.
+        for (header, alg) in [
+            ("eyJhbGciOiJub25lIn0", "none"),
+            ("eyJhbGciOiJFUzUxMiJ9", "ES512"),
+        ] {
+            let e = v.verify(&format!("{header}.e30.c2ln")).unwrap_err();
+            assert!(e.contains(&format!("{alg:?} is not supported")), "{e}");
+        }
+        assert!(v
+            .verify("e30.e30.c2ln")
+            .unwrap_err()
+            .starts_with("invalid token"));
     }
 
     #[test]

@@ -968,3 +968,61 @@ async fn a_jwks_reloaded_empty_or_broken_keeps_the_last_good_keys() {
     let _ = child.wait();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn base64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A PS256 token for a JWKS key published for RS256 is refused with a body
+/// that says so (not that the node has no RSA key); an algorithm Herald
+/// does not verify is named as not supported.
+#[tokio::test]
+async fn a_refused_algorithm_is_named_in_the_401() {
+    let dir = temp_dir("alg");
+    let k1 = rsa_encoding_key(&dir, "k1");
+    let jwks = dir.join("jwks.json");
+    write_jwks(&jwks, &[("k1", &k1, Algorithm::RS256)]);
+    let mut a = args();
+    a.jwt_jwks = Some(jwks);
+    let node = TestNode::start_on(Backend::Memory, a).await;
+    let claims = || json!({"sub": "alg-user", "exp": now() + 600});
+    assert_eq!(
+        refusal(&node, &sign(Algorithm::RS256, &k1, Some("k1"), claims()))
+            .await
+            .0,
+        101
+    );
+    for kid in [Some("k1"), None] {
+        let (status, body) = refusal(&node, &sign(Algorithm::PS256, &k1, kid, claims())).await;
+        assert_eq!(status, 401, "{kid:?}: {body}");
+        assert!(
+            body.contains("PS256") && body.contains("RS256") && body.contains("not allowed"),
+            "{kid:?}: {body}"
+        );
+        assert!(!body.contains("has none"), "{kid:?}: {body}");
+    }
+    // Algorithms outside what Herald verifies.
+    for alg in ["ES512", "none", "RSA-OAEP"] {
+        let header = base64url(json!({"alg": alg, "kid": "k1"}).to_string().as_bytes());
+        let payload = base64url(claims().to_string().as_bytes());
+        let (status, body) = refusal(&node, &format!("{header}.{payload}.c2ln")).await;
+        assert_eq!(status, 401, "{alg}: {body}");
+        assert!(
+            body.contains(alg) && body.contains("not supported"),
+            "{alg}: {body}"
+        );
+    }
+    node.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
