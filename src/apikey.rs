@@ -73,41 +73,74 @@ impl std::fmt::Debug for KeySpec {
     }
 }
 
+/// The valid scopes, as error messages list them.
+pub const VALID_SCOPES: &str = "send, read, admin (or several joined by +, as in send+read)";
+
 impl KeySpec {
-    /// `name:scope:key` (name of letters, digits, `-`, `_`, `.`; scope as in
-    /// [`Scopes::parse`]; key of at least [`MIN_SCOPED_KEY_BYTES`]), or a bare
-    /// key, which is named `default` and may call everything (the form of
-    /// a single shared key from before scopes existed).
+    /// `name:scope:key` (name of 1 to 64 letters, digits, `-`, `_`, `.`;
+    /// scope as in [`Scopes::parse`]; key of at least
+    /// [`MIN_SCOPED_KEY_BYTES`], and may itself contain `:`), or a bare key
+    /// without `:`, which is named `default` and may call everything (the
+    /// form of a single shared key from before scopes existed).
+    ///
+    /// The rule is exact: a value with a `:` is always read as
+    /// `name:scope:key` and refused if it is not one, so a mistyped scope
+    /// (`ops:reads:...`) can never become an admin key. A bare key that
+    /// contains `:` is written `default:admin:<key>`. Errors never show the
+    /// key; they show the name and the scope only when those are short
+    /// words (what a typo looks like), never a part that may be a secret.
     pub fn parse(s: &str) -> Result<KeySpec, String> {
-        let mut parts = s.splitn(3, ':');
-        if let (Some(name), Some(scope), Some(key)) = (parts.next(), parts.next(), parts.next()) {
-            let name_ok = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-            if name_ok {
-                if let Some(scopes) = Scopes::parse(scope) {
-                    if key.len() < MIN_SCOPED_KEY_BYTES {
-                        return Err(format!(
-                            "API key {name:?}: the key must be at least {MIN_SCOPED_KEY_BYTES} bytes"
-                        ));
-                    }
-                    return Ok(KeySpec {
-                        name: name.to_string(),
-                        scopes,
-                        digest: digest(key.as_bytes()),
-                    });
-                }
-            }
-        }
         if s.is_empty() {
             return Err("an API key cannot be empty".into());
         }
+        let Some((name, rest)) = s.split_once(':') else {
+            return Ok(KeySpec {
+                name: "default".into(),
+                scopes: Scopes::ALL,
+                digest: digest(s.as_bytes()),
+            });
+        };
+        let form = "a value with ':' is read as name:scope:key (a bare key, with every scope, \
+                    has no ':'; write one that contains ':' as default:admin:<key>)";
+        let Some((scope, key)) = rest.split_once(':') else {
+            return Err(format!(
+                "the value has one ':' where name:scope:key needs two; {form}"
+            ));
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !name_ok {
+            return Err(format!(
+                "the name (before the first ':') must be 1 to 64 letters, digits, '-', '_' or \
+                 '.'; {form}"
+            ));
+        }
+        let Some(scopes) = Scopes::parse(scope) else {
+            let shown = if scope.is_empty() {
+                "an empty scope".to_string()
+            } else if scope.len() <= 32
+                && scope.chars().all(|c| c.is_ascii_alphanumeric() || c == '+')
+            {
+                format!("the unknown scope {scope:?}")
+            } else {
+                format!("an unknown scope of {} bytes (not shown)", scope.len())
+            };
+            return Err(format!(
+                "key {name:?} has {shown}: the valid scopes are {VALID_SCOPES}; {form}"
+            ));
+        };
+        if key.len() < MIN_SCOPED_KEY_BYTES {
+            return Err(format!(
+                "key {name:?}: the key must be at least {MIN_SCOPED_KEY_BYTES} bytes"
+            ));
+        }
         Ok(KeySpec {
-            name: "default".into(),
-            scopes: Scopes::ALL,
-            digest: digest(s.as_bytes()),
+            name: name.to_string(),
+            scopes,
+            digest: digest(key.as_bytes()),
         })
     }
 }
@@ -259,10 +292,43 @@ mod tests {
         assert!(KeySpec::parse("ops:read:short")
             .unwrap_err()
             .contains("at least 16"));
-        // Not the scoped form: the whole value is one all-scope key.
-        let k = KeySpec::parse("legacy-key:with:colons").unwrap();
+        // A bare key: no ':'.
+        let k = KeySpec::parse("legacy-key").unwrap();
         assert_eq!((k.name.as_str(), k.scopes), ("default", Scopes::ALL));
         assert!(KeySpec::parse("").is_err());
+        // A bare key with ':' is written in the scoped form.
+        let k = KeySpec::parse("default:admin:legacy-key:with:colons").unwrap();
+        assert_eq!((k.name.as_str(), k.scopes), ("default", Scopes::ALL));
+        let keys = ApiKeys::new(&[k]).unwrap();
+        assert!(keys.identify(b"legacy-key:with:colons").is_some());
+    }
+
+    /// A value with ':' is the scoped form or an error; a typo never
+    /// makes an all-scope key, and no error shows the key.
+    #[test]
+    fn a_value_with_a_colon_is_name_scope_key_or_refused() {
+        const KEY: &str = "SECRET0123456789abcdef";
+        for (spec, says) in [
+            (format!("ops:reads:{KEY}"), "the unknown scope \"reads\""),
+            (format!("ops:Read:{KEY}"), "the unknown scope \"Read\""),
+            (format!("ops:send+:{KEY}"), "the unknown scope \"send+\""),
+            (format!("ops::{KEY}"), "an empty scope"),
+            (format!("ops:{KEY}"), "one ':'"),
+            (format!(":read:{KEY}"), "the name"),
+            (format!("ops team:read:{KEY}"), "the name"),
+            (format!("ops:{KEY}{KEY}:{KEY}"), "44 bytes (not shown)"),
+            (
+                format!("legacy-key:with:{KEY}"),
+                "the unknown scope \"with\"",
+            ),
+        ] {
+            let e = KeySpec::parse(&spec).unwrap_err();
+            assert!(e.contains(says), "{spec}: {e}");
+            assert!(!e.contains("SECRET"), "{spec}: {e}");
+            if says.contains("scope") {
+                assert!(e.contains(VALID_SCOPES), "{spec}: {e}");
+            }
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! A verified token yields its user and its `exp`; the WebSocket gateway
 //! closes the connection with 4401 at `exp` (see `expiry`).
 
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{
     decode, decode_header, encode, Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header,
     Validation,
@@ -27,6 +27,8 @@ const NBF_LEEWAY_SECS: u64 = 30;
 pub const MAX_TOKEN_BYTES: usize = 8192;
 /// The largest JWKS file read, in bytes.
 const MAX_JWKS_BYTES: u64 = 1024 * 1024;
+/// The algorithms Herald verifies (all that `jsonwebtoken` implements).
+const SUPPORTED_ALGORITHMS: &str = "HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -87,30 +89,98 @@ fn file_stamp(path: &Path) -> Stamp {
     Some((m.modified().ok()?, m.len()))
 }
 
+/// How a key or a JWKS entry is named in messages: its `kid`, quoted and
+/// cut to 64 bytes.
+fn kid_name(kid: Option<&str>) -> String {
+    match kid {
+        Some(k) => format!("{:?}", crate::protocol::truncate_utf8(k, 64)),
+        None => "without a kid".into(),
+    }
+}
+
+/// Why a well-formed JWKS entry cannot verify a token, if it cannot: it
+/// is for encryption (`use`, `key_ops`), or names an algorithm that is
+/// not a signature algorithm Herald verifies or does not fit the key.
+fn unusable(jwk: &Jwk, key: &DecodingKey) -> Option<String> {
+    let c = &jwk.common;
+    match &c.public_key_use {
+        None | Some(PublicKeyUse::Signature) => {}
+        Some(PublicKeyUse::Encryption) => return Some("its use is \"enc\" (encryption)".into()),
+        Some(PublicKeyUse::Other(u)) => {
+            return Some(format!(
+                "its use is {:?}, not \"sig\"",
+                crate::protocol::truncate_utf8(u, 32)
+            ))
+        }
+    }
+    if let Some(ops) = &c.key_operations {
+        if !ops.contains(&KeyOperations::Verify) {
+            return Some("its key_ops do not include \"verify\"".into());
+        }
+    }
+    let named = c.key_algorithm?;
+    match named.to_string().parse::<Algorithm>() {
+        Err(_) => Some(format!(
+            "its alg {} is not a signature algorithm Herald verifies ({SUPPORTED_ALGORITHMS})",
+            // The name as the file spells it (RSA-OAEP, not RSA_OAEP).
+            serde_json::to_value(named)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| named.to_string())
+        )),
+        Ok(alg) if alg.family() != key.family() => Some(format!(
+            "its alg {alg:?} does not fit its {} key",
+            family_short(key.family())
+        )),
+        Ok(_) => None,
+    }
+}
+
 impl Jwks {
+    /// Reads the file. A file that is missing, too large or not a JWKS,
+    /// has a malformed key, or has no key that can verify a token is an
+    /// error naming the setting and saying why; entries that cannot verify
+    /// (encryption keys) are left out with a warning when others can.
     fn load(path: &Path) -> Result<Vec<Key>, String> {
-        let shown = path.display();
+        let shown = format!("--jwt-jwks file {}", path.display());
         let len = std::fs::metadata(path)
-            .map_err(|e| format!("JWKS file {shown}: {e}"))?
+            .map_err(|e| format!("{shown}: {e}"))?
             .len();
         if len > MAX_JWKS_BYTES {
             return Err(format!(
-                "JWKS file {shown} is {len} bytes; at most {MAX_JWKS_BYTES} are read"
+                "{shown} is {len} bytes; at most {MAX_JWKS_BYTES} are read"
             ));
         }
-        let text = std::fs::read(path).map_err(|e| format!("JWKS file {shown}: {e}"))?;
-        let set: JwkSet =
-            serde_json::from_slice(&text).map_err(|e| format!("JWKS file {shown}: {e}"))?;
+        let text = std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?;
+        let set: JwkSet = serde_json::from_slice(&text)
+            .map_err(|e| format!("{shown} is not a JWKS ({{\"keys\": [...]}}): {e}"))?;
+        if set.keys.is_empty() {
+            return Err(format!("{shown} has no keys: no token could be verified"));
+        }
         let mut keys = Vec::with_capacity(set.keys.len());
+        let mut left_out = Vec::new();
         for jwk in &set.keys {
             let kid = jwk.common.key_id.clone();
             let key = DecodingKey::from_jwk(jwk)
-                .map_err(|e| format!("JWKS file {shown}: key {kid:?}: {e}"))?;
+                .map_err(|e| format!("{shown}: key {}: {e}", kid_name(kid.as_deref())))?;
+            if let Some(why) = unusable(jwk, &key) {
+                left_out.push(format!("key {}: {why}", kid_name(kid.as_deref())));
+                continue;
+            }
             let alg = jwk
                 .common
                 .key_algorithm
                 .and_then(|a| a.to_string().parse::<Algorithm>().ok());
             keys.push(Key { kid, alg, key });
+        }
+        if keys.is_empty() {
+            return Err(format!(
+                "{shown} has no key usable for verifying tokens: {}",
+                left_out.join("; ")
+            ));
+        }
+        for why in &left_out {
+            tracing::warn!("{shown}: {why}; left out");
         }
         Ok(keys)
     }
@@ -124,16 +194,25 @@ impl Jwks {
         })
     }
 
-    /// Re-reads the file if its modification time or size changed. A file
-    /// that does not parse keeps the old keys (and says why).
-    fn reload_if_changed(&self) -> Result<bool, String> {
+    /// Re-reads the file if its modification time or size changed (or
+    /// with `force`). A file that cannot be used (gone, broken, empty, no
+    /// usable key) keeps the last good keys and is an error saying why,
+    /// once: the same file is not read again until it changes.
+    fn reload_if_changed(&self, force: bool) -> Result<bool, String> {
         let stamp = file_stamp(&self.path);
-        if stamp.is_none() || stamp == self.state.read().0 {
+        if !force && stamp == self.state.read().0 {
             return Ok(false);
         }
-        let keys = Self::load(&self.path)?;
-        *self.state.write() = (stamp, keys.into());
-        Ok(true)
+        match Self::load(&self.path) {
+            Ok(keys) => {
+                *self.state.write() = (stamp, keys.into());
+                Ok(true)
+            }
+            Err(e) => {
+                self.state.write().0 = stamp;
+                Err(e)
+            }
+        }
     }
 
     fn keys(&self) -> Arc<[Key]> {
@@ -175,6 +254,33 @@ fn family_name(f: AlgorithmFamily) -> &'static str {
         AlgorithmFamily::Ec => "an EC public key",
         AlgorithmFamily::Ed => "an Ed25519 public key",
     }
+}
+
+/// A key family in a word.
+fn family_short(f: AlgorithmFamily) -> &'static str {
+    match f {
+        AlgorithmFamily::Hmac => "HMAC",
+        AlgorithmFamily::Rsa => "RSA",
+        AlgorithmFamily::Ec => "EC",
+        AlgorithmFamily::Ed => "Ed25519",
+    }
+}
+
+/// The `alg` a token's header names when it is not one Herald verifies
+/// (`none`, `ES512`, an encryption algorithm), cut to 32 bytes; None when
+/// the header is unreadable for another reason.
+fn unsupported_alg(token: &str) -> Option<String> {
+    use base64::Engine;
+    let head = token.split('.').next()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head.trim_end_matches('='))
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    let named = value.get("alg")?.as_str()?;
+    named
+        .parse::<Algorithm>()
+        .is_err()
+        .then(|| crate::protocol::truncate_utf8(named, 32).to_string())
 }
 
 impl TokenVerifier {
@@ -222,11 +328,13 @@ impl TokenVerifier {
         })
     }
 
-    /// Re-reads the JWKS file if it changed; `Ok(true)` when it did. The
-    /// node calls this every second and on SIGHUP.
-    pub fn reload_jwks(&self) -> Result<bool, String> {
+    /// Re-reads the JWKS file if it changed (or with `force`, as on
+    /// SIGHUP); `Ok(true)` when new keys are in force. An error means the
+    /// file changed but cannot be used: the last good keys stay. The node
+    /// calls this every second and on SIGHUP.
+    pub fn reload_jwks(&self, force: bool) -> Result<bool, String> {
         match &self.jwks {
-            Some(j) => j.reload_if_changed(),
+            Some(j) => j.reload_if_changed(force),
             None => Ok(false),
         }
     }
@@ -241,17 +349,23 @@ impl TokenVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(format!("token longer than {MAX_TOKEN_BYTES} bytes"));
         }
-        let header = decode_header(token).map_err(|e| format!("invalid token: {e}"))?;
+        let header = decode_header(token).map_err(|e| match unsupported_alg(token) {
+            Some(named) => format!(
+                "token algorithm {named:?} is not supported; Herald verifies {SUPPORTED_ALGORITHMS}"
+            ),
+            None => format!("invalid token: {e}"),
+        })?;
         let alg = header.alg;
         let family = alg.family();
         // Candidate keys: the JWKS key named by `kid` if there is one;
-        // otherwise every configured key of the algorithm's family.
+        // otherwise every configured key of the algorithm's family. Of
+        // those, the keys not pinned to another algorithm.
         let jwks_keys = self.jwks.as_ref().map(|j| j.keys());
         let by_kid: Option<&Key> = match (&header.kid, &jwks_keys) {
             (Some(kid), Some(keys)) => keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
             _ => None,
         };
-        let candidates: Vec<&Key> = match by_kid {
+        let of_family: Vec<&Key> = match by_kid {
             Some(k) => vec![k],
             None => self
                 .fixed
@@ -262,19 +376,51 @@ impl TokenVerifier {
                         .flat_map(|ks| ks.iter())
                         .filter(|k| header.kid.is_none() || k.kid.is_none()),
                 )
-                .filter(|k| k.key.family() == family)
                 .collect(),
-        };
-        let candidates: Vec<&Key> = candidates
-            .into_iter()
-            .filter(|k| k.key.family() == family && k.alg.is_none_or(|a| a == alg))
+        }
+        .into_iter()
+        .filter(|k| k.key.family() == family)
+        .collect();
+        let candidates: Vec<&Key> = of_family
+            .iter()
+            .copied()
+            .filter(|k| k.alg.is_none_or(|a| a == alg))
             .collect();
         if candidates.is_empty() {
-            return Err(match (&header.kid, &self.jwks) {
-                (Some(kid), Some(_)) if by_kid.is_none() => format!(
+            return Err(match (by_kid, &header.kid, &self.jwks) {
+                (None, Some(kid), Some(_)) => format!(
                     "token names key id {:?}, which is not in this node's JWKS",
                     crate::protocol::truncate_utf8(kid, 64)
                 ),
+                (Some(k), _, _) if k.key.family() != family => format!(
+                    "token is signed with {alg:?}, which needs {}; key {} in this node's JWKS \
+                     is an {} key",
+                    family_name(family),
+                    kid_name(k.kid.as_deref()),
+                    family_short(k.key.family())
+                ),
+                _ if !of_family.is_empty() => {
+                    // Keys of the right kind, each published for another
+                    // algorithm of the family (an RS256 key and a PS256
+                    // token): say so, rather than that there is no key.
+                    let pins: Vec<String> = of_family
+                        .iter()
+                        .take(4)
+                        .map(|k| {
+                            format!(
+                                "key {} allows {:?} only",
+                                kid_name(k.kid.as_deref()),
+                                k.alg.expect("a pinned key")
+                            )
+                        })
+                        .collect();
+                    format!(
+                        "token is signed with {alg:?}, which is not allowed for this node's {} \
+                         keys: {} (the JWKS entry's alg)",
+                        family_short(family),
+                        pins.join(", ")
+                    )
+                }
                 _ => format!(
                     "token is signed with {alg:?}, which needs {}; this node has none for it",
                     family_name(family)
@@ -341,12 +487,10 @@ impl TokenVerifier {
             }
         }
         let sub = claims.sub;
-        if sub.is_empty() || sub.len() > self.max_user_id_bytes {
-            return Err(format!(
-                "token subject must be 1 to {} bytes",
-                self.max_user_id_bytes
-            ));
-        }
+        // The same check as a gRPC request's user id: a token cannot make a
+        // user that no backend can address.
+        crate::protocol::check_user_id(&sub, self.max_user_id_bytes)
+            .map_err(|e| format!("token subject (sub) is not a valid user id: {e}"))?;
         Ok(Verified {
             user: sub,
             exp: claims.exp,
@@ -464,6 +608,194 @@ mod tests {
         let rs = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.c2ln";
         assert!(v.verify(rs).unwrap_err().contains("RSA"));
         assert!(TokenVerifier::from_config(&JwtConfig::default(), 256).is_err());
+    }
+
+    #[test]
+    fn a_subject_that_is_not_a_valid_user_id_is_refused() {
+        let v = TokenVerifier::new("secret-one", 256);
+        for sub in ["a\nb", "a\0b", "\u{1b}[2J", "", &"x".repeat(257)] {
+            let t = mint("secret-one", sub, Duration::from_secs(60));
+            let e = v.verify(&t).unwrap_err();
+            assert!(e.contains("not a valid user id"), "{sub:?}: {e}");
+        }
+        assert_eq!(
+            v.verify(&mint("secret-one", "a b", Duration::from_secs(60)))
+                .unwrap()
+                .user,
+            "a b"
+        );
+    }
+
+    fn temp_jwks(text: &str) -> PathBuf {
+        let p =
+            std::env::temp_dir().join(format!("herald-jwks-{:08x}.json", rand::random::<u32>()));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// An HMAC JWKS entry (`kty: oct`): enough to test selection, pins and
+    /// reloads without generating key pairs.
+    fn oct(kid: &str, secret: &[u8], extra: serde_json::Value) -> serde_json::Value {
+        use base64::Engine;
+        let mut k = serde_json::json!({
+            "kty": "oct",
+            "kid": kid,
+            "k": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret),
+        });
+        k.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        k
+    }
+
+    fn jwks_text(keys: &[serde_json::Value]) -> String {
+        serde_json::json!({ "keys": keys }).to_string()
+    }
+
+    fn signed(alg: Algorithm, kid: Option<&str>, secret: &[u8]) -> String {
+        let mut h = Header::new(alg);
+        h.kid = kid.map(str::to_string);
+        let exp = crate::protocol::now_ms() / 1000 + 60;
+        let c = Claims {
+            sub: "u".into(),
+            exp,
+            nbf: None,
+            iat: None,
+        };
+        encode(&h, &c, &EncodingKey::from_secret(secret)).unwrap()
+    }
+
+    fn jwks_verifier(path: &Path) -> Result<TokenVerifier, String> {
+        TokenVerifier::from_config(
+            &JwtConfig {
+                jwks: Some(path.to_path_buf()),
+                ..Default::default()
+            },
+            256,
+        )
+    }
+
+    #[test]
+    fn a_jwks_without_a_usable_key_is_refused() {
+        use serde_json::json;
+        for (text, says) in [
+            (r#"{"keys": []}"#.to_string(), "has no keys"),
+            ("{ not json".to_string(), "is not a JWKS"),
+            (
+                jwks_text(&[oct("e", b"k", json!({"use": "enc"}))]),
+                "use is \"enc\"",
+            ),
+            (
+                jwks_text(&[oct("o", b"k", json!({"alg": "RSA-OAEP"}))]),
+                "alg RSA-OAEP is not a signature algorithm",
+            ),
+            (
+                jwks_text(&[oct("r", b"k", json!({"alg": "RS256"}))]),
+                "does not fit its HMAC key",
+            ),
+            (
+                jwks_text(&[oct("w", b"k", json!({"key_ops": ["encrypt"]}))]),
+                "key_ops",
+            ),
+        ] {
+            let path = temp_jwks(&text);
+            let e = jwks_verifier(&path).err().expect(says);
+            std::fs::remove_file(&path).unwrap();
+            assert!(e.starts_with("--jwt-jwks file "), "{e}");
+            assert!(e.contains(says), "{says}: {e}");
+        }
+        // A usable key among unusable ones is enough; the others are left out.
+        let path = temp_jwks(&jwks_text(&[
+            oct("e", b"enc-secret", json!({"use": "enc"})),
+            oct("s", b"sig-secret", json!({"use": "sig", "alg": "HS256"})),
+        ]));
+        let v = jwks_verifier(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(v
+            .verify(&signed(Algorithm::HS256, Some("s"), b"sig-secret"))
+            .is_ok());
+        assert!(v
+            .verify(&signed(Algorithm::HS256, Some("e"), b"enc-secret"))
+            .is_err());
+    }
+
+    #[test]
+    fn a_jwks_reload_that_cannot_be_used_keeps_the_last_good_keys() {
+        let path = temp_jwks(&jwks_text(&[oct("a", b"secret-a", serde_json::json!({}))]));
+        let v = jwks_verifier(&path).unwrap();
+        let ta = signed(Algorithm::HS256, Some("a"), b"secret-a");
+        assert!(v.verify(&ta).is_ok());
+        for (text, says) in [
+            (r#"{"keys": []}"#, "has no keys"),
+            ("{ no", "is not a JWKS"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = v.reload_jwks(false).unwrap_err();
+            assert!(e.contains(says), "{e}");
+            assert!(v.verify(&ta).is_ok(), "the last good keys stay");
+            // Reported once: the same broken file is not read again.
+            assert_eq!(v.reload_jwks(false), Ok(false));
+            // SIGHUP reads it again.
+            assert!(v.reload_jwks(true).is_err());
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert!(v
+            .reload_jwks(false)
+            .unwrap_err()
+            .contains("--jwt-jwks file"));
+        assert!(v.verify(&ta).is_ok(), "a deleted file keeps the keys too");
+        std::fs::write(
+            &path,
+            jwks_text(&[oct("b", b"secret-b", serde_json::json!({}))]),
+        )
+        .unwrap();
+        assert_eq!(v.reload_jwks(false), Ok(true));
+        assert!(v.verify(&ta).is_err());
+        assert!(v
+            .verify(&signed(Algorithm::HS256, Some("b"), b"secret-b"))
+            .is_ok());
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_refused_algorithm_says_why() {
+        let path = temp_jwks(&jwks_text(&[oct(
+            "h",
+            b"secret-h",
+            serde_json::json!({"alg": "HS256"}),
+        )]));
+        let v = jwks_verifier(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(v
+            .verify(&signed(Algorithm::HS256, Some("h"), b"secret-h"))
+            .is_ok());
+        for kid in [Some("h"), None] {
+            let e = v
+                .verify(&signed(Algorithm::HS384, kid, b"secret-h"))
+                .unwrap_err();
+            assert!(
+                e.contains("HS384")
+                    && e.contains("not allowed")
+                    && e.contains("\"h\" allows HS256 only"),
+                "{kid:?}: {e}"
+            );
+        }
+        // A kid naming a key of another kind.
+        let rs = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImgifQ.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.c2ln";
+        let e = v.verify(rs).unwrap_err();
+        assert!(e.contains("RS256") && e.contains("HMAC"), "{e}");
+        // Algorithms outside what jsonwebtoken implements.
+        for (header, alg) in [
+            ("eyJhbGciOiJub25lIn0", "none"),
+            ("eyJhbGciOiJFUzUxMiJ9", "ES512"),
+        ] {
+            let e = v.verify(&format!("{header}.e30.c2ln")).unwrap_err();
+            assert!(e.contains(&format!("{alg:?} is not supported")), "{e}");
+        }
+        assert!(v
+            .verify("e30.e30.c2ln")
+            .unwrap_err()
+            .starts_with("invalid token"));
     }
 
     #[test]

@@ -108,8 +108,41 @@ fn secret(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-fn api_key(s: &str) -> Result<KeySpec, String> {
-    KeySpec::parse(s)
+/// A user id for `herald token`: the check gRPC requests and nodes apply
+/// to a token's `sub`, so no token is minted that a node would refuse.
+fn user_id(s: &str) -> Result<String, String> {
+    crate::protocol::check_user_id(s, crate::protocol::MAX_USER_ID_BYTES)?;
+    Ok(s.to_string())
+}
+
+/// Parses `--api-key` values. Not a plain function parser: clap's error
+/// for those quotes the value, and this one is a secret. The error names
+/// the setting in each of its forms and says what is wrong (see
+/// [`KeySpec::parse`]), never the value.
+#[derive(Clone, Copy, Debug)]
+struct ApiKeyParser;
+
+impl clap::builder::TypedValueParser for ApiKeyParser {
+    type Value = KeySpec;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<KeySpec, clap::Error> {
+        let refuse = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("--api-key (HERALD_API_KEY, api_key in the config file): {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let s = value
+            .to_str()
+            .ok_or_else(|| refuse("the value is not UTF-8".into()))?;
+        KeySpec::parse(s).map_err(refuse)
+    }
 }
 
 /// Flags of `herald serve`. Each setting, its environment variable and its
@@ -148,8 +181,8 @@ pub struct ServeArgs {
     /// Longest token lifetime accepted (`exp` minus `iat`, or minus now without `iat`).
     #[arg(long, env = "HERALD_JWT_MAX_LIFETIME", value_parser = duration)]
     pub jwt_max_lifetime: Option<Duration>,
-    /// gRPC API key, repeatable: `name:scope:key` with scope send, read or admin (or send+read), or a bare key (named "default", every scope). Set: PushService callers must send `authorization: Bearer <key>`.
-    #[arg(long = "api-key", env = "HERALD_API_KEY", hide_env_values = true, value_parser = api_key)]
+    /// gRPC API key, repeatable: `name:scope:key` with scope send, read or admin (or send+read), or a bare key without ':' (named "default", every scope). A value with ':' that is not name:scope:key stops the start. Set: PushService callers must send `authorization: Bearer <key>`.
+    #[arg(long = "api-key", env = "HERALD_API_KEY", hide_env_values = true, value_parser = ApiKeyParser)]
     pub api_key: Vec<KeySpec>,
     /// Health and reflection also need an API key (any scope); by default they are open for probes and grpcurl.
     #[arg(long, env = "HERALD_GRPC_AUTH_DISCOVERY")]
@@ -345,7 +378,8 @@ fn file_flags(path: &Path, given: &ArgMatches) -> Result<Vec<OsString>, String> 
 
 #[derive(Args, Debug)]
 pub struct TokenArgs {
-    /// The user id (the token's `sub`).
+    /// The user id (the token's `sub`): 1 to 256 bytes, no control characters.
+    #[arg(value_parser = user_id)]
     pub user: String,
     /// The secret; must match the nodes' --jwt-secret (at least 8 bytes).
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true, value_parser = secret)]
@@ -518,7 +552,7 @@ impl Config {
             limits: Limits {
                 max_payload_bytes: args.max_payload_bytes,
                 max_users_per_call: 1000,
-                max_user_id_bytes: 256,
+                max_user_id_bytes: crate::protocol::MAX_USER_ID_BYTES,
                 max_topic_bytes: 256,
                 max_client_frame_bytes: args.max_client_frame_bytes,
                 send_queue: QueueLimits {
@@ -613,6 +647,22 @@ mod tests {
         assert!(
             generated.jwt_secret_generated && generated.jwt.secret.as_ref().unwrap().len() >= 32
         );
+    }
+
+    /// A bad `--api-key` is refused naming the setting, never echoing the
+    /// value (clap's own parse errors quote it).
+    #[test]
+    fn a_bad_api_key_is_refused_without_echoing_it() {
+        for v in ["ops:reads:SECRET0123456789abcdef", "ops:read:SECRETshort"] {
+            let e = serve(&["--api-key", v]).unwrap_err().to_string();
+            assert!(
+                e.contains("--api-key") && e.contains("HERALD_API_KEY"),
+                "{e}"
+            );
+            assert!(!e.contains("SECRET"), "{e}");
+        }
+        let a = serve(&["--api-key", "ops:read:0123456789abcdef"]).unwrap();
+        assert_eq!(a.api_key[0].name, "ops");
     }
 
     /// README's Production example is a valid config file.

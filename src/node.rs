@@ -89,18 +89,10 @@ impl Node {
         Ok(Node::new(cfg, hub, backend))
     }
 
+    /// A user id from a gRPC request: the same check as a token's `sub`
+    /// ([`protocol::check_user_id`]).
     fn check_user(&self, user: &str) -> Result<()> {
-        if user.is_empty() {
-            return Err(Error::invalid("user id must not be empty"));
-        }
-        if user.len() > self.cfg.limits.max_user_id_bytes {
-            return Err(Error::invalid(format!(
-                "user id of {} bytes exceeds the limit of {} bytes",
-                user.len(),
-                self.cfg.limits.max_user_id_bytes
-            )));
-        }
-        Ok(())
+        protocol::check_user_id(user, self.cfg.limits.max_user_id_bytes).map_err(Error::invalid)
     }
 
     fn check_users(&self, users: &[String]) -> Result<()> {

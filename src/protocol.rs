@@ -358,6 +358,39 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// The longest user id, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 256;
+
+/// The one check of a user id, wherever it comes from: a gRPC request, a
+/// token's `sub`, `herald token`. An id is 1 to `max` bytes of UTF-8 with
+/// no control character (U+0000 to U+001F, U+007F to U+009F: NUL, line
+/// breaks, tabs, terminal escapes) and no line or paragraph separator
+/// (U+2028, U+2029). So every user a token can make is one a backend can
+/// address, and no id can split or forge a log line. The error says what
+/// is wrong without echoing the id.
+pub fn check_user_id(user: &str, max: usize) -> Result<(), String> {
+    if user.is_empty() {
+        return Err("user id must not be empty".into());
+    }
+    if user.len() > max {
+        return Err(format!(
+            "user id of {} bytes exceeds the limit of {max} bytes",
+            user.len()
+        ));
+    }
+    if let Some((at, c)) = user
+        .char_indices()
+        .find(|(_, c)| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
+        return Err(format!(
+            "user id contains the control character U+{:04X} at byte {at}; user ids must not \
+             contain control characters or line separators",
+            c as u32
+        ));
+    }
+    Ok(())
+}
+
 /// What a client may send. Anything else is answered with an error frame.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
@@ -445,6 +478,38 @@ pub fn history_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_ids_are_1_to_max_bytes_without_control_characters() {
+        for ok in [
+            "a",
+            "alice@example.com",
+            "user 42",
+            "émile",
+            "用户",
+            &"x".repeat(256),
+        ] {
+            assert_eq!(check_user_id(ok, 256), Ok(()), "{ok:?}");
+        }
+        assert!(check_user_id("", 256).unwrap_err().contains("empty"));
+        assert!(check_user_id(&"x".repeat(257), 256)
+            .unwrap_err()
+            .contains("257 bytes"));
+        for (bad, code) in [
+            ("a\nb", "U+000A"),
+            ("a\0b", "U+0000"),
+            ("a\rb", "U+000D"),
+            ("\tx", "U+0009"),
+            ("\u{1b}[31mred", "U+001B"),
+            ("a\u{7f}", "U+007F"),
+            ("a\u{85}b", "U+0085"),
+            ("a\u{2028}b", "U+2028"),
+        ] {
+            let e = check_user_id(bad, 256).unwrap_err();
+            assert!(e.contains(code), "{bad:?}: {e}");
+            assert!(!e.contains(bad), "the id is not echoed: {e}");
+        }
+    }
 
     #[test]
     fn ids_order_and_parse() {

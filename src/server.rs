@@ -345,10 +345,16 @@ async fn reload_files(
         if forced {
             tracing::info!("SIGHUP: reloading the TLS certificate and the JWKS file");
         }
-        match verifier.reload_jwks() {
-            Ok(true) => tracing::info!("JWKS file changed: keys reloaded"),
+        match verifier.reload_jwks(forced) {
+            Ok(true) => {
+                metrics::counter!("herald_jwks_reloads_total", "result" => "loaded").increment(1);
+                tracing::info!("JWKS file changed: keys reloaded")
+            }
             Ok(false) => {}
-            Err(e) => tracing::warn!("JWKS file changed but cannot be used (old keys kept): {e}"),
+            Err(e) => {
+                metrics::counter!("herald_jwks_reloads_total", "result" => "rejected").increment(1);
+                tracing::warn!("JWKS file changed but cannot be used; the last good keys kept: {e}")
+            }
         }
         if let Some(c) = &cert {
             match c.reload(forced) {

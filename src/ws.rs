@@ -851,13 +851,19 @@ mod tests {
             }
         }
 
-        /// Every subject of 1..=256 bytes survives mint and verify.
+        /// A minted token verifies exactly when its subject is a valid
+        /// user id (`protocol::check_user_id`, the rule gRPC applies too),
+        /// and then names that user.
         #[test]
-        fn minted_tokens_verify_for_any_subject(user in "\\PC{1,64}") {
-            prop_assume!(user.len() <= 256);
+        fn minted_tokens_verify_exactly_when_the_subject_is_a_valid_user_id(
+            user in "\\PC{1,64}|[a-z]{0,4}[\\x00-\\x1f\\x7f\\u{85}\\u{2028}\\u{2029}][a-z]{0,4}",
+        ) {
             let v = TokenVerifier::new("proptest-secret", 256);
             let t = crate::auth::mint("proptest-secret", &user, Duration::from_secs(60));
-            prop_assert_eq!(v.verify(&t).unwrap().user, user);
+            match protocol::check_user_id(&user, 256) {
+                Ok(()) => prop_assert_eq!(v.verify(&t).unwrap().user, user),
+                Err(_) => prop_assert!(v.verify(&t).unwrap_err().contains("not a valid user id")),
+            }
         }
     }
 }

@@ -786,6 +786,62 @@ async fn api_key_guards_the_push_service_but_not_health() {
     node.stop().await;
 }
 
+/// The proto's word on DisconnectUser's reason is what the node does: at
+/// most 123 bytes of UTF-8 reach the browser whole, a longer one is
+/// INVALID_ARGUMENT (never cut), an empty one is "disconnected by the
+/// server".
+#[tokio::test]
+async fn disconnect_reason_limit_is_what_the_proto_says() {
+    let proto = include_str!("../proto/herald/v1/push.proto");
+    // A close frame holds 125 bytes, 2 of them the code.
+    let max = 123;
+    let doc = &proto[proto.find("message DisconnectUserRequest").unwrap()..];
+    let doc = &doc[..doc.find("string reason").unwrap()];
+    assert!(doc.contains(&format!("at most {max}")), "{doc}");
+    assert!(
+        doc.contains("INVALID_ARGUMENT") && !doc.contains("truncated"),
+        "{doc}"
+    );
+    assert!(
+        doc.contains("\"disconnected by the\n  // server\""),
+        "{doc}"
+    );
+
+    let node = TestNode::start(Backend::Memory).await;
+    let c = node.client().await;
+    let u = uid("reason");
+    let (mut ws, _) = node.connect(&u).await;
+    let disconnect = |reason: String| {
+        let mut c = c.clone();
+        let u = u.clone();
+        async move {
+            c.disconnect_user(DisconnectUserRequest { user_id: u, reason })
+                .await
+        }
+    };
+    // 124 bytes, of two-byte characters: refused, and the socket stays.
+    let e = disconnect("é".repeat(62)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains(&max.to_string()), "{}", e.message());
+    ws.send_json(json!({"type": "ping"})).await;
+    assert_eq!(ws.next_of("pong").await["type"], "pong");
+    // 123 bytes: whole.
+    let exact = format!("{}x", "é".repeat(61));
+    assert_eq!(exact.len(), max);
+    disconnect(exact.clone()).await.unwrap();
+    let (code, reason, _) = ws.expect_close().await;
+    assert_eq!((code, reason), (4001, exact));
+    // Empty: the default.
+    let (mut ws, _) = node.connect(&u).await;
+    disconnect(String::new()).await.unwrap();
+    let (code, reason, _) = ws.expect_close().await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (4001, "disconnected by the server")
+    );
+    node.stop().await;
+}
+
 on_both_backends!(
     two_devices_receive_and_another_user_does_not,
     payload_reaches_the_browser_byte_for_byte,

@@ -581,3 +581,448 @@ async fn a_long_unicode_frame_type_is_an_error_frame_not_a_crash() {
     assert_eq!(ws.next_of("pong").await["type"], "pong");
     node.stop().await;
 }
+
+/// The status and body of a refused handshake (101 and "" when accepted).
+async fn refusal(node: &TestNode, token: &str) -> (u16, String) {
+    match tokio_tungstenite::connect_async(node.ws_url(token, None)).await {
+        Ok(_) => (101, String::new()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => (
+            r.status().as_u16(),
+            String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// User ids that no backend could address or that would split a log line.
+const BAD_USER_IDS: [&str; 4] = ["a\nb", "a\0b", "a\r\nINFO forged line", "\u{1b}[31mred"];
+
+#[tokio::test]
+async fn a_token_whose_sub_is_not_a_valid_user_id_is_refused_at_the_handshake() {
+    let node = TestNode::start_on(Backend::Memory, args()).await;
+    let hs = |sub: &str| {
+        sign(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+            None,
+            json!({"sub": sub, "exp": now() + 600}),
+        )
+    };
+    for sub in BAD_USER_IDS {
+        let (status, body) = refusal(&node, &hs(sub)).await;
+        assert_eq!(status, 401, "{sub:?}: {body}");
+        assert!(
+            body.contains("sub") && body.contains("not a valid user id"),
+            "{sub:?}: {body}"
+        );
+        assert!(body.contains("control character"), "{sub:?}: {body}");
+    }
+    assert_eq!(refusal(&node, &hs("fine user")).await.0, 101);
+    let metrics = node.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"herald_ws_rejected_total{reason="unauthorized"}"#),
+        "{metrics}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_refuses_user_ids_with_control_characters() {
+    let node = TestNode::start_on(Backend::Memory, args()).await;
+    let mut c = node.client().await;
+    for id in BAD_USER_IDS {
+        let u = || id.to_string();
+        let results = [
+            (
+                "SendToUser",
+                c.send_to_user(SendToUserRequest {
+                    user_ids: vec!["ok".into(), u()],
+                    payload_json: "{}".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "IsOnline",
+                c.is_online(IsOnlineRequest {
+                    user_ids: vec![u()],
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "UnreadCount",
+                c.unread_count(UnreadCountRequest {
+                    user_id: u(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "ListMessages",
+                c.list_messages(ListMessagesRequest {
+                    user_id: u(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "DisconnectUser",
+                c.disconnect_user(DisconnectUserRequest {
+                    user_id: u(),
+                    reason: String::new(),
+                })
+                .await
+                .map(|_| ()),
+            ),
+        ];
+        for (rpc, r) in results {
+            let e = r.expect_err(rpc);
+            assert_eq!(e.code(), Code::InvalidArgument, "{rpc} {id:?}: {e:?}");
+            assert!(
+                e.message().contains("control character"),
+                "{rpc} {id:?}: {}",
+                e.message()
+            );
+        }
+    }
+    node.stop().await;
+}
+
+#[test]
+fn herald_token_refuses_a_user_id_with_a_control_character() {
+    let token = |user: &str| {
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["token", user, "--jwt-secret", SECRET])
+            .env_remove("HERALD_JWT_SECRET")
+            .output()
+            .unwrap()
+    };
+    // NUL cannot travel in an argument; the rest can.
+    for user in ["a\nb", "a\r\nINFO forged line", "\u{1b}[31mred", "a\tb"] {
+        let out = token(user);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{user:?} minted a token");
+        assert!(out.stdout.is_empty(), "{user:?}");
+        assert!(stderr.contains("control character"), "{user:?}: {stderr}");
+    }
+    let out = token("alice");
+    assert!(out.status.success());
+    let t = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(t.trim().split('.').count(), 3, "{t}");
+}
+
+/// Runs `herald serve` (embedded backend, ephemeral ports) with `extra`
+/// flags and `env`: its exit status (None if it was still running after
+/// 10 s: it started, and was killed) and its standard error.
+fn serve_briefly(
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<std::process::ExitStatus>, String) {
+    let dir = temp_dir("serve");
+    let err_path = dir.join("stderr");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.args(["serve", "--jwt-secret", SECRET])
+        .args(["--ws-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("HERALD_API_KEY")
+        .env_remove("HERALD_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    (status, stderr)
+}
+
+/// `ops:reads:<key>` is a typo of a read key, not a bare admin key named
+/// "default"; from a flag, the environment or the config file, the start
+/// stops with a message naming the setting, the bad scope and the valid
+/// ones, and never the key.
+#[test]
+fn a_mistyped_api_key_scope_stops_the_start_without_printing_the_key() {
+    const KEY: &str = "SECRET-0123456789abcdef";
+    let spec = format!("ops:reads:{KEY}");
+    let dir = temp_dir("apikey");
+    let config = dir.join("herald.toml");
+    std::fs::write(&config, format!("api_key = [\"{spec}\"]\n")).unwrap();
+    let cases: [(&str, Vec<&str>, Vec<(&str, &str)>); 3] = [
+        ("flag", vec!["--api-key", &spec], vec![]),
+        ("env", vec![], vec![("HERALD_API_KEY", &spec)]),
+        ("config", vec!["--config", config.to_str().unwrap()], vec![]),
+    ];
+    for (how, flags, env) in cases {
+        let (status, stderr) = serve_briefly(&flags, &env);
+        let status = status.unwrap_or_else(|| panic!("{how}: started with {spec:?}: {stderr}"));
+        assert!(!status.success(), "{how}: {stderr}");
+        for want in [
+            "--api-key",
+            "HERALD_API_KEY",
+            "api_key",
+            "\"reads\"",
+            "send, read, admin",
+        ] {
+            assert!(stderr.contains(want), "{how}: no {want:?} in: {stderr}");
+        }
+        assert!(
+            !stderr.contains("SECRET"),
+            "{how}: the key leaked: {stderr}"
+        );
+    }
+    // A key too short for the scoped form is refused without being shown.
+    let (status, stderr) = serve_briefly(&["--api-key", "ops:read:SECRETshort"], &[]);
+    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
+    assert!(stderr.contains("at least 16 bytes"), "{stderr}");
+    assert!(!stderr.contains("SECRET"), "the key leaked: {stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A JWKS as `write_jwks` makes it, with `edit` applied to each key.
+fn write_jwks_edited(
+    path: &Path,
+    keys: &[(&str, &EncodingKey, Algorithm)],
+    edit: impl Fn(&mut serde_json::Value),
+) {
+    write_jwks(path, keys);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for k in v["keys"].as_array_mut().unwrap() {
+        edit(k);
+    }
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+fn rsa_encoding_key(dir: &Path, name: &str) -> EncodingKey {
+    let k = openssl_key(
+        dir,
+        name,
+        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+    );
+    EncodingKey::from_rsa_pem(&k.private).unwrap()
+}
+
+#[tokio::test]
+async fn a_jwks_without_a_usable_key_stops_the_start() {
+    let dir = temp_dir("jwks-empty");
+    let k1 = rsa_encoding_key(&dir, "k1");
+    let jwks = dir.join("jwks.json");
+    let start = |path: &Path| {
+        let mut a = args();
+        a.jwt_secret = None;
+        a.jwt_jwks = Some(path.to_path_buf());
+        TestNode::try_start_with(a)
+    };
+    std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+    let err = start(&jwks).await.err().expect("an empty JWKS is refused");
+    assert!(
+        err.contains("--jwt-jwks") && err.contains("no keys"),
+        "{err}"
+    );
+    // Keys that cannot verify a token: one for encryption, one pinned to
+    // an encryption algorithm.
+    write_jwks_edited(&jwks, &[("enc", &k1, Algorithm::RS256)], |k| {
+        k["use"] = json!("enc")
+    });
+    let err = start(&jwks)
+        .await
+        .err()
+        .expect("an encryption key is refused");
+    assert!(
+        err.contains("--jwt-jwks") && err.contains("no key usable") && err.contains("\"enc\""),
+        "{err}"
+    );
+    write_jwks_edited(&jwks, &[("oaep", &k1, Algorithm::RS256)], |k| {
+        k["alg"] = json!("RSA-OAEP")
+    });
+    let err = start(&jwks)
+        .await
+        .err()
+        .expect("an RSA-OAEP key is refused");
+    assert!(
+        err.contains("no key usable") && err.contains("RSA-OAEP"),
+        "{err}"
+    );
+    // One usable key among unusable ones is enough.
+    let k2 = rsa_encoding_key(&dir, "k2");
+    write_jwks(&jwks, &[("k2", &k2, Algorithm::RS256)]);
+    let node = start(&jwks).await.expect("a usable key starts");
+    let t = sign(
+        Algorithm::RS256,
+        &k2,
+        Some("k2"),
+        json!({"sub": "u", "exp": now() + 600}),
+    );
+    assert_eq!(handshake_status(&node, &t).await, 101);
+    node.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A JWKS file rewritten empty or broken keeps the last good keys in force;
+/// the log says why and `herald_jwks_reloads_total{result="rejected"}`
+/// counts it. A good file after that is taken.
+#[tokio::test]
+async fn a_jwks_reloaded_empty_or_broken_keeps_the_last_good_keys() {
+    use std::io::{BufRead, BufReader};
+    let dir = temp_dir("jwks-reload");
+    let k1 = rsa_encoding_key(&dir, "k1");
+    let k2 = rsa_encoding_key(&dir, "k2");
+    let jwks = dir.join("jwks.json");
+    write_jwks(&jwks, &[("k1", &k1, Algorithm::RS256)]);
+    let log_path = dir.join("node.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--node-id", "jwks-reload"])
+        .args(["--ws-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .arg("--jwt-jwks")
+        .arg(&jwks)
+        .env_remove("HERALD_JWT_SECRET")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    while !ready.starts_with("herald ready:") {
+        ready.clear();
+        assert!(out.read_line(&mut ready).unwrap() > 0, "the node exited");
+    }
+    std::thread::spawn(move || for _ in out.lines() {});
+    let field = |k: &str| -> std::net::SocketAddr {
+        let v = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap();
+        let v = v.split("://").nth(1).unwrap().trim_end_matches("/ws");
+        v.parse().unwrap()
+    };
+    let (ws, admin) = (field("ws="), field("admin="));
+    let status = |t: String| async move {
+        match tokio_tungstenite::connect_async(format!("ws://{ws}/ws?token={t}")).await {
+            Ok(_) => 101,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let claims = || json!({"sub": "jwks-reload", "exp": now() + 600});
+    let t1 = || sign(Algorithm::RS256, &k1, Some("k1"), claims());
+    let t2 = || sign(Algorithm::RS256, &k2, Some("k2"), claims());
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let rejected = |n: u32| async move {
+        http_get(admin, "/metrics").await.contains(&format!(
+            "herald_jwks_reloads_total{{result=\"rejected\"}} {n}"
+        ))
+    };
+    assert_eq!(status(t1()).await, 101);
+    // Emptied (as a sync job that got an empty answer would): refused.
+    std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+    eventually("the empty JWKS is rejected", || async { rejected(1).await }).await;
+    let l = log();
+    assert!(
+        l.contains("JWKS") && l.contains("no keys") && l.contains("last good keys kept"),
+        "{l}"
+    );
+    assert_eq!(status(t1()).await, 101, "k1 is still in force");
+    // Broken: refused too, once.
+    std::fs::write(&jwks, "{ not json").unwrap();
+    eventually("the broken JWKS is rejected", || async {
+        rejected(2).await
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        rejected(2).await,
+        "a broken file is reported once, not every second"
+    );
+    assert_eq!(status(t1()).await, 101, "k1 is still in force");
+    // A good file again: in force.
+    write_jwks(&jwks, &[("k2", &k2, Algorithm::RS256)]);
+    eventually("the rotated JWKS is in force", || async {
+        status(t2()).await == 101
+    })
+    .await;
+    assert_eq!(status(t1()).await, 401, "k1 is retired");
+    assert!(http_get(admin, "/metrics")
+        .await
+        .contains("herald_jwks_reloads_total{result=\"loaded\"} 1"));
+    signal(child.id(), "-TERM");
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A PS256 token for a JWKS key published for RS256 is refused with a body
+/// that says so (not that the node has no RSA key); an algorithm Herald
+/// does not verify is named as not supported.
+#[tokio::test]
+async fn a_refused_algorithm_is_named_in_the_401() {
+    let dir = temp_dir("alg");
+    let k1 = rsa_encoding_key(&dir, "k1");
+    let jwks = dir.join("jwks.json");
+    write_jwks(&jwks, &[("k1", &k1, Algorithm::RS256)]);
+    let mut a = args();
+    a.jwt_jwks = Some(jwks);
+    let node = TestNode::start_on(Backend::Memory, a).await;
+    let claims = || json!({"sub": "alg-user", "exp": now() + 600});
+    assert_eq!(
+        refusal(&node, &sign(Algorithm::RS256, &k1, Some("k1"), claims()))
+            .await
+            .0,
+        101
+    );
+    for kid in [Some("k1"), None] {
+        let (status, body) = refusal(&node, &sign(Algorithm::PS256, &k1, kid, claims())).await;
+        assert_eq!(status, 401, "{kid:?}: {body}");
+        assert!(
+            body.contains("PS256") && body.contains("RS256") && body.contains("not allowed"),
+            "{kid:?}: {body}"
+        );
+        assert!(!body.contains("has none"), "{kid:?}: {body}");
+    }
+    // Algorithms outside what Herald verifies.
+    for alg in ["ES512", "none", "RSA-OAEP"] {
+        let header = base64url(json!({"alg": alg, "kid": "k1"}).to_string().as_bytes());
+        let payload = base64url(claims().to_string().as_bytes());
+        let (status, body) = refusal(&node, &format!("{header}.{payload}.c2ln")).await;
+        assert_eq!(status, 401, "{alg}: {body}");
+        assert!(
+            body.contains(alg) && body.contains("not supported"),
+            "{alg}: {body}"
+        );
+    }
+    node.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
