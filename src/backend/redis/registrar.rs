@@ -520,7 +520,7 @@ impl Registrar {
                 _ = repair.tick(), if !suspect.is_empty() => {
                     // Users who left meanwhile need no subscription.
                     suspect.retain(|ch| *ch == broadcast_channel
-                        || keys::channel_user(ch).is_some_and(|u| subscribed.contains(u)));
+                        || keys::channel_user(ch).is_some_and(|u| subscribed.contains(&*u)));
                     let channels: Vec<String> = suspect.iter().take(4096).cloned().collect();
                     let attempt = tokio::time::timeout(
                         Duration::from_secs(2),
@@ -566,7 +566,7 @@ impl Registrar {
                     return;
                 };
                 let ours = ch == broadcast_channel
-                    || keys::channel_user(&ch).is_some_and(|u| subscribed.contains(u));
+                    || keys::channel_user(&ch).is_some_and(|u| subscribed.contains(&*u));
                 if ours && suspect.insert(ch) {
                     metrics::counter!("herald_redis_resubscribes_total", "why" => "slot_moved")
                         .increment(1);
@@ -578,7 +578,7 @@ impl Registrar {
                 };
                 if suspect.remove(&ch) {
                     if let Some(u) = keys::channel_user(&ch) {
-                        self.local.resync(u);
+                        self.local.resync(&u);
                     }
                 }
             }
