@@ -178,7 +178,9 @@ pub(crate) fn idem_broadcast(key: &str) -> String {
 
 /// Hash: the user's connection reservations, cluster-wide: `<node>|<boot>`
 /// (a node incarnation, see [`boots`]) -> connections. Written only by the
-/// reserve and release scripts and by a node restoring its own entries.
+/// reserve and release scripts and by a node restoring its own entries;
+/// each write sets its expiry (`--presence-ttl`), which the registrar of
+/// every node holding the user refreshes.
 pub(crate) fn user_conns(user: &str) -> String {
     user_scoped(user, "conns")
 }

@@ -51,7 +51,7 @@
 //! | `herald:{<user>}:meta` | hash | `last` (newest id), `seq` (messages ever stored), `rid`/`rn` (read cursor id and ordinal), `floor` (newest id gone), `tn`, `ok`, `px` (see `scripts/prelude.lua`, `append.lua`) | as the inbox |
 //! | `herald:{<user>}:rd`, `:ur`, `:del` | sorted sets | message center: ids read above the cursor, unread at or below it, deleted above `tn` (score: ordinal) | as the inbox (the center scripts expire all five keys together) |
 //! | `herald:{<user>}:ch` | channel (sharded on a cluster) | the user's live events (payloads: [`codec`]) | subscribed by nodes holding the user |
-//! | `herald:{<user>}:conns` | hash | `<node>\|<boot>` -> the user's connection reservations on that node incarnation | written by `reserve.lua`/`release.lua` and a node restoring its own; dead incarnations' entries deleted by the next reserve |
+//! | `herald:{<user>}:conns` | hash | `<node>\|<boot>` -> the user's connection reservations on that node incarnation | written by `reserve.lua`/`release.lua` and a node restoring its own, each write setting the expiry `--presence-ttl` (at least 4 leases, default 1 h), which every node holding the user refreshes within about half of it ([`registrar`]); dead incarnations' entries deleted by the next reserve, and the whole hash expires when no live node holds the user |
 //! | `herald:{<user>}:idem:s:<key>` | string | a stored send's record: `<id> <online> <fingerprint>` | the idempotency window |
 //! | `herald:{<user>}:idem:t:<key>` | string | a transient send's record: `<id> <fingerprint>` | the idempotency window |
 //! | `herald:idem:b:<key>` | string | a broadcast's record: `<id> <fingerprint>` | the idempotency window |
@@ -255,6 +255,9 @@ pub(crate) struct RedisBackend {
     leases: Arc<leases::Leases>,
     /// Cluster mode: user channels are sharded (`SPUBLISH`).
     sharded: bool,
+    /// `--presence-ttl` in ms: the expiry the reserve and release scripts
+    /// give a user's reservation hash.
+    presence_ttl_ms: String,
     cfg: InboxConfig,
     registrar: registrar::Handle,
 }
@@ -306,6 +309,7 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
         boot: boot.clone(),
         started_ms: crate::protocol::now_ms(),
         lease: cfg.node_lease,
+        presence_ttl: cfg.presence_ttl,
     }
     .start();
     // The first pub/sub connection and presence registration must work, or
@@ -326,6 +330,7 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
         node_id: cfg.node_id.clone(),
         leases,
         sharded,
+        presence_ttl_ms: cfg.presence_ttl.as_millis().to_string(),
         cfg: cfg.inbox.clone(),
         registrar,
     });
