@@ -248,6 +248,9 @@ pub struct ServeArgs {
     /// Node lease in Redis; a node that stops renewing it counts as dead after this long (at least 500ms).
     #[arg(long, env = "HERALD_NODE_LEASE", default_value = "15s", value_parser = duration)]
     pub node_lease: Duration,
+    /// Redis: how long a user's connection-reservation hash outlives its last refresh; each node refreshes its users' in a slow sweep, so a crashed node's entries of users who never return expire. At least 4 node leases; give every node the same.
+    #[arg(long, env = "HERALD_PRESENCE_TTL", default_value = "1h", value_parser = duration)]
+    pub presence_ttl: Duration,
     /// gRPC connections this node holds at once; more wait to be accepted.
     #[arg(long, env = "HERALD_GRPC_MAX_CONNECTIONS", default_value_t = 1024, value_parser = positive)]
     pub grpc_max_connections: usize,
@@ -389,6 +392,12 @@ pub struct TokenArgs {
     pub ttl: Duration,
 }
 
+/// The shortest `--presence-ttl`, in node leases: a round of the
+/// registrar's refresh of its users' reservation hashes spans a quarter of
+/// the TTL (see `backend::redis::registrar`), which then holds at least
+/// three lease renewals.
+pub const PRESENCE_TTL_LEASES: u32 = 4;
+
 /// Bounds of one connection's send queue (see `hub`) (`--send-queue-bytes`,
 /// `--send-queue`).
 #[derive(Clone, Copy, Debug)]
@@ -464,6 +473,10 @@ pub struct Config {
     pub inbox: InboxConfig,
     pub heartbeat: Duration,
     pub node_lease: Duration,
+    /// Lifetime of a user's reservation hash in Redis after its last
+    /// write or refresh: `--presence-ttl`, at least [`PRESENCE_TTL_LEASES`]
+    /// node leases.
+    pub presence_ttl: Duration,
     /// How long idempotency keys are remembered.
     pub idempotency_window: Duration,
     /// None: one per core.
@@ -521,6 +534,7 @@ impl Config {
                 "node id {node_id:?} must be 1 to 128 bytes without spaces"
             ));
         }
+        let node_lease = args.node_lease.max(Duration::from_millis(500));
         Ok(Config {
             node_id,
             ws_listen: args.ws_listen,
@@ -580,7 +594,8 @@ impl Config {
                 idempotency_max_records: args.idempotency_max_records,
             },
             heartbeat: args.heartbeat.max(Duration::from_millis(50)),
-            node_lease: args.node_lease.max(Duration::from_millis(500)),
+            node_lease,
+            presence_ttl: args.presence_ttl.max(node_lease * PRESENCE_TTL_LEASES),
             idempotency_window: args.idempotency_window.max(Duration::from_secs(1)),
             worker_threads: args.worker_threads.filter(|n| *n > 0),
         })
@@ -684,6 +699,22 @@ mod tests {
         assert!(cfg.tls.is_some() && cfg.grpc_tls_client_ca.is_some() && cfg.admin_plain);
         assert!(!cfg.origins.is_empty());
         assert_eq!(cfg.jwt.max_lifetime, Some(Duration::from_secs(24 * 3600)));
+    }
+
+    #[test]
+    fn the_presence_ttl_is_at_least_four_leases() {
+        let cfg = Config::resolve(ServeArgs::default()).unwrap();
+        assert_eq!(cfg.presence_ttl, Duration::from_secs(3600));
+        let path = temp_file("presence_ttl = \"2s\"\nnode_lease = \"1s\"\n");
+        let args = serve(&["--config", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        let cfg = Config::resolve(args.unwrap()).unwrap();
+        assert_eq!(cfg.presence_ttl, Duration::from_secs(4), "4 leases");
+        let args = serve(&["--presence-ttl", "90s", "--node-lease", "1s"]).unwrap();
+        assert_eq!(
+            Config::resolve(args).unwrap().presence_ttl,
+            Duration::from_secs(90)
+        );
     }
 
     #[test]

@@ -411,3 +411,82 @@ async fn per_user_cap_is_exact_across_nodes_and_freed_by_a_dead_node() {
         n.terminate();
     }
 }
+
+/// PTTL of `key` (ms): -2 when it does not exist, -1 without an expiry.
+async fn pttl(redis: &RedisServer, key: &str) -> i64 {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Issue 20: a user's reservation hash (`herald:{<user>}:conns`) had no
+/// expiry, so a node killed with -9 left its entries there forever for
+/// users who never came back. Every write gives it `--presence-ttl` (at
+/// least 4 leases: 4 s with the test nodes' 1 s lease), and each node
+/// refreshes its users' hashes in a slow sweep: the dead node's users'
+/// hashes expire, the live node's users keep theirs past the TTL (two TTLs
+/// here), online all along.
+#[tokio::test]
+async fn a_dead_nodes_reservations_expire_and_a_live_nodes_are_refreshed() {
+    let redis = RedisServer::start();
+    let ttl = ["--presence-ttl", "1s"];
+    let mut dying = NodeProcess::start("dies", &redis.url(), &ttl);
+    let live = NodeProcess::start("lives", &redis.url(), &ttl);
+    let gone: Vec<String> = (0..3).map(|i| uid(&format!("gone{i}"))).collect();
+    let kept: Vec<String> = (0..3).map(|i| uid(&format!("kept{i}"))).collect();
+    let mut sockets = vec![];
+    for u in &gone {
+        sockets.push(dying.connect(u).await.0);
+    }
+    for u in &kept {
+        sockets.push(live.connect(u).await.0);
+    }
+    let conns = |u: &str| format!("herald:{{{u}}}:conns");
+    for u in gone.iter().chain(&kept) {
+        let t = pttl(&redis, &conns(u)).await;
+        assert!(0 < t && t <= 4000, "{u}'s reservations expire in {t} ms");
+    }
+
+    dying.kill9();
+    let killed = std::time::Instant::now();
+    let mut c = live.client().await;
+    let mut expired = None;
+    while killed.elapsed() < Duration::from_secs(9) {
+        for u in &kept {
+            let t = pttl(&redis, &conns(u)).await;
+            assert!(
+                t > 0,
+                "{u} is still connected to a live node, {:?} after the kill its hash has PTTL {t}",
+                killed.elapsed()
+            );
+        }
+        if expired.is_none() {
+            let mut left = 0;
+            for u in &gone {
+                if pttl(&redis, &conns(u)).await != -2 {
+                    left += 1;
+                }
+            }
+            if left == 0 {
+                expired = Some(killed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let expired = expired.expect("the dead node's users' hashes expire");
+    assert!(
+        expired <= Duration::from_secs(5),
+        "gone {expired:?} after the kill: within the TTL of their last write"
+    );
+    for u in &kept {
+        assert_eq!(online(&mut c, u).await, 1, "{u} is online on the live node");
+    }
+    for u in &gone {
+        assert_eq!(online(&mut c, u).await, 0);
+    }
+    drop(sockets);
+}

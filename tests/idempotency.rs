@@ -211,6 +211,69 @@ on_both_backends!(
     transient_and_broadcast_keys_push_once,
 );
 
+/// Issue 20: user ids and idempotency keys went into Redis names raw, so
+/// user `alice`'s record of the key `x}:inbox` (`herald:{alice}:idem:s:x}:inbox`)
+/// was the inbox of the user `alice}:idem:s:x`, whose sends then failed
+/// with INTERNAL (WRONGTYPE); the other way round, an inbox stood where a
+/// transient send's record was to go. Every part is encoded now: each is
+/// its own name, and both users get their messages.
+#[tokio::test]
+async fn an_idempotency_key_cannot_take_another_users_inbox() {
+    let node = TestNode::start(Backend::Redis).await;
+    let mut c = node.client().await;
+    let victim = "alice}:idem:s:x";
+    let (mut ws, _) = node.connect(victim).await;
+    let (mut alice, _) = node.connect("alice").await;
+
+    let keyed_send = c
+        .send_to_user(keyed(&["alice"], r#"{"for":"alice"}"#, "x}:inbox"))
+        .await
+        .expect("the keyed send to alice")
+        .into_inner();
+    let plain = c
+        .send_to_user(keyed(&[victim], r#"{"for":"victim"}"#, ""))
+        .await
+        .expect("a send to the user whose inbox the record was")
+        .into_inner();
+    let d = &plain.deliveries[0];
+    assert!(d.online && !d.replayed, "{d:?}");
+    let m = ws.next_of("message").await;
+    assert_eq!(m["id"], d.message_id.as_str());
+    assert_eq!(m["data"]["for"], "victim");
+    let m = alice.next_of("message").await;
+    assert_eq!(m["id"], keyed_send.deliveries[0].message_id.as_str());
+    assert_eq!(unread(&mut c, victim).await, 1);
+    assert_eq!(unread(&mut c, "alice").await, 1);
+    // The record still answers a retry.
+    let again = c
+        .send_to_user(keyed(&["alice"], r#"{"for":"alice"}"#, "x}:inbox"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.deliveries[0].replayed);
+    assert_eq!(
+        again.deliveries[0].message_id,
+        keyed_send.deliveries[0].message_id
+    );
+
+    // The other way round: an inbox first, then a transient send's record
+    // under what was the same name.
+    let squatter = "bob}:idem:t:y";
+    send(&mut c, &[squatter], "1").await;
+    let (mut bob, _) = node.connect("bob").await;
+    let mut live = keyed(&["bob"], r#""typing""#, "y}:inbox");
+    live.transient = true;
+    let r = c
+        .send_to_user(live)
+        .await
+        .expect("a transient keyed send to bob")
+        .into_inner();
+    assert!(r.deliveries[0].online && !r.deliveries[0].replayed);
+    assert_eq!(bob.next_of("message").await["data"], "typing");
+    assert_eq!(unread(&mut c, squatter).await, 1);
+    node.stop().await;
+}
+
 /// The observed defect: with Redis frozen, SendToUser answered UNAVAILABLE
 /// and its write ran when Redis woke up, so a retry stored the message a
 /// second time. With a key, the retry (on another node) finds the first

@@ -520,6 +520,94 @@ mod parking_lot_free {
     }
 }
 
+/// PTTL of `key` (ms) on the cluster (redis-cli follows `MOVED`): -2 when
+/// it does not exist, -1 without an expiry.
+fn cluster_pttl(rc: &RedisCluster, key: &str) -> i64 {
+    let out = RedisCluster::cli_at(rc.ports[0], &["-c", "PTTL", key]);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("PTTL {key}: {out:?}"))
+}
+
+/// Issue 20 on a Redis Cluster: the reservation hashes of users in many
+/// slots get an expiry when written and the live node's sweep refreshes
+/// them (one key per command, each routed to its slot's primary), while a
+/// killed node's users' hashes expire. One user id holds the bytes the
+/// key encoding escapes: its keys and channel share a slot and it gets its
+/// messages.
+#[tokio::test]
+async fn reservations_expire_with_a_dead_node_and_are_refreshed_on_a_live_one() {
+    let rc = RedisCluster::start();
+    let ttl = ["--presence-ttl", "1s"];
+    let mut dying = NodeProcess::start("rc-dies", &rc.url(), &ttl);
+    let live = NodeProcess::start("rc-lives", &rc.url(), &ttl);
+    let gone: Vec<String> = (0..4).map(|i| uid(&format!("gone{i}"))).collect();
+    let mut kept: Vec<String> = (0..4).map(|i| uid(&format!("kept{i}"))).collect();
+    kept.push(uid("odd}:{%"));
+    let mut sockets = vec![];
+    for u in &gone {
+        sockets.push(dying.connect(u).await.0);
+    }
+    let mut odd = None;
+    for u in &kept {
+        let ws = live.connect(u).await.0;
+        if u.starts_with("odd") {
+            odd = Some(ws);
+        } else {
+            sockets.push(ws);
+        }
+    }
+    let conns = |u: &str| {
+        // The encoded user, as keys.rs writes it.
+        let enc = u
+            .replace('%', "%25")
+            .replace('{', "%7B")
+            .replace('}', "%7D")
+            .replace(':', "%3A");
+        format!("herald:{{{enc}}}:conns")
+    };
+    for u in gone.iter().chain(&kept) {
+        let t = cluster_pttl(&rc, &conns(u));
+        assert!(0 < t && t <= 4000, "{u}'s reservations expire in {t} ms");
+    }
+
+    dying.kill9();
+    let killed = std::time::Instant::now();
+    let mut expired = None;
+    while killed.elapsed() < Duration::from_secs(9) {
+        for u in &kept {
+            let t = cluster_pttl(&rc, &conns(u));
+            assert!(
+                t > 0,
+                "{u} on a live node: PTTL {t} at {:?}",
+                killed.elapsed()
+            );
+        }
+        if expired.is_none() && gone.iter().all(|u| cluster_pttl(&rc, &conns(u)) == -2) {
+            expired = Some(killed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let expired = expired.expect("the dead node's users' hashes expire");
+    assert!(
+        expired <= Duration::from_secs(5),
+        "gone {expired:?} after the kill"
+    );
+
+    let mut c = live.client().await;
+    let odd_user = kept.last().unwrap().clone();
+    assert_eq!(online(&mut c, &odd_user).await, 1);
+    let r = send(&mut c, &[&odd_user], "7").await;
+    assert!(r.deliveries[0].online);
+    let mut odd = odd.unwrap();
+    assert_eq!(
+        odd.next_of("message").await["id"],
+        r.deliveries[0].message_id.as_str()
+    );
+    assert_eq!(unread(&mut c, &odd_user).await, 1);
+    drop(sockets);
+}
+
 /// A `redis+cluster://` URL without a seed is refused at startup, and the
 /// error never repeats the URL (it may hold a password).
 #[tokio::test]

@@ -33,16 +33,34 @@
 //!
 //! Every key and channel name is built by a function in [`keys`]; nothing
 //! else formats one. User-scoped names carry the user id in a `{hash tag}`
-//! so one user's keys would share a slot under Redis Cluster.
+//! so one user's keys share a slot under Redis Cluster.
+//!
+//! Caller-controlled parts, `<user>`, `<key>` (an idempotency key) and
+//! `<node>`, are encoded: `%`, `{`, `}`, `:` and the ASCII control bytes
+//! are written as `%XX` (uppercase hex), everything else as it is. An
+//! encoded part holds no `{`, `}` or `:`, so the hash tag is exactly the
+//! user, every name parses back uniquely (no user, key or node can make
+//! its name another's), and [`keys::channel_user`] decodes a channel back
+//! to its user. An id without those bytes encodes to itself: data stored
+//! by earlier versions, which wrote parts raw, keeps its names for every
+//! such id. (Hash fields and set members, such as the user ids in a node's
+//! conns hash, are stored as they are; none is parsed out of a name.)
 //!
 //! | name | type | what | lifetime |
 //! |---|---|---|---|
 //! | `herald:{<user>}:inbox` | stream | stored messages: id `<ms>-<seq>`, fields `n` (ordinal), `f` (the frame) | trimmed to the newest `inbox_max_messages` and `inbox_max_age`; expires `inbox_max_age` after the last write |
-//! | `herald:{<user>}:meta` | hash | `last` (newest id), `seq` (messages ever stored), `rid`/`rn` (read cursor id and ordinal), `floor` (newest id gone) | as the inbox |
+//! | `herald:{<user>}:meta` | hash | `last` (newest id), `seq` (messages ever stored), `rid`/`rn` (read cursor id and ordinal), `floor` (newest id gone), `tn`, `ok`, `px` (see `scripts/prelude.lua`, `append.lua`) | as the inbox |
+//! | `herald:{<user>}:rd`, `:ur`, `:del` | sorted sets | message center: ids read above the cursor, unread at or below it, deleted above `tn` (score: ordinal) | as the inbox (the center scripts expire all five keys together) |
 //! | `herald:{<user>}:ch` | channel (sharded on a cluster) | the user's live events (payloads: [`codec`]) | subscribed by nodes holding the user |
+//! | `herald:{<user>}:conns` | hash | `<node>\|<boot>` -> the user's connection reservations on that node incarnation | written by `reserve.lua`/`release.lua` and a node restoring its own, each write setting the expiry `--presence-ttl` (at least 4 leases, default 1 h), which every node holding the user refreshes within about half of it ([`registrar`]); dead incarnations' entries deleted by the next reserve, and the whole hash expires when no live node holds the user |
+//! | `herald:{<user>}:idem:s:<key>` | string | a stored send's record: `<id> <online> <fingerprint>` | the idempotency window |
+//! | `herald:{<user>}:idem:t:<key>` | string | a transient send's record: `<id> <fingerprint>` | the idempotency window |
+//! | `herald:idem:b:<key>` | string | a broadcast's record: `<id> <fingerprint>` | the idempotency window |
 //! | `herald:broadcast` | channel (sharded on a cluster) | broadcast frames | every node |
-//! | `herald:nodes` | sorted set | node id, scored by lease expiry (Redis clock, ms) | renewed every lease/3 |
-//! | `herald:node:<id>:conns` | hash | user -> live connections on that node | written only by that node; expires 3 leases after its last renewal |
+//! | `herald:nodes` | sorted set | node id, scored by lease expiry (Redis clock, ms) | renewed every lease/3; entries dead for a minute removed |
+//! | `herald:boots` | hash | node id -> boot id of its current incarnation | rewritten with each renewal |
+//! | `herald:node:<node>:conns` | hash | user -> live connections on that node | written only by that node; expires 3 leases after its last renewal |
+//! | `herald:node:<node>:stats` | hash | `started` (unix ms), `delivered`, `events` (for `Stats`) | rewritten with each renewal; as the node's conns |
 //!
 //! Unread count = `seq - max(rn, seq - XLEN)`: messages stored after the
 //! read cursor that are still retained, in O(1).
@@ -318,6 +336,9 @@ pub(crate) struct RedisBackend {
     leases: Arc<leases::Leases>,
     /// Cluster mode: user channels are sharded (`SPUBLISH`).
     sharded: bool,
+    /// `--presence-ttl` in ms: the expiry the reserve and release scripts
+    /// give a user's reservation hash.
+    presence_ttl_ms: String,
     cfg: InboxConfig,
     registrar: registrar::Handle,
 }
@@ -369,6 +390,7 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
         boot: boot.clone(),
         started_ms: crate::protocol::now_ms(),
         lease: cfg.node_lease,
+        presence_ttl: cfg.presence_ttl,
     }
     .start();
     // The first pub/sub connection and presence registration must work, or
@@ -389,6 +411,7 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
         node_id: cfg.node_id.clone(),
         leases,
         sharded,
+        presence_ttl_ms: cfg.presence_ttl.as_millis().to_string(),
         cfg: cfg.inbox.clone(),
         registrar,
     });

@@ -5,7 +5,11 @@
 //!   connections), written by `scripts/reserve.lua` and
 //!   `scripts/release.lua`, is what `IsOnline` reads: one `HGETALL` per
 //!   user, pipelined, counting the incarnations the lease cache
-//!   ([`super::leases`]) holds live;
+//!   ([`super::leases`]) holds live. Each write gives the hash the
+//!   expiry `--presence-ttl`, and the registrar of every node holding the
+//!   user refreshes it well within that time (see [`super::registrar`]),
+//!   so the entries a crashed node left for users who never come back go
+//!   with the hash;
 //! * each node keeps a hash of its users' connection counts (written by the
 //!   registrar) and a lease in the nodes sorted set; `Stats` reads the live
 //!   nodes' hashes.
@@ -57,8 +61,12 @@ impl Presence for RedisBackend {
                 (live, lapsed) = self.leases.live_and_lapsed();
             }
             let n = live.len().to_string();
-            let mut args: Vec<&[u8]> =
-                vec![self.incarnation.as_bytes(), cap.as_bytes(), n.as_bytes()];
+            let mut args: Vec<&[u8]> = vec![
+                self.incarnation.as_bytes(),
+                cap.as_bytes(),
+                self.presence_ttl_ms.as_bytes(),
+                n.as_bytes(),
+            ];
             args.extend(live.iter().map(|f| f.as_bytes()));
             args.extend(lapsed.iter().map(|f| f.as_bytes()));
             let v = array(
@@ -88,11 +96,10 @@ impl Presence for RedisBackend {
     }
 
     async fn release(&self, user: &str) -> Result<()> {
-        self.run_one(
-            self.scripts
-                .release
-                .cmd(&[&keys::user_conns(user)], &[self.incarnation.as_bytes()]),
-        )
+        self.run_one(self.scripts.release.cmd(
+            &[&keys::user_conns(user)],
+            &[self.incarnation.as_bytes(), self.presence_ttl_ms.as_bytes()],
+        ))
         .await?;
         Ok(())
     }

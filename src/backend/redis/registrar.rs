@@ -5,6 +5,9 @@
 //! (`Registrar::run_cluster` in [`super::sharded`], which also proves
 //! subscriptions live again after a slot moves or a shard fails over).
 //!
+//! With each lease renewal it also refreshes, a batch at a time, the expiry
+//! of its users' reservation hashes ([`Registrar::sweep`]).
+//!
 //! Backends reach it through a [`Handle`]: each request names a user whose
 //! subscription and presence the registrar makes match this node's
 //! connections as they are when it acts, so concurrent connects and
@@ -82,10 +85,25 @@ pub(super) struct Registrar {
     /// When this node started (unix ms), reported with each renewal.
     pub(super) started_ms: u64,
     pub(super) lease: Duration,
+    /// `--presence-ttl`: the expiry of the reservation hashes of this
+    /// node's users, refreshed by [`Registrar::sweep`].
+    pub(super) presence_ttl: Duration,
 }
 
 /// Users whose channel this node is subscribed to right now.
 pub(super) type Subscribed = HashSet<String>;
+
+/// Where the refresh of reservation expiries stands (see
+/// [`Registrar::sweep`]).
+#[derive(Default)]
+pub(super) struct Sweep {
+    /// Users of this round not refreshed yet.
+    todo: Vec<String>,
+    /// Users refreshed per renewal tick in this round.
+    per_tick: usize,
+    /// When this round began.
+    started: Option<std::time::Instant>,
+}
 
 impl Registrar {
     /// Starts the task. The receiver reports whether the first pub/sub
@@ -110,6 +128,7 @@ impl Registrar {
     ) {
         let mut ready = Some(ready);
         let mut subscribed = Subscribed::new();
+        let mut sweep = Sweep::default();
         let mut backoff = Duration::from_millis(100);
         let broadcast_channel = keys::broadcast_channel();
         let mut renew = tokio::time::interval(self.lease / 3);
@@ -203,6 +222,7 @@ impl Registrar {
                         if let Err(e) = self.renew().await {
                             tracing::warn!(error = %e, "node lease renewal failed");
                         }
+                        self.sweep(&mut sweep).await;
                     }
                 }
             }
@@ -247,16 +267,16 @@ impl Registrar {
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
-        // One command per user (each in the user's slot).
+        // The reservations and their expiry: one command per key (each in
+        // the user's slot).
         let me = self.incarnation();
+        let ttl = self.presence_ttl_ms();
         if !users.is_empty() {
             let mut pipe = redis::pipe();
             for (u, n) in users.iter().zip(&counts) {
-                pipe.cmd("HSET")
-                    .arg(keys::user_conns(u))
-                    .arg(&me)
-                    .arg(*n)
-                    .ignore();
+                let key = keys::user_conns(u);
+                pipe.cmd("HSET").arg(&key).arg(&me).arg(*n).ignore();
+                pipe.cmd("PEXPIRE").arg(&key).arg(ttl).ignore();
             }
             pipe.query_async::<()>(&mut conn).await?;
         }
@@ -266,6 +286,55 @@ impl Registrar {
     /// `<node>|<boot>`: the field of this node's reservations.
     pub(super) fn incarnation(&self) -> String {
         incarnation(&self.node_id, &self.boot)
+    }
+
+    fn presence_ttl_ms(&self) -> u64 {
+        self.presence_ttl.as_millis() as u64
+    }
+
+    /// One step of the slow refresh of this node's users' reservation
+    /// hashes, run after each lease renewal (every lease/3): a `PEXPIRE`
+    /// of `--presence-ttl` for a batch of the users this node held when
+    /// the current round began, pipelined, one key per command (each in
+    /// the user's slot). A round starts at most once per quarter of the
+    /// TTL, on the first tick after it, with a batch size that ends it
+    /// within a quarter, so a user held all along is refreshed at most a
+    /// half TTL and a tick after the last time (a user's reservation set
+    /// the expiry when it connected), whatever the number of users: with
+    /// the TTL at least 4 leases (12 ticks), a live node's users keep
+    /// their hashes, while a crashed node's hashes of users who never come
+    /// back expire. A failed batch is logged and skipped: the next round
+    /// covers its users again, and a reconnect to Redis rewrites every
+    /// reservation and its expiry ([`Registrar::restore`]).
+    pub(super) async fn sweep(&self, sweep: &mut Sweep) {
+        let quarter = self.presence_ttl / 4;
+        if sweep.todo.is_empty() {
+            if sweep.started.is_some_and(|t| t.elapsed() < quarter) {
+                return;
+            }
+            sweep.todo = self.local.users_snapshot();
+            sweep.started = Some(std::time::Instant::now());
+            // Renewal ticks in a quarter of the TTL (at least 3, as the TTL
+            // is at least 4 leases; a tick is lease/3).
+            let ticks = (quarter.as_millis() / (self.lease / 3).as_millis().max(1)).max(1);
+            sweep.per_tick = (sweep.todo.len() as u128).div_ceil(ticks) as usize;
+        }
+        let n = sweep.per_tick.clamp(1, sweep.todo.len().max(1));
+        let batch = sweep.todo.split_off(sweep.todo.len().saturating_sub(n));
+        if batch.is_empty() {
+            return;
+        }
+        let ttl = self.presence_ttl_ms();
+        let mut pipe = redis::pipe();
+        for u in &batch {
+            pipe.cmd("PEXPIRE")
+                .arg(keys::user_conns(u))
+                .arg(ttl)
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut self.conn.clone()).await {
+            tracing::warn!(error = %e, users = batch.len(), "refreshing reservation expiries failed");
+        }
     }
 
     /// Renews this node's lease and stats, and refreshes the lease cache

@@ -44,7 +44,7 @@
 
 use super::codec;
 use super::keys;
-use super::registrar::{sharded, Registrar, Request, Sub, Subscribed};
+use super::registrar::{sharded, Registrar, Request, Sub, Subscribed, Sweep};
 use super::Target;
 use crate::error::Error;
 use futures_util::future::join_all;
@@ -124,6 +124,7 @@ impl Registrar {
         // its connection since the last topology check.
         let mut pubsub_trouble = false;
         let mut health = Health::default();
+        let mut sweep = Sweep::default();
         let mut renew = tokio::time::interval(self.lease / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         renew.tick().await; // restore renewed just now
@@ -157,6 +158,7 @@ impl Registrar {
                     if let Err(e) = self.renew().await {
                         tracing::warn!(error = %e, "node lease renewal failed");
                     }
+                    self.sweep(&mut sweep).await;
                 }
                 _ = topology.tick() => {
                     let commands_ok = self.commands_answer().await;
@@ -268,9 +270,9 @@ impl Registrar {
     ) -> bool {
         let mut smooth = true;
         // Users who left meanwhile need no subscription.
-        unproven
-            .channels
-            .retain(|ch, _| keys::channel_user(ch).is_some_and(|u| subscribed.contains(u)));
+        unproven.channels.retain(|ch, _| {
+            keys::channel_user(ch).is_some_and(|u| subscribed.contains(u.as_ref()))
+        });
         if unproven.broadcast {
             let channel = [broadcast_channel.to_string()];
             match tokio::time::timeout(Duration::from_secs(2), sharded(conn, &channel, true)).await
@@ -367,7 +369,7 @@ impl Registrar {
                     if unproven.channels.remove(ch).is_some() {
                         metrics::counter!("herald_redis_subscriptions_proven_total").increment(1);
                         if let Some(u) = keys::channel_user(ch) {
-                            self.local.resync(u);
+                            self.local.resync(&u);
                         }
                     }
                     return;
@@ -384,7 +386,7 @@ impl Registrar {
                 };
                 if ch == broadcast_channel {
                     unproven.broadcast = true;
-                } else if keys::channel_user(&ch).is_some_and(|u| subscribed.contains(u)) {
+                } else if keys::channel_user(&ch).is_some_and(|u| subscribed.contains(u.as_ref())) {
                     unproven.channels.insert(ch, None);
                     metrics::counter!("herald_redis_resubscribes_total", "why" => "slot_moved")
                         .increment(1);
