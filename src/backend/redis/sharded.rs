@@ -35,8 +35,10 @@
 //! failover its requests for the dead primary's slots could time out
 //! against the old address for as long as the process lived. So a changed
 //! slot map also replaces both connections (commands, through
-//! [`super::Swappable`], and this loop's pub/sub), at the change and again
-//! two seconds later, when every node has heard of it; so does a
+//! [`super::Swappable`], and this loop's pub/sub); so do requests that
+//! time out or lose their connection while the slot map reads fine (a
+//! fresh connection may have read its map from a node that had not heard
+//! of the change; at most every [`REPLACE_AT_MOST_EVERY`]), and a
 //! connection that stops answering for [`WEDGED_AFTER`] checks in a row.
 //!
 //! Broadcasts carry the frame itself (no room for a probe), and are not
