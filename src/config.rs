@@ -266,7 +266,7 @@ pub struct ServeArgs {
     /// A gRPC connection must finish TLS and send the HTTP/2 preface within this, or it is closed.
     #[arg(long, env = "HERALD_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub grpc_handshake_timeout: Duration,
-    /// A gRPC connection with no PushService call past the key check and no open call is closed this long after its handshake.
+    /// While fewer than a tenth of the gRPC connection slots are free, a connection with no PushService call past the key check and no open call is closed once it has been so this long.
     #[arg(long, env = "HERALD_GRPC_ANONYMOUS_IDLE", default_value = "30s", value_parser = duration)]
     pub grpc_anonymous_idle: Duration,
     /// HTTP/2 keepalive: a PING after this much silence on a gRPC connection; a peer that does not answer within --grpc-handshake-timeout is dropped.

@@ -347,10 +347,10 @@ async fn silent_grpc_sockets_are_closed_after_the_handshake_timeout(b: Backend) 
     node.stop().await;
 }
 
-/// Issue 20, item 2: a connection that completes the HTTP/2 handshake but
-/// never makes a keyed call (and holds no stream) is closed after
-/// --grpc-anonymous-idle, so valid but idle sockets cannot lock backends
-/// out either.
+/// Issue 20, item 2: while the node is short of gRPC connection slots, a
+/// connection that completes the HTTP/2 handshake but never makes a keyed
+/// call (and holds no stream) is closed after --grpc-anonymous-idle, so
+/// valid but idle sockets cannot lock backends out either.
 async fn anonymous_idle_grpc_connections_are_closed(b: Backend) {
     let mut a = args();
     a.grpc_max_connections = 2;

@@ -401,12 +401,20 @@ async fn send_keyed(node: &NodeProcess, user: &str, payload: &str, key: &str) ->
     }
 }
 
-/// The next stored message on `ws` (within 5 s): its id.
+/// The next stored message on `ws` (within 10 s, the most a device should
+/// wait after a failover): its id.
 async fn next_id(ws: &mut Ws) -> String {
-    ws.next_of("message").await["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    let m = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let v = ws.next_json_within(Duration::from_secs(10)).await;
+            if v["type"] == "message" {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("a message within 10 s");
+    m["id"].as_str().unwrap().to_string()
 }
 
 /// Issue 20, item 0: a user with one device on each of two nodes, the

@@ -10,11 +10,13 @@
 //!   preface (and its first frame header) within `--grpc-handshake-timeout`
 //!   of being accepted, or it is closed; a silent socket holds its slot no
 //!   longer than that;
-//! * anonymous connections: a connection that has carried no `PushService`
-//!   call accepted past the API-key check and has no call open is closed
-//!   `--grpc-anonymous-idle` after its handshake (and checked again as long
-//!   as it only holds keyless streams), so sockets nobody authenticated
-//!   cannot sit on the slots backends need;
+//! * anonymous connections: while fewer than a tenth of the connection
+//!   slots are free, a connection that has carried no `PushService` call
+//!   accepted past the API-key check and has no call open is closed once it
+//!   has been so for `--grpc-anonymous-idle` (checked again every such
+//!   period), so sockets nobody authenticated cannot sit on the slots
+//!   backends need; with slots to spare, an idle pool connection of a
+//!   backend that has not called yet is left alone;
 //! * dead peers: HTTP/2 keepalive pings (`--grpc-keepalive`, set on the
 //!   tonic server builder) close a connection whose peer vanished;
 //! * RPCs in flight node-wide, in two budgets: a permit per call, held until
@@ -57,6 +59,9 @@ pub(crate) struct Permitted {
     /// the connection.
     watch: Option<Pin<Box<Sleep>>>,
     anonymous_idle: Duration,
+    /// The listener's connection slots (for "short of slots").
+    slots: Arc<Semaphore>,
+    max: usize,
 }
 
 /// The client preface (24 bytes) and the header of the SETTINGS frame that
@@ -136,6 +141,7 @@ pub(crate) fn incoming(
             };
             let _ = io.set_nodelay(true);
             let deadline = Instant::now() + deadlines.handshake;
+            let slots = permits.clone();
             let permitted = move |io: Io, permit: OwnedSemaphorePermit| Permitted {
                 io,
                 _permit: permit,
@@ -143,6 +149,8 @@ pub(crate) fn incoming(
                 preface_left: PREFACE_BYTES,
                 watch: Some(Box::pin(tokio::time::sleep_until(deadline))),
                 anonymous_idle: deadlines.anonymous_idle,
+                slots,
+                max,
             };
             match &tls {
                 None => {
@@ -215,13 +223,14 @@ impl Permitted {
                 self.watch = None;
                 return None;
             }
-            if self.usage.open.load(Ordering::Relaxed) == 0 {
+            let short_of_slots = self.slots.available_permits() * 10 < self.max;
+            if short_of_slots && self.usage.open.load(Ordering::Relaxed) == 0 {
                 metrics::counter!("herald_grpc_closed_total", "reason" => "anonymous_idle")
                     .increment(1);
                 return Some("no keyed call within --grpc-anonymous-idle");
             }
-            // Keyless streams are open (bounded by their own budget): look
-            // again later.
+            // Slots to spare, or keyless streams open (bounded by their own
+            // budget): look again later.
             sleep.as_mut().reset(Instant::now() + self.anonymous_idle);
         }
     }

@@ -231,10 +231,15 @@ pub struct Ws {
 impl Ws {
     /// The next JSON text frame (control frames skipped); panics after 5 s.
     pub async fn next_json(&mut self) -> Value {
+        self.next_json_within(WAIT).await
+    }
+
+    /// The next JSON text frame (control frames skipped); panics after `d`.
+    pub async fn next_json_within(&mut self, d: Duration) -> Value {
         loop {
-            let msg = tokio::time::timeout(WAIT, self.stream.next())
+            let msg = tokio::time::timeout(d, self.stream.next())
                 .await
-                .expect("a frame within 5 s")
+                .expect("a frame in time")
                 .expect("socket open")
                 .expect("no socket error");
             match msg {
@@ -989,34 +994,7 @@ impl RedisCluster {
     /// over (`CLUSTER FAILOVER FORCE`: no handshake with the dead primary);
     /// returns once the replica serves the slot and the cluster is healthy.
     pub fn kill_primary_of(&mut self, slot: u16) {
-        let primary = self.owner(slot);
-        let replica = self
-            .nodes()
-            .into_iter()
-            .find(|n| n.primary_id.as_deref() == Some(primary.id.as_str()))
-            .expect("the primary has a replica");
-        let i = self.ports.iter().position(|p| *p == primary.port).unwrap();
-        if let Some(mut c) = self.children[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let _ = Self::cli_at(replica.port, &["CLUSTER", "FAILOVER", "FORCE"]);
-            std::thread::sleep(Duration::from_millis(200));
-            let owner = self
-                .nodes()
-                .into_iter()
-                .find(|n| n.primary && n.slots.iter().any(|(a, b)| *a <= slot && slot <= *b));
-            if owner.is_some_and(|o| o.id == replica.id) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the replica was not promoted"
-            );
-        }
-        self.wait_ok_only();
+        self.kill_primary(slot, true)
     }
 
     /// Kills the primary serving `slot` (SIGKILL) and lets the cluster
@@ -1024,6 +1002,10 @@ impl RedisCluster {
     /// `cluster-node-timeout`, as in production); returns once the replica
     /// serves the slot and every live node reports `cluster_state:ok`.
     pub fn kill_primary_and_wait_promotion(&mut self, slot: u16) {
+        self.kill_primary(slot, false)
+    }
+
+    fn kill_primary(&mut self, slot: u16, force: bool) {
         let primary = self.owner(slot);
         let replica = self
             .nodes()
@@ -1037,7 +1019,10 @@ impl RedisCluster {
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            std::thread::sleep(Duration::from_millis(100));
+            if force {
+                let _ = Self::cli_at(replica.port, &["CLUSTER", "FAILOVER", "FORCE"]);
+            }
+            std::thread::sleep(Duration::from_millis(if force { 200 } else { 100 }));
             let owner = self
                 .nodes()
                 .into_iter()

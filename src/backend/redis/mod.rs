@@ -219,8 +219,8 @@ pub(crate) enum Conn {
 #[derive(Clone)]
 pub(crate) struct Swappable {
     current: Arc<parking_lot::RwLock<ClusterConnection>>,
-    /// A request timed out or lost its connection since the registrar last
-    /// looked (see `sharded`).
+    /// A request failed in the client (timed out, lost its connection)
+    /// since the registrar last looked (see `sharded`).
     troubled: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -253,11 +253,40 @@ impl Swappable {
 
     /// Notes the outcome of a request.
     fn note<T>(&self, r: &redis::RedisResult<T>) {
+        // (See `Watch` for a request dropped before its outcome.)
         if let Err(e) = r {
-            if e.is_timeout() || e.is_io_error() || e.is_connection_dropped() {
+            // No error code: not Redis's answer but the client's (a
+            // timeout, a lost or refused connection, no connection for a
+            // slot); a reply such as MOVED or WRONGTYPE is not trouble.
+            if e.code().is_none() {
                 self.troubled
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
+        }
+    }
+}
+
+/// One request on a [`Swappable`]: its outcome is noted when it ends, and
+/// a request dropped before it ends (a caller's timeout gave up on it)
+/// counts as trouble too.
+struct Watch(Option<Swappable>);
+
+impl Watch {
+    fn new(s: &Swappable) -> Self {
+        Watch(Some(s.clone()))
+    }
+
+    fn done<T>(mut self, r: &redis::RedisResult<T>) {
+        if let Some(s) = self.0.take() {
+            s.note(r);
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.troubled.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -267,10 +296,10 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(s) => {
-                let (s, mut c) = (s.clone(), s.current());
+                let (watch, mut c) = (Watch::new(s), s.current());
                 async move {
                     let r = c.req_packed_command(cmd).await;
-                    s.note(&r);
+                    watch.done(&r);
                     r
                 }
                 .boxed()
@@ -287,12 +316,12 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(s) => {
-                let (s, c) = (s.clone(), s.current());
+                let (watch, c) = (Watch::new(s), s.current());
                 if pipeline.is_transaction() || pipeline.len() <= 1 {
                     let mut c = c;
                     return async move {
                         let r = c.req_packed_commands(pipeline, offset, count).await;
-                        s.note(&r);
+                        watch.done(&r);
                         r
                     }
                     .boxed();
@@ -308,7 +337,7 @@ impl ConnectionLike for Conn {
                         .skip(offset)
                         .take(count)
                         .collect::<redis::RedisResult<Vec<Value>>>();
-                    s.note(&r);
+                    watch.done(&r);
                     r
                 }
                 .boxed()

@@ -18,7 +18,8 @@
 //!
 //! So after any event that can move a subscription — a dropped shard
 //! connection, an unasked `sunsubscribe`, or a change in the slot map
-//! (polled every [`TOPOLOGY_EVERY`]) — every user channel of this node is
+//! (read every [`TOPOLOGY_EVERY`] over a plain connection to one cluster
+//! node, see [`Topology`]) — every user channel of this node is
 //! *unproven*. The node subscribes it again (idempotent where it is still
 //! live) and publishes a probe on it ([`codec::probe`], ignored by every
 //! other node). Only the probe coming back proves that the primary now
@@ -35,7 +36,8 @@
 //! failover its requests for the dead primary's slots could time out
 //! against the old address for as long as the process lived. So a changed
 //! slot map also replaces both connections (commands, through
-//! [`super::Swappable`], and this loop's pub/sub); so do requests that
+//! [`super::Swappable`], and this loop's pub/sub), at the change and in
+//! each of the next [`AGAIN_AFTER_A_CHANGE`] checks; so do requests that
 //! time out or lose their connection while the slot map reads fine (a
 //! fresh connection may have read its map from a node that had not heard
 //! of the change; at most every [`REPLACE_AT_MOST_EVERY`]), and a
@@ -121,10 +123,15 @@ impl Registrar {
             .restore(&mut Sub::Cluster(&mut conn), &mut subscribed)
             .await;
         let _ = ready.send(restored);
-        let mut slots = slot_map(&mut conn).await.ok();
+        let mut topology_reader = Topology::new(&seeds);
+        let mut slots = topology_reader.read().await.ok();
         // A subscribe or probe of this loop's connection timed out or lost
         // its connection since the last topology check.
         let mut pubsub_trouble = false;
+        // Topology checks left in which the connections are replaced again
+        // after a slot-map change: a fresh connection reads its map from
+        // one node, which may not have heard of the change yet.
+        let mut again = 0u32;
         let mut health = Health::default();
         let mut sweep = Sweep::default();
         let mut renew = tokio::time::interval(self.lease / 3);
@@ -164,9 +171,11 @@ impl Registrar {
                 }
                 _ = topology.tick() => {
                     let commands_ok = self.commands_answer().await;
-                    let read = slot_map(&mut conn).await;
+                    let read = topology_reader.read().await;
                     let read_ok = read.is_ok();
                     let changed = matches!((&slots, &read), (Some(before), Ok(now)) if before != now);
+                    let renew_conns = changed || again > 0;
+                    again = if changed { AGAIN_AFTER_A_CHANGE } else { again.saturating_sub(1) };
                     if changed {
                         tracing::info!("the Redis Cluster slot map changed; new connections, every subscription proven again");
                         metrics::counter!("herald_redis_resubscribes_total", "why" => "topology").increment(1);
@@ -183,7 +192,7 @@ impl Registrar {
                     // [`REPLACE_AT_MOST_EVERY`]; and when it stops
                     // answering altogether.
                     let commands_troubled = read_ok && self.commands_troubled();
-                    if changed
+                    if renew_conns
                         || health.commands.failed(commands_ok)
                         || (commands_troubled && health.commands.may_replace())
                     {
@@ -191,7 +200,7 @@ impl Registrar {
                         health.commands.replaced();
                     }
                     let pubsub_troubled = read_ok && std::mem::take(&mut pubsub_trouble);
-                    if changed
+                    if renew_conns
                         || health.pubsub.failed(read_ok)
                         || (pubsub_troubled && health.pubsub.may_replace())
                     {
@@ -413,6 +422,9 @@ impl Registrar {
 /// checks to wait after replacing one before judging it again.
 const WEDGED_AFTER: u32 = 4;
 const GRACE_AFTER_REPLACING: u32 = 10;
+/// Topology checks after a slot-map change in which both connections are
+/// replaced again.
+const AGAIN_AFTER_A_CHANGE: u32 = 3;
 /// A connection whose requests met trouble is replaced at most this often.
 const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(2);
 
@@ -483,16 +495,80 @@ async fn pubsub_connection(
 /// reason to replace the connections and prove subscriptions again.
 type SlotMap = Vec<(i64, i64, String)>;
 
-async fn slot_map(conn: &mut ClusterConnection) -> crate::error::Result<SlotMap> {
-    let v = tokio::time::timeout(
-        Duration::from_secs(2),
-        conn.route_command(
-            redis::cmd("CLUSTER").arg("SLOTS").clone(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-        ),
-    )
-    .await
-    .map_err(|_| Error::Unavailable("CLUSTER SLOTS timed out".into()))??;
+/// Reads the slot map over a plain connection to one cluster node at a
+/// time, not through the crate's cluster connection, whose routing is what
+/// may be stale: the seeds first, then every primary a map named; a node
+/// that fails is left for the next.
+struct Topology {
+    nodes: Vec<String>,
+    next: usize,
+    conn: Option<redis::aio::MultiplexedConnection>,
+}
+
+impl Topology {
+    fn new(seeds: &[String]) -> Self {
+        Topology {
+            nodes: seeds.to_vec(),
+            next: 0,
+            conn: None,
+        }
+    }
+
+    async fn read(&mut self) -> crate::error::Result<SlotMap> {
+        let mut last = Error::Unavailable("no cluster node to ask".into());
+        for _ in 0..self.nodes.len() {
+            if self.conn.is_none() {
+                let url = &self.nodes[self.next % self.nodes.len()];
+                let connected = async {
+                    let client = redis::Client::open(url.as_str())?;
+                    client.get_multiplexed_async_connection().await
+                };
+                match tokio::time::timeout(Duration::from_millis(500), connected).await {
+                    Ok(Ok(c)) => self.conn = Some(c),
+                    _ => {
+                        self.next += 1;
+                        continue;
+                    }
+                }
+            }
+            let conn = self.conn.as_mut().expect("just connected");
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SLOTS");
+            let asked = cmd.query_async::<Value>(conn);
+            match tokio::time::timeout(Duration::from_secs(1), asked).await {
+                Ok(Ok(v)) => {
+                    let (map, primaries) = parse_slots(v)?;
+                    // Auth and options as in the seeds (the first one's).
+                    for (host, port) in primaries {
+                        let url = with_host(&self.nodes[0], &host, port);
+                        if !self.nodes.contains(&url) {
+                            self.nodes.push(url);
+                        }
+                    }
+                    return Ok(map);
+                }
+                Ok(Err(e)) => last = e.into(),
+                Err(_) => last = Error::Unavailable("CLUSTER SLOTS timed out".into()),
+            }
+            self.conn = None;
+            self.next += 1;
+        }
+        Err(last)
+    }
+}
+
+/// `seed` (a `redis://[auth@]host:port` URL) with another host and port.
+fn with_host(seed: &str, host: &str, port: u16) -> String {
+    let rest = seed.strip_prefix("redis://").unwrap_or(seed);
+    match rest.rsplit_once('@') {
+        Some((auth, _)) => format!("redis://{auth}@{host}:{port}"),
+        None => format!("redis://{host}:{port}"),
+    }
+}
+
+/// The slot map of a `CLUSTER SLOTS` reply, and its primaries' addresses.
+fn parse_slots(v: Value) -> crate::error::Result<(SlotMap, Vec<(String, u16)>)> {
+    let mut primaries = Vec::new();
     let Value::Array(ranges) = v else {
         return Err(Error::Backend("CLUSTER SLOTS: not an array".into()));
     };
@@ -515,8 +591,14 @@ async fn slot_map(conn: &mut ClusterConnection) -> crate::error::Result<SlotMap>
             .take(3)
             .collect::<Vec<_>>()
             .join(" ");
+        if let (Some(Value::BulkString(h)), Some(Value::Int(p))) = (primary.first(), primary.get(1))
+        {
+            if let Ok(p) = u16::try_from(*p) {
+                primaries.push((String::from_utf8_lossy(h).into_owned(), p));
+            }
+        }
         map.push((*a, *b, who));
     }
     map.sort();
-    Ok(map)
+    Ok((map, primaries))
 }
