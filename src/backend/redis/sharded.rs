@@ -67,6 +67,9 @@ const REPAIR_EVERY: Duration = Duration::from_millis(200);
 const PROBE_AGAIN: Duration = Duration::from_secs(1);
 /// How often the slot map is read to notice a failover or a slot move.
 const TOPOLOGY_EVERY: Duration = Duration::from_secs(1);
+/// The longest any one step of the loop (a renewal, a subscription sync)
+/// may hold it up.
+const STEP_AT_MOST: Duration = Duration::from_millis(1500);
 /// Channels subscribed and probed per repair tick.
 const REPAIR_BATCH: usize = 4096;
 
@@ -152,8 +155,18 @@ impl Registrar {
                     if n == 0 { return }
                     let batch = std::mem::take(&mut batch);
                     let before = subscribed.clone();
-                    if let Err(e) = self.process(&mut Sub::Cluster(&mut conn), &mut subscribed, batch).await {
-                        tracing::warn!(error = %e, "subscription sync failed");
+                    let synced = tokio::time::timeout(
+                        STEP_AT_MOST,
+                        self.process(&mut Sub::Cluster(&mut conn), &mut subscribed, batch),
+                    )
+                    .await;
+                    match synced {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "subscription sync failed"),
+                        Err(_) => {
+                            pubsub_trouble = true;
+                            tracing::warn!("subscription sync timed out");
+                        }
                     }
                     // While a topology event is being worked off, a new
                     // subscription's confirmation is no proof either.
@@ -164,10 +177,15 @@ impl Registrar {
                     }
                 }
                 _ = renew.tick() => {
-                    if let Err(e) = self.renew().await {
-                        tracing::warn!(error = %e, "node lease renewal failed");
+                    // Bounded: a connection stuck on an old slot map must
+                    // not hold up this loop, whose topology checks replace
+                    // it (a lapsed renewal is retried at the next tick).
+                    match tokio::time::timeout(STEP_AT_MOST, self.renew()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "node lease renewal failed"),
+                        Err(_) => tracing::warn!("node lease renewal timed out"),
                     }
-                    self.sweep(&mut sweep).await;
+                    let _ = tokio::time::timeout(STEP_AT_MOST, self.sweep(&mut sweep)).await;
                 }
                 _ = topology.tick() => {
                     let commands_ok = self.commands_answer().await;
@@ -286,7 +304,7 @@ impl Registrar {
         });
         if unproven.broadcast {
             let channel = [broadcast_channel.to_string()];
-            match tokio::time::timeout(Duration::from_secs(2), sharded(conn, &channel, true)).await
+            match tokio::time::timeout(Duration::from_secs(1), sharded(conn, &channel, true)).await
             {
                 Ok(Ok(())) => unproven.broadcast = false,
                 Ok(Err(e)) => {
@@ -301,7 +319,7 @@ impl Registrar {
         }
         if unproven.presence {
             let users: Vec<String> = subscribed.iter().cloned().collect();
-            match tokio::time::timeout(Duration::from_secs(2), self.rewrite_presence(&users)).await
+            match tokio::time::timeout(Duration::from_secs(1), self.rewrite_presence(&users)).await
             {
                 Ok(Ok(())) => unproven.presence = false,
                 Ok(Err(e)) => tracing::debug!(error = %e, "rewriting presence failed; retrying"),
@@ -327,7 +345,7 @@ impl Registrar {
         // the probe goes to the channel's primary, which delivers it here
         // only through a live subscription.
         if let Ok(Err(e)) | Err(e) =
-            tokio::time::timeout(Duration::from_secs(2), sharded(conn, &due, true))
+            tokio::time::timeout(Duration::from_secs(1), sharded(conn, &due, true))
                 .await
                 .map_err(|_| Error::Unavailable("timed out".into()))
         {
@@ -343,7 +361,7 @@ impl Registrar {
                 cmd.arg(ch).arg(&probe);
                 async move { cmd.query_async::<Value>(&mut conn).await }
             }));
-            match tokio::time::timeout(Duration::from_secs(2), sent).await {
+            match tokio::time::timeout(Duration::from_secs(1), sent).await {
                 Ok(replies) => smooth &= replies.iter().all(|r| r.is_ok()),
                 Err(_) => {
                     tracing::debug!("probing unproven channels timed out; retrying");
