@@ -16,12 +16,14 @@
 //! * `http`: the HTTP/1.1 accept loop and responses shared by the public and
 //!   admin listeners.
 //! * `grpc`: the PushService edge: protobuf in, status codes out.
-//! * [`auth`]: JWTs for WebSocket clients (HMAC, RSA, EC, Ed25519, JWKS).
+//! * [`auth`]: JWTs for WebSocket clients (HMAC, RSA, EC, Ed25519, JWKS;
+//!   the JWKS file in `auth/jwks.rs`).
 //! * [`apikey`]: scoped API keys for gRPC callers.
 //! * [`origin`]: the Origin allow-list of the WebSocket handshake.
 //! * [`tls`]: rustls acceptors and the certificate that reloads itself.
 //! * `expiry`: closes connections whose token expired (one map per node).
-//! * `ws`: the WebSocket handshake and the per-connection task.
+//! * `ws`: the WebSocket handshake and the per-connection task (client
+//!   frames and their budget in `ws/frames.rs`).
 //! * `protocol`: wire protocol v1: message ids, frames, close codes.
 //! * `hub`: this node's connections and their bounded send queues.
 //! * `node`: the core: validation, routing, inbox semantics.
