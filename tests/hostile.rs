@@ -306,15 +306,6 @@ async fn closed_within(mut s: tokio::net::TcpStream, d: Duration) {
     );
 }
 
-/// The value of a counter sample on the node's `/metrics` (0 if absent).
-async fn counter(node: &TestNode, sample: &str) -> f64 {
-    node.get("/metrics")
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
-}
-
 /// Issue 20, item 2: a TCP connection to the gRPC port that never speaks
 /// HTTP/2 is closed after --grpc-handshake-timeout, so such sockets cannot
 /// hold --grpc-max-connections: a backend connecting after them gets
@@ -338,7 +329,7 @@ async fn silent_grpc_sockets_are_closed_after_the_handshake_timeout(b: Backend) 
         closed_within(s, Duration::from_secs(2)).await;
     }
     // The registry is one per process (both backends' tests run in it).
-    let closed = counter(
+    let closed = metric(
         &node,
         r#"herald_grpc_closed_total{reason="handshake_timeout"}"#,
     )
@@ -373,7 +364,7 @@ async fn anonymous_idle_grpc_connections_are_closed(b: Backend) {
         .await
         .unwrap();
     c.stats(StatsRequest {}).await.unwrap();
-    let closed = counter(
+    let closed = metric(
         &node,
         r#"herald_grpc_closed_total{reason="anonymous_idle"}"#,
     )

@@ -12,15 +12,6 @@ use std::time::Duration;
 /// One test at a time in this binary: each reads the process-wide gauges.
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The value of the sample `name` (with its labels, if any) on `/metrics`.
-async fn metric(node: &TestNode, name: &str) -> f64 {
-    let text = node.get("/metrics").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().expect("a number"))
-        .unwrap_or(0.0)
-}
-
 async fn memory_node(args: herald::config::ServeArgs) -> TestNode {
     let node = TestNode::start_on(Backend::Memory, args).await;
     // The first sweep runs at once and reports this node's figures (an

@@ -224,6 +224,16 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     out
 }
 
+/// The value of the sample `name` (with its labels, if any) on the node's
+/// `/metrics` (0 if absent).
+pub async fn metric(node: &TestNode, name: &str) -> f64 {
+    let text = node.get("/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
+}
+
 pub struct Ws {
     pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }

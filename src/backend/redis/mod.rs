@@ -269,11 +269,13 @@ impl Swappable {
 /// One request on a [`Swappable`]: its outcome is noted when it ends, and
 /// a request dropped before it ends (a caller's timeout gave up on it)
 /// counts as trouble too.
-struct Watch(Option<Swappable>);
+/// Borrows the connection handle for the request's lifetime: nothing is
+/// cloned per request but the connection itself.
+struct Watch<'a>(Option<&'a Swappable>);
 
-impl Watch {
-    fn new(s: &Swappable) -> Self {
-        Watch(Some(s.clone()))
+impl<'a> Watch<'a> {
+    fn new(s: &'a Swappable) -> Self {
+        Watch(Some(s))
     }
 
     fn done<T>(mut self, r: &redis::RedisResult<T>) {
@@ -283,7 +285,7 @@ impl Watch {
     }
 }
 
-impl Drop for Watch {
+impl Drop for Watch<'_> {
     fn drop(&mut self) {
         if let Some(s) = self.0.take() {
             s.troubled.store(true, std::sync::atomic::Ordering::Relaxed);

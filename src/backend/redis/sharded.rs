@@ -40,8 +40,8 @@
 //! each of the next [`AGAIN_AFTER_A_CHANGE`] checks; so do requests that
 //! time out or lose their connection while the slot map reads fine (a
 //! fresh connection may have read its map from a node that had not heard
-//! of the change; at most every [`REPLACE_AT_MOST_EVERY`]), and a
-//! connection that stops answering for [`WEDGED_AFTER`] checks in a row.
+//! of the change; at most every [`REPLACE_AT_MOST_EVERY`]), and the command
+//! connection when it stops answering for [`WEDGED_AFTER`] checks in a row.
 //!
 //! Broadcasts carry the frame itself (no room for a probe), and are not
 //! stored: the broadcast channel is subscribed again after the same events.
@@ -219,7 +219,6 @@ impl Registrar {
                     }
                     let pubsub_troubled = read_ok && std::mem::take(&mut pubsub_trouble);
                     if renew_conns
-                        || health.pubsub.failed(read_ok)
                         || (pubsub_troubled && health.pubsub.may_replace())
                     {
                         match pubsub_connection(&seeds).await {
