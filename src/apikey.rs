@@ -65,6 +65,8 @@ pub struct KeySpec {
     pub name: String,
     pub scopes: Scopes,
     digest: [u8; 32],
+    /// Written without `:` (the single-key form).
+    bare: bool,
 }
 
 impl std::fmt::Debug for KeySpec {
@@ -98,6 +100,7 @@ impl KeySpec {
                 name: "default".into(),
                 scopes: Scopes::ALL,
                 digest: digest(s.as_bytes()),
+                bare: true,
             });
         };
         let form = "a value with ':' is read as name:scope:key (a bare key, with every scope, \
@@ -141,6 +144,7 @@ impl KeySpec {
             name: name.to_string(),
             scopes,
             digest: digest(key.as_bytes()),
+            bare: false,
         })
     }
 }
@@ -195,6 +199,16 @@ pub struct ApiKeys {
 
 impl ApiKeys {
     pub fn new(specs: &[KeySpec]) -> Result<ApiKeys, String> {
+        // A list is split at ',': a key that contained one would become two
+        // values, and a bare half would be an admin key. So a bare key is
+        // only ever the one key of a node.
+        if specs.len() > 1 && specs.iter().any(|s| s.bare) {
+            return Err(format!(
+                "{} API keys given and one is a bare key (no ':'): with several keys write each \
+                 as name:scope:key (keys cannot contain ',')",
+                specs.len()
+            ));
+        }
         for (i, a) in specs.iter().enumerate() {
             for b in &specs[..i] {
                 if a.name == b.name {

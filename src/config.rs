@@ -15,7 +15,9 @@ use crate::apikey::KeySpec;
 use crate::auth::JwtConfig;
 use crate::origin::Origins;
 
+mod client;
 mod parse;
+pub use client::{ClientTls, JwksArgs, ListenArgs, PrivateKeyArgs, SendArgs, TokenArgs};
 use parse::*;
 
 #[derive(Parser, Debug)]
@@ -33,45 +35,14 @@ pub struct Cli {
 pub enum Command {
     /// Run a node.
     Serve(ServeArgs),
-    /// Mint a WebSocket token (HS256 JWT) for a user with the configured secret.
+    /// Mint a WebSocket token for a user: HS256 with --jwt-secret, or signed with --jwt-private-key.
     Token(TokenArgs),
+    /// Print the JWKS (public keys) of a --jwt-private-key, for a node's --jwt-jwks (development).
+    Jwks(JwksArgs),
     /// Send a message to users through a node's gRPC API (a small client).
     Send(SendArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct SendArgs {
-    /// Recipients (repeat or comma-separate).
-    #[arg(
-        long = "user",
-        short = 'u',
-        required_unless_present = "broadcast",
-        value_delimiter = ','
-    )]
-    pub users: Vec<String>,
-    /// The payload: any JSON value.
-    pub payload_json: String,
-    /// The message topic.
-    #[arg(long, default_value = "")]
-    pub topic: String,
-    /// Live-only: do not store.
-    #[arg(long)]
-    pub transient: bool,
-    /// Send to every connection instead (no --user needed).
-    #[arg(long, conflicts_with = "transient")]
-    pub broadcast: bool,
-    /// The node's gRPC address: host:port (as the ready line prints it) or a URL.
-    #[arg(long, env = "HERALD_GRPC", default_value = "127.0.0.1:50051", value_parser = grpc_endpoint)]
-    pub grpc: String,
-    /// Makes a retry safe: the same key again within the window stores and pushes nothing (see the proto).
-    #[arg(long)]
-    pub idempotency_key: Option<String>,
-    /// API key, if the node requires one (scope send).
-    #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    /// PEM CA file: connect over TLS, trusting the node's certificate if it chains to this CA (for a node with --tls-cert).
-    #[arg(long, env = "HERALD_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
+    /// Connect to a node's WebSocket like a browser and print the frames it sends.
+    Listen(ListenArgs),
 }
 
 /// Flags of `herald serve`. Each setting, its environment variable and its
@@ -110,9 +81,9 @@ pub struct ServeArgs {
     /// Longest token lifetime accepted (`exp` minus `iat`, or minus now without `iat`).
     #[arg(long, env = "HERALD_JWT_MAX_LIFETIME", value_parser = duration)]
     pub jwt_max_lifetime: Option<Duration>,
-    /// gRPC API key, repeatable: `name:scope:key` with scope send, read or admin (or send+read), or a bare key without ':' (named "default", every scope). A value with ':' that is not name:scope:key stops the start. Set: PushService callers must send `authorization: Bearer <key>`.
-    #[arg(long = "api-key", env = "HERALD_API_KEY", hide_env_values = true, value_parser = ApiKeyParser)]
-    pub api_key: Vec<KeySpec>,
+    /// The node's gRPC API keys: `name:scope:key` with scope send, read or admin (or send+read); repeatable or comma-separated. A single bare key without ':' is named "default" with every scope. A value with ':' that is not name:scope:key stops the start. Set: PushService callers must send `authorization: Bearer <key>` (the key part only; clients read it from HERALD_API_KEY).
+    #[arg(long = "api-keys", env = "HERALD_API_KEYS", hide_env_values = true, value_parser = ApiKeyParser, value_delimiter = ',')]
+    pub api_keys: Vec<KeySpec>,
     /// Health and reflection also need an API key (any scope); by default they are open for probes and grpcurl.
     #[arg(long, env = "HERALD_GRPC_AUTH_DISCOVERY")]
     pub grpc_auth_discovery: bool,
@@ -308,19 +279,6 @@ fn file_flags(path: &Path, given: &ArgMatches) -> Result<Vec<OsString>, String> 
     Ok(flags)
 }
 
-#[derive(Args, Debug)]
-pub struct TokenArgs {
-    /// The user id (the token's `sub`): 1 to 256 bytes, no control characters.
-    #[arg(value_parser = user_id)]
-    pub user: String,
-    /// The secret; must match the nodes' --jwt-secret (at least 8 bytes).
-    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true, value_parser = secret)]
-    pub jwt_secret: String,
-    /// How long the token is valid.
-    #[arg(long, default_value = "24h", value_parser = duration)]
-    pub ttl: Duration,
-}
-
 /// The shortest `--presence-ttl`, in node leases: a round of the
 /// registrar's refresh of its users' reservation hashes spans a quarter of
 /// the TTL (see `backend::redis::registrar`), which then holds at least
@@ -479,8 +437,8 @@ impl Config {
             },
             jwt_secret_generated: generated,
             api_keys: {
-                crate::apikey::ApiKeys::new(&args.api_key)?;
-                args.api_key
+                crate::apikey::ApiKeys::new(&args.api_keys)?;
+                args.api_keys
             },
             grpc_auth_discovery: args.grpc_auth_discovery,
             origins: Origins::parse(&args.allowed_origin)?,
@@ -598,15 +556,15 @@ mod tests {
     #[test]
     fn a_bad_api_key_is_refused_without_echoing_it() {
         for v in ["ops:reads:SECRET0123456789abcdef", "ops:read:SECRETshort"] {
-            let e = serve(&["--api-key", v]).unwrap_err().to_string();
+            let e = serve(&["--api-keys", v]).unwrap_err().to_string();
             assert!(
-                e.contains("--api-key") && e.contains("HERALD_API_KEY"),
+                e.contains("--api-keys") && e.contains("HERALD_API_KEYS"),
                 "{e}"
             );
             assert!(!e.contains("SECRET"), "{e}");
         }
-        let a = serve(&["--api-key", "ops:read:0123456789abcdef"]).unwrap();
-        assert_eq!(a.api_key[0].name, "ops");
+        let a = serve(&["--api-keys", "ops:read:0123456789abcdef"]).unwrap();
+        assert_eq!(a.api_keys[0].name, "ops");
     }
 
     /// README's Production example is a valid config file.

@@ -3,6 +3,15 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // A HERALD_* variable set to nothing counts as not set: clap would treat
+    // it so for values, but `--help` would still print `[env: X=]` beside
+    // the default, as if it were in force. Single-threaded here, before the
+    // runtime starts.
+    for (name, value) in std::env::vars_os() {
+        if value.is_empty() && name.to_str().is_some_and(|n| n.starts_with("HERALD_")) {
+            std::env::remove_var(&name);
+        }
+    }
     let cli = Cli::load();
     // `serve` sizes its runtime from its configuration; the rest take the
     // default (one worker per core).
@@ -28,11 +37,10 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Token(t) => {
-            println!("{}", herald::auth::mint(&t.jwt_secret, &t.user, t.ttl));
-            ExitCode::SUCCESS
-        }
+        Command::Token(t) => print_or_fail("token", herald::cli::token(&t)),
+        Command::Jwks(j) => print_or_fail("jwks", herald::cli::jwks(&j.key)),
         Command::Send(args) => herald::cli::send(args).await,
+        Command::Listen(args) => herald::cli::listen(args).await,
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -75,6 +83,19 @@ async fn run(cli: Cli) -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+fn print_or_fail(what: &str, result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("herald {what}: {e}");
+            ExitCode::from(2)
         }
     }
 }

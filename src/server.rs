@@ -135,6 +135,7 @@ pub async fn run(
     };
     let ws_tls = acceptor(&[b"http/1.1"], None)?;
     let grpc_tls = acceptor(&[b"h2"], cfg.grpc_tls_client_ca.as_deref())?;
+    let cfg_grpc_mtls = cfg.grpc_tls_client_ca.is_some();
     let admin_tls = if cfg.admin_plain {
         None
     } else {
@@ -285,8 +286,14 @@ pub async fn run(
         if cert.is_some() { "wss" } else { "ws" },
         if admin_tls.is_some() { "https" } else { "http" },
     );
+    // What a client of the gRPC listener must bring, after its address.
+    let grpc_note = match (cert.is_some(), cfg_grpc_mtls) {
+        (true, true) => " (TLS, client certificate required)",
+        (true, false) => " (TLS)",
+        _ => "",
+    };
     println!(
-        "herald ready: ws={ws_scheme}://{ws_addr}/ws grpc={grpc_addr} admin={admin_scheme}://{admin_addr}"
+        "herald ready: ws={ws_scheme}://{ws_addr}/ws grpc={grpc_addr}{grpc_note} admin={admin_scheme}://{admin_addr}"
     );
     shutdown.await;
     tracing::info!("shutting down: closing connections with 1001, finishing in-flight RPCs");
@@ -380,7 +387,10 @@ fn warn_about_exposure(cfg: &Config, listeners: &Listeners, keys: &ApiKeys) {
         tracing::warn!(%ws, "no --allowed-origin: pages on any site may open WebSockets to this public listener");
     }
     if keys.is_empty() && !grpc.ip().is_loopback() {
-        tracing::warn!(%grpc, "no --api-key: anyone who reaches the gRPC listener can push to every user");
+        tracing::warn!(%grpc, "no --api-keys: anyone who reaches the gRPC listener can push to every user");
+    }
+    if keys.is_empty() && std::env::var_os("HERALD_API_KEY").is_some() {
+        tracing::warn!("HERALD_API_KEY is set but this node has no keys: HERALD_API_KEY is what a client sends; a node's keys are --api-keys (HERALD_API_KEYS, name:scope:key)");
     }
     if !cfg.api_keys.is_empty() {
         let names: Vec<String> = cfg

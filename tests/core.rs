@@ -749,7 +749,7 @@ async fn reflection_health_and_metrics(b: Backend) {
 #[tokio::test]
 async fn api_key_guards_the_push_service_but_not_health() {
     let mut a = args();
-    a.api_key = vec![herald::apikey::KeySpec::parse("k-123456").unwrap()];
+    a.api_keys = vec![herald::apikey::KeySpec::parse("k-123456").unwrap()];
     let node = TestNode::start_on(Backend::Memory, a).await;
     let mut c = node.client().await;
     let e = c.stats(StatsRequest {}).await.unwrap_err();

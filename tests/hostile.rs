@@ -223,7 +223,7 @@ async fn keyless_streams_never_starve_keyed_calls(b: Backend) {
     let mut a = args();
     a.grpc_max_inflight = 5;
     a.grpc_max_discovery_inflight = 5;
-    a.api_key =
+    a.api_keys =
         vec![herald::apikey::KeySpec::parse("backend:send+read:k-1234567890abcdef").unwrap()];
     let node = TestNode::start_on(b, a).await;
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc))

@@ -28,7 +28,7 @@ fn keyed(key: &str) -> Option<String> {
 #[tokio::test]
 async fn scoped_keys_unauthenticated_vs_permission_denied() {
     let mut a = args();
-    a.api_key = vec![
+    a.api_keys = vec![
         KeySpec::parse(&format!("ops:read:{OPS_KEY}")).unwrap(),
         KeySpec::parse(&format!("backend:send:{BACKEND_KEY}")).unwrap(),
         KeySpec::parse(&format!("root:admin:{ADMIN_KEY}")).unwrap(),
@@ -184,7 +184,7 @@ async fn scoped_keys_unauthenticated_vs_permission_denied() {
 #[tokio::test]
 async fn discovery_can_require_a_key() {
     let mut a = args();
-    a.api_key = vec![KeySpec::parse(&format!("ops:read:{OPS_KEY}")).unwrap()];
+    a.api_keys = vec![KeySpec::parse(&format!("ops:read:{OPS_KEY}")).unwrap()];
     a.grpc_auth_discovery = true;
     let node = TestNode::start_on(Backend::Memory, a).await;
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc))
@@ -729,7 +729,7 @@ fn serve_briefly(
         .args(["--ws-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
         .args(["--admin-listen", "127.0.0.1:0"])
         .args(extra)
-        .env_remove("HERALD_API_KEY")
+        .env_remove("HERALD_API_KEYS")
         .env_remove("HERALD_CONFIG")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&err_path).unwrap());
@@ -764,10 +764,10 @@ fn a_mistyped_api_key_scope_stops_the_start_without_printing_the_key() {
     let spec = format!("ops:reads:{KEY}");
     let dir = temp_dir("apikey");
     let config = dir.join("herald.toml");
-    std::fs::write(&config, format!("api_key = [\"{spec}\"]\n")).unwrap();
+    std::fs::write(&config, format!("api_keys = [\"{spec}\"]\n")).unwrap();
     let cases: [(&str, Vec<&str>, Vec<(&str, &str)>); 3] = [
-        ("flag", vec!["--api-key", &spec], vec![]),
-        ("env", vec![], vec![("HERALD_API_KEY", &spec)]),
+        ("flag", vec!["--api-keys", &spec], vec![]),
+        ("env", vec![], vec![("HERALD_API_KEYS", &spec)]),
         ("config", vec!["--config", config.to_str().unwrap()], vec![]),
     ];
     for (how, flags, env) in cases {
@@ -775,9 +775,9 @@ fn a_mistyped_api_key_scope_stops_the_start_without_printing_the_key() {
         let status = status.unwrap_or_else(|| panic!("{how}: started with {spec:?}: {stderr}"));
         assert!(!status.success(), "{how}: {stderr}");
         for want in [
-            "--api-key",
-            "HERALD_API_KEY",
-            "api_key",
+            "--api-keys",
+            "HERALD_API_KEYS",
+            "api_keys",
             "\"reads\"",
             "send, read, admin",
         ] {
@@ -789,7 +789,7 @@ fn a_mistyped_api_key_scope_stops_the_start_without_printing_the_key() {
         );
     }
     // A key too short for the scoped form is refused without being shown.
-    let (status, stderr) = serve_briefly(&["--api-key", "ops:read:SECRETshort"], &[]);
+    let (status, stderr) = serve_briefly(&["--api-keys", "ops:read:SECRETshort"], &[]);
     assert!(status.is_some_and(|s| !s.success()), "{stderr}");
     assert!(stderr.contains("at least 16 bytes"), "{stderr}");
     assert!(!stderr.contains("SECRET"), "the key leaked: {stderr}");

@@ -360,12 +360,17 @@ async fn herald_send_over_tls() {
     let node = TestNode::start_with(a).await;
     let send = |tls: bool| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-        c.args(["send", "--grpc", &format!("localhost:{}", node.grpc.port())]);
+        c.args([
+            "send",
+            "--grpc-addr",
+            &format!("localhost:{}", node.grpc.port()),
+        ]);
         c.args(["--user", "cli-tls", "{\"n\":1}"]);
         if tls {
             c.arg("--tls-ca").arg(&ca_path);
         }
         c.env_remove("HERALD_API_KEY").env_remove("HERALD_TLS_CA");
+        c.env_remove("HERALD_GRPC_ADDR");
         c.output().unwrap()
     };
     let ok = tokio::task::block_in_place(|| send(true));
@@ -377,6 +382,12 @@ async fn herald_send_over_tls() {
     assert!(String::from_utf8_lossy(&ok.stdout).starts_with("cli-tls\t"));
     let plain = tokio::task::block_in_place(|| send(false));
     assert!(!plain.status.success());
+    // Not protocol noise: the error says the node speaks TLS and names the flag.
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        said.contains("speaks TLS") && said.contains("--tls-ca"),
+        "{said}"
+    );
     node.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -48,7 +48,7 @@ pub(super) fn user_id(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// Parses `--api-key` values. Not a plain function parser: clap's error
+/// Parses `--api-keys` values. Not a plain function parser: clap's error
 /// for those quotes the value, and this one is a secret. The error names
 /// the setting in each of its forms and says what is wrong (see
 /// [`KeySpec::parse`]), never the value.
@@ -67,7 +67,7 @@ impl clap::builder::TypedValueParser for ApiKeyParser {
         let refuse = |why: String| {
             clap::Error::raw(
                 clap::error::ErrorKind::ValueValidation,
-                format!("--api-key (HERALD_API_KEY, api_key in the config file): {why}\n"),
+                format!("--api-keys (HERALD_API_KEYS, api_keys in the config file): {why}\n"),
             )
             .with_cmd(cmd)
         };
