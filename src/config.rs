@@ -567,15 +567,24 @@ mod tests {
         assert_eq!(a.api_keys[0].name, "ops");
     }
 
-    /// README's Production example is a valid config file.
+    /// README's Production config, with the shell's values filled in, is
+    /// a valid config file (CI also runs the whole section as written).
     #[test]
     fn the_readme_production_config_resolves() {
         let readme = include_str!("../README.md");
-        let start = readme.find("## Production").unwrap();
+        let start = readme.find("<!-- production:config -->").unwrap();
         let block = &readme[start..];
-        let toml_start = block.find("```toml\n").unwrap() + 8;
-        let toml_end = toml_start + block[toml_start..].find("```").unwrap();
-        let path = temp_file(&block[toml_start..toml_end]);
+        let body_start = block.find("<<EOF\n").unwrap() + 6;
+        let body_end = body_start + block[body_start..].find("\nEOF\n").unwrap();
+        let text = block[body_start..body_end]
+            .replace("$PWD", "/etc/herald")
+            .replace("$SEND_KEY", "4f9c2a7e1b0d48c6a3e5f7b9d1c3e5a7")
+            .replace("$READ_KEY", "8e1d3c5b7a9f4e2d6c8b0a1f3e5d7c9b");
+        assert!(
+            !text.contains('$'),
+            "a shell value the test does not fill in: {text}"
+        );
+        let path = temp_file(&text);
         let args = serve(&["--config", path.to_str().unwrap()]);
         std::fs::remove_file(&path).unwrap();
         let cfg = Config::resolve(args.unwrap()).unwrap();
