@@ -33,11 +33,13 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+mod client_js;
 mod frames;
 use frames::*;
 
-/// The demo page and the browser client, embedded in the binary so a node
-/// serves them with no files beside it: (path, content type, body).
+/// The demo page, embedded in the binary so a node serves it with no files
+/// beside it: (path, content type, body). The client, `/herald.js`, is
+/// served by [`client_js`].
 const DEMO: &[(&str, &str, &str)] = &[
     (
         "/",
@@ -53,11 +55,6 @@ const DEMO: &[(&str, &str, &str)] = &[
         "/demo/style.css",
         "text/css; charset=utf-8",
         include_str!("../clients/js/demo/style.css"),
-    ),
-    (
-        "/herald.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../clients/js/herald.js"),
     ),
 ];
 
@@ -92,6 +89,7 @@ impl Gateway {
         match (req.method(), req.uri().path()) {
             (&hyper::Method::GET, "/ws") => Ok(self.upgrade(req)),
             (&hyper::Method::GET, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
+            (_, "/herald.js") => Ok(client_js::serve(&req, &self.origins)),
             (&hyper::Method::GET, path) => Ok(match DEMO.iter().find(|(p, _, _)| *p == path) {
                 Some((_, ctype, body)) => {
                     let mut r = respond(StatusCode::OK, ctype, Bytes::from_static(body.as_bytes()));

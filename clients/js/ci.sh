@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # CI for the browser client: install the pinned dev dependencies, then run the
-# unit tests and the browser end-to-end test against real Herald processes.
+# unit tests, README.md's install routes as written (readme/: npm install of
+# this directory and of an `npm pack` tarball, and a copied herald.mjs, each
+# in a new directory with a fresh npm cache, for an ES module and a CommonJS
+# app; the <script type="module"> from a node on another origin, in
+# Chromium) and the browser end-to-end test against real Herald processes.
+# The README route needs the npm registry (it installs `ws` as a reader does).
 #
 # Requires HERALD_BIN: the herald binary built from this tree (the node embeds
 # clients/js, so the e2e test checks that it serves these very files).
@@ -26,6 +31,9 @@ npm test
 
 echo "--- clients/js: unit tests (node --test), Redis backend"
 npm run test:redis
+
+echo "--- clients/js: README install routes, as written (Node ESM and CommonJS, browser)"
+npm run test:readme
 
 echo "--- clients/js: browser end-to-end test (Chromium)"
 npm run test:e2e
