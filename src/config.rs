@@ -219,7 +219,7 @@ impl Cli {
         T: Into<OsString> + Clone,
     {
         let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
-        let matches = Cli::command().try_get_matches_from(&argv)?;
+        let matches = Cli::clap().try_get_matches_from(&argv)?;
         let cli = Cli::from_arg_matches(&matches)?;
         let (Command::Serve(args), Some(serve)) =
             (&cli.command, matches.subcommand_matches("serve"))
@@ -230,8 +230,17 @@ impl Cli {
             return Ok(cli);
         };
         let extra = file_flags(path, serve)
-            .map_err(|e| Cli::command().error(clap::error::ErrorKind::InvalidValue, e))?;
-        Cli::try_parse_from(argv.into_iter().chain(extra))
+            .map_err(|e| Cli::clap().error(clap::error::ErrorKind::InvalidValue, e))?;
+        let matches = Cli::clap().try_get_matches_from(argv.into_iter().chain(extra))?;
+        Cli::from_arg_matches(&matches)
+    }
+
+    /// The command line, with `--help` naming each variable as `[env: X]`:
+    /// clap's default, `[env: X=<value>]`, shows `X=` for a variable that is
+    /// unset or empty, which reads as a setting in force, and would show
+    /// the value of any variable not marked secret.
+    fn clap() -> clap::Command {
+        Cli::command().mut_subcommands(|sub| sub.mut_args(|a| a.hide_env_values(true)))
     }
 }
 

@@ -21,6 +21,8 @@ fn from_help() -> Table {
                 cmd.env_remove(k);
             }
         }
+        // Set but empty: counts as unset, and --help does not show it as `X=`.
+        cmd.env("HERALD_NODE_ID", "").env("HERALD_TLS_CA", "");
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "herald {sub} --help failed");
         let text = String::from_utf8(out.stdout).unwrap();
