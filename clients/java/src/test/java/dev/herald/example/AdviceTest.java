@@ -41,6 +41,14 @@ class AdviceTest {
     /** A CA certificate whose key was thrown away: a CA file that signed nothing here. */
     private static final String UNRELATED_CA = Path.of("src/test/resources/unrelated-ca.pem").toString();
 
+    /** The TLS client test makes the server log a failed transport at INFO, with a stack trace: quiet it. */
+    private static final java.util.logging.Logger SERVER_TRANSPORT =
+            java.util.logging.Logger.getLogger("io.grpc.netty.shaded.io.grpc.netty.NettyServerTransport");
+
+    static {
+        SERVER_TRANSPORT.setLevel(java.util.logging.Level.WARNING);
+    }
+
     private Server server;
     private ServerSocket raw;
 
