@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# CI for the Go client: vet, build the example, build a consumer module that
-# depends on the stubs as README.md says, and test (the end-to-end test
-# against a live node when HERALD_GRPC_ADDR is set).
+# CI for the Go client: vet, README.md's Install section followed as written
+# on what a new machine has (an empty module cache, the default module
+# proxy), its program's send to a live node, the tests (the end-to-end test
+# against a live node when HERALD_GRPC_ADDR is set) and the example.
 #
 # Environment (see e2e_test.go):
 #   HERALD_GRPC_ADDR, HERALD_WS_URL, HERALD_JWT_SECRET    a running node
 #   HERALD_GRPC_ADDR_2, HERALD_WS_URL_2                   optional second node (cluster test)
-#   HERALD_API_KEY                                        optional, if the nodes use --api-key
+#   HERALD_API_KEY                                        optional: the key the nodes want, if they
+#                                                         have --api-keys (the key part of name:scope:key)
 # With CI=true a missing HERALD_GRPC_ADDR is an error: CI must prove the
 # stubs against a live node, not skip the proof.
+#
+# tls-check.sh does the same for a node with TLS, client certificates and
+# scoped keys, and checks what the example says for each wrong setting.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+. ./readme.sh
 
 if [[ -z "${HERALD_GRPC_ADDR:-}" ]]; then
   if [[ "${CI:-}" == "true" ]]; then
@@ -30,56 +36,39 @@ fi
 echo "== go vet ./..."
 go vet ./...
 
-echo "== go build example"
 out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
+modcache="$(mktemp -d)"
+cleanup() {
+  # Module cache files are read-only: go clean removes them.
+  GOMODCACHE="$modcache" go clean -modcache 2>/dev/null || chmod -R u+w "$modcache"
+  rm -rf "$out" "$modcache"
+}
+trap cleanup EXIT
+
+echo "== go build example"
 go build -o "$out/send" ./examples/send
 
-echo "== a consumer module depends on the stubs as README.md says"
-# README's commands between the go-consumer markers run as written, in a
-# throwaway module "your-service" next to "herald", a link to this checkout.
-# Offline (GOPROXY=off): everything comes from the module cache that the build
-# above filled; go.sum starts with this module's verified sums, so no
-# checksum database is needed either.
-consumer_cmds="$(sed -n '/<!-- go-consumer:begin -->/,/<!-- go-consumer:end -->/p' README.md | sed '/^```/d; /^<!--/d')"
-if ! grep -q -- '-replace github.com/herald-push/herald/clients/go=' <<<"$consumer_cmds"; then
-  echo "clients/go/ci.sh: no replace command between the go-consumer markers in README.md" >&2
+# README.md's go-install, go-main and go-run blocks, run as written in a
+# throwaway directory, with an empty module cache and this machine's own
+# GOPROXY, GOFLAGS and checksum database: what a new user's machine does.
+echo "== README.md's Install section, as written, with an empty module cache (GOPROXY=$(go env GOPROXY))"
+start=$SECONDS
+mode=""
+[[ -z "${HERALD_GRPC_ADDR:-}" ]] && mode=build-only
+set +e
+GOMODCACHE="$modcache" run_readme "$out" $mode 2>&1 | tee "$out/readme.log"
+rc=${PIPESTATUS[0]}
+set -e
+if [[ $rc -ne 0 ]]; then
+  echo "clients/go/ci.sh: README.md's Install section does not work as written (see above)" >&2
   exit 1
 fi
-ln -s "$(cd ../.. && pwd)" "$out/herald"
-mkdir "$out/your-service"
-cp go.sum "$out/your-service/go.sum"
-cat >"$out/your-service/main.go" <<'GO'
-package main
-
-import (
-	"fmt"
-
-	heraldv1 "github.com/herald-push/herald/clients/go/heraldv1"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-)
-
-func main() {
-	conn, err := grpc.NewClient("127.0.0.1:50051", grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		panic(err)
-	}
-	defer conn.Close()
-	_ = heraldv1.NewPushServiceClient(conn)
-	fmt.Println("consumer built against", heraldv1.PushService_ServiceDesc.ServiceName)
-}
-GO
-(
-  cd "$out"
-  export GOPROXY=off GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod" GOWORK=off
-  (cd your-service && go mod init example.com/your-service 2>/dev/null)
-  echo "$consumer_cmds" | sed 's/^/  $ /'
-  bash -euo pipefail -c "$consumer_cmds"
-  cd your-service
-  go build -o "$out/consumer" .
-  "$out/consumer"
-) || { echo "clients/go/ci.sh: the consumer module of README.md's Install section does not build" >&2; exit 1; }
+if [[ -n "${HERALD_GRPC_ADDR:-}" ]]; then
+  # It delivered: the node answered with a message id for the user.
+  grep -Eq '^sent to [^ ]+: message [0-9]+-[0-9]+ \(online=(true|false)\)$' "$out/readme.log" \
+    || { echo "clients/go/ci.sh: README.md's program did not print the node's message id" >&2; exit 1; }
+fi
+echo "   ($((SECONDS - start)) s, $(find "$modcache/cache/download" -name '*.zip' | wc -l) modules downloaded)"
 
 echo "== go test -count=1 -v ./..."
 log="$out/test.log"
@@ -102,5 +91,5 @@ if [[ -n "${HERALD_GRPC_ADDR:-}" ]]; then
     exit 1
   fi
   echo "== example against $HERALD_GRPC_ADDR"
-  "$out/send" -addr "$HERALD_GRPC_ADDR" -user "ci-example-$$"
+  "$out/send" -grpc-addr "$HERALD_GRPC_ADDR" -user "ci-example-$$"
 fi

@@ -9,7 +9,8 @@ package heraldv1_test
 //	HERALD_JWT_SECRET   the HS256 secret the node verifies tokens with (required)
 //	HERALD_GRPC_ADDR_2  a second node of the same Redis-backed cluster (optional)
 //	HERALD_WS_URL_2     that node's WebSocket endpoint (required with HERALD_GRPC_ADDR_2)
-//	HERALD_API_KEY      the nodes' gRPC API key, if they were started with --api-key (optional)
+//	HERALD_API_KEY      the key the nodes want, if they were started with --api-keys: the key
+//	                    part of name:scope:key, of scope send+read or admin (optional)
 //
 // Every RPC of herald.v1.PushService is called and its result checked
 // against what real WebSocket connections, held as the user, receive.
@@ -871,7 +872,7 @@ func TestE2E(t *testing.T) {
 
 	t.Run("APIKey", func(t *testing.T) {
 		if e.apiKey == "" {
-			t.Skip("HERALD_API_KEY not set: the node is expected to run without --api-key")
+			t.Skip("HERALD_API_KEY not set: the node is expected to run without --api-keys")
 		}
 		for name, key := range map[string]string{"no key": "", "wrong key": e.apiKey + "-wrong"} {
 			bad := dialNode(t, "node1 ("+name+")", os.Getenv("HERALD_GRPC_ADDR"), n.wsURL, "HERALD_WS_URL", key)

@@ -154,8 +154,13 @@ async fn channel(args: &SendArgs) -> Result<Channel, Reach> {
         .to_string();
     let port = uri.port_u16().unwrap_or(50051);
     let connector = TlsConnector::from(cfg);
-    let name = ServerName::try_from(host.clone())
-        .map_err(|e| Reach::Setup(format!("--grpc-addr host {host:?}: {e}")))?;
+    let checked = args
+        .tls
+        .tls_server_name
+        .clone()
+        .unwrap_or_else(|| host.clone());
+    let name = ServerName::try_from(checked.clone())
+        .map_err(|e| Reach::Setup(format!("TLS server name {checked:?}: {e}")))?;
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let (connector, name, host) = (connector.clone(), name.clone(), host.clone());

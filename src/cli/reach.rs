@@ -94,7 +94,8 @@ pub(crate) async fn explain(addr: &str, tls: &ClientTls, err: &(dyn Error + 'sta
     } else if has("NotValidForName") {
         format!(
             "the node's certificate does not carry the name in {addr}: connect with a name from \
-             its subjectAltName, or issue it for this one"
+             its subjectAltName, give one with --tls-server-name (HERALD_TLS_SERVER_NAME), or issue \
+             it for this one"
         )
     } else if has("Expired") && has("InvalidCertificate") {
         "the node's certificate has expired (or is not valid yet)".to_string()
@@ -138,6 +139,7 @@ async fn tls_probe(addr: &str, tls: &ClientTls) -> String {
         return String::new();
     };
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = tls.tls_server_name.as_deref().unwrap_or(host);
     let Ok(name) =
         rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
     else {

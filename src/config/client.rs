@@ -60,6 +60,9 @@ pub struct ClientTls {
     /// PEM private key of --tls-client-cert.
     #[arg(long, env = "HERALD_TLS_CLIENT_KEY", requires = "tls_client_cert")]
     pub tls_client_key: Option<PathBuf>,
+    /// The name to check the node's certificate against, when the address's host is not one it carries (an IP, a tunnel). Default: the host of --grpc-addr.
+    #[arg(long, env = "HERALD_TLS_SERVER_NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
 }
 
 #[derive(Args, Debug)]

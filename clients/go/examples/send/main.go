@@ -2,7 +2,7 @@
 // asks whether the user is online and how many messages they have unread,
 // and shows how a rejected request (INVALID_ARGUMENT) is handled.
 //
-//	go run ./examples/send -addr 127.0.0.1:50051 -user alice -payload '{"hello":"world"}'
+//	go run ./examples/send -grpc-addr 127.0.0.1:50051 -user alice -payload '{"hello":"world"}'
 //
 // The send carries an idempotency key (-key, default a fresh random UUID;
 // a business event id such as "invoice-42-paid" is better, since a re-run of
@@ -14,19 +14,30 @@
 // delivery and replayed=true. The example then sends the same request again,
 // as a retry after a lost answer would, to show such an answer.
 //
-// The address defaults to $HERALD_GRPC_ADDR, or 127.0.0.1:50051. A node
-// started with --api-key needs the key: -api-key, or $HERALD_API_KEY (a
-// key with scope "send+read" or "admin": the example sends and also calls
-// IsOnline and UnreadCount). A
-// node started with --tls-cert is reached over TLS with -tls-ca ca.pem (or
-// $HERALD_TLS_CA):
+// Every setting has a flag and an environment variable:
 //
-//	go run ./examples/send -addr push.internal:50051 -tls-ca ca.pem -api-key "$HERALD_API_KEY"
+//	-grpc-addr        HERALD_GRPC_ADDR        host:port of the node's gRPC listener (default 127.0.0.1:50051)
+//	-api-key          HERALD_API_KEY          the key a node with --api-keys name:scope:key wants: its key part
+//	                                          (scope send+read or admin: the example sends and also reads)
+//	-tls-ca           HERALD_TLS_CA           PEM file of the CA that signed the node's certificate (--tls-cert)
+//	-tls-client-cert  HERALD_TLS_CLIENT_CERT  PEM client certificate, for a node with --grpc-tls-client-ca
+//	-tls-client-key   HERALD_TLS_CLIENT_KEY   its PEM private key
+//
+// Without -tls-ca and a client certificate the connection is plaintext:
+//
+//	go run ./examples/send -grpc-addr push.internal:50051 -tls-ca ca.pem \
+//	    -tls-client-cert client.pem -tls-client-key client.key -api-key "$HERALD_API_KEY"
+//
+// When a call fails, the example says what to change (see advice): a
+// plaintext client at a TLS node, a certificate not trusted, a client
+// certificate missing, a key missing or lacking a scope, no node there.
 package main
 
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -49,13 +60,16 @@ func main() {
 	if defAddr == "" {
 		defAddr = "127.0.0.1:50051"
 	}
-	addr := flag.String("addr", defAddr, "Herald gRPC address (host:port); default $HERALD_GRPC_ADDR")
+	var s settings
+	flag.StringVar(&s.addr, "grpc-addr", defAddr, "host:port of the node's gRPC listener; default $HERALD_GRPC_ADDR, then 127.0.0.1:50051")
+	flag.StringVar(&s.apiKey, "api-key", os.Getenv("HERALD_API_KEY"), "API key, if the node requires one: the key part of the node's --api-keys name:scope:key; default $HERALD_API_KEY")
+	flag.StringVar(&s.tlsCA, "tls-ca", os.Getenv("HERALD_TLS_CA"), "PEM file of the CA that signed the node's certificate: connect over TLS; default $HERALD_TLS_CA (unset, and no client certificate: plaintext)")
+	flag.StringVar(&s.clientCert, "tls-client-cert", os.Getenv("HERALD_TLS_CLIENT_CERT"), "PEM client certificate, for a node that requires one (--grpc-tls-client-ca); default $HERALD_TLS_CLIENT_CERT")
+	flag.StringVar(&s.clientKey, "tls-client-key", os.Getenv("HERALD_TLS_CLIENT_KEY"), "PEM private key of -tls-client-cert; default $HERALD_TLS_CLIENT_KEY")
+	flag.StringVar(&s.tlsServerName, "tls-server-name", os.Getenv("HERALD_TLS_SERVER_NAME"), "name to check the node's certificate against; default the host of -grpc-addr")
 	user := flag.String("user", "alice", "recipient user id")
 	topic := flag.String("topic", "example.greeting", "message topic")
 	payload := flag.String("payload", `{"text":"hello from Go"}`, "message payload (any JSON value)")
-	apiKey := flag.String("api-key", os.Getenv("HERALD_API_KEY"), "API key, if the node requires one; default $HERALD_API_KEY")
-	tlsCA := flag.String("tls-ca", os.Getenv("HERALD_TLS_CA"), "PEM CA file: connect over TLS and trust the node's certificate if it chains to this CA; default $HERALD_TLS_CA (unset: plaintext)")
-	tlsName := flag.String("tls-server-name", os.Getenv("HERALD_TLS_SERVER_NAME"), "name to check the node's certificate against; default the host of -addr")
 	key := flag.String("key", "", "idempotency key of this send (1 to 128 printable ASCII characters); default a fresh random UUID")
 	timeout := flag.Duration("timeout", 5*time.Second, "deadline for each call (for the send: for each attempt)")
 	attempts := flag.Int("attempts", 8, "attempts of the send, retried with the same key on UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNKNOWN, DATA_LOSS and transport errors")
@@ -65,26 +79,16 @@ func main() {
 		*key = newUUID()
 	}
 
-	// Plaintext by default (a node on loopback or a private network); with
-	// -tls-ca, TLS that verifies the node's certificate against that CA.
-	creds := insecure.NewCredentials()
-	if *tlsCA != "" {
-		c, err := credentials.NewClientTLSFromFile(*tlsCA, *tlsName)
-		if err != nil {
-			log.Fatalf("TLS CA %s: %v", *tlsCA, err)
-		}
-		creds = c
-	}
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
-	if *apiKey != "" {
-		opts = append(opts, grpc.WithPerRPCCredentials(bearer(*apiKey)))
-	}
-	conn, err := grpc.NewClient(*addr, opts...)
+	conn, err := connect(s)
 	if err != nil {
-		log.Fatalf("connect %s: %v", *addr, err)
+		log.Fatalf("connect %s: %v", s.addr, err)
 	}
 	defer conn.Close()
 	client := heraldv1.NewPushServiceClient(conn)
+	fail := func(what string, err error) { failed(what, err, s) }
+	// A setup problem (TLS, certificates, a key, the address) is not retried:
+	// the call never reached the node, and it would fail the same way again.
+	setupProblem := func(err error) bool { _, setup := advice("SendToUser", err, s); return setup }
 
 	call := func() (context.Context, context.CancelFunc) {
 		return context.WithTimeout(context.Background(), *timeout)
@@ -98,7 +102,7 @@ func main() {
 		IdempotencyKey: *key,
 	}
 	fmt.Printf("idempotency key %s\n", *key)
-	sent, err := sendWithRetry(context.Background(), client, req, *timeout, *attempts)
+	sent, err := sendWithRetry(context.Background(), client, req, *timeout, *attempts, setupProblem)
 	if err != nil {
 		fail("SendToUser", err)
 	}
@@ -107,7 +111,7 @@ func main() {
 	// 1b. The same request again, as a retry whose first attempt went
 	// through but whose answer was lost: nothing is stored or pushed, the
 	// answer is the first call's delivery with replayed=true.
-	again, err := sendWithRetry(context.Background(), client, req, *timeout, *attempts)
+	again, err := sendWithRetry(context.Background(), client, req, *timeout, *attempts, setupProblem)
 	if err != nil {
 		fail("SendToUser (repeat)", err)
 	}
@@ -182,6 +186,55 @@ func main() {
 	}
 }
 
+// connect makes the client connection: plaintext (a node on loopback or a
+// private network), or TLS when s has a CA file or a client certificate.
+// TLS verifies the node's certificate against the CA file (without one,
+// against the system's roots) and presents the client certificate, if any,
+// to a node that requires one (--grpc-tls-client-ca). The API key goes with
+// every call as "authorization: Bearer <key>".
+func connect(s settings) (*grpc.ClientConn, error) {
+	creds := insecure.NewCredentials()
+	if s.useTLS() {
+		cfg, err := tlsConfig(s)
+		if err != nil {
+			return nil, err
+		}
+		creds = credentials.NewTLS(cfg)
+	}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	if s.apiKey != "" {
+		opts = append(opts, grpc.WithPerRPCCredentials(bearer(s.apiKey)))
+	}
+	return grpc.NewClient(s.addr, opts...)
+}
+
+// tlsConfig trusts the CA file (or, without one, the system's roots) and
+// carries the client certificate, if any.
+func tlsConfig(s settings) (*tls.Config, error) {
+	cfg := &tls.Config{ServerName: s.tlsServerName, MinVersion: tls.VersionTLS12}
+	if s.tlsCA != "" {
+		pem, err := os.ReadFile(s.tlsCA)
+		if err != nil {
+			return nil, fmt.Errorf("-tls-ca / HERALD_TLS_CA: %w", err)
+		}
+		cfg.RootCAs = x509.NewCertPool()
+		if !cfg.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("-tls-ca / HERALD_TLS_CA: no PEM certificate in %s", s.tlsCA)
+		}
+	}
+	if (s.clientCert == "") != (s.clientKey == "") {
+		return nil, errors.New("set both -tls-client-cert and -tls-client-key (HERALD_TLS_CLIENT_CERT, HERALD_TLS_CLIENT_KEY), or neither")
+	}
+	if s.clientCert != "" {
+		cert, err := tls.LoadX509KeyPair(s.clientCert, s.clientKey)
+		if err != nil {
+			return nil, fmt.Errorf("client certificate (-tls-client-cert, -tls-client-key): %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return cfg, nil
+}
+
 // sendWithRetry calls SendToUser until it answers, retrying with the very
 // same request, so with the same idempotency key, on every error retryable
 // accepts: the failed attempt may have stored and pushed the message although
@@ -193,8 +246,11 @@ func main() {
 // request itself is wrong (INVALID_ARGUMENT, UNAUTHENTICATED, ...) comes back
 // at once: a retry would fail the same way. ctx bounds the whole loop: once it
 // is done (the caller cancelled, or its deadline passed) nothing is retried.
+// Nor is an error for which setupProblem (if not nil) is true: a connection
+// that failed for want of the right TLS settings, say, fails the same way
+// every time, and its request never reached the node.
 func sendWithRetry(ctx context.Context, client heraldv1.PushServiceClient, req *heraldv1.SendToUserRequest,
-	perAttempt time.Duration, attempts int) (*heraldv1.SendToUserResponse, error) {
+	perAttempt time.Duration, attempts int, setupProblem func(error) bool) (*heraldv1.SendToUserResponse, error) {
 	backoff := 100 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		actx, cancel := context.WithTimeout(ctx, perAttempt)
@@ -202,6 +258,9 @@ func sendWithRetry(ctx context.Context, client heraldv1.PushServiceClient, req *
 		cancel()
 		if err == nil || !retryable(err) {
 			return resp, err // success, or the request itself is wrong: a retry will not fix it
+		}
+		if setupProblem != nil && setupProblem(err) {
+			return nil, err // a retry would fail the same way
 		}
 		if ctx.Err() != nil {
 			// The CANCELLED or DEADLINE_EXCEEDED came from ctx, the caller's
@@ -286,19 +345,16 @@ func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]strin
 }
 
 // RequireTransportSecurity is false so the key also works on a plaintext
-// loopback node; over a network, use -tls-ca so the key never travels in
-// the clear.
+// loopback node; over a network, use TLS (-tls-ca) so the key never travels
+// in the clear.
 func (b bearer) RequireTransportSecurity() bool { return false }
 
-// fail reports a gRPC error by its status code and exits.
-func fail(what string, err error) {
+// failed reports a failed call and exits: what to change, when advice
+// knows, then the status code and the node's (or the transport's) message.
+func failed(what string, err error, s settings) {
 	st := status.Convert(err)
-	switch st.Code() {
-	case codes.Unavailable:
-		log.Fatalf("%s: Herald unavailable (is the node running? is its backend reachable?): %s", what, st.Message())
-	case codes.Unauthenticated:
-		log.Fatalf("%s: not authenticated (missing or wrong -api-key): %s", what, st.Message())
-	default:
-		log.Fatalf("%s: %s: %s", what, st.Code(), st.Message())
+	if hint, _ := advice(what, err, s); hint != "" {
+		log.Fatalf("%s failed: %s\n  (%s: %s)", what, hint, st.Code(), st.Message())
 	}
+	log.Fatalf("%s failed: %s: %s", what, st.Code(), st.Message())
 }

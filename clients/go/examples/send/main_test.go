@@ -147,7 +147,7 @@ func TestSendWithRetryRetriesTransientOutcomes(t *testing.T) {
 		status.Error(codes.Internal, "h2 protocol error"),
 		status.Error(codes.Unknown, "connection reset"),
 	}}
-	resp, err := sendWithRetry(context.Background(), serve(t, srv), keyed, 5*time.Second, 8)
+	resp, err := sendWithRetry(context.Background(), serve(t, srv), keyed, 5*time.Second, 8, nil)
 	if err != nil {
 		t.Fatalf("sendWithRetry: %v", err)
 	}
@@ -167,7 +167,7 @@ func TestSendWithRetryRetriesTransientOutcomes(t *testing.T) {
 
 func TestSendWithRetryStopsOnAWrongRequest(t *testing.T) {
 	srv := &scripted{script: []error{status.Error(codes.InvalidArgument, "payload_json is not JSON")}}
-	_, err := sendWithRetry(context.Background(), serve(t, srv), keyed, 5*time.Second, 8)
+	_, err := sendWithRetry(context.Background(), serve(t, srv), keyed, 5*time.Second, 8, nil)
 	if status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("err = %v, want INVALID_ARGUMENT", err)
 	}
@@ -180,9 +180,39 @@ func TestSendWithRetryGivesUpAfterAttempts(t *testing.T) {
 	srv := &scripted{script: []error{
 		status.Error(codes.Unavailable, "a"), status.Error(codes.Unavailable, "b"), status.Error(codes.Unavailable, "c"),
 	}}
-	_, err := sendWithRetry(context.Background(), serve(t, srv), keyed, 5*time.Second, 2)
+	_, err := sendWithRetry(context.Background(), serve(t, srv), keyed, 5*time.Second, 2, nil)
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("err = %v, want UNAVAILABLE", err)
+	}
+	if n := len(srv.attempts()); n != 2 {
+		t.Fatalf("%d attempts, want 2", n)
+	}
+}
+
+// A setup problem (here: the node wants a client certificate) is not
+// retried, though its status (UNAVAILABLE) would be.
+func TestSendWithRetryStopsOnASetupProblem(t *testing.T) {
+	srv := &scripted{script: []error{
+		status.Error(codes.Unavailable, `connection error: desc = "error reading server preface: remote error: tls: certificate required"`),
+		status.Error(codes.Unavailable, "b"),
+	}}
+	setup := func(err error) bool {
+		_, s := advice("SendToUser", err, settings{addr: "localhost:1", tlsCA: "ca.pem"})
+		return s
+	}
+	_, err := sendWithRetry(context.Background(), serve(t, srv), keyed, 5*time.Second, 8, setup)
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("err = %v, want UNAVAILABLE", err)
+	}
+	if n := len(srv.attempts()); n != 1 {
+		t.Fatalf("%d attempts, want 1", n)
+	}
+	// A refused connection is retried: the node may be restarting.
+	srv = &scripted{script: []error{
+		status.Error(codes.Unavailable, `connection error: desc = "transport: Error while dialing: dial tcp 127.0.0.1:1: connect: connection refused"`),
+	}}
+	if _, err := sendWithRetry(context.Background(), serve(t, srv), keyed, 5*time.Second, 8, setup); err != nil {
+		t.Fatalf("sendWithRetry: %v", err)
 	}
 	if n := len(srv.attempts()); n != 2 {
 		t.Fatalf("%d attempts, want 2", n)
@@ -196,7 +226,7 @@ func TestSendWithRetryStopsWhenTheCallerCancels(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(100*time.Millisecond, cancel)
 	start := time.Now()
-	_, err := sendWithRetry(ctx, client, keyed, 5*time.Second, 8)
+	_, err := sendWithRetry(ctx, client, keyed, 5*time.Second, 8, nil)
 	if status.Code(err) != codes.Canceled || !errors.Is(err, context.Canceled) {
 		t.Fatalf("err = %v, want CANCELLED and context.Canceled", err)
 	}

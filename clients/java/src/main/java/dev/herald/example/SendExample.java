@@ -13,7 +13,6 @@ import dev.herald.v1.SendToUserResponse;
 import dev.herald.v1.StoredMessage;
 import dev.herald.v1.UnreadCountRequest;
 import dev.herald.v1.UserPresence;
-import io.grpc.ChannelCredentials;
 import io.grpc.Context;
 import io.grpc.Grpc;
 import io.grpc.ManagedChannel;
@@ -23,9 +22,12 @@ import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
 import io.grpc.TlsChannelCredentials;
 import io.grpc.stub.MetadataUtils;
+import java.io.File;
+import java.io.IOException;
 import java.util.UUID;
 import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.TimeUnit;
+import java.util.function.Predicate;
 
 /**
  * Pushes one message to a user over Herald's control API, asks whether the
@@ -44,10 +46,22 @@ import java.util.concurrent.TimeUnit;
  * address defaults to $HERALD_GRPC_ADDR, then to 127.0.0.1:50051; the user to
  * "alice"; the key to a fresh random UUID (a business event id such as
  * "invoice-42-paid" is better: a re-run of the same job then reuses it).
- * When the node runs with an API key (--api-key), put it in $HERALD_API_KEY
- * (scope send+read or admin: the example also calls IsOnline and
- * UnreadCount). When it runs with TLS (--tls-cert), put the PEM file of the
- * CA that signed its certificate in $HERALD_TLS_CA.
+ * The environment says how to reach the node:
+ *
+ * <ul>
+ *   <li>HERALD_API_KEY: for a node with --api-keys name:scope:key, the key part
+ *       (scope send+read or admin: the example also calls IsOnline and UnreadCount);</li>
+ *   <li>HERALD_TLS_CA: for a node with --tls-cert, the PEM file of the CA that
+ *       signed its certificate;</li>
+ *   <li>HERALD_TLS_CLIENT_CERT, HERALD_TLS_CLIENT_KEY: for a node with
+ *       --grpc-tls-client-ca, a PEM client certificate signed by that CA and its
+ *       PEM (PKCS#8) private key;</li>
+ *   <li>HERALD_TLS_SERVER_NAME: a name to check the node's certificate against,
+ *       other than the host of the address.</li>
+ * </ul>
+ *
+ * <p>Without HERALD_TLS_CA and a client certificate the channel is plaintext.
+ * When a call fails, the example says what to change ({@link Advice}).
  */
 public final class SendExample {
 
@@ -58,21 +72,41 @@ public final class SendExample {
     private SendExample() {}
 
     /**
-     * Plaintext (a node on loopback or a private network), or, with a CA
-     * file, TLS that verifies the node's certificate against that CA.
+     * Plaintext (a node on loopback or a private network), or TLS when there
+     * is a CA file or a client certificate. TLS verifies the node's
+     * certificate against the CA file (without one, against the JVM's
+     * trusted CAs) and presents the client certificate, if any, to a node that
+     * requires one (--grpc-tls-client-ca).
      */
-    static ManagedChannel channel(String addr, String caFile) {
-        if (caFile == null || caFile.isBlank()) {
-            return ManagedChannelBuilder.forTarget(addr).usePlaintext().build();
+    static ManagedChannel channel(Advice.Settings s) {
+        if (!s.tls()) {
+            return ManagedChannelBuilder.forTarget(s.addr()).usePlaintext().build();
         }
-        try {
-            ChannelCredentials tls = TlsChannelCredentials.newBuilder()
-                    .trustManager(new java.io.File(caFile))
-                    .build();
-            return Grpc.newChannelBuilder(addr, tls).build();
-        } catch (java.io.IOException e) {
-            throw new IllegalArgumentException("cannot read the TLS CA file " + caFile + ": " + e.getMessage(), e);
+        TlsChannelCredentials.Builder tls = TlsChannelCredentials.newBuilder();
+        if (set(s.tlsCa())) {
+            try {
+                tls.trustManager(new File(s.tlsCa()));
+            } catch (IOException e) {
+                throw new IllegalArgumentException("HERALD_TLS_CA: cannot read " + s.tlsCa() + ": " + e.getMessage(), e);
+            }
         }
+        if (set(s.clientCert()) != set(s.clientKey())) {
+            throw new IllegalArgumentException("set both HERALD_TLS_CLIENT_CERT and HERALD_TLS_CLIENT_KEY, or neither");
+        }
+        if (set(s.clientCert())) {
+            try {
+                tls.keyManager(new File(s.clientCert()), new File(s.clientKey()));
+            } catch (IOException | RuntimeException e) {
+                throw new IllegalArgumentException("HERALD_TLS_CLIENT_CERT, HERALD_TLS_CLIENT_KEY: cannot use "
+                        + s.clientCert() + " and " + s.clientKey() + " (" + e.getMessage() + "); the key must be a "
+                        + "PEM PKCS#8 key (BEGIN PRIVATE KEY): openssl pkcs8 -topk8 -nocrypt -in client.key -out client.pk8", e);
+            }
+        }
+        ManagedChannelBuilder<?> b = Grpc.newChannelBuilder(s.addr(), tls.build());
+        if (set(s.serverName())) {
+            b.overrideAuthority(s.serverName());
+        }
+        return b.build();
     }
 
     public static void main(String[] args) throws InterruptedException {
@@ -80,13 +114,24 @@ public final class SendExample {
         String user = args.length > 1 ? args[1] : "alice";
         // One key per logical send, made before the first attempt.
         String key = args.length > 2 ? args[2] : UUID.randomUUID().toString();
+        String apiKey = System.getenv("HERALD_API_KEY");
+        Advice.Settings settings = new Advice.Settings(addr, apiKey, System.getenv("HERALD_TLS_CA"),
+                System.getenv("HERALD_TLS_CLIENT_CERT"), System.getenv("HERALD_TLS_CLIENT_KEY"),
+                System.getenv("HERALD_TLS_SERVER_NAME"));
 
-        ManagedChannel channel = channel(addr, System.getenv("HERALD_TLS_CA"));
+        ManagedChannel channel;
+        try {
+            channel = channel(settings);
+        } catch (IllegalArgumentException e) {
+            System.err.println(e.getMessage());
+            System.exit(2);
+            return;
+        }
         int exit = 0;
+        String rpc = "SendToUser"; // the call under way, for the advice if it fails
         try {
             PushServiceGrpc.PushServiceBlockingStub herald = PushServiceGrpc.newBlockingStub(channel);
-            String apiKey = System.getenv("HERALD_API_KEY");
-            if (apiKey != null && !apiKey.isBlank()) {
+            if (set(apiKey)) {
                 // Without it such a node answers UNAUTHENTICATED.
                 Metadata md = new Metadata();
                 md.put(Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER), "Bearer " + apiKey);
@@ -100,13 +145,20 @@ public final class SendExample {
                     .setIdempotencyKey(key)
                     .build();
             System.out.println("idempotency key " + key);
-            SendToUserResponse sent = sendWithRetry(herald, request);
+            // A setup problem (TLS, certificates, a key, the address) is not
+            // retried: the call never reached the node, and would fail the same way again.
+            Predicate<StatusRuntimeException> setupProblem = e -> {
+                Advice.Hint h = Advice.of("SendToUser", e, settings);
+                return h != null && h.setup();
+            };
+            SendToUserResponse sent = sendWithRetry(herald, request, setupProblem);
             print("sent", sent);
 
             // The same request again, as a retry whose first attempt went
             // through but whose answer was lost: nothing is stored or pushed,
             // the answer is the first call's delivery with replayed=true.
-            SendToUserResponse again = sendWithRetry(herald, request);
+            rpc = "SendToUser (repeat)";
+            SendToUserResponse again = sendWithRetry(herald, request, setupProblem);
             print("repeat", again);
             for (int i = 0; i < again.getDeliveriesCount(); i++) {
                 Delivery d = again.getDeliveries(i);
@@ -116,6 +168,7 @@ public final class SendExample {
                 }
             }
 
+            rpc = "IsOnline";
             IsOnlineResponse presence = herald.withDeadlineAfter(5, TimeUnit.SECONDS)
                     .isOnline(IsOnlineRequest.newBuilder().addUserIds(user).build());
             for (UserPresence p : presence.getUsersList()) {
@@ -123,6 +176,7 @@ public final class SendExample {
                         p.getUserId(), p.getOnline(), p.getConnections());
             }
 
+            rpc = "UnreadCount";
             long unread = herald.withDeadlineAfter(5, TimeUnit.SECONDS)
                     .unreadCount(UnreadCountRequest.newBuilder().setUserId(user).build())
                     .getCount();
@@ -131,6 +185,7 @@ public final class SendExample {
             // The message center: the newest page, then one message read on
             // its own (every device of the user gets the new count and a
             // "changed" frame).
+            rpc = "ListMessages";
             ListMessagesResponse page = herald.withDeadlineAfter(5, TimeUnit.SECONDS)
                     .listMessages(ListMessagesRequest.newBuilder().setUserId(user).setLimit(5).build());
             for (StoredMessage m : page.getMessagesList()) {
@@ -138,6 +193,7 @@ public final class SendExample {
                         m.getMessageId(), m.getTopic(), m.getRead(), m.getPayloadJson());
             }
             if (page.getMessagesCount() > 0) {
+                rpc = "MarkRead";
                 MarkReadResponse read = herald.withDeadlineAfter(5, TimeUnit.SECONDS)
                         .markRead(MarkReadRequest.newBuilder()
                                 .setUserId(user)
@@ -148,6 +204,7 @@ public final class SendExample {
             }
 
             // Errors arrive as StatusRuntimeException; this payload is not JSON.
+            rpc = "SendToUser (bad payload)";
             try {
                 herald.withDeadlineAfter(5, TimeUnit.SECONDS)
                         .sendToUser(SendToUserRequest.newBuilder()
@@ -165,12 +222,18 @@ public final class SendExample {
                 }
             }
         } catch (StatusRuntimeException e) {
-            // UNAVAILABLE: no node at that address (or it went away);
-            // UNAUTHENTICATED: the node wants an API key ($HERALD_API_KEY);
-            // DEADLINE_EXCEEDED: it did not answer in time. (The send was
-            // retried already: see sendWithRetry.)
+            // What to change, when Advice knows, then the status: UNAVAILABLE
+            // with a reason in its causes (TLS, certificates, the address),
+            // UNAUTHENTICATED or PERMISSION_DENIED (the key), DEADLINE_EXCEEDED
+            // (no answer in time). The send was retried already: see sendWithRetry.
             Status st = e.getStatus();
-            System.err.printf("herald call failed: %s: %s%n", st.getCode(), st.getDescription());
+            String why = st.getDescription() == null ? "" : st.getDescription().lines().findFirst().orElse("");
+            Advice.Hint hint = Advice.of(rpc, e, settings);
+            if (hint != null) {
+                System.err.printf("%s failed: %s%n  (%s: %s)%n", rpc, hint.text(), st.getCode(), why);
+            } else {
+                System.err.printf("%s failed: %s: %s%n", rpc, st.getCode(), why);
+            }
             exit = 1;
         } finally {
             channel.shutdown().awaitTermination(5, TimeUnit.SECONDS);
@@ -192,17 +255,20 @@ public final class SendExample {
      * off at random. An error that says the request itself is wrong
      * (INVALID_ARGUMENT, UNAUTHENTICATED, ...) is thrown at once: a retry
      * would fail the same way. So is the CANCELLED of a call this thread's
-     * caller cancelled (an interrupt, or a cancelled {@link Context}).
+     * caller cancelled (an interrupt, or a cancelled {@link Context}), and an
+     * error for which {@code setupProblem} is true: a connection that failed
+     * for want of the right TLS settings, say, fails the same way every time,
+     * and its request never reached the node.
      */
     static SendToUserResponse sendWithRetry(PushServiceGrpc.PushServiceBlockingStub herald,
-            SendToUserRequest request) throws InterruptedException {
+            SendToUserRequest request, Predicate<StatusRuntimeException> setupProblem) throws InterruptedException {
         long backoffMs = 100;
         for (int attempt = 1; ; attempt++) {
             try {
                 // withDeadlineAfter returns a new stub: a fresh deadline per attempt.
                 return herald.withDeadlineAfter(ATTEMPT_DEADLINE_MS, TimeUnit.MILLISECONDS).sendToUser(request);
             } catch (StatusRuntimeException e) {
-                if (!retryable(e) || attempt >= SEND_ATTEMPTS) {
+                if (!retryable(e) || attempt >= SEND_ATTEMPTS || setupProblem.test(e)) {
                     throw e;
                 }
                 long waitMs = backoffMs - ThreadLocalRandom.current().nextLong(backoffMs / 2 + 1);
@@ -255,6 +321,12 @@ public final class SendExample {
         return retryable(Status.fromThrowable(t).getCode()); // no status (a transport's IOException): UNKNOWN
     }
 
+    /** {@link #sendWithRetry(PushServiceGrpc.PushServiceBlockingStub, SendToUserRequest, Predicate)}, retrying every retryable error. */
+    static SendToUserResponse sendWithRetry(PushServiceGrpc.PushServiceBlockingStub herald,
+            SendToUserRequest request) throws InterruptedException {
+        return sendWithRetry(herald, request, e -> false);
+    }
+
     private static void print(String what, SendToUserResponse response) {
         for (Delivery d : response.getDeliveriesList()) {
             System.out.printf("%s to %s: message %s (online=%b)%s%n", what,
@@ -266,5 +338,9 @@ public final class SendExample {
     private static String envOr(String name, String fallback) {
         String v = System.getenv(name);
         return v == null || v.isBlank() ? fallback : v;
+    }
+
+    private static boolean set(String v) {
+        return v != null && !v.isBlank();
     }
 }

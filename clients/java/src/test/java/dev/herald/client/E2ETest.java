@@ -72,7 +72,7 @@ import org.junit.jupiter.api.function.Executable;
  *   <li>HERALD_GRPC_ADDR: host:port of the node's gRPC control listener;</li>
  *   <li>HERALD_WS_URL: the WebSocket endpoint, e.g. ws://127.0.0.1:8080/ws;</li>
  *   <li>HERALD_JWT_SECRET: the node's HS256 secret (--jwt-secret);</li>
- *   <li>HERALD_API_KEY (optional): the node's --api-key, if it has one.</li>
+ *   <li>HERALD_API_KEY (optional): the node's --api-keys, if it has one.</li>
  * </ul>
  * Without HERALD_GRPC_ADDR the test is skipped, unless the system property
  * {@code herald.required=true} is set (ci.sh sets it), in which case it fails.

@@ -182,6 +182,26 @@ class RetryableTest {
         assertEquals(1, seen.size());
     }
 
+    /** A setup problem is not retried, though its status (UNAVAILABLE) would be; a refused connection is. */
+    @Test
+    void aSetupProblemIsNotRetried() throws Exception {
+        Advice.Settings s = new Advice.Settings("localhost:50051", null, "ca.pem", null, null, null);
+        java.util.function.Predicate<StatusRuntimeException> setup = e -> {
+            Advice.Hint h = Advice.of("SendToUser", e, s);
+            return h != null && h.setup();
+        };
+        var herald = serve(Status.UNAVAILABLE.withDescription("ssl exception: TLSV1_ALERT_CERTIFICATE_REQUIRED"));
+        StatusRuntimeException e = assertThrows(StatusRuntimeException.class,
+                () -> SendExample.sendWithRetry(herald, KEYED, setup));
+        assertEquals(Status.Code.UNAVAILABLE, e.getStatus().getCode());
+        assertEquals(1, seen.size());
+        stop();
+        seen.clear();
+        var again = serve(Status.UNAVAILABLE.withDescription("io exception: Connection refused"));
+        SendExample.sendWithRetry(again, KEYED, setup);
+        assertEquals(2, seen.size());
+    }
+
     @Test
     void anInterruptedCallIsNotRetried() throws Exception {
         var herald = serve((Status[]) null);
@@ -198,6 +218,9 @@ class RetryableTest {
         long start = System.nanoTime();
         StatusRuntimeException e = assertThrows(StatusRuntimeException.class,
                 () -> SendExample.sendWithRetry(herald, KEYED));
+        // grpc-java sets the interrupt again when it throws; clear it, or the
+        // join throws InterruptedException while the interrupter is still alive.
+        Thread.interrupted();
         interrupter.join();
         assertEquals(Status.Code.CANCELLED, e.getStatus().getCode());
         assertInstanceOf(InterruptedException.class, e.getCause());
