@@ -30,7 +30,10 @@
 //! * `backend`: what nodes share (broker, presence, inbox), one trait per
 //!   concern, embedded in `backend::memory` or in Redis in `backend::redis`.
 //! * `error`: the error type and its gRPC status mapping.
-//! * [`cli`]: `herald send`, a small client of the control API.
+//! * [`cli`]: the client subcommands: `herald send` (a gRPC client that
+//!   says what to fix when a call fails, in `cli/reach.rs`), `herald
+//!   listen` (a WebSocket client that connects like a browser), `herald
+//!   token` and `herald jwks` (development credentials).
 //!
 //! Modules depend downwards only: `server` → `ws`/`grpc`/`http` → `node` →
 //! `hub`/`backend` → `protocol`/`error`/`config`. Backends reach this node's
