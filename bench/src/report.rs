@@ -173,27 +173,6 @@ impl StepView {
             why_not: self.why_not,
             ..Default::default()
         };
-        step_line(&s)
+        s.line()
     }
-}
-
-pub fn step_line(s: &Step) -> String {
-    format!(
-        "  {:<6} {:>10} -> {:>9.0} deliveries/s  {}  lost {} dup {} err {}{}{}",
-        s.phase,
-        s.offered_per_s
-            .map_or("max".to_string(), |r| format!("{r:.0}/s")),
-        s.delivered_per_s,
-        s.latency.line(),
-        s.tally.lost,
-        s.tally.duplicates,
-        s.call_errors,
-        s.cpu_us_per_delivery
-            .map_or(String::new(), |c| format!("  {c:.1} server-CPU-µs/msg")),
-        if s.ok {
-            String::new()
-        } else {
-            format!("  [{}]", s.why_not.join(", "))
-        },
-    )
 }

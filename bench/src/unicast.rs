@@ -4,7 +4,6 @@
 use crate::api::payload;
 use crate::ctx::{pick, set_phase, settle, Ctx};
 use crate::fleet::Tally;
-use crate::report::step_line;
 use crate::stats::{fmt_ms, now_ns, small_rng, CpuMark, CpuUse, Latency};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -291,7 +290,7 @@ fn finish_step(
     s.ok = why.is_empty();
     s.why_not = why;
     if !ctx.args.quiet {
-        eprintln!("{}", step_line(&s));
+        eprintln!("{}", s.line());
     }
     s
 }
@@ -401,4 +400,29 @@ pub async fn unicast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<Stri
         }),
         None => Value::Null,
     };
+}
+
+impl Step {
+    /// The step as one line of the report.
+    pub fn line(&self) -> String {
+        let s = self;
+        format!(
+            "  {:<6} {:>10} -> {:>9.0} deliveries/s  {}  lost {} dup {} err {}{}{}",
+            s.phase,
+            s.offered_per_s
+                .map_or("max".to_string(), |r| format!("{r:.0}/s")),
+            s.delivered_per_s,
+            s.latency.line(),
+            s.tally.lost,
+            s.tally.duplicates,
+            s.call_errors,
+            s.cpu_us_per_delivery
+                .map_or(String::new(), |c| format!("  {c:.1} server-CPU-µs/msg")),
+            if s.ok {
+                String::new()
+            } else {
+                format!("  [{}]", s.why_not.join(", "))
+            },
+        )
+    }
 }

@@ -237,6 +237,12 @@ pub(crate) fn node_stats(node: &str) -> String {
     node_scoped(node, "stats")
 }
 
+/// `<node>|<boot>`: the field a node incarnation's reservations are kept
+/// under in a user's reservation hash, and what its probes carry.
+pub(super) fn incarnation(node_id: &str, boot: &str) -> String {
+    format!("{node_id}|{boot}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

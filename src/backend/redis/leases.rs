@@ -211,7 +211,7 @@ impl Leases {
         let (mut live, mut lapsed) = (vec![], vec![]);
         for (node, &expiry) in &snap.leases {
             if let Some(boot) = snap.boots.get(node) {
-                let field = super::registrar::incarnation(node, boot);
+                let field = keys::incarnation(node, boot);
                 if snap.counts(expiry, now, self.lease_ms) {
                     live.push(field);
                 } else {

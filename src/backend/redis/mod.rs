@@ -438,7 +438,7 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
     let backend = Arc::new(RedisBackend {
         conn,
         scripts,
-        incarnation: registrar::incarnation(&cfg.node_id, &boot),
+        incarnation: keys::incarnation(&cfg.node_id, &boot),
         node_id: cfg.node_id.clone(),
         leases,
         sharded,

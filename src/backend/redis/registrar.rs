@@ -285,7 +285,7 @@ impl Registrar {
 
     /// `<node>|<boot>`: the field of this node's reservations.
     pub(super) fn incarnation(&self) -> String {
-        incarnation(&self.node_id, &self.boot)
+        keys::incarnation(&self.node_id, &self.boot)
     }
 
     fn presence_ttl_ms(&self) -> u64 {
@@ -455,11 +455,6 @@ impl Registrar {
         }
         result
     }
-}
-
-/// The reservation field of a node incarnation.
-pub(super) fn incarnation(node_id: &str, boot: &str) -> String {
-    format!("{node_id}|{boot}")
 }
 
 /// The subscribing side of pub/sub, as [`Registrar::process`] and
