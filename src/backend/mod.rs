@@ -340,7 +340,8 @@ pub struct Changed {
     pub deleted: u64,
 }
 
-/// The three shared concerns, as one node uses them.
+/// The four shared concerns (fan-out, presence, inboxes, idempotency
+/// records), as one node uses them.
 #[derive(Clone)]
 pub struct Backend {
     pub broker: Arc<dyn Broker>,

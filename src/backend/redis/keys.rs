@@ -253,6 +253,45 @@ mod tests {
         channel_user(&user_channel(user)).map(Cow::into_owned)
     }
 
+    /// The "Data in Redis" table of the backend's module docs names every
+    /// key and channel this module builds, and nothing it does not.
+    #[test]
+    fn the_data_in_redis_table_lists_every_name() {
+        let (u, k, n) = ("<user>", "<key>", "<node>");
+        let mut built = vec![
+            inbox(u),
+            meta(u),
+            idem_stored(u, k),
+            idem_transient(u, k),
+            idem_broadcast(k),
+            user_conns(u),
+            boots(),
+            user_channel(u),
+            broadcast_channel(),
+            nodes(),
+            node_conns(n),
+            node_stats(n),
+        ];
+        built.extend(inbox_state(u));
+        built.sort();
+        built.dedup();
+        let docs = include_str!("mod.rs");
+        let start = docs.find("//! | name | type |").expect("the table");
+        let mut listed: Vec<String> = docs[start..]
+            .lines()
+            .skip(2)
+            .take_while(|l| l.starts_with("//! |"))
+            .map(|l| {
+                l.split('`')
+                    .nth(1)
+                    .expect("a name in backticks")
+                    .to_string()
+            })
+            .collect();
+        listed.sort();
+        assert_eq!(listed, built);
+    }
+
     #[test]
     fn names_are_stable() {
         assert_eq!(inbox("al ice"), "herald:{al ice}:inbox");

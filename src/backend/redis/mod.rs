@@ -50,7 +50,9 @@
 //! |---|---|---|---|
 //! | `herald:{<user>}:inbox` | stream | stored messages: id `<ms>-<seq>`, fields `n` (ordinal), `f` (the frame) | trimmed to the newest `inbox_max_messages` and `inbox_max_age`; expires `inbox_max_age` after the last write |
 //! | `herald:{<user>}:meta` | hash | `last` (newest id), `seq` (messages ever stored), `rid`/`rn` (read cursor id and ordinal), `floor` (newest id gone), `tn`, `ok`, `px` (see `scripts/prelude.lua`, `append.lua`) | as the inbox |
-//! | `herald:{<user>}:rd`, `:ur`, `:del` | sorted sets | message center: ids read above the cursor, unread at or below it, deleted above `tn` (score: ordinal) | as the inbox (the center scripts expire all five keys together) |
+//! | `herald:{<user>}:rd` | sorted set | message center: ids read above the cursor (score: ordinal) | as the inbox (the center scripts expire all five keys together) |
+//! | `herald:{<user>}:ur` | sorted set | message center: ids unread at or below the cursor (score: ordinal) | as the inbox |
+//! | `herald:{<user>}:del` | sorted set | message center: ids deleted above `tn` (score: ordinal) | as the inbox |
 //! | `herald:{<user>}:ch` | channel (sharded on a cluster) | the user's live events (payloads: [`codec`]) | subscribed by nodes holding the user |
 //! | `herald:{<user>}:conns` | hash | `<node>\|<boot>` -> the user's connection reservations on that node incarnation | written by `reserve.lua`/`release.lua` and a node restoring its own, each write setting the expiry `--presence-ttl` (at least 4 leases, default 1 h), which every node holding the user refreshes within about half of it ([`registrar`]); dead incarnations' entries deleted by the next reserve, and the whole hash expires when no live node holds the user |
 //! | `herald:{<user>}:idem:s:<key>` | string | a stored send's record: `<id> <online> <fingerprint>` | the idempotency window |
