@@ -5,12 +5,11 @@
 mod common;
 use common::*;
 
-/// Redis CPU per stored `SendToUser` (`INFO commandstats`, EVALSHA
-/// usec_per_call) with a full inbox (each send trims one message): the
-/// figure the message center must not raise. Prints it; run with
-/// `cargo test --test center redis_cost -- --ignored --nocapture`.
+/// What a stored `SendToUser` costs Redis with a full inbox (each send
+/// trims one message), the figure the message center must not raise: one
+/// script call per send, at most 11 commands inside it. Prints EVALSHA's
+/// usec_per_call too (`--nocapture`); timings are the bench's business.
 #[tokio::test]
-#[ignore]
 async fn redis_cost_of_a_stored_send() {
     let mut args = args();
     args.inbox_max_messages = 200;
@@ -37,6 +36,44 @@ async fn redis_cost_of_a_stored_send() {
             .expect("evalsha stats")
             .to_string();
         println!("round {round}: {line}");
+        let calls: u64 = line
+            .split(['=', ','])
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .expect("calls=N");
+        assert_eq!(calls, 2000, "one script call per stored send: {line}");
+        let others: Vec<&str> = stats
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_"))
+            .filter(|l| {
+                ![
+                    "cmdstat_evalsha:",
+                    "cmdstat_info:",
+                    "cmdstat_config|resetstat:",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
+            })
+            .filter(|l| !l.contains("_ping:") && !l.contains("cmdstat_client|"))
+            .collect();
+        println!("round {round}: other commands {others:?}");
+        // Inside the script, at the cap: HMGET, XADD, HSET (3), PUBLISH and
+        // the trim (XRANGE 2, XLEN, XTRIM, HGET): 11 commands per send.
+        let inside: u64 = others
+            .iter()
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        assert!(
+            inside <= 11 * 2000,
+            "{inside} commands ran inside 2000 stored sends, more than 11 each: {others:?}"
+        );
     }
 }
 
