@@ -30,6 +30,8 @@
 //! * `backend`: what nodes share (broker, presence, inbox), one trait per
 //!   concern, embedded in `backend::memory` or in Redis in `backend::redis`.
 //! * `error`: the error type and its gRPC status mapping.
+//! * [`telemetry`]: the log: its format and filter, the event-log lines
+//!   (connections, refusals, calls), the rate limit on repeated refusals.
 //! * [`cli`]: `herald send`, a small client of the control API.
 //!
 //! Modules depend downwards only: `server` → `ws`/`grpc`/`http` → `node` →
@@ -53,6 +55,7 @@ mod node;
 pub mod origin;
 mod protocol;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 mod ws;
 
