@@ -99,35 +99,30 @@ impl PushService for PushApi {
     ) -> Result<Response<SendToUserResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed(
-            "SendToUser",
-            Scopes::SEND,
-            caller,
-            Some(r.user_ids.len()),
-            async {
-                let deliveries = self
-                    .node
-                    .send_to_user(
-                        &r.user_ids,
-                        &r.topic,
-                        &r.payload_json,
-                        r.transient,
-                        &r.idempotency_key,
-                    )
-                    .await?;
-                Ok(SendToUserResponse {
-                    deliveries: deliveries
-                        .into_iter()
-                        .map(|d| Delivery {
-                            user_id: d.user_id,
-                            message_id: d.message_id,
-                            online: d.online,
-                            replayed: d.replayed,
-                        })
-                        .collect(),
-                })
-            },
-        )
+        let recipients = Some(r.user_ids.len());
+        self.observed("SendToUser", Scopes::SEND, caller, recipients, async {
+            let deliveries = self
+                .node
+                .send_to_user(
+                    &r.user_ids,
+                    &r.topic,
+                    &r.payload_json,
+                    r.transient,
+                    &r.idempotency_key,
+                )
+                .await?;
+            Ok(SendToUserResponse {
+                deliveries: deliveries
+                    .into_iter()
+                    .map(|d| Delivery {
+                        user_id: d.user_id,
+                        message_id: d.message_id,
+                        online: d.online,
+                        replayed: d.replayed,
+                    })
+                    .collect(),
+            })
+        })
         .await
     }
 
@@ -156,27 +151,22 @@ impl PushService for PushApi {
     ) -> Result<Response<IsOnlineResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed(
-            "IsOnline",
-            Scopes::READ,
-            caller,
-            Some(r.user_ids.len()),
-            async {
-                let counts = self.node.is_online(&r.user_ids).await?;
-                Ok(IsOnlineResponse {
-                    users: r
-                        .user_ids
-                        .into_iter()
-                        .zip(counts)
-                        .map(|(user_id, n)| UserPresence {
-                            user_id,
-                            online: n > 0,
-                            connections: n,
-                        })
-                        .collect(),
-                })
-            },
-        )
+        let recipients = Some(r.user_ids.len());
+        self.observed("IsOnline", Scopes::READ, caller, recipients, async {
+            let counts = self.node.is_online(&r.user_ids).await?;
+            Ok(IsOnlineResponse {
+                users: r
+                    .user_ids
+                    .into_iter()
+                    .zip(counts)
+                    .map(|(user_id, n)| UserPresence {
+                        user_id,
+                        online: n > 0,
+                        connections: n,
+                    })
+                    .collect(),
+            })
+        })
         .await
     }
 
