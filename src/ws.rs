@@ -413,15 +413,14 @@ async fn connection(
         }
     };
     let opened = Instant::now();
-    tracing::Span::current().record("conn", conn.id);
     metrics::counter!("herald_ws_connections_total").increment(1);
-    telemetry::conn_open(
-        &node.cfg.node_id,
-        &node.hub.conn_label(&conn),
-        &user,
-        remote,
-        node.hub.user_connections(&user),
-    );
+    {
+        // The id the client's welcome frame carries, in every line.
+        let label = node.hub.conn_label(&conn);
+        tracing::Span::current().record("conn", label.as_str());
+        let devices = node.hub.user_connections(&user);
+        telemetry::conn_open(&node.cfg.node_id, &label, &user, remote, devices);
+    }
     expiries.watch(token.exp, &conn);
     let end = serve(&node, &conn, since, &mut ws).await;
     expiries.forget(token.exp, conn.id);
