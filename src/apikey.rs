@@ -281,9 +281,10 @@ impl tonic::service::Interceptor for ApiKeys {
                     Ok(req)
                 }
                 None => {
+                    // Logged as `rpc.refused` by the in-flight layer,
+                    // which knows the method and the peer.
                     metrics::counter!("herald_rpc_unauthenticated_total", "reason" => "wrong_key")
                         .increment(1);
-                    tracing::info!("gRPC call with an unknown API key refused");
                     Err(Status::unauthenticated(
                         "the API key in `authorization: Bearer <key>` is not one this node knows",
                     ))

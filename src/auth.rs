@@ -60,6 +60,21 @@ pub struct JwtConfig {
     pub max_lifetime: Option<Duration>,
 }
 
+/// Why a token was refused: a stable word for the log (`token_expired`,
+/// `token_bad_signature`, `token_audience`, `token_issuer`, ...) and words
+/// fit for an HTTP 401 body. Neither ever holds the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, message: String) -> Refusal {
+        Refusal { reason, message }
+    }
+}
+
 /// A valid token's user and expiry (Unix seconds).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
@@ -189,18 +204,36 @@ impl TokenVerifier {
     /// The user and expiry of a valid token; the error says what is wrong
     /// in words fit for an HTTP 401 body (never echoing the token).
     pub fn verify(&self, token: &str) -> Result<Verified, String> {
-        self.verify_at(token, crate::protocol::now_ms() / 1000)
+        self.check(token).map_err(|r| r.message)
     }
 
+    /// [`TokenVerifier::verify`], with a refusal's reason as a stable word
+    /// for the log.
+    pub fn check(&self, token: &str) -> Result<Verified, Refusal> {
+        self.check_at(token, crate::protocol::now_ms() / 1000)
+    }
+
+    #[cfg(test)]
     fn verify_at(&self, token: &str, now: u64) -> Result<Verified, String> {
+        self.check_at(token, now).map_err(|r| r.message)
+    }
+
+    fn check_at(&self, token: &str, now: u64) -> Result<Verified, Refusal> {
+        let refuse = Refusal::new;
         if token.len() > MAX_TOKEN_BYTES {
-            return Err(format!("token longer than {MAX_TOKEN_BYTES} bytes"));
+            return Err(refuse(
+                "token_malformed",
+                format!("token longer than {MAX_TOKEN_BYTES} bytes"),
+            ));
         }
         let header = decode_header(token).map_err(|e| match unsupported_alg(token) {
-            Some(named) => format!(
+            Some(named) => refuse(
+                "token_algorithm",
+                format!(
                 "token algorithm {named:?} is not supported; Herald verifies {SUPPORTED_ALGORITHMS}"
             ),
-            None => format!("invalid token: {e}"),
+            ),
+            None => refuse("token_malformed", format!("invalid token: {e}")),
         })?;
         let alg = header.alg;
         let family = alg.family();
@@ -234,45 +267,53 @@ impl TokenVerifier {
             .filter(|k| k.alg.is_none_or(|a| a == alg))
             .collect();
         if candidates.is_empty() {
-            return Err(match (by_kid, &header.kid, &self.jwks) {
-                (None, Some(kid), Some(_)) => format!(
-                    "token names key id {:?}, which is not in this node's JWKS",
-                    crate::protocol::truncate_utf8(kid, 64)
-                ),
-                (Some(k), _, _) if k.key.family() != family => format!(
-                    "token is signed with {alg:?}, which needs {}; key {} in this node's JWKS \
+            let reason = if by_kid.is_none() && header.kid.is_some() && self.jwks.is_some() {
+                "token_unknown_key"
+            } else {
+                "token_algorithm"
+            };
+            return Err(refuse(
+                reason,
+                match (by_kid, &header.kid, &self.jwks) {
+                    (None, Some(kid), Some(_)) => format!(
+                        "token names key id {:?}, which is not in this node's JWKS",
+                        crate::protocol::truncate_utf8(kid, 64)
+                    ),
+                    (Some(k), _, _) if k.key.family() != family => format!(
+                        "token is signed with {alg:?}, which needs {}; key {} in this node's JWKS \
                      is an {} key",
-                    family_name(family),
-                    kid_name(k.kid.as_deref()),
-                    family_short(k.key.family())
-                ),
-                _ if !of_family.is_empty() => {
-                    // Keys of the right kind, each published for another
-                    // algorithm of the family (an RS256 key and a PS256
-                    // token): say so, rather than that there is no key.
-                    let pins: Vec<String> = of_family
-                        .iter()
-                        .take(4)
-                        .map(|k| {
-                            format!(
-                                "key {} allows {:?} only",
-                                kid_name(k.kid.as_deref()),
-                                k.alg.expect("a pinned key")
-                            )
-                        })
-                        .collect();
-                    format!(
+                        family_name(family),
+                        kid_name(k.kid.as_deref()),
+                        family_short(k.key.family())
+                    ),
+                    _ if !of_family.is_empty() => {
+                        // Keys of the right kind, each published for another
+                        // algorithm of the family (an RS256 key and a PS256
+                        // token): say so, rather than that there is no key.
+                        let pins: Vec<String> = of_family
+                            .iter()
+                            .take(4)
+                            .map(|k| {
+                                format!(
+                                    "key {} allows {:?} only",
+                                    kid_name(k.kid.as_deref()),
+                                    k.alg.expect("a pinned key")
+                                )
+                            })
+                            .collect();
+                        format!(
                         "token is signed with {alg:?}, which is not allowed for this node's {} \
                          keys: {} (the JWKS entry's alg)",
                         family_short(family),
                         pins.join(", ")
                     )
-                }
-                _ => format!(
-                    "token is signed with {alg:?}, which needs {}; this node has none for it",
-                    family_name(family)
-                ),
-            });
+                    }
+                    _ => format!(
+                        "token is signed with {alg:?}, which needs {}; this node has none for it",
+                        family_name(family)
+                    ),
+                },
+            ));
         }
         let mut validation = Validation::new(alg);
         validation.leeway = 0;
@@ -305,39 +346,59 @@ impl TokenVerifier {
                 use jsonwebtoken::errors::ErrorKind::*;
                 let e = e.expect("at least one candidate was tried");
                 return Err(match e.kind() {
-                    ExpiredSignature => "token expired".to_string(),
-                    InvalidSignature => {
-                        "token signature does not match this node's keys".to_string()
-                    }
-                    MissingRequiredClaim(c) => format!("token lacks the required claim {c:?}"),
-                    InvalidAudience => "token audience (aud) is not accepted here".to_string(),
-                    InvalidIssuer => "token issuer (iss) is not accepted here".to_string(),
-                    _ => format!("invalid token: {e}"),
+                    ExpiredSignature => refuse("token_expired", "token expired".into()),
+                    InvalidSignature => refuse(
+                        "token_bad_signature",
+                        "token signature does not match this node's keys".into(),
+                    ),
+                    MissingRequiredClaim(c) => refuse(
+                        "token_missing_claim",
+                        format!("token lacks the required claim {c:?}"),
+                    ),
+                    InvalidAudience => refuse(
+                        "token_audience",
+                        "token audience (aud) is not accepted here".into(),
+                    ),
+                    InvalidIssuer => refuse(
+                        "token_issuer",
+                        "token issuer (iss) is not accepted here".into(),
+                    ),
+                    _ => refuse("token_malformed", format!("invalid token: {e}")),
                 });
             }
         };
         if claims.exp <= now {
-            return Err("token expired".into());
+            return Err(refuse("token_expired", "token expired".into()));
         }
         if claims.nbf.is_some_and(|nbf| nbf > now + NBF_LEEWAY_SECS) {
-            return Err("token not valid yet (nbf is in the future)".into());
+            return Err(refuse(
+                "token_not_yet_valid",
+                "token not valid yet (nbf is in the future)".into(),
+            ));
         }
         if let Some(max) = self.max_lifetime {
             // From the earlier of `iat` and now: an `iat` in the future
             // cannot shorten the lifetime on paper.
             let from = claims.iat.map_or(now, |iat| iat.min(now));
             if claims.exp.saturating_sub(from) > max.as_secs() {
-                return Err(format!(
-                    "token lifetime exceeds this node's maximum of {}",
-                    humantime::format_duration(max)
+                return Err(refuse(
+                    "token_lifetime",
+                    format!(
+                        "token lifetime exceeds this node's maximum of {}",
+                        humantime::format_duration(max)
+                    ),
                 ));
             }
         }
         let sub = claims.sub;
         // The same check as a gRPC request's user id: a token cannot make a
         // user that no backend can address.
-        crate::protocol::check_user_id(&sub, self.max_user_id_bytes)
-            .map_err(|e| format!("token subject (sub) is not a valid user id: {e}"))?;
+        crate::protocol::check_user_id(&sub, self.max_user_id_bytes).map_err(|e| {
+            refuse(
+                "token_bad_subject",
+                format!("token subject (sub) is not a valid user id: {e}"),
+            )
+        })?;
         Ok(Verified {
             user: sub,
             exp: claims.exp,
@@ -643,6 +704,57 @@ mod tests {
             .verify("e30.e30.c2ln")
             .unwrap_err()
             .starts_with("invalid token"));
+    }
+
+    /// Each refusal names its reason in a stable word for the log.
+    #[test]
+    fn refusals_name_their_reason() {
+        let cfg = JwtConfig {
+            secret: Some("secret-one".into()),
+            audience: vec!["herald".into()],
+            issuer: vec!["https://id.example.com".into()],
+            ..Default::default()
+        };
+        let v = TokenVerifier::from_config(&cfg, 256).unwrap();
+        let now = crate::protocol::now_ms() / 1000;
+        let signed = |secret: &[u8], claims: serde_json::Value| {
+            encode(
+                &Header::default(),
+                &claims,
+                &EncodingKey::from_secret(secret),
+            )
+            .unwrap()
+        };
+        let good = serde_json::json!({
+            "sub": "a", "exp": now + 60, "aud": "herald", "iss": "https://id.example.com"
+        });
+        assert_eq!(
+            v.check(&signed(b"secret-one", good.clone())).unwrap().user,
+            "a"
+        );
+        let with = |k: &str, val: serde_json::Value| {
+            let mut c = good.clone();
+            c[k] = val;
+            signed(b"secret-one", c)
+        };
+        for (token, reason) in [
+            (with("exp", (now - 120).into()), "token_expired"),
+            (with("exp", now.into()), "token_expired"),
+            (signed(b"secret-two", good.clone()), "token_bad_signature"),
+            (with("aud", "other".into()), "token_audience"),
+            (
+                with("iss", "https://evil.example.com".into()),
+                "token_issuer",
+            ),
+            (with("nbf", (now + 3600).into()), "token_not_yet_valid"),
+            (with("sub", "a\nb".into()), "token_bad_subject"),
+            ("garbage".to_string(), "token_malformed"),
+            ("x".repeat(MAX_TOKEN_BYTES + 1), "token_malformed"),
+        ] {
+            let r = v.check(&token).unwrap_err();
+            assert_eq!(r.reason, reason, "{}", r.message);
+            assert_eq!(v.verify(&token).unwrap_err(), r.message);
+        }
     }
 
     #[test]

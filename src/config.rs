@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::apikey::KeySpec;
 use crate::auth::JwtConfig;
 use crate::origin::Origins;
+use crate::telemetry::{LogFormat, LogLevel};
 
 mod client;
 mod parse;
@@ -190,6 +191,12 @@ pub struct ServeArgs {
     /// Runtime worker threads. [default: one per core; give each of N nodes sharing a machine cores/N]
     #[arg(long, env = "HERALD_WORKER_THREADS", value_parser = positive)]
     pub worker_threads: Option<usize>,
+    /// Log lines on standard error: text, or json (one object per line; event-log lines name their kind in `event`).
+    #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Level of the log: off, error, warn, info, debug, trace. HTTP/2, hyper, tower, tonic and rustls stay at warn; RUST_LOG, if set, adds directives on top (a target it names follows it; a bare level replaces this one).
+    #[arg(long, env = "HERALD_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
 }
 
 impl Default for ServeArgs {

@@ -21,6 +21,10 @@ use tokio_util::task::TaskTracker;
 #[derive(Clone)]
 pub struct ConnPermit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
 
+/// The TCP peer of a request (for log lines).
+#[derive(Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
 /// Resolves once shutdown has been signalled.
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -61,13 +65,19 @@ pub(crate) async fn accept_loop<F, Fut>(
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = match &permits {
-            Some(p) => tokio::select! {
-                p = p.clone().acquire_owned() => Some(Arc::new(p.expect("never closed"))),
-                _ = stopped(&mut stop) => return,
+            Some(p) => match p.clone().try_acquire_owned() {
+                Ok(p) => Some(Arc::new(p)),
+                Err(_) => {
+                    crate::telemetry::conn_limit("ws", "--max-connections");
+                    tokio::select! {
+                        p = p.clone().acquire_owned() => Some(Arc::new(p.expect("never closed"))),
+                        _ = stopped(&mut stop) => return,
+                    }
+                }
             },
             None => None,
         };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => { backoff = Duration::from_millis(5); s }
                 Err(e) => {
@@ -90,6 +100,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                 if let Some(p) = &permit {
                     req.extensions_mut().insert(ConnPermit(p.clone()));
                 }
+                req.extensions_mut().insert(Peer(peer));
                 handler(req)
             });
             match tls {

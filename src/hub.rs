@@ -261,6 +261,14 @@ impl Hub {
             .collect()
     }
 
+    /// The connections of `user` on this node.
+    pub fn user_connections(&self, user: &str) -> u32 {
+        self.shard(user)
+            .lock()
+            .get(user)
+            .map_or(0, |l| l.len() as u32)
+    }
+
     /// Whether this node holds a connection of `user` right now.
     pub fn has_user(&self, user: &str) -> bool {
         self.shard(user).lock().contains_key(user)

@@ -30,6 +30,8 @@
 //! * `backend`: what nodes share (broker, presence, inbox), one trait per
 //!   concern, embedded in `backend::memory` or in Redis in `backend::redis`.
 //! * `error`: the error type and its gRPC status mapping.
+//! * [`telemetry`]: the log: its format and filter, the event-log lines
+//!   (connections, refusals, calls), the rate limit on repeated refusals.
 //! * [`cli`]: the client subcommands: `herald send` (a gRPC client that
 //!   says what to fix when a call fails, in `cli/reach.rs`), `herald
 //!   listen` (a WebSocket client that connects like a browser), `herald
@@ -56,6 +58,7 @@ mod node;
 pub mod origin;
 mod protocol;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 mod ws;
 

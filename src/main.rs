@@ -1,5 +1,4 @@
 use herald::config::{Cli, Command, Config};
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -42,15 +41,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Send(args) => herald::cli::send(args).await,
         Command::Listen(args) => herald::cli::listen(args).await,
         Command::Serve(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                // Colour codes only on a terminal, never in a log file.
-                .with_ansi(std::io::stderr().is_terminal())
-                .init();
+            herald::telemetry::init(args.log_format, args.log_level);
             let cfg = match Config::resolve(args) {
                 Ok(c) => c,
                 Err(e) => {

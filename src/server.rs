@@ -113,10 +113,18 @@ pub async fn run(
         .max_connections
         .min(fds.saturating_sub(256).max(16));
     if max_connections < cfg.limits.max_connections {
-        tracing::info!(
+        tracing::warn!(
             open_files_limit = fds,
             max_connections,
-            "connections capped by the open-files limit; raise `ulimit -n` to hold more"
+            configured = cfg.limits.max_connections,
+            "the open-files limit is too low for --max-connections: connections capped; \
+             raise `ulimit -n` (or lower --max-connections)"
+        );
+    } else {
+        tracing::debug!(
+            open_files_limit = fds,
+            max_connections,
+            "the open-files limit allows --max-connections"
         );
     }
     // Key files are read before anything serves: a bad one stops the start.
@@ -144,7 +152,9 @@ pub async fn run(
     let node = build_node(cfg.clone()).await?;
     let (ws_addr, grpc_addr, admin_addr) = listeners.addrs();
     tracing::info!(node = %cfg.node_id, %ws_addr, %grpc_addr, %admin_addr,
-        backend = if cfg.redis_url.is_some() { "redis" } else { "memory" }, "herald node serving");
+        backend = if cfg.redis_url.is_some() { "redis" } else { "memory" },
+        redis = cfg.redis_url.as_deref().map(crate::telemetry::redact_url),
+        "herald node serving");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let tasks = TaskTracker::new();
@@ -183,6 +193,7 @@ pub async fn run(
             .http2_keepalive_interval(Some(cfg.limits.grpc_keepalive))
             .http2_keepalive_timeout(Some(cfg.limits.grpc_handshake_timeout))
             .layer(InflightLimit::new(
+                &cfg.node_id,
                 cfg.limits.grpc_max_inflight,
                 cfg.limits.grpc_max_discovery_inflight,
             ))
@@ -241,6 +252,7 @@ pub async fn run(
     #[cfg(not(unix))]
     let hup = None;
     let reloader = tokio::spawn(reload_files(verifier.clone(), cert.clone(), hup));
+    let suppressed = tokio::spawn(crate::telemetry::report_suppressed());
 
     // Public listener: WebSocket gateway.
     let gateway = Arc::new(Gateway {
@@ -304,6 +316,7 @@ pub async fn run(
     heartbeat.abort();
     expiry.abort();
     reloader.abort();
+    suppressed.abort();
     tasks.close();
     if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
         .await
@@ -317,6 +330,7 @@ pub async fn run(
         Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
     }
     node.shutdown().await;
+    crate::telemetry::flush_suppressed(true);
     tracing::info!("stopped");
     Ok(())
 }

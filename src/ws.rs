@@ -10,11 +10,12 @@
 use crate::auth::{bearer, TokenVerifier, Verified};
 use crate::error::Error;
 use crate::expiry::Expiries;
-use crate::http::{respond, ConnPermit};
+use crate::http::{respond, ConnPermit, Peer};
 use crate::hub::{Conn, Outbound};
 use crate::node::{ClientOp, Node};
 use crate::origin::Origins;
 use crate::protocol::{self, ClientFrame, Disconnect, MessageId};
+use crate::telemetry::{self, Closed, ClosedBy, Refused};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
@@ -22,6 +23,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::error::Error as WsError;
@@ -103,19 +105,48 @@ impl Gateway {
         }
     }
 
+    /// Logs a refused handshake and builds its response.
+    fn refuse(
+        &self,
+        remote: Option<SocketAddr>,
+        reason: &'static str,
+        status: StatusCode,
+        body: String,
+    ) -> Response<Full<Bytes>> {
+        telemetry::handshake_refused(&Refused {
+            node: &self.node.cfg.node_id,
+            reason,
+            remote,
+            status: Some(status.as_u16()),
+            code: None,
+            user: None,
+            origin: None,
+            detail: body.trim_end(),
+        });
+        text(status, body)
+    }
+
     fn upgrade(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         // Only the head matters from here on (the body of a GET is empty).
         let mut req = Request::from_parts(req.into_parts().0, ());
+        let remote = req.extensions().get::<Peer>().map(|p| p.0);
         let origin = req.headers().get(header::ORIGIN);
-        if !self
-            .origins
-            .allows(origin.map(|o| o.to_str().unwrap_or("\u{fffd}")))
-        {
+        let origin = origin.map(|o| o.to_str().unwrap_or("\u{fffd}"));
+        if !self.origins.allows(origin) {
             metrics::counter!("herald_ws_rejected_total", "reason" => "origin").increment(1);
-            return text(
-                StatusCode::FORBIDDEN,
-                "this Origin is not allowed to open WebSockets here (see --allowed-origin)\n",
-            );
+            let detail =
+                "this Origin is not allowed to open WebSockets here (see --allowed-origin)";
+            telemetry::handshake_refused(&Refused {
+                node: &self.node.cfg.node_id,
+                reason: "origin",
+                remote,
+                status: Some(StatusCode::FORBIDDEN.as_u16()),
+                code: None,
+                user: None,
+                origin: origin.map(|o| protocol::truncate_utf8(o, 200)),
+                detail,
+            });
+            return text(StatusCode::FORBIDDEN, format!("{detail}\n"));
         }
         let Credentials {
             token,
@@ -126,29 +157,49 @@ impl Gateway {
             Err(why) => {
                 metrics::counter!("herald_ws_rejected_total", "reason" => "bad_request")
                     .increment(1);
-                return text(StatusCode::BAD_REQUEST, format!("{why}\n"));
+                return self.refuse(
+                    remote,
+                    "bad_request",
+                    StatusCode::BAD_REQUEST,
+                    format!("{why}\n"),
+                );
             }
         };
         let Some(token) = token else {
             metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized").increment(1);
-            return text(
+            return self.refuse(
+                remote,
+                "token_missing",
                 StatusCode::UNAUTHORIZED,
                 "missing token: pass Sec-WebSocket-Protocol: herald.v1, herald.token.<JWT>, \
-                 Authorization: Bearer <JWT> or ?token=<JWT>\n",
+                 Authorization: Bearer <JWT> or ?token=<JWT>\n"
+                    .into(),
             );
         };
-        let verified = match self.verifier.verify(&token) {
+        let verified = match self.verifier.check(&token) {
             Ok(v) => v,
             Err(why) => {
                 metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized")
                     .increment(1);
-                return text(StatusCode::UNAUTHORIZED, format!("{why}\n"));
+                return self.refuse(
+                    remote,
+                    why.reason,
+                    StatusCode::UNAUTHORIZED,
+                    format!("{}\n", why.message),
+                );
             }
         };
         let since: Option<MessageId> = match since.as_deref().map(str::parse) {
             None => None,
             Some(Ok(id)) => Some(id),
-            Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("since: {e}\n")),
+            Some(Err(e)) => {
+                return self.refuse(
+                    remote,
+                    "bad_request",
+                    StatusCode::BAD_REQUEST,
+                    format!("since: {e}\n"),
+                )
+            }
         };
         // tungstenite validates the handshake (GET, HTTP/1.1 or newer,
         // Connection/Upgrade, version 13, the key) and derives the accept key.
@@ -158,12 +209,21 @@ impl Gateway {
                 e @ (ProtocolError::MissingConnectionUpgradeHeader
                 | ProtocolError::MissingUpgradeWebSocketHeader),
             )) => {
-                return text(
+                return self.refuse(
+                    remote,
+                    "not_websocket",
                     StatusCode::UPGRADE_REQUIRED,
                     format!("this endpoint speaks WebSocket only: {e}\n"),
                 )
             }
-            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            Err(e) => {
+                return self.refuse(
+                    remote,
+                    "bad_request",
+                    StatusCode::BAD_REQUEST,
+                    format!("{e}\n"),
+                )
+            }
         };
         if subprotocol {
             // RFC 6455 4.2.2: the server echoes one protocol the client
@@ -193,7 +253,7 @@ impl Gateway {
                         Some(config),
                     )
                     .await;
-                    run(gw.node.clone(), &gw.expiries, verified, since, ws).await;
+                    run(gw.node.clone(), &gw.expiries, verified, since, remote, ws).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -300,10 +360,11 @@ fn run<'a>(
     expiries: &'a Expiries,
     token: Verified,
     since: Option<MessageId>,
+    remote: Option<SocketAddr>,
     ws: Socket,
 ) -> impl std::future::Future<Output = ()> + Send + 'a {
     let span = tracing::info_span!("conn", node = %node.cfg.node_id, user = %token.user, conn = tracing::field::Empty);
-    connection(node, expiries, token, since, ws).instrument(span)
+    connection(node, expiries, token, since, remote, ws).instrument(span)
 }
 
 async fn connection(
@@ -311,6 +372,7 @@ async fn connection(
     expiries: &Expiries,
     token: Verified,
     since: Option<MessageId>,
+    remote: Option<SocketAddr>,
     mut ws: Socket,
 ) {
     let user = token.user;
@@ -318,30 +380,88 @@ async fn connection(
     // widen the state every idle connection's task keeps.
     let conn = match Box::pin(node.attach(&user)).await {
         Ok(c) => c,
-        Err(Error::ResourceExhausted(m)) => {
-            metrics::counter!("herald_ws_rejected_total", "reason" => "too_many_connections")
-                .increment(1);
-            return Box::pin(send_close(&mut ws, &Disconnect::TooManyConnections(m))).await;
-        }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot attach connection");
-            return Box::pin(send_close(&mut ws, &Disconnect::BackendUnavailable)).await;
+            let (why, reason) = match e {
+                Error::ResourceExhausted(m) => {
+                    metrics::counter!("herald_ws_rejected_total", "reason" => "too_many_connections")
+                        .increment(1);
+                    (Disconnect::TooManyConnections(m), "per_user_cap")
+                }
+                e => (
+                    Disconnect::BackendUnavailable,
+                    if matches!(e, Error::Unavailable(_)) {
+                        "backend_unavailable"
+                    } else {
+                        "backend_error"
+                    },
+                ),
+            };
+            let detail = why.reason();
+            telemetry::handshake_refused(&Refused {
+                node: &node.cfg.node_id,
+                reason,
+                remote,
+                status: None,
+                code: Some(why.code()),
+                user: Some(user.as_str()),
+                origin: None,
+                detail: &detail,
+            });
+            return Box::pin(send_close(&mut ws, &why)).await;
         }
     };
-    tracing::Span::current().record("conn", conn.id);
+    let opened = Instant::now();
     metrics::counter!("herald_ws_connections_total").increment(1);
+    {
+        // The id the client's welcome frame carries, in every line.
+        let label = node.hub.conn_label(&conn);
+        tracing::Span::current().record("conn", label.as_str());
+        let devices = node.hub.user_connections(&user);
+        telemetry::conn_open(&node.cfg.node_id, &label, &user, remote, devices);
+    }
     expiries.watch(token.exp, &conn);
     let end = serve(&node, &conn, since, &mut ws).await;
     expiries.forget(token.exp, conn.id);
     Box::pin(node.detach(&conn)).await;
-    if let Some(why) = end {
+    let (code, reason, by, close) = match end {
+        End::Server(why) => (why.code(), why.reason(), ClosedBy::Server, Some(why)),
+        End::Client(code, reason) => (code, reason, ClosedBy::Client, None),
+        End::Lost(what) => (CLOSED_ABNORMALLY, what.into(), ClosedBy::Lost, None),
+    };
+    // Logged when the node knows how the connection ends (its closing
+    // handshake, below, may take up to 2 s more).
+    telemetry::conn_close(&Closed {
+        node: &node.cfg.node_id,
+        conn: &node.hub.conn_label(&conn),
+        user: &user,
+        remote,
+        devices: node.hub.user_connections(&user),
+        code,
+        reason: &reason,
+        by,
+        duration: opened.elapsed(),
+    });
+    if let Some(why) = close {
         Box::pin(send_close(&mut ws, &why)).await;
     }
 }
 
-/// Why a connection ended: `Some` to send a close frame, `None` if the
-/// socket is already gone or closed.
-type End = Option<Disconnect>;
+/// The close code of a connection that ended without a close frame (RFC
+/// 6455 7.1.5; never sent on the wire).
+const CLOSED_ABNORMALLY: u16 = 1006;
+/// The close code of a close frame without a code (RFC 6455 7.1.5).
+const NO_STATUS: u16 = 1005;
+
+/// How a connection ended.
+enum End {
+    /// The node closes it with this (a close frame goes out).
+    Server(Disconnect),
+    /// The client sent a close frame: its code (1005 for none) and reason.
+    Client(u16, String),
+    /// The socket ended without a close frame, or cannot be written: what
+    /// the node saw. A peer that vanished is not a protocol violation.
+    Lost(&'static str),
+}
 
 async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Socket) -> End {
     let heartbeat = node.cfg.heartbeat;
@@ -351,7 +471,7 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "replay failed");
-            return Some(Disconnect::BackendUnavailable);
+            return End::Server(Disconnect::BackendUnavailable);
         }
     };
     let welcome = protocol::welcome_frame(
@@ -373,8 +493,8 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
             .into_iter()
             .map(|(_, frame)| Outbound { id: None, frame }),
     );
-    if !Box::pin(write(ws, &mut batch, &mut head, write_timeout, false)).await {
-        return None;
+    if let Err(what) = Box::pin(write(ws, &mut batch, &mut head, write_timeout, false)).await {
+        return End::Lost(what);
     }
     batch = Vec::new();
 
@@ -405,28 +525,28 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "catch-up after broker reconnect failed");
-                            return Some(Disconnect::BackendUnavailable);
+                            return End::Server(Disconnect::BackendUnavailable);
                         }
                     }
                 }
                 if pending.heartbeat && budget.last_seen.elapsed() >= heartbeat * 2 {
                     metrics::counter!("herald_heartbeat_timeouts_total").increment(1);
-                    return Some(Disconnect::HeartbeatTimeout);
+                    return End::Server(Disconnect::HeartbeatTimeout);
                 }
                 if !batch.is_empty() || pending.heartbeat {
-                    if !Box::pin(write(ws, &mut batch, &mut head, write_timeout, pending.heartbeat)).await {
-                        return None;
+                    if let Err(what) = Box::pin(write(ws, &mut batch, &mut head, write_timeout, pending.heartbeat)).await {
+                        return End::Lost(what);
                     }
                     if batch.capacity() > 64 {
                         batch = Vec::new(); // give back what a burst grew
                     }
                 }
-                if pending.close.is_some() {
-                    return pending.close;
+                if let Some(why) = pending.close {
+                    return End::Server(why);
                 }
             }
             msg = ws.next() => {
-                let Some(msg) = msg else { return None };
+                let Some(msg) = msg else { return End::Lost("the connection ended without a close frame") };
                 if !budget.take(limits.client_frame_rate, limits.client_frame_burst) {
                     metrics::counter!("herald_client_frames_rejected_total", "reason" => "rate").increment(1);
                     conn.send(protocol::error_frame("rate_limited", &format!(
@@ -439,18 +559,24 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                 match msg {
                     Err(WsError::Capacity(_)) => {
                         metrics::counter!("herald_client_frames_rejected_total", "reason" => "too_big").increment(1);
-                        return Some(Disconnect::FrameTooBig(limits.max_client_frame_bytes));
+                        return End::Server(Disconnect::FrameTooBig(limits.max_client_frame_bytes));
                     }
                     Err(WsError::Utf8(_)) => {
                         metrics::counter!("herald_client_frames_rejected_total", "reason" => "utf8").increment(1);
-                        return Some(Disconnect::InvalidUtf8);
+                        return End::Server(Disconnect::InvalidUtf8);
+                    }
+                    // The peer went away without a close frame (a tab
+                    // closed, a network gone): not a protocol violation.
+                    Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                        return End::Lost("the connection ended without a close frame");
                     }
                     Err(WsError::Protocol(e)) => {
                         metrics::counter!("herald_client_frames_rejected_total", "reason" => "protocol").increment(1);
                         tracing::debug!(error = %e, "client broke the WebSocket protocol");
-                        return Some(Disconnect::ProtocolViolation);
+                        return End::Server(Disconnect::ProtocolViolation);
                     }
-                    Err(_) => return None,
+                    Err(WsError::Io(_)) => return End::Lost("the connection was reset"),
+                    Err(_) => return End::Lost("the socket failed"),
                     Ok(Message::Text(t)) => match client_frame(t.as_str(), limits.max_topic_bytes) {
                         Asked::Read(id) => pending_read = pending_read.max(Some(id)),
                         Asked::Reply(reply) => {
@@ -478,13 +604,16 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
                     }
                     Ok(Message::Ping(_)) => {
                         // tungstenite queued the pong; push it out now.
-                        if !Box::pin(write(ws, &mut batch, &mut head, write_timeout, false)).await {
-                            return None;
+                        if let Err(what) = Box::pin(write(ws, &mut batch, &mut head, write_timeout, false)).await {
+                            return End::Lost(what);
                         }
                     }
-                    Ok(Message::Close(_)) => {
+                    Ok(Message::Close(frame)) => {
                         let _ = Box::pin(tokio::time::timeout(Duration::from_secs(2), ws.flush())).await;
-                        return None;
+                        return match frame {
+                            Some(f) => End::Client(f.code.into(), f.reason.as_str().to_string()),
+                            None => End::Client(NO_STATUS, String::new()),
+                        };
                     }
                     Ok(_) => {}
                 }
@@ -513,16 +642,16 @@ async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Sock
 
 /// Writes `batch` (all of it, then one flush), skipping stored messages at
 /// or below `head` (already sent by a replay, or duplicates) and advancing
-/// `head`. With `ping`, a WebSocket ping goes out after the batch. False
-/// when the socket failed or the write took longer than `timeout` (a peer
-/// that stopped reading).
+/// `head`. With `ping`, a WebSocket ping goes out after the batch. An error
+/// (what happened, for the log) when the socket failed or the write took
+/// longer than `timeout` (a peer that stopped reading).
 async fn write(
     ws: &mut Socket,
     batch: &mut Vec<Outbound>,
     head: &mut MessageId,
     timeout: Duration,
     ping: bool,
-) -> bool {
+) -> Result<(), &'static str> {
     let io = async {
         for out in batch.drain(..) {
             if let Some(id) = out.id {
@@ -539,11 +668,11 @@ async fn write(
         ws.flush().await
     };
     match tokio::time::timeout(timeout, io).await {
-        Ok(Ok(())) => true,
-        Ok(Err(_)) => false,
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("a write to the socket failed"),
         Err(_) => {
             metrics::counter!("herald_write_timeouts_total").increment(1);
-            false
+            Err("a write timed out: the client stopped reading")
         }
     }
 }

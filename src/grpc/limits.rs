@@ -80,7 +80,6 @@ pub(crate) struct ConnUse {
 #[derive(Clone)]
 pub(crate) struct ConnInfo {
     /// The peer, as tonic would give it (for logs).
-    #[allow(dead_code)]
     pub(crate) tcp: TcpConnectInfo,
     usage: Arc<ConnUse>,
 }
@@ -118,6 +117,7 @@ pub(crate) fn incoming(
                 Ok(p) => p,
                 Err(_) => {
                     metrics::counter!("herald_grpc_connection_limit_waits_total").increment(1);
+                    crate::telemetry::conn_limit("grpc", "--grpc-max-connections");
                     tokio::select! {
                         p = permits.clone().acquire_owned() => p.expect("never closed"),
                         _ = tx.closed() => return,
@@ -310,11 +310,14 @@ impl AsyncWrite for Permitted {
 }
 
 /// Tower layer capping the RPCs in flight on this node, in two budgets (see
-/// the module doc), and telling each connection how it is used.
+/// the module doc), and telling each connection how it is used. It also
+/// logs the calls refused before any service runs (`rpc.refused`: over a
+/// budget, or no known API key), as only it sees the method and the peer.
 #[derive(Clone)]
 pub(crate) struct InflightLimit {
     keyed: Budget,
     discovery: Budget,
+    node: Arc<str>,
 }
 
 #[derive(Clone)]
@@ -336,10 +339,11 @@ impl Budget {
 const PUSH_SERVICE: &str = "/herald.v1.PushService/";
 
 impl InflightLimit {
-    pub(crate) fn new(max: usize, discovery_max: usize) -> Self {
+    pub(crate) fn new(node: &str, max: usize, discovery_max: usize) -> Self {
         InflightLimit {
             keyed: Budget::new(max),
             discovery: Budget::new(discovery_max),
+            node: node.into(),
         }
     }
 }
@@ -389,8 +393,22 @@ where
                 "--grpc-max-discovery-inflight",
             )
         };
+        let remote = req
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|c| c.tcp.remote_addr());
+        let method =
+            |req: &hyper::Request<ReqBody>| req.uri().path().trim_start_matches('/').to_string();
         let Ok(permit) = budget.permits.clone().try_acquire_owned() else {
             metrics::counter!("herald_grpc_rejected_total", "reason" => reason).increment(1);
+            crate::telemetry::rpc_refused(
+                &self.limit.node,
+                &method(&req),
+                "unknown",
+                "ResourceExhausted",
+                reason,
+                remote,
+            );
             let status = tonic::Status::resource_exhausted(format!(
                 "this node already serves {} {} calls and streams ({setting}); retry later",
                 budget.max,
@@ -404,20 +422,38 @@ where
         };
         let usage = req.extensions().get::<ConnInfo>().map(|c| c.usage.clone());
         let open = usage.clone().map(Open::new);
+        // What an `rpc.refused` line needs (the path is shared, not copied).
+        let uri = req.uri().clone();
+        let sent_key = req.headers().contains_key("authorization");
+        let node = self.limit.node.clone();
         let call = self.inner.call(req);
         Box::pin(async move {
             let resp = call.await?;
             // A PushService call the key check let through marks its
             // connection as a backend's (an auth failure is answered at
             // once, with the status in the headers).
+            let status = resp.headers().get("grpc-status").map(|v| v.as_bytes());
             if let (true, Some(u)) = (keyed, &usage) {
-                let refused = matches!(
-                    resp.headers().get("grpc-status").map(|v| v.as_bytes()),
-                    Some(b"16") | Some(b"7")
-                );
-                if !refused {
+                if !matches!(status, Some(b"16") | Some(b"7")) {
                     u.keyed.store(true, Ordering::Relaxed);
                 }
+            }
+            // The key check refused it (a scope refusal is logged by the
+            // service, which knows the key's name).
+            if status == Some(b"16") {
+                let (key, why) = if sent_key {
+                    ("unknown", "unknown_key")
+                } else {
+                    ("none", "missing_key")
+                };
+                crate::telemetry::rpc_refused(
+                    &node,
+                    uri.path().trim_start_matches('/'),
+                    key,
+                    "Unauthenticated",
+                    why,
+                    remote,
+                );
             }
             Ok(resp.map(|body| {
                 tonic::body::Body::new(Held {

@@ -16,6 +16,10 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+/// The full name of the service, as `rpc` and `rpc.refused` lines write
+/// method names (`herald.v1.PushService/SendToUser`).
+const SERVICE: &str = "herald.v1.PushService";
+
 pub struct PushApi {
     node: Arc<Node>,
 }
@@ -28,15 +32,18 @@ impl PushApi {
 
 impl PushApi {
     /// Runs one RPC body inside a span naming the RPC and this node,
-    /// recording its count, outcome and latency.
+    /// recording its count, outcome and latency, and logging it (an `rpc`
+    /// line at DEBUG; `recipients`: the users it names, if it names any).
     ///
     /// The caller's key must cover `needed` (PERMISSION_DENIED otherwise,
-    /// before the body runs); its name labels the count and the span.
+    /// before the body runs, logged as `rpc.refused`); its name labels the
+    /// count and the span.
     async fn observed<T>(
         &self,
         rpc: &'static str,
         needed: Scopes,
         caller: Caller,
+        recipients: Option<usize>,
         body: impl Future<Output = crate::error::Result<T>>,
     ) -> Result<Response<T>, Status> {
         let span =
@@ -50,7 +57,14 @@ impl PushApi {
                     .await
             }
             Err(denied) => {
-                span.in_scope(|| tracing::info!("{}", denied.message()));
+                crate::telemetry::rpc_refused(
+                    &self.node.cfg.node_id,
+                    &format!("{SERVICE}/{rpc}"),
+                    &caller.name,
+                    "PermissionDenied",
+                    "scope",
+                    None,
+                );
                 Err(denied)
             }
         };
@@ -58,6 +72,17 @@ impl PushApi {
             Ok(_) => "OK".to_string(),
             Err(s) => format!("{:?}", s.code()),
         };
+        tracing::debug!(
+            parent: None,
+            event = "rpc",
+            node = &*self.node.cfg.node_id,
+            method = %format_args!("{SERVICE}/{rpc}"),
+            key = &*caller.name,
+            recipients = recipients.map(|n| n as u64),
+            code = code.as_str(),
+            micros = start.elapsed().as_micros() as u64,
+            "gRPC call"
+        );
         metrics::counter!("herald_rpc_total", "rpc" => rpc, "code" => code, "key" => caller.name.to_string())
             .increment(1);
         metrics::histogram!("herald_rpc_duration_seconds", "rpc" => rpc)
@@ -74,7 +99,8 @@ impl PushService for PushApi {
     ) -> Result<Response<SendToUserResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("SendToUser", Scopes::SEND, caller, async {
+        let recipients = Some(r.user_ids.len());
+        self.observed("SendToUser", Scopes::SEND, caller, recipients, async {
             let deliveries = self
                 .node
                 .send_to_user(
@@ -106,7 +132,7 @@ impl PushService for PushApi {
     ) -> Result<Response<BroadcastResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("Broadcast", Scopes::SEND, caller, async {
+        self.observed("Broadcast", Scopes::SEND, caller, None, async {
             let (message_id, replayed) = self
                 .node
                 .broadcast(&r.topic, &r.payload_json, &r.idempotency_key)
@@ -125,7 +151,8 @@ impl PushService for PushApi {
     ) -> Result<Response<IsOnlineResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("IsOnline", Scopes::READ, caller, async {
+        let recipients = Some(r.user_ids.len());
+        self.observed("IsOnline", Scopes::READ, caller, recipients, async {
             let counts = self.node.is_online(&r.user_ids).await?;
             Ok(IsOnlineResponse {
                 users: r
@@ -149,7 +176,7 @@ impl PushService for PushApi {
     ) -> Result<Response<UnreadCountResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("UnreadCount", Scopes::READ, caller, async {
+        self.observed("UnreadCount", Scopes::READ, caller, Some(1), async {
             Ok(UnreadCountResponse {
                 count: self.node.unread_count(&r.user_id, &r.topic_prefix).await?,
             })
@@ -163,7 +190,7 @@ impl PushService for PushApi {
     ) -> Result<Response<MarkReadResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("MarkRead", Scopes::SEND, caller, async {
+        self.observed("MarkRead", Scopes::SEND, caller, Some(1), async {
             if r.message_ids.is_empty() {
                 return Ok(MarkReadResponse {
                     unread: self.node.mark_read(&r.user_id, &r.up_to_message_id).await?,
@@ -191,7 +218,7 @@ impl PushService for PushApi {
     ) -> Result<Response<ListMessagesResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("ListMessages", Scopes::SEND, caller, async {
+        self.observed("ListMessages", Scopes::SEND, caller, Some(1), async {
             let page = self
                 .node
                 .list_messages(
@@ -234,7 +261,7 @@ impl PushService for PushApi {
     ) -> Result<Response<MarkUnreadResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("MarkUnread", Scopes::SEND, caller, async {
+        self.observed("MarkUnread", Scopes::SEND, caller, Some(1), async {
             let ids = Node::parse_ids("message_ids", &r.message_ids, MAX_IDS_PER_CALL)?;
             let c = self.node.set_read(&r.user_id, &ids, false).await?;
             Ok(MarkUnreadResponse {
@@ -251,7 +278,7 @@ impl PushService for PushApi {
     ) -> Result<Response<DeleteMessagesResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("DeleteMessages", Scopes::SEND, caller, async {
+        self.observed("DeleteMessages", Scopes::SEND, caller, Some(1), async {
             let c = match (r.all, r.message_ids.is_empty()) {
                 (true, true) => self.node.delete_messages(&r.user_id, None).await?,
                 (true, false) => {
@@ -282,7 +309,7 @@ impl PushService for PushApi {
     ) -> Result<Response<DisconnectUserResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.observed("DisconnectUser", Scopes::SEND, caller, async {
+        self.observed("DisconnectUser", Scopes::SEND, caller, Some(1), async {
             Ok(DisconnectUserResponse {
                 closed: self.node.disconnect_user(&r.user_id, &r.reason).await?,
             })
@@ -292,7 +319,7 @@ impl PushService for PushApi {
 
     async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         let caller = Caller::of(&req);
-        self.observed("Stats", Scopes::READ, caller, async {
+        self.observed("Stats", Scopes::READ, caller, None, async {
             let s = self.node.stats().await?;
             let n = s.node;
             let mut nodes: Vec<NodeStats> = s
