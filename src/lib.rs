@@ -22,8 +22,10 @@
 //! * [`origin`]: the Origin allow-list of the WebSocket handshake.
 //! * [`tls`]: rustls acceptors and the certificate that reloads itself.
 //! * `expiry`: closes connections whose token expired (one map per node).
-//! * `ws`: the WebSocket handshake and the per-connection task (client
-//!   frames and their budget in `ws/frames.rs`).
+//! * `ws`: the public listener's gateway (`ws/mod.rs`), what a handshake
+//!   carries (`ws/handshake.rs`), the per-connection task (`ws/conn.rs`),
+//!   client frames and their budget (`ws/frames.rs`), `/herald.js` with
+//!   CORS (`ws/client_js.rs`).
 //! * `protocol`: wire protocol v1: message ids, frames, close codes.
 //! * `hub`: this node's connections and their bounded send queues.
 //! * `node`: the core: validation, routing, inbox semantics.
