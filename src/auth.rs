@@ -267,54 +267,76 @@ impl TokenVerifier {
             .filter(|k| k.alg.is_none_or(|a| a == alg))
             .collect();
         if candidates.is_empty() {
-            let reason = if by_kid.is_none() && header.kid.is_some() && self.jwks.is_some() {
-                "token_unknown_key"
-            } else {
-                "token_algorithm"
-            };
-            return Err(refuse(
-                reason,
-                match (by_kid, &header.kid, &self.jwks) {
-                    (None, Some(kid), Some(_)) => format!(
-                        "token names key id {:?}, which is not in this node's JWKS",
-                        crate::protocol::truncate_utf8(kid, 64)
-                    ),
-                    (Some(k), _, _) if k.key.family() != family => format!(
-                        "token is signed with {alg:?}, which needs {}; key {} in this node's JWKS \
+            return Err(self.no_key(alg, header.kid.as_deref(), by_kid, &of_family));
+        }
+        let claims = decode_claims(token, &candidates, &self.validation(alg))?;
+        self.check_claims(claims, now)
+    }
+
+    /// Why no configured key may verify a token signed with `alg` (naming
+    /// `kid`; `by_kid` is the JWKS key it names, `of_family` the keys of
+    /// the algorithm's kind, each pinned to another algorithm).
+    fn no_key(
+        &self,
+        alg: Algorithm,
+        kid: Option<&str>,
+        by_kid: Option<&Key>,
+        of_family: &[&Key],
+    ) -> Refusal {
+        let family = alg.family();
+        let reason = if by_kid.is_none() && kid.is_some() && self.jwks.is_some() {
+            "token_unknown_key"
+        } else {
+            "token_algorithm"
+        };
+        Refusal::new(
+            reason,
+            match (by_kid, kid, &self.jwks) {
+                (None, Some(kid), Some(_)) => format!(
+                    "token names key id {:?}, which is not in this node's JWKS",
+                    crate::protocol::truncate_utf8(kid, 64)
+                ),
+                (Some(k), _, _) if k.key.family() != family => format!(
+                    "token is signed with {alg:?}, which needs {}; key {} in this node's JWKS \
                      is an {} key",
-                        family_name(family),
-                        kid_name(k.kid.as_deref()),
-                        family_short(k.key.family())
-                    ),
-                    _ if !of_family.is_empty() => {
-                        // Keys of the right kind, each published for another
-                        // algorithm of the family (an RS256 key and a PS256
-                        // token): say so, rather than that there is no key.
-                        let pins: Vec<String> = of_family
-                            .iter()
-                            .take(4)
-                            .map(|k| {
-                                format!(
-                                    "key {} allows {:?} only",
-                                    kid_name(k.kid.as_deref()),
-                                    k.alg.expect("a pinned key")
-                                )
-                            })
-                            .collect();
-                        format!(
+                    family_name(family),
+                    kid_name(k.kid.as_deref()),
+                    family_short(k.key.family())
+                ),
+                _ if !of_family.is_empty() => {
+                    // Keys of the right kind, each published for another
+                    // algorithm of the family (an RS256 key and a PS256
+                    // token): say so, rather than that there is no key.
+                    let pins: Vec<String> = of_family
+                        .iter()
+                        .take(4)
+                        .map(|k| {
+                            format!(
+                                "key {} allows {:?} only",
+                                kid_name(k.kid.as_deref()),
+                                k.alg.expect("a pinned key")
+                            )
+                        })
+                        .collect();
+                    format!(
                         "token is signed with {alg:?}, which is not allowed for this node's {} \
                          keys: {} (the JWKS entry's alg)",
                         family_short(family),
                         pins.join(", ")
                     )
-                    }
-                    _ => format!(
-                        "token is signed with {alg:?}, which needs {}; this node has none for it",
-                        family_name(family)
-                    ),
-                },
-            ));
-        }
+                }
+                _ => format!(
+                    "token is signed with {alg:?}, which needs {}; this node has none for it",
+                    family_name(family)
+                ),
+            },
+        )
+    }
+
+    /// What jsonwebtoken checks for this node: the signature, `exp` and
+    /// `sub` always, `aud` and `iss` when configured; no leeway (`nbf` is
+    /// checked in [`Self::check_claims`], with leeway).
+    fn validation(&self, alg: Algorithm) -> Validation {
         let mut validation = Validation::new(alg);
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub"]);
@@ -329,44 +351,13 @@ impl TokenVerifier {
             validation.set_issuer(&self.issuer);
             validation.required_spec_claims.insert("iss".into());
         }
-        let mut last = None;
-        let mut claims = None;
-        for k in candidates {
-            match decode::<Claims>(token, &k.key, &validation) {
-                Ok(d) => {
-                    claims = Some(d.claims);
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        let claims = match (claims, last) {
-            (Some(c), _) => c,
-            (None, e) => {
-                use jsonwebtoken::errors::ErrorKind::*;
-                let e = e.expect("at least one candidate was tried");
-                return Err(match e.kind() {
-                    ExpiredSignature => refuse("token_expired", "token expired".into()),
-                    InvalidSignature => refuse(
-                        "token_bad_signature",
-                        "token signature does not match this node's keys".into(),
-                    ),
-                    MissingRequiredClaim(c) => refuse(
-                        "token_missing_claim",
-                        format!("token lacks the required claim {c:?}"),
-                    ),
-                    InvalidAudience => refuse(
-                        "token_audience",
-                        "token audience (aud) is not accepted here".into(),
-                    ),
-                    InvalidIssuer => refuse(
-                        "token_issuer",
-                        "token issuer (iss) is not accepted here".into(),
-                    ),
-                    _ => refuse("token_malformed", format!("invalid token: {e}")),
-                });
-            }
-        };
+        validation
+    }
+
+    /// The checks of the claims that jsonwebtoken does not make (`exp` at
+    /// `now`, `nbf` with leeway, the lifetime, the subject as a user id).
+    fn check_claims(&self, claims: Claims, now: u64) -> Result<Verified, Refusal> {
+        let refuse = Refusal::new;
         if claims.exp <= now {
             return Err(refuse("token_expired", "token expired".into()));
         }
@@ -404,6 +395,55 @@ impl TokenVerifier {
             exp: claims.exp,
         })
     }
+}
+
+/// Decodes `token` with the first candidate key that verifies it; the
+/// refusal says why the last one did not.
+fn decode_claims(
+    token: &str,
+    candidates: &[&Key],
+    validation: &Validation,
+) -> Result<Claims, Refusal> {
+    let refuse = Refusal::new;
+    let mut last = None;
+    let mut claims = None;
+    for k in candidates.iter() {
+        match decode::<Claims>(token, &k.key, validation) {
+            Ok(d) => {
+                claims = Some(d.claims);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let claims = match (claims, last) {
+        (Some(c), _) => c,
+        (None, e) => {
+            use jsonwebtoken::errors::ErrorKind::*;
+            let e = e.expect("at least one candidate was tried");
+            return Err(match e.kind() {
+                ExpiredSignature => refuse("token_expired", "token expired".into()),
+                InvalidSignature => refuse(
+                    "token_bad_signature",
+                    "token signature does not match this node's keys".into(),
+                ),
+                MissingRequiredClaim(c) => refuse(
+                    "token_missing_claim",
+                    format!("token lacks the required claim {c:?}"),
+                ),
+                InvalidAudience => refuse(
+                    "token_audience",
+                    "token audience (aud) is not accepted here".into(),
+                ),
+                InvalidIssuer => refuse(
+                    "token_issuer",
+                    "token issuer (iss) is not accepted here".into(),
+                ),
+                _ => refuse("token_malformed", format!("invalid token: {e}")),
+            });
+        }
+    };
+    Ok(claims)
 }
 
 /// Mints a token for `user`, valid for `ttl`.

@@ -104,9 +104,75 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let metrics = metrics_handle();
-    // Every connection is a file descriptor: hold at most what the
-    // open-files limit allows (less a reserve for Redis, gRPC and logs), so
-    // a full node stops accepting instead of failing accepts with EMFILE.
+    let max_connections = connection_cap(&cfg);
+    // Key files are read before anything serves: a bad one stops the start.
+    let verifier = TokenVerifier::from_config(&cfg.jwt, cfg.limits.max_user_id_bytes)?;
+    let api_keys = ApiKeys::new(&cfg.api_keys)?;
+    warn_about_exposure(&cfg, &listeners, &api_keys);
+    let tls = Tls::load(&cfg)?;
+    let node = build_node(cfg.clone()).await?;
+    let (ws_addr, grpc_addr, admin_addr) = listeners.addrs();
+    tracing::info!(node = %cfg.node_id, %ws_addr, %grpc_addr, %admin_addr,
+        backend = if cfg.redis_url.is_some() { "redis" } else { "memory" },
+        redis = cfg.redis_url.as_deref().map(crate::telemetry::redact_url),
+        "herald node serving");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tasks = TaskTracker::new();
+    let grpc = serve_grpc(
+        &cfg,
+        &node,
+        &api_keys,
+        listeners.grpc,
+        tls.grpc.clone(),
+        stop_rx.clone(),
+    )
+    .await?;
+    let expiries = Arc::new(Expiries::default());
+    let tickers = tickers(&cfg, &node, &expiries, &verifier, &tls);
+    let gateway = Arc::new(Gateway {
+        node: node.clone(),
+        verifier,
+        expiries,
+        origins: cfg.origins.clone(),
+        tasks: tasks.clone(),
+    });
+    let public = tokio::spawn(accept_loop(
+        listeners.ws,
+        stop_rx.clone(),
+        tasks.clone(),
+        Some(Arc::new(Semaphore::new(max_connections))),
+        tls.ws.clone(),
+        move |req| gateway.clone().handle(req),
+    ));
+    let admin = serve_admin(
+        &node,
+        metrics,
+        listeners.admin,
+        tls.admin.clone(),
+        stop_rx,
+        &tasks,
+    );
+    println!("{}", tls.ready_line(ws_addr, grpc_addr, admin_addr));
+    shutdown.await;
+    Running {
+        node,
+        stop: stop_tx,
+        tasks,
+        public,
+        admin,
+        grpc,
+        tickers,
+    }
+    .drain()
+    .await;
+    Ok(())
+}
+
+/// Connections a node holds at most: `--max-connections`, or fewer when the
+/// open-files limit (less a reserve for Redis, gRPC and logs) is lower, so
+/// a full node stops accepting instead of failing accepts with EMFILE.
+fn connection_cap(cfg: &Config) -> usize {
     let fds = raise_fd_limit().unwrap_or(1024) as usize;
     let max_connections = cfg
         .limits
@@ -127,39 +193,77 @@ pub async fn run(
             "the open-files limit allows --max-connections"
         );
     }
-    // Key files are read before anything serves: a bad one stops the start.
-    let verifier = TokenVerifier::from_config(&cfg.jwt, cfg.limits.max_user_id_bytes)?;
-    let api_keys = ApiKeys::new(&cfg.api_keys)?;
-    warn_about_exposure(&cfg, &listeners, &api_keys);
-    let cert = cfg
-        .tls
-        .clone()
-        .map(crate::tls::ReloadingCert::open)
-        .transpose()?;
-    let acceptor = |alpn: &[&[u8]], ca: Option<&std::path::Path>| {
-        cert.clone()
-            .map(|c| crate::tls::acceptor(c, alpn, ca))
-            .transpose()
-    };
-    let ws_tls = acceptor(&[b"http/1.1"], None)?;
-    let grpc_tls = acceptor(&[b"h2"], cfg.grpc_tls_client_ca.as_deref())?;
-    let cfg_grpc_mtls = cfg.grpc_tls_client_ca.is_some();
-    let admin_tls = if cfg.admin_plain {
-        None
-    } else {
-        acceptor(&[b"http/1.1"], None)?
-    };
-    let node = build_node(cfg.clone()).await?;
-    let (ws_addr, grpc_addr, admin_addr) = listeners.addrs();
-    tracing::info!(node = %cfg.node_id, %ws_addr, %grpc_addr, %admin_addr,
-        backend = if cfg.redis_url.is_some() { "redis" } else { "memory" },
-        redis = cfg.redis_url.as_deref().map(crate::telemetry::redact_url),
-        "herald node serving");
+    max_connections
+}
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let tasks = TaskTracker::new();
+/// The TLS of each listener: one reloading certificate, an acceptor per
+/// listener (ALPN `h2` and the client CA for gRPC), none when plain.
+struct Tls {
+    cert: Option<Arc<crate::tls::ReloadingCert>>,
+    ws: Option<tokio_rustls::TlsAcceptor>,
+    grpc: Option<tokio_rustls::TlsAcceptor>,
+    admin: Option<tokio_rustls::TlsAcceptor>,
+    grpc_client_certs: bool,
+}
 
-    // gRPC: health, reflection (v1 and v1alpha) and the PushService.
+impl Tls {
+    fn load(cfg: &Config) -> Result<Tls, Box<dyn std::error::Error + Send + Sync>> {
+        let cert = cfg
+            .tls
+            .clone()
+            .map(crate::tls::ReloadingCert::open)
+            .transpose()?;
+        let acceptor = |alpn: &[&[u8]], ca: Option<&std::path::Path>| {
+            cert.clone()
+                .map(|c| crate::tls::acceptor(c, alpn, ca))
+                .transpose()
+        };
+        Ok(Tls {
+            ws: acceptor(&[b"http/1.1"], None)?,
+            grpc: acceptor(&[b"h2"], cfg.grpc_tls_client_ca.as_deref())?,
+            admin: match cfg.admin_plain {
+                true => None,
+                false => acceptor(&[b"http/1.1"], None)?,
+            },
+            grpc_client_certs: cfg.grpc_tls_client_ca.is_some(),
+            cert,
+        })
+    }
+
+    /// The line scripts wait for, printed on stdout once the node really
+    /// serves (the backend is up): each listener's address, and what a
+    /// gRPC client must bring.
+    fn ready_line(&self, ws: SocketAddr, grpc: SocketAddr, admin: SocketAddr) -> String {
+        let ws_scheme = if self.ws.is_some() { "wss" } else { "ws" };
+        let admin_scheme = if self.admin.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let grpc_note = match (self.grpc.is_some(), self.grpc_client_certs) {
+            (true, true) => " (TLS, client certificate required)",
+            (true, false) => " (TLS)",
+            _ => "",
+        };
+        format!(
+            "herald ready: ws={ws_scheme}://{ws}/ws grpc={grpc}{grpc_note} admin={admin_scheme}://{admin}"
+        )
+    }
+}
+
+type GrpcServer = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// The gRPC listener: health, reflection (v1 and v1alpha) and the
+/// PushService, behind the API keys, the in-flight limits and the
+/// connection limits; until `stop`.
+async fn serve_grpc(
+    cfg: &Config,
+    node: &Arc<Node>,
+    api_keys: &ApiKeys,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<GrpcServer, Box<dyn std::error::Error + Send + Sync>> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<PushServiceServer<crate::grpc::PushApi>>()
@@ -186,38 +290,71 @@ pub async fn run(
     ) -> tonic::service::interceptor::InterceptedService<S, ApiKeys> {
         tonic::service::interceptor::InterceptedService::new(svc, keys.clone())
     }
-    let mut grpc_stop = stop_rx.clone();
-    let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(cfg.limits.grpc_max_streams.min(u32::MAX as usize) as u32)
-            .http2_keepalive_interval(Some(cfg.limits.grpc_keepalive))
-            .http2_keepalive_timeout(Some(cfg.limits.grpc_handshake_timeout))
-            .layer(InflightLimit::new(
-                &cfg.node_id,
-                cfg.limits.grpc_max_inflight,
-                cfg.limits.grpc_max_discovery_inflight,
-            ))
-            .add_service(guarded(health_svc, &discovery_keys))
-            .add_service(guarded(reflection().build_v1()?, &discovery_keys))
-            .add_service(guarded(reflection().build_v1alpha()?, &discovery_keys))
-            .add_service(push)
-            .serve_with_incoming_shutdown(
-                grpc_incoming(
-                    listeners.grpc,
-                    cfg.limits.grpc_max_connections,
-                    grpc_tls.clone(),
-                    crate::grpc::limits::Deadlines {
-                        handshake: cfg.limits.grpc_handshake_timeout,
-                        anonymous_idle: cfg.limits.grpc_anonymous_idle,
-                    },
-                ),
-                async move {
-                    stopped(&mut grpc_stop).await;
+    let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(cfg.limits.grpc_max_streams.min(u32::MAX as usize) as u32)
+        .http2_keepalive_interval(Some(cfg.limits.grpc_keepalive))
+        .http2_keepalive_timeout(Some(cfg.limits.grpc_handshake_timeout))
+        .layer(InflightLimit::new(
+            &cfg.node_id,
+            cfg.limits.grpc_max_inflight,
+            cfg.limits.grpc_max_discovery_inflight,
+        ))
+        .add_service(guarded(health_svc, &discovery_keys))
+        .add_service(guarded(reflection().build_v1()?, &discovery_keys))
+        .add_service(guarded(reflection().build_v1alpha()?, &discovery_keys))
+        .add_service(push)
+        .serve_with_incoming_shutdown(
+            grpc_incoming(
+                listener,
+                cfg.limits.grpc_max_connections,
+                tls,
+                crate::grpc::limits::Deadlines {
+                    handshake: cfg.limits.grpc_handshake_timeout,
+                    anonymous_idle: cfg.limits.grpc_anonymous_idle,
                 },
             ),
-    );
+            async move {
+                stopped(&mut stop).await;
+            },
+        );
+    Ok(tokio::spawn(server))
+}
 
-    // The one heartbeat timer of all connections.
+/// The admin listener: `/metrics` and `/healthz`, until `stop`.
+fn serve_admin(
+    node: &Arc<Node>,
+    metrics: PrometheusHandle,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: watch::Receiver<bool>,
+    tasks: &TaskTracker,
+) -> tokio::task::JoinHandle<()> {
+    let node = node.clone();
+    tokio::spawn(accept_loop(
+        listener,
+        stop,
+        tasks.clone(),
+        None,
+        tls,
+        move |req| {
+            let node = node.clone();
+            let metrics = metrics.clone();
+            async move { Ok(admin(&node, &metrics, req)) }
+        },
+    ))
+}
+
+/// The node's timers, one each for all connections: the heartbeat, the
+/// token-expiry sweep (closes with 4401 at `exp`, checked four times a
+/// second; `exp` is in whole seconds), the reload of the certificate and
+/// the JWKS, and the report of suppressed log lines. Aborted on drain.
+fn tickers(
+    cfg: &Config,
+    node: &Arc<Node>,
+    expiries: &Arc<Expiries>,
+    verifier: &TokenVerifier,
+    tls: &Tls,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let heartbeat = {
         let hub = node.hub.clone();
         let every = cfg.heartbeat;
@@ -230,10 +367,6 @@ pub async fn run(
             }
         })
     };
-
-    // The one token-expiry ticker of all connections: closes with 4401 at
-    // `exp` (checked four times a second; `exp` is in whole seconds).
-    let expiries = Arc::new(Expiries::default());
     let expiry = {
         let expiries = expiries.clone();
         tokio::spawn(async move {
@@ -251,88 +384,52 @@ pub async fn run(
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     #[cfg(not(unix))]
     let hup = None;
-    let reloader = tokio::spawn(reload_files(verifier.clone(), cert.clone(), hup));
+    let reloader = tokio::spawn(reload_files(verifier.clone(), tls.cert.clone(), hup));
     let suppressed = tokio::spawn(crate::telemetry::report_suppressed());
+    vec![heartbeat, expiry, reloader, suppressed]
+}
 
-    // Public listener: WebSocket gateway.
-    let gateway = Arc::new(Gateway {
-        node: node.clone(),
-        verifier,
-        expiries,
-        origins: cfg.origins.clone(),
-        tasks: tasks.clone(),
-    });
-    let permits = Arc::new(Semaphore::new(max_connections));
-    let public = tokio::spawn(accept_loop(
-        listeners.ws,
-        stop_rx.clone(),
-        tasks.clone(),
-        Some(permits),
-        ws_tls,
+/// A serving node's running parts, for the drain at shutdown.
+struct Running {
+    node: Arc<Node>,
+    stop: watch::Sender<bool>,
+    /// Every connection task of the public and admin listeners.
+    tasks: TaskTracker,
+    public: tokio::task::JoinHandle<()>,
+    admin: tokio::task::JoinHandle<()>,
+    grpc: GrpcServer,
+    tickers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, closes every connection with 1001, lets in-flight
+    /// RPCs finish (gRPC's own graceful shutdown), waits for connection
+    /// tasks up to [`DRAIN_DEADLINE`], then shuts the backend down.
+    async fn drain(self) {
+        tracing::info!("shutting down: closing connections with 1001, finishing in-flight RPCs");
+        let _ = self.stop.send(true);
+        let _ = self.public.await;
+        let _ = self.admin.await;
+        self.node.hub.close_all(Disconnect::Shutdown);
+        for t in &self.tickers {
+            t.abort();
+        }
+        self.tasks.close();
+        if tokio::time::timeout(DRAIN_DEADLINE, self.tasks.wait())
+            .await
+            .is_err()
         {
-            let gateway = gateway.clone();
-            move |req| gateway.clone().handle(req)
-        },
-    ));
-
-    // Admin listener: /metrics and /healthz.
-    let admin = tokio::spawn(accept_loop(
-        listeners.admin,
-        stop_rx.clone(),
-        tasks.clone(),
-        None,
-        admin_tls.clone(),
-        {
-            let node = node.clone();
-            move |req| {
-                let node = node.clone();
-                let metrics = metrics.clone();
-                async move { Ok(admin(&node, &metrics, req)) }
-            }
-        },
-    ));
-
-    // The line scripts wait for: printed once the node really serves (the
-    // backend is up), on stdout.
-    let (ws_scheme, admin_scheme) = (
-        if cert.is_some() { "wss" } else { "ws" },
-        if admin_tls.is_some() { "https" } else { "http" },
-    );
-    // What a client of the gRPC listener must bring, after its address.
-    let grpc_note = match (cert.is_some(), cfg_grpc_mtls) {
-        (true, true) => " (TLS, client certificate required)",
-        (true, false) => " (TLS)",
-        _ => "",
-    };
-    println!(
-        "herald ready: ws={ws_scheme}://{ws_addr}/ws grpc={grpc_addr}{grpc_note} admin={admin_scheme}://{admin_addr}"
-    );
-    shutdown.await;
-    tracing::info!("shutting down: closing connections with 1001, finishing in-flight RPCs");
-    let _ = stop_tx.send(true);
-    let _ = public.await;
-    let _ = admin.await;
-    node.hub.close_all(Disconnect::Shutdown);
-    heartbeat.abort();
-    expiry.abort();
-    reloader.abort();
-    suppressed.abort();
-    tasks.close();
-    if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some connections did not close within {DRAIN_DEADLINE:?}");
+            tracing::warn!("some connections did not close within {DRAIN_DEADLINE:?}");
+        }
+        match self.grpc.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
+        }
+        self.node.shutdown().await;
+        crate::telemetry::flush_suppressed(true);
+        tracing::info!("stopped");
     }
-    match grpc.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
-        Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
-    }
-    node.shutdown().await;
-    crate::telemetry::flush_suppressed(true);
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Re-reads the JWKS file and the TLS certificate when they change (polled
