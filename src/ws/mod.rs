@@ -135,76 +135,9 @@ impl Gateway {
         // Only the head matters from here on (the body of a GET is empty).
         let mut req = Request::from_parts(req.into_parts().0, ());
         let remote = req.extensions().get::<Peer>().map(|p| p.0);
-        let origin = req.headers().get(header::ORIGIN);
-        let origin = origin.map(|o| o.to_str().unwrap_or("\u{fffd}"));
-        if !self.origins.allows(origin) {
-            metrics::counter!("herald_ws_rejected_total", "reason" => "origin").increment(1);
-            let detail =
-                "this Origin is not allowed to open WebSockets here (see --allowed-origin)";
-            telemetry::handshake_refused(&Refused {
-                node: &self.node.cfg.node_id,
-                reason: "origin",
-                remote,
-                status: Some(StatusCode::FORBIDDEN.as_u16()),
-                code: None,
-                user: None,
-                origin: origin.map(|o| protocol::truncate_utf8(o, 200)),
-                detail,
-            });
-            return text(StatusCode::FORBIDDEN, format!("{detail}\n"));
-        }
-        let Credentials {
-            token,
-            since,
-            subprotocol,
-        } = match credentials(&req) {
-            Ok(c) => c,
-            Err(why) => {
-                metrics::counter!("herald_ws_rejected_total", "reason" => "bad_request")
-                    .increment(1);
-                return self.refuse(
-                    remote,
-                    "bad_request",
-                    StatusCode::BAD_REQUEST,
-                    format!("{why}\n"),
-                );
-            }
-        };
-        let Some(token) = token else {
-            metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized").increment(1);
-            return self.refuse(
-                remote,
-                "token_missing",
-                StatusCode::UNAUTHORIZED,
-                "missing token: pass Sec-WebSocket-Protocol: herald.v1, herald.token.<JWT>, \
-                 Authorization: Bearer <JWT> or ?token=<JWT>\n"
-                    .into(),
-            );
-        };
-        let verified = match self.verifier.check(&token) {
-            Ok(v) => v,
-            Err(why) => {
-                metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized")
-                    .increment(1);
-                return self.refuse(
-                    remote,
-                    why.reason,
-                    StatusCode::UNAUTHORIZED,
-                    format!("{}\n", why.message),
-                );
-            }
-        };
-        let since: Option<MessageId> = match since.as_deref().map(str::parse) {
-            None => None,
-            Some(Ok(id)) => Some(id),
-            Some(Err(e)) => {
-                return self.refuse(
-                    remote,
-                    "bad_request",
-                    StatusCode::BAD_REQUEST,
-                    format!("since: {e}\n"),
-                )
-            }
+        let admitted = match self.admit(&req, remote) {
+            Ok(a) => a,
+            Err(refusal) => return refusal,
         };
         // tungstenite validates the handshake (GET, HTTP/1.1 or newer,
         // Connection/Upgrade, version 13, the key) and derives the accept key.
@@ -230,7 +163,7 @@ impl Gateway {
                 )
             }
         };
-        if subprotocol {
+        if admitted.subprotocol {
             // RFC 6455 4.2.2: the server echoes one protocol the client
             // offered; never the token.
             accepted.headers_mut().insert(
@@ -238,7 +171,108 @@ impl Gateway {
                 HeaderValue::from_static(SUBPROTOCOL),
             );
         }
-        let on_upgrade = hyper::upgrade::on(&mut req);
+        self.spawn_connection(&mut req, admitted, remote);
+        accepted.map(|()| Full::new(Bytes::new()))
+    }
+
+    /// The handshake's own checks, in order: the Origin, the request's
+    /// credentials, the token, `since`. A refusal is the response to send.
+    fn admit(
+        &self,
+        req: &Request<()>,
+        remote: Option<SocketAddr>,
+    ) -> Result<Admitted, Response<Full<Bytes>>> {
+        let origin = req.headers().get(header::ORIGIN);
+        let origin = origin.map(|o| o.to_str().unwrap_or("\u{fffd}"));
+        if !self.origins.allows(origin) {
+            metrics::counter!("herald_ws_rejected_total", "reason" => "origin").increment(1);
+            let detail =
+                "this Origin is not allowed to open WebSockets here (see --allowed-origin)";
+            telemetry::handshake_refused(&Refused {
+                node: &self.node.cfg.node_id,
+                reason: "origin",
+                remote,
+                status: Some(StatusCode::FORBIDDEN.as_u16()),
+                code: None,
+                user: None,
+                origin: origin.map(|o| protocol::truncate_utf8(o, 200)),
+                detail,
+            });
+            return Err(text(StatusCode::FORBIDDEN, format!("{detail}\n")));
+        }
+        let Credentials {
+            token,
+            since,
+            subprotocol,
+        } = match credentials(req) {
+            Ok(c) => c,
+            Err(why) => {
+                metrics::counter!("herald_ws_rejected_total", "reason" => "bad_request")
+                    .increment(1);
+                return Err(self.refuse(
+                    remote,
+                    "bad_request",
+                    StatusCode::BAD_REQUEST,
+                    format!("{why}\n"),
+                ));
+            }
+        };
+        let Some(token) = token else {
+            metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized").increment(1);
+            return Err(self.refuse(
+                remote,
+                "token_missing",
+                StatusCode::UNAUTHORIZED,
+                "missing token: pass Sec-WebSocket-Protocol: herald.v1, herald.token.<JWT>, \
+                 Authorization: Bearer <JWT> or ?token=<JWT>\n"
+                    .into(),
+            ));
+        };
+        let verified = match self.verifier.check(&token) {
+            Ok(v) => v,
+            Err(why) => {
+                metrics::counter!("herald_ws_rejected_total", "reason" => "unauthorized")
+                    .increment(1);
+                return Err(self.refuse(
+                    remote,
+                    why.reason,
+                    StatusCode::UNAUTHORIZED,
+                    format!("{}\n", why.message),
+                ));
+            }
+        };
+        let since: Option<MessageId> = match since.as_deref().map(str::parse) {
+            None => None,
+            Some(Ok(id)) => Some(id),
+            Some(Err(e)) => {
+                return Err(self.refuse(
+                    remote,
+                    "bad_request",
+                    StatusCode::BAD_REQUEST,
+                    format!("since: {e}\n"),
+                ))
+            }
+        };
+        Ok(Admitted {
+            verified,
+            since,
+            subprotocol,
+        })
+    }
+
+    /// Takes the connection over once hyper has switched protocols: the
+    /// WebSocket with this node's limits, then the connection task, holding
+    /// the listener's connection permit for the connection's whole life.
+    fn spawn_connection(
+        self: &Arc<Self>,
+        req: &mut Request<()>,
+        admitted: Admitted,
+        remote: Option<SocketAddr>,
+    ) {
+        let Admitted {
+            verified, since, ..
+        } = admitted;
+        let on_upgrade = hyper::upgrade::on(&mut *req);
         let permit = req.extensions_mut().remove::<ConnPermit>();
         let gw = self.clone();
         self.tasks.spawn(async move {
@@ -263,6 +297,13 @@ impl Gateway {
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         });
-        accepted.map(|()| Full::new(Bytes::new()))
     }
+}
+
+/// A handshake that passed the gateway's checks.
+struct Admitted {
+    verified: Verified,
+    since: Option<MessageId>,
+    /// `herald.v1` was offered: the response echoes it.
+    subprotocol: bool,
 }
