@@ -244,7 +244,11 @@ impl Node {
                 .map(|(u, a)| Delivery {
                     user_id: u.clone(),
                     message_id: a.id.to_string(),
-                    online: a.online,
+                    // A connection on this node is proof enough: it gets a
+                    // stored message live, or from the inbox when its
+                    // subscription is re-proven after a Redis failover,
+                    // while the publish may have reached nobody yet.
+                    online: a.online || self.hub.has_user(u),
                     replayed: a.replayed,
                 })
                 .collect()
