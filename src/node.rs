@@ -36,6 +36,29 @@ pub enum ClientOp {
     },
 }
 
+/// A `SendToUser` as the node takes it, whatever the entry point: named
+/// fields, not a run of positional flags.
+pub struct SendToUser<'a> {
+    pub users: &'a [String],
+    pub topic: &'a str,
+    pub payload_json: &'a str,
+    /// Live-only: not stored.
+    pub transient: bool,
+    /// Empty: none.
+    pub idempotency_key: &'a str,
+}
+
+/// A page of a user's message center, as the node takes it.
+pub struct ListMessages<'a> {
+    pub user: &'a str,
+    /// Empty: from the newest (or the oldest, with `oldest_first`).
+    pub cursor: &'a str,
+    pub oldest_first: bool,
+    pub limit: u32,
+    pub unread_only: bool,
+    pub topic_prefix: &'a str,
+}
+
 /// The result of a send, per user, in request order.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -162,14 +185,14 @@ impl Node {
     /// Stores (unless `transient`) and pushes a message to each user. With
     /// an idempotency key, a user that an earlier call with the key already
     /// served gets nothing now and that call's delivery (`replayed`).
-    pub async fn send_to_user(
-        &self,
-        users: &[String],
-        topic: &str,
-        payload_json: &str,
-        transient: bool,
-        idempotency_key: &str,
-    ) -> Result<Vec<Delivery>> {
+    pub async fn send_to_user(&self, send: SendToUser<'_>) -> Result<Vec<Delivery>> {
+        let SendToUser {
+            users,
+            topic,
+            payload_json,
+            transient,
+            idempotency_key,
+        } = send;
         self.check_users(users)?;
         self.check_message(topic, payload_json)?;
         // Hashing the payload costs only calls that carry a key.
@@ -365,15 +388,15 @@ impl Node {
     }
 
     /// A page of the user's stored messages (the message center).
-    pub async fn list_messages(
-        &self,
-        user: &str,
-        cursor: &str,
-        oldest_first: bool,
-        limit: u32,
-        unread_only: bool,
-        topic_prefix: &str,
-    ) -> Result<Page> {
+    pub async fn list_messages(&self, query: ListMessages<'_>) -> Result<Page> {
+        let ListMessages {
+            user,
+            cursor,
+            oldest_first,
+            limit,
+            unread_only,
+            topic_prefix,
+        } = query;
         self.check_user(user)?;
         self.check_prefix(topic_prefix)?;
         let cursor = if cursor.is_empty() {

@@ -6,7 +6,7 @@ pub(crate) mod limits;
 
 use crate::apikey::{Caller, Scopes};
 use crate::error::Error;
-use crate::node::{Node, MAX_IDS_PER_CALL};
+use crate::node::{ListMessages, Node, SendToUser, MAX_IDS_PER_CALL};
 use crate::proto::push_service_server::PushService;
 use crate::proto::*;
 use crate::protocol;
@@ -103,13 +103,13 @@ impl PushService for PushApi {
         self.observed("SendToUser", Scopes::SEND, caller, recipients, async {
             let deliveries = self
                 .node
-                .send_to_user(
-                    &r.user_ids,
-                    &r.topic,
-                    &r.payload_json,
-                    r.transient,
-                    &r.idempotency_key,
-                )
+                .send_to_user(SendToUser {
+                    users: &r.user_ids,
+                    topic: &r.topic,
+                    payload_json: &r.payload_json,
+                    transient: r.transient,
+                    idempotency_key: &r.idempotency_key,
+                })
                 .await?;
             Ok(SendToUserResponse {
                 deliveries: deliveries
@@ -221,14 +221,14 @@ impl PushService for PushApi {
         self.observed("ListMessages", Scopes::SEND, caller, Some(1), async {
             let page = self
                 .node
-                .list_messages(
-                    &r.user_id,
-                    &r.cursor,
-                    r.oldest_first,
-                    r.limit,
-                    r.unread_only,
-                    &r.topic_prefix,
-                )
+                .list_messages(ListMessages {
+                    user: &r.user_id,
+                    cursor: &r.cursor,
+                    oldest_first: r.oldest_first,
+                    limit: r.limit,
+                    unread_only: r.unread_only,
+                    topic_prefix: &r.topic_prefix,
+                })
                 .await?;
             let messages = page
                 .messages
