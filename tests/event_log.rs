@@ -77,18 +77,7 @@ impl LoggedNode {
             }
         };
         std::thread::spawn(move || for _ in lines {});
-        let field = |k: &str| -> SocketAddr {
-            let v = ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(k))
-                .expect("address in the ready line");
-            v.split("://")
-                .last()
-                .unwrap()
-                .trim_end_matches("/ws")
-                .parse()
-                .unwrap()
-        };
+        let field = |k: &str| ready_addr(&ready, k);
         LoggedNode {
             ws: field("ws="),
             grpc: field("grpc="),

@@ -1,27 +1,9 @@
 # Sourced by ci.sh and tls-check.sh: runs README.md's Install section as
 # written. Not a script of its own.
 
-# readme_block NAME prints the fenced block between the lines
-# "<!-- NAME:begin -->" and "<!-- NAME:end -->" of README.md, without its
-# fence lines. It fails when the markers are missing or repeated, when they
-# do not hold exactly one fenced block, or when the block is empty.
-readme_block() {
-  local name=$1 file="${README_MD:-README.md}"
-  if [[ $(grep -c -x -- "<!-- $name:begin -->" "$file") -ne 1 || $(grep -c -x -- "<!-- $name:end -->" "$file") -ne 1 ]]; then
-    echo "$file: needs exactly one '<!-- $name:begin -->' and one '<!-- $name:end -->' line" >&2
-    return 1
-  fi
-  awk -v b="<!-- $name:begin -->" -v e="<!-- $name:end -->" -v f="$file" '
-    $0 == b { inside = 1; next }
-    $0 == e { inside = 0; next }
-    !inside { next }
-    /^```/ { fences++; next }
-    fences == 1 { print; lines += ($0 ~ /[^[:space:]]/) }
-    END {
-      if (fences != 2) { print f ": the " b " block must be one fenced code block" > "/dev/stderr"; exit 1 }
-      if (lines == 0) { print f ": the " b " block is empty" > "/dev/stderr"; exit 1 }
-    }' "$file"
-}
+# readme_block NAME: the fenced block between the NAME markers of README.md
+# (see .ci/readme-block.sh).
+. "$(dirname "${BASH_SOURCE[0]}")/../../.ci/readme-block.sh"
 
 # run_readme DIR [build-only] follows README.md's Install section in DIR, a
 # directory of its own: "herald" there is a link to this checkout, the

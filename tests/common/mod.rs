@@ -641,17 +641,7 @@ impl NodeProcess {
         };
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let field = |k: &str| -> SocketAddr {
-            let v = ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(k))
-                .expect("address in ready line");
-            v.trim_start_matches("ws://")
-                .trim_start_matches("http://")
-                .trim_end_matches("/ws")
-                .parse()
-                .unwrap()
-        };
+        let field = |k: &str| ready_addr(&ready, k);
         NodeProcess {
             ws: field("ws="),
             grpc: field("grpc="),
@@ -1101,4 +1091,19 @@ impl Drop for RedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The address after `key` (`ws=`, `grpc=`, `admin=`) in a node's
+/// `herald ready:` line, without its scheme and `/ws`.
+pub fn ready_addr(ready: &str, key: &str) -> SocketAddr {
+    let v = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in the ready line: {ready}"));
+    v.split("://")
+        .last()
+        .unwrap()
+        .trim_end_matches("/ws")
+        .parse()
+        .unwrap()
 }
