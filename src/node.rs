@@ -522,7 +522,8 @@ impl Node {
 
     /// Gives back a connection reservation; a failure (Redis away) is
     /// retried a few times in the background, and a node that reconnects to
-    /// Redis rewrites its reservations from its connections anyway.
+    /// Redis (or sees a Redis Cluster fail over) rewrites the reservations
+    /// of its users and of those who left it lately anyway.
     async fn release(&self, user: &str) {
         if self.backend.presence.release(user).await.is_ok() {
             return;
@@ -536,6 +537,7 @@ impl Node {
                     return;
                 }
             }
+            metrics::counter!("herald_presence_releases_given_up_total").increment(1);
             tracing::warn!(
                 user,
                 "could not release a connection reservation; it is rewritten when Redis returns"

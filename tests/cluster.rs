@@ -329,6 +329,47 @@ async fn redis_outage_is_unavailable_then_full_service_without_restart() {
     assert_eq!(on_b.next_of("message").await["data"], 4);
 }
 
+/// A device that leaves while Redis is away is not counted online once
+/// Redis is back, even after its node gave up retrying the release of its
+/// reservation (about 12 s): the presence rewrite after the reconnect also
+/// covers the users who left the node lately, not only those still on it.
+/// (The same rewrite follows a Redis Cluster failover, which can lose a
+/// release the dead primary had not replicated.)
+#[tokio::test]
+async fn a_device_that_left_while_redis_was_away_is_not_counted_after_it_returns() {
+    let (mut redis, nodes) = cluster(2);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let u = uid("departed");
+    let (_stays, _) = b.connect(&u).await;
+    let (leaves, _) = a.connect(&u).await;
+    let mut cb = b.client().await;
+    assert_eq!(online(&mut cb, &u).await, 2);
+
+    redis.stop();
+    drop(leaves);
+    // Node a retries the release 5 times (0.4 s, then doubling) and gives
+    // it up; the reservation stays in the append-only file.
+    let given_up = "herald_presence_releases_given_up_total 1";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !http_get(a.admin, "/metrics").await.contains(given_up) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node a gave up the release"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    redis.restart();
+    // (The first calls may meet connections Redis's restart broke.)
+    eventually("only the device still connected is counted", || {
+        let (mut c, u) = (cb.clone(), u.clone());
+        async move {
+            let r = c.is_online(IsOnlineRequest { user_ids: vec![u] }).await;
+            r.is_ok_and(|r| r.into_inner().users[0].connections == 1)
+        }
+    })
+    .await;
+}
+
 /// The per-user cap is cluster-wide and exact under concurrent connects
 /// spread over nodes, and a node killed with its connections gives their
 /// slots back when its lease ends.

@@ -521,7 +521,6 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port with the same data.
     /// Freezes (`STOP`) or thaws (`CONT`) the server process, as a stalled
     /// machine would.
     pub fn signal(&self, sig: &str) {
@@ -534,6 +533,7 @@ impl RedisServer {
         assert!(ok, "kill -{sig} {pid}");
     }
 
+    /// Starts it again on the same port with the same data.
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();

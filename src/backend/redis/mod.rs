@@ -424,6 +424,7 @@ pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -
         started_ms: crate::protocol::now_ms(),
         lease: cfg.node_lease,
         presence_ttl: cfg.presence_ttl,
+        departures: Default::default(),
     }
     .start();
     // The first pub/sub connection and presence registration must work, or

@@ -110,7 +110,7 @@ impl Presence for RedisBackend {
     }
 
     async fn disconnected(&self, user: &str) -> Result<()> {
-        self.registrar.sync_later(user);
+        self.registrar.departed(user);
         Ok(())
     }
 

@@ -24,9 +24,9 @@ use futures_util::future::join_all;
 use futures_util::StreamExt;
 use redis::cluster_async::ClusterConnection;
 use redis::Value;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// What the registrar is asked to do.
@@ -40,14 +40,61 @@ pub(super) enum Request {
 }
 
 /// How the backend asks the registrar for work.
-pub(super) struct Handle(mpsc::UnboundedSender<Request>);
+pub(super) struct Handle {
+    tx: mpsc::UnboundedSender<Request>,
+    departures: Arc<Departures>,
+}
+
+/// How long a user whose connection closed here is remembered for the
+/// presence rewrites (see [`Departures`]): longer than a failover takes to
+/// be noticed and than a failed release is retried.
+const DEPARTURES_KEPT: Duration = Duration::from_secs(120);
+/// At most this many departures are remembered (the oldest go first).
+const DEPARTURES_AT_MOST: usize = 65_536;
+
+/// Users whose connections on this node closed lately, noted by the
+/// [`Handle`] and read by each presence rewrite
+/// ([`Registrar::rewrite_presence`]), which sets this incarnation's
+/// reservation of these users to what the node holds (deleting it when
+/// none). A departure's release can be lost: a failover drops the newest
+/// writes the dead primary had not replicated, and a release that kept
+/// failing while Redis was away is given up (see `Node::release`). Without
+/// this, the rewrite after either event restored only the users still
+/// here, and a departed device counted online until its hash expired
+/// (`--presence-ttl`). A std mutex: held for a push or a copy, never across
+/// an `.await`.
+#[derive(Default)]
+pub(super) struct Departures(std::sync::Mutex<VecDeque<(Instant, String)>>);
+
+impl Departures {
+    fn note(&self, user: &str) {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= DEPARTURES_AT_MOST {
+            q.pop_front();
+        }
+        q.push_back((Instant::now(), user.to_string()));
+    }
+
+    /// The users who left within [`DEPARTURES_KEPT`]; older ones are
+    /// forgotten.
+    fn recent(&self) -> HashSet<String> {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while q
+            .front()
+            .is_some_and(|(t, _)| t.elapsed() > DEPARTURES_KEPT)
+        {
+            q.pop_front();
+        }
+        q.iter().map(|(_, u)| u.clone()).collect()
+    }
+}
 
 impl Handle {
     /// Syncs `user` and waits until it is done: the user's events reach
     /// this node and presence counts the user here.
     pub(super) async fn sync(&self, user: &str) -> Result<()> {
         let (ack, done) = oneshot::channel();
-        self.0
+        self.tx
             .send(Request::Sync {
                 user: user.to_string(),
                 ack: Some(ack),
@@ -63,10 +110,17 @@ impl Handle {
 
     /// Syncs `user` soon, without waiting (a user leaving this node).
     pub(super) fn sync_later(&self, user: &str) {
-        let _ = self.0.send(Request::Sync {
+        let _ = self.tx.send(Request::Sync {
             user: user.to_string(),
             ack: None,
         });
+    }
+
+    /// A connection of `user` closed here: syncs the user soon and
+    /// remembers the departure for the next presence rewrites.
+    pub(super) fn departed(&self, user: &str) {
+        self.departures.note(user);
+        self.sync_later(user);
     }
 }
 
@@ -88,6 +142,8 @@ pub(super) struct Registrar {
     /// `--presence-ttl`: the expiry of the reservation hashes of this
     /// node's users, refreshed by [`Registrar::sweep`].
     pub(super) presence_ttl: Duration,
+    /// Shared with the [`Handle`], which notes them.
+    pub(super) departures: Arc<Departures>,
 }
 
 /// Users whose channel this node is subscribed to right now.
@@ -111,11 +167,13 @@ impl Registrar {
     pub(super) fn start(self) -> (Handle, oneshot::Receiver<Result<()>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
+        let departures = self.departures.clone();
         match self.target.clone() {
             Target::Standalone(client) => tokio::spawn(self.run(client, rx, ready_tx)),
             Target::Cluster(seeds) => tokio::spawn(self.run_cluster(seeds, rx, ready_tx)),
         };
-        (Handle(tx), ready_rx)
+        let handle = Handle { tx, departures };
+        (handle, ready_rx)
     }
 
     /// Standalone Redis: one pub/sub connection (`SUBSCRIBE`); when it
@@ -250,7 +308,9 @@ impl Registrar {
     /// Rewrites this node's presence from its connections as they are: its
     /// per-node hash, each of `users`' reservation of this incarnation
     /// (Redis may have lost them in a restart or a failover, or a release
-    /// may have failed while it was away), then renews the lease.
+    /// may have failed while it was away) and that of the users who left
+    /// lately ([`Departures`]: set to what is held, deleted when nothing
+    /// is), then renews the lease.
     pub(super) async fn rewrite_presence(&self, users: &[String]) -> Result<()> {
         let counts = self.local.local_counts(users);
         let conns = keys::node_conns(&self.node_id);
@@ -277,6 +337,24 @@ impl Registrar {
                 let key = keys::user_conns(u);
                 pipe.cmd("HSET").arg(&key).arg(&me).arg(*n).ignore();
                 pipe.cmd("PEXPIRE").arg(&key).arg(ttl).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        let held: HashSet<&String> = users.iter().collect();
+        let gone: Vec<String> = (self.departures.recent().into_iter())
+            .filter(|u| !held.contains(u))
+            .collect();
+        if !gone.is_empty() {
+            let counts = self.local.local_counts(&gone);
+            let mut pipe = redis::pipe();
+            for (u, n) in gone.iter().zip(&counts) {
+                let key = keys::user_conns(u);
+                if *n > 0 {
+                    pipe.cmd("HSET").arg(&key).arg(&me).arg(*n).ignore();
+                    pipe.cmd("PEXPIRE").arg(&key).arg(ttl).ignore();
+                } else {
+                    pipe.cmd("HDEL").arg(&key).arg(&me).ignore();
+                }
             }
             pipe.query_async::<()>(&mut conn).await?;
         }
