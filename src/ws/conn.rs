@@ -3,6 +3,7 @@
 //! the closing handshake. One task per connection, nothing else.
 
 use super::*;
+use std::ops::ControlFlow;
 
 /// The closing handshake: send our close frame, then keep reading (and
 /// dropping) until the client's close frame arrives, so the client reads
@@ -137,180 +138,296 @@ enum End {
     Lost(&'static str),
 }
 
+/// Serves an attached connection until it ends: the welcome and replay,
+/// then one event at a time, each handled by a [`Session`] method.
+///
+/// While idle, the task waits here on two things only: its hub entry
+/// (frames, close, resync, heartbeat ticks from the node's one heartbeat
+/// timer) and the socket. No per-connection timer exists.
 async fn serve(node: &Node, conn: &Conn, since: Option<MessageId>, ws: &mut Socket) -> End {
-    let heartbeat = node.cfg.heartbeat;
-    let limits = &node.cfg.limits;
-    let write_timeout = limits.write_timeout;
-    let replay = match Box::pin(node.replay(&conn.user, since)).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(error = %e, "replay failed");
-            return End::Server(Disconnect::BackendUnavailable);
-        }
+    let mut s = match Session::start(node, conn, since, ws).await {
+        Ok(s) => s,
+        Err(end) => return end,
     };
-    let welcome = protocol::welcome_frame(
-        &node.hub.conn_label(conn),
-        &conn.user,
-        replay.unread,
-        replay.messages.len(),
-        replay.resumed,
-    );
-    let mut head = replay.head;
-    let mut batch: Vec<Outbound> = Vec::with_capacity(replay.messages.len() + 1);
-    batch.push(Outbound {
-        id: None,
-        frame: welcome,
-    });
-    batch.extend(
-        replay
-            .messages
-            .into_iter()
-            .map(|(_, frame)| Outbound { id: None, frame }),
-    );
-    if let Err(what) = Box::pin(write(ws, &mut batch, &mut head, write_timeout, false)).await {
-        return End::Lost(what);
-    }
-    batch = Vec::new();
-
-    // While idle, the task waits here on two things only: its hub entry
-    // (frames, close, resync, heartbeat ticks from the node's one heartbeat
-    // timer) and the socket. No per-connection timer exists.
-    let mut budget = Budget::new(limits.client_frame_burst);
-    // The newest `read` position the client asked for and the backend has
-    // not been told yet: a burst of reads costs the backend one write.
-    let mut pending_read: Option<MessageId> = None;
     loop {
-        tokio::select! {
+        let step = tokio::select! {
             // Outbound work first, then every client frame that is already
             // readable, and only then the coalesced read.
             biased;
-            _ = conn.wait() => {
-                let pending = conn.take(&mut batch);
-                if pending.resync {
-                    // Live delivery had a gap: fetch what was stored after
-                    // the last message this connection saw, then go on
-                    // (live frames at or below it are dropped in write).
-                    match Box::pin(catch_up(&node, &conn.user, head)).await {
-                        Ok(r) => {
-                            let mut caught: Vec<Outbound> = Vec::with_capacity(r.messages.len() + batch.len());
-                            caught.extend(r.messages.into_iter().map(|(id, frame)| Outbound { id: Some(id), frame }));
-                            caught.append(&mut batch);
-                            batch = caught;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "catch-up after broker reconnect failed");
-                            return End::Server(Disconnect::BackendUnavailable);
-                        }
-                    }
-                }
-                if pending.heartbeat && budget.last_seen.elapsed() >= heartbeat * 2 {
-                    metrics::counter!("herald_heartbeat_timeouts_total").increment(1);
-                    return End::Server(Disconnect::HeartbeatTimeout);
-                }
-                if !batch.is_empty() || pending.heartbeat {
-                    if let Err(what) = Box::pin(write(ws, &mut batch, &mut head, write_timeout, pending.heartbeat)).await {
-                        return End::Lost(what);
-                    }
-                    if batch.capacity() > 64 {
-                        batch = Vec::new(); // give back what a burst grew
-                    }
-                }
-                if let Some(why) = pending.close {
-                    return End::Server(why);
-                }
+            _ = conn.wait() => s.on_hub().await,
+            msg = s.ws.next() => s.on_frame(msg).await,
+            _ = std::future::ready(()), if s.pending_read.is_some() => s.on_read().await,
+        };
+        if let ControlFlow::Break(end) = step {
+            return end;
+        }
+    }
+}
+
+/// What an event handler says: go on, or the connection ends so.
+type Step = ControlFlow<End>;
+
+/// The state of one attached connection's loop, kept in its task (so in
+/// the memory every idle connection costs: keep it small).
+struct Session<'a> {
+    node: &'a Node,
+    conn: &'a Conn,
+    ws: &'a mut Socket,
+    /// The newest stored message written to the socket: live frames at or
+    /// below it are dropped (already sent by a replay or a catch-up).
+    head: MessageId,
+    /// Frames taken from the hub queue, written together then one flush;
+    /// reused between wake-ups (shrunk after a burst).
+    batch: Vec<Outbound>,
+    /// The client's frame budget and when it last sent anything.
+    budget: Budget,
+    /// The newest `read` position the client asked for and the backend has
+    /// not been told yet: a burst of reads costs the backend one write.
+    pending_read: Option<MessageId>,
+}
+
+impl<'a> Session<'a> {
+    /// Writes the welcome and what the inbox holds after `since`.
+    async fn start(
+        node: &'a Node,
+        conn: &'a Conn,
+        since: Option<MessageId>,
+        ws: &'a mut Socket,
+    ) -> Result<Session<'a>, End> {
+        let replay = match Box::pin(node.replay(&conn.user, since)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "replay failed");
+                return Err(End::Server(Disconnect::BackendUnavailable));
             }
-            msg = ws.next() => {
-                let Some(msg) = msg else { return End::Lost("the connection ended without a close frame") };
-                if !budget.take(limits.client_frame_rate, limits.client_frame_burst) {
-                    metrics::counter!("herald_client_frames_rejected_total", "reason" => "rate").increment(1);
-                    conn.send(protocol::error_frame("rate_limited", &format!(
-                        "more than {} frames/s (burst {}): closing",
-                        limits.client_frame_rate, limits.client_frame_burst
-                    )));
-                    conn.close(Disconnect::RateLimited);
-                    continue; // the queued error frame goes out before the close
+        };
+        let welcome = protocol::welcome_frame(
+            &node.hub.conn_label(conn),
+            &conn.user,
+            replay.unread,
+            replay.messages.len(),
+            replay.resumed,
+        );
+        let mut head = replay.head;
+        let mut batch: Vec<Outbound> = Vec::with_capacity(replay.messages.len() + 1);
+        batch.push(Outbound {
+            id: None,
+            frame: welcome,
+        });
+        batch.extend(
+            replay
+                .messages
+                .into_iter()
+                .map(|(_, frame)| Outbound { id: None, frame }),
+        );
+        let write_timeout = node.cfg.limits.write_timeout;
+        if let Err(what) = Box::pin(write(ws, &mut batch, &mut head, write_timeout, false)).await {
+            return Err(End::Lost(what));
+        }
+        Ok(Session {
+            node,
+            conn,
+            ws,
+            head,
+            batch: Vec::new(),
+            budget: Budget::new(node.cfg.limits.client_frame_burst),
+            pending_read: None,
+        })
+    }
+
+    /// Writes the batch (and a ping), ending the connection if the socket
+    /// fails or the client stopped reading.
+    async fn flush(&mut self, ping: bool) -> Step {
+        let timeout = self.node.cfg.limits.write_timeout;
+        match Box::pin(write(
+            self.ws,
+            &mut self.batch,
+            &mut self.head,
+            timeout,
+            ping,
+        ))
+        .await
+        {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(what) => ControlFlow::Break(End::Lost(what)),
+        }
+    }
+
+    /// The hub woke the task: frames to write, a resync, a heartbeat tick
+    /// or a close.
+    async fn on_hub(&mut self) -> Step {
+        let pending = self.conn.take(&mut self.batch);
+        if pending.resync {
+            // Live delivery had a gap: fetch what was stored after the last
+            // message this connection saw, then go on (live frames at or
+            // below it are dropped in write).
+            match Box::pin(catch_up(self.node, &self.conn.user, self.head)).await {
+                Ok(r) => {
+                    let mut caught: Vec<Outbound> =
+                        Vec::with_capacity(r.messages.len() + self.batch.len());
+                    caught.extend(r.messages.into_iter().map(|(id, frame)| Outbound {
+                        id: Some(id),
+                        frame,
+                    }));
+                    caught.append(&mut self.batch);
+                    self.batch = caught;
                 }
-                match msg {
-                    Err(WsError::Capacity(_)) => {
-                        metrics::counter!("herald_client_frames_rejected_total", "reason" => "too_big").increment(1);
-                        return End::Server(Disconnect::FrameTooBig(limits.max_client_frame_bytes));
-                    }
-                    Err(WsError::Utf8(_)) => {
-                        metrics::counter!("herald_client_frames_rejected_total", "reason" => "utf8").increment(1);
-                        return End::Server(Disconnect::InvalidUtf8);
-                    }
-                    // The peer went away without a close frame (a tab
-                    // closed, a network gone): not a protocol violation.
-                    Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
-                        return End::Lost("the connection ended without a close frame");
-                    }
-                    Err(WsError::Protocol(e)) => {
-                        metrics::counter!("herald_client_frames_rejected_total", "reason" => "protocol").increment(1);
-                        tracing::debug!(error = %e, "client broke the WebSocket protocol");
-                        return End::Server(Disconnect::ProtocolViolation);
-                    }
-                    Err(WsError::Io(_)) => return End::Lost("the connection was reset"),
-                    Err(_) => return End::Lost("the socket failed"),
-                    Ok(Message::Text(t)) => match client_frame(t.as_str(), limits.max_topic_bytes) {
-                        Asked::Read(id) => pending_read = pending_read.max(Some(id)),
-                        Asked::Reply(reply) => {
-                            conn.send(reply);
-                        }
-                        Asked::Center(op) => {
-                            // A history page costs more of the budget: its
-                            // reply can be large.
-                            if matches!(op, ClientOp::History { .. }) && !budget.take_more(HISTORY_EXTRA_COST) {
-                                metrics::counter!("herald_client_frames_rejected_total", "reason" => "rate").increment(1);
-                                conn.send(protocol::error_frame("rate_limited", "history pages too fast: closing"));
-                                conn.close(Disconnect::RateLimited);
-                                continue;
-                            }
-                            // Reads queued before this frame go first: the
-                            // client's order is kept.
-                            if let Some(up_to) = pending_read.take() {
-                                center_reply(conn, Box::pin(node.client_read(&conn.user, up_to)).await.map(|_| None));
-                            }
-                            center_reply(conn, Box::pin(node.client_center(&conn.user, op)).await);
-                        }
-                    },
-                    Ok(Message::Binary(_)) => {
-                        conn.send(protocol::error_frame("bad_frame", "binary frames are not part of the protocol; send JSON text frames"));
-                    }
-                    Ok(Message::Ping(_)) => {
-                        // tungstenite queued the pong; push it out now.
-                        if let Err(what) = Box::pin(write(ws, &mut batch, &mut head, write_timeout, false)).await {
-                            return End::Lost(what);
-                        }
-                    }
-                    Ok(Message::Close(frame)) => {
-                        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(2), ws.flush())).await;
-                        return match frame {
-                            Some(f) => End::Client(f.code.into(), f.reason.as_str().to_string()),
-                            None => End::Client(NO_STATUS, String::new()),
-                        };
-                    }
-                    Ok(_) => {}
-                }
-            }
-            _ = std::future::ready(()), if pending_read.is_some() => {
-                let up_to = pending_read.take().expect("guarded");
-                // Every connection of the user, this one included, gets the
-                // new count through the broker when it changed.
-                match Box::pin(node.client_read(&conn.user, up_to)).await {
-                    Ok(_) => {}
-                    Err(Error::InvalidArgument(m)) => {
-                        conn.send(protocol::error_frame("bad_request", &m));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "read failed");
-                        conn.send(protocol::error_frame(
-                            "unavailable",
-                            "could not mark read: backend unavailable, retry shortly",
-                        ));
-                    }
+                Err(e) => {
+                    tracing::warn!(error = %e, "catch-up after broker reconnect failed");
+                    return ControlFlow::Break(End::Server(Disconnect::BackendUnavailable));
                 }
             }
         }
+        if pending.heartbeat && self.budget.last_seen.elapsed() >= self.node.cfg.heartbeat * 2 {
+            metrics::counter!("herald_heartbeat_timeouts_total").increment(1);
+            return ControlFlow::Break(End::Server(Disconnect::HeartbeatTimeout));
+        }
+        if !self.batch.is_empty() || pending.heartbeat {
+            self.flush(pending.heartbeat).await?;
+            if self.batch.capacity() > 64 {
+                self.batch = Vec::new(); // give back what a burst grew
+            }
+        }
+        match pending.close {
+            Some(why) => ControlFlow::Break(End::Server(why)),
+            None => ControlFlow::Continue(()),
+        }
+    }
+
+    /// Something arrived on the socket (or it ended).
+    async fn on_frame(&mut self, msg: Option<Result<Message, WsError>>) -> Step {
+        let limits = &self.node.cfg.limits;
+        let Some(msg) = msg else {
+            return ControlFlow::Break(End::Lost("the connection ended without a close frame"));
+        };
+        if !self
+            .budget
+            .take(limits.client_frame_rate, limits.client_frame_burst)
+        {
+            metrics::counter!("herald_client_frames_rejected_total", "reason" => "rate")
+                .increment(1);
+            self.conn.send(protocol::error_frame(
+                "rate_limited",
+                &format!(
+                    "more than {} frames/s (burst {}): closing",
+                    limits.client_frame_rate, limits.client_frame_burst
+                ),
+            ));
+            self.conn.close(Disconnect::RateLimited);
+            return ControlFlow::Continue(()); // the queued error frame goes out before the close
+        }
+        match msg {
+            Err(e) => ControlFlow::Break(refused_frame(e, limits.max_client_frame_bytes)),
+            Ok(Message::Text(t)) => match client_frame(t.as_str(), limits.max_topic_bytes) {
+                Asked::Read(id) => {
+                    self.pending_read = self.pending_read.max(Some(id));
+                    ControlFlow::Continue(())
+                }
+                Asked::Reply(reply) => {
+                    self.conn.send(reply);
+                    ControlFlow::Continue(())
+                }
+                Asked::Center(op) => self.on_center(op).await,
+            },
+            Ok(Message::Binary(_)) => {
+                self.conn.send(protocol::error_frame(
+                    "bad_frame",
+                    "binary frames are not part of the protocol; send JSON text frames",
+                ));
+                ControlFlow::Continue(())
+            }
+            // tungstenite queued the pong; push it out now.
+            Ok(Message::Ping(_)) => self.flush(false).await,
+            Ok(Message::Close(frame)) => {
+                let _ = Box::pin(tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.ws.flush(),
+                ))
+                .await;
+                ControlFlow::Break(match frame {
+                    Some(f) => End::Client(f.code.into(), f.reason.as_str().to_string()),
+                    None => End::Client(NO_STATUS, String::new()),
+                })
+            }
+            Ok(_) => ControlFlow::Continue(()),
+        }
+    }
+
+    /// A validated message-center request.
+    async fn on_center(&mut self, op: ClientOp) -> Step {
+        // A history page costs more of the budget: its reply can be large.
+        if matches!(op, ClientOp::History { .. }) && !self.budget.take_more(HISTORY_EXTRA_COST) {
+            metrics::counter!("herald_client_frames_rejected_total", "reason" => "rate")
+                .increment(1);
+            self.conn.send(protocol::error_frame(
+                "rate_limited",
+                "history pages too fast: closing",
+            ));
+            self.conn.close(Disconnect::RateLimited);
+            return ControlFlow::Continue(());
+        }
+        let (node, conn) = (self.node, self.conn);
+        // Reads queued before this frame go first: the client's order is
+        // kept.
+        if let Some(up_to) = self.pending_read.take() {
+            center_reply(
+                conn,
+                Box::pin(node.client_read(&conn.user, up_to))
+                    .await
+                    .map(|_| None),
+            );
+        }
+        center_reply(conn, Box::pin(node.client_center(&conn.user, op)).await);
+        ControlFlow::Continue(())
+    }
+
+    /// Tells the backend the newest position the client read (the reads
+    /// that arrived together, as one write). Every connection of the user,
+    /// this one included, gets the new count through the broker when it
+    /// changed.
+    async fn on_read(&mut self) -> Step {
+        let Some(up_to) = self.pending_read.take() else {
+            return ControlFlow::Continue(());
+        };
+        let conn = self.conn;
+        match Box::pin(self.node.client_read(&conn.user, up_to)).await {
+            Ok(_) => {}
+            Err(Error::InvalidArgument(m)) => {
+                conn.send(protocol::error_frame("bad_request", &m));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "read failed");
+                conn.send(protocol::error_frame(
+                    "unavailable",
+                    "could not mark read: backend unavailable, retry shortly",
+                ));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// How a socket error ends the connection: a refusal of what the client
+/// sent (counted), or a peer that went away.
+fn refused_frame(e: WsError, max_frame_bytes: usize) -> End {
+    let refuse = |reason: &'static str, why: Disconnect| {
+        metrics::counter!("herald_client_frames_rejected_total", "reason" => reason).increment(1);
+        End::Server(why)
+    };
+    match e {
+        WsError::Capacity(_) => refuse("too_big", Disconnect::FrameTooBig(max_frame_bytes)),
+        WsError::Utf8(_) => refuse("utf8", Disconnect::InvalidUtf8),
+        // The peer went away without a close frame (a tab closed, a network
+        // gone): not a protocol violation.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            End::Lost("the connection ended without a close frame")
+        }
+        WsError::Protocol(e) => {
+            tracing::debug!(error = %e, "client broke the WebSocket protocol");
+            refuse("protocol", Disconnect::ProtocolViolation)
+        }
+        WsError::Io(_) => End::Lost("the connection was reset"),
+        _ => End::Lost("the socket failed"),
     }
 }
 
@@ -352,13 +469,22 @@ async fn write(
 }
 
 /// How long a connection keeps trying to catch up from the inbox while the
-/// backend is unavailable (a Redis Cluster shard failing over takes about
-/// its `cluster-node-timeout` plus an election) before it closes with 1013.
-const CATCH_UP_PATIENCE: Duration = Duration::from_secs(10);
+/// backend is unavailable before it closes with 1013. A Redis Cluster
+/// shard failing over is away for its `cluster-node-timeout` (15 s by
+/// default) plus an election, and a reconnect could not read the inbox any
+/// sooner: waiting here keeps the device quiet instead of sending it round
+/// a reconnect that fails too. Frames that arrive meanwhile wait in the
+/// connection's bounded queue.
+const CATCH_UP_PATIENCE: Duration = Duration::from_secs(30);
+/// The longest one inbox read of a catch-up may take before it is given up
+/// and tried again: a read stuck on a connection the registrar has since
+/// replaced (see `backend::redis::sharded`) must not hold the catch-up;
+/// the next read takes the current connection.
+const CATCH_UP_ATTEMPT: Duration = Duration::from_secs(2);
 
 /// Reads what was stored after `head`, retrying with backoff while the
-/// backend is unavailable (for up to [`CATCH_UP_PATIENCE`]). Frames that
-/// arrive meanwhile wait in the connection's bounded queue.
+/// backend is unavailable (for up to [`CATCH_UP_PATIENCE`], each read
+/// bounded by [`CATCH_UP_ATTEMPT`]).
 async fn catch_up(
     node: &Node,
     user: &str,
@@ -367,10 +493,15 @@ async fn catch_up(
     let deadline = tokio::time::Instant::now() + CATCH_UP_PATIENCE;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match node.replay(user, Some(head)).await {
-            Err(crate::error::Error::Unavailable(_))
-                if tokio::time::Instant::now() + backoff < deadline =>
-            {
+        let read = tokio::time::timeout(CATCH_UP_ATTEMPT, node.replay(user, Some(head)))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Unavailable(
+                    "an inbox read for a catch-up timed out".into(),
+                ))
+            });
+        match read {
+            Err(Error::Unavailable(_)) if tokio::time::Instant::now() + backoff < deadline => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
