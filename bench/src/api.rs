@@ -143,6 +143,33 @@ impl Api {
         }
     }
 
+    /// A POST with a JSON body to a bench-protocol node; the reply body of
+    /// a 200. For `--remote-sender`'s one call per step.
+    pub async fn post_json(
+        &self,
+        node: usize,
+        path: &str,
+        body: String,
+    ) -> Result<Vec<u8>, String> {
+        let Api::Http { nodes } = self else {
+            return Err(format!("POST {path}: only to a bench-protocol (HTTP) node"));
+        };
+        match nodes[node % nodes.len()]
+            .request(Method::POST, path, body)
+            .await
+        {
+            Ok((200, b)) => Ok(b.to_vec()),
+            Ok((s, b)) => Err(format!(
+                "POST {path}: HTTP {s}: {}",
+                String::from_utf8_lossy(&b)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            )),
+            Err(e) => Err(format!("POST {path}: {e}")),
+        }
+    }
+
     /// One send to `users` through API node `node`.
     pub async fn send(
         &self,

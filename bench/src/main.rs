@@ -33,6 +33,7 @@ mod ctx;
 mod fleet;
 mod http;
 mod idle;
+mod remote;
 mod report;
 mod sequential;
 mod stats;
@@ -109,6 +110,14 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
     }
     if args.remote_share.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
         return Err("--remote-share must be between 0 and 1".into());
+    }
+    if args.remote_sender
+        && (args.target != Target::Socketio || args.max_rate || args.remote_share.is_some())
+    {
+        return Err(
+            "--remote-sender drives bench/socketio/emitter.js: --target socketio, fixed rates only (no --max-rate, no --remote-share)"
+                .into(),
+        );
     }
     let needs_api = args.scenario != Scenario::Idle;
     if needs_api && args.api.is_empty() {

@@ -33,6 +33,10 @@ pub struct Step {
     pub cpu: CpuUse,
     /// Server CPU (the --pid processes) per delivered message, microseconds.
     pub cpu_us_per_delivery: Option<f64>,
+    /// With --remote-sender: the sender process's CPU during the step
+    /// (it is the load generator's, like herald-bench's own gRPC client).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_cpu_us: Option<u64>,
     pub ok: bool,
     pub why_not: Vec<String>,
 }
@@ -143,6 +147,10 @@ async fn unicast_step(ctx: &Arc<Ctx>, rate: Option<f64>, phase: &str) -> Step {
             base = ctx.seq.fetch_add(n_calls, Relaxed);
             f.reset_step(base);
             cpu0 = CpuMark::take(&ctx.watched);
+            if a.remote_sender {
+                let o = crate::remote::step(ctx, &counters, rate, n_calls, base).await;
+                return finish_remote(ctx, phase, rate, o, &counters, disc0, cpu0).await;
+            }
             let interval = 1e9 / calls_per_s;
             start_ns = now_ns() + 2_000_000;
             // Give up on calls that are more than 5 s late.
@@ -225,6 +233,33 @@ async fn unicast_step(ctx: &Arc<Ctx>, rate: Option<f64>, phase: &str) -> Step {
     finish_step(ctx, phase, rate, start_ns, &counters, unsent, disc0, cpu)
 }
 
+/// The end of a step the remote sender ran: every delivery in (bounded),
+/// then the same books as a local step.
+async fn finish_remote(
+    ctx: &Arc<Ctx>,
+    phase: &str,
+    rate: f64,
+    o: crate::remote::Outcome,
+    counters: &StepCounters,
+    disc0: u64,
+    cpu0: CpuMark,
+) -> Step {
+    drain(ctx, counters.expected.load(Relaxed)).await;
+    let cpu = cpu0.since(&ctx.watched);
+    let mut s = finish_step(
+        ctx,
+        phase,
+        Some(rate),
+        o.start_ns,
+        counters,
+        o.unsent,
+        disc0,
+        cpu,
+    );
+    s.sender_cpu_us = Some(o.sender_cpu_us);
+    s
+}
+
 #[allow(clippy::too_many_arguments)]
 fn finish_step(
     ctx: &Ctx,
@@ -259,6 +294,7 @@ fn finish_step(
         } else {
             0.0
         },
+        sender_cpu_us: None,
         cpu_us_per_delivery: if ctx.watched.is_empty() || tally.delivered == 0 {
             None
         } else {
