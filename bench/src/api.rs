@@ -10,7 +10,9 @@
 use crate::centrifugo::{user_channel, CentrifugoApi, BROADCAST_CHANNEL};
 use crate::http::HttpPool;
 use herald::proto::push_service_client::PushServiceClient;
-use herald::proto::{BroadcastRequest, IsOnlineRequest, SendToUserRequest, UnreadCountRequest};
+use herald::proto::{
+    BroadcastRequest, IsOnlineRequest, SendBatchRequest, SendToUserRequest, UnreadCountRequest,
+};
 use hyper::Method;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use tonic::transport::{Channel, Endpoint};
@@ -220,6 +222,51 @@ impl Api {
                 }
             }
         }
+    }
+
+    /// One SendBatch through API node `node` (Herald only): one item per
+    /// `(users, payload)`. Per item, Ok or the item's error.
+    pub async fn send_batch(
+        &self,
+        node: usize,
+        items: Vec<(Vec<String>, String)>,
+        transient: bool,
+    ) -> Result<Vec<Result<(), String>>, String> {
+        if !matches!(self, Api::Grpc { .. }) {
+            return Err("SendBatch is Herald's (--send-batch needs --target herald)".into());
+        }
+        let (mut c, key) = self.client(node);
+        let n = items.len();
+        let r = SendBatchRequest {
+            items: items
+                .into_iter()
+                .map(|(user_ids, payload_json)| SendToUserRequest {
+                    user_ids,
+                    payload_json,
+                    transient,
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let out = c
+            .send_batch(Self::req(r, key))
+            .await
+            .map_err(|s| format!("SendBatch: {}: {}", s.code(), s.message()))?
+            .into_inner();
+        if out.results.len() != n {
+            return Err(format!(
+                "SendBatch: {} results for {n} items",
+                out.results.len()
+            ));
+        }
+        Ok(out
+            .results
+            .into_iter()
+            .map(|r| match r.error_code {
+                0 => Ok(()),
+                c => Err(format!("SendBatch item: code {c}: {}", r.error_message)),
+            })
+            .collect())
     }
 
     pub async fn broadcast(&self, node: usize, payload: String) -> Result<(), String> {

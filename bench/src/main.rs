@@ -119,6 +119,12 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
                 .into(),
         );
     }
+    if args.send_batch > 0 && (args.target != Target::Herald || args.max_rate) {
+        return Err(
+            "--send-batch drives Herald's SendBatch at fixed rates: --target herald, no --max-rate"
+                .into(),
+        );
+    }
     let needs_api = args.scenario != Scenario::Idle;
     if needs_api && args.api.is_empty() {
         return Err("--api is needed: the HTTP base URL of each node (http://H:P)".into());
@@ -170,6 +176,7 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
         "nodes": ctx.args.ws.len(),
         "connections": ctx.args.connections,
         "users_per_call": ctx.args.users_per_call,
+        "send_batch": ctx.args.send_batch,
         "transient": ctx.args.transient,
         "payload_bytes": ctx.args.payload_bytes,
         "connect": connect,
