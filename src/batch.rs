@@ -99,9 +99,11 @@ impl Node {
         let prints: Vec<String> = items
             .iter()
             .map(|i| {
-                (!i.idempotency_key.is_empty())
-                    .then(|| fingerprint(i.topic, i.payload_json, i.transient))
-                    .unwrap_or_default()
+                if i.idempotency_key.is_empty() {
+                    String::new()
+                } else {
+                    fingerprint(i.topic, i.payload_json, i.transient)
+                }
             })
             .collect();
         let mut ok: Vec<Checked<'_>> = Vec::with_capacity(items.len());
