@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Herald benchmarks: Herald (1 node; 2 nodes + Redis) side by side with
 # Socket.IO 4 (2 processes + the same Redis, sent to through
-# @socket.io/redis-emitter as a backend does; socketio-http: through an HTTP
-# POST into one of the processes), Centrifugo v6 (2 nodes on the same Redis,
+# @socket.io/redis-emitter called in-process by a Node sender that runs its
+# own open-loop schedule, as a backend does (bench/socketio/sender.js);
+# socketio-http: through an HTTP POST per message into one of the processes), Centrifugo v6 (2 nodes on the same Redis,
 # published to through its GRPC API; `centrifugo` keeps channel history, the
 # stored comparison; `centrifugo-live` does not) and herald-floor (a bare fan-out),
 # driven by herald-bench (the bench/ crate) in the same run, on this machine's loopback.
@@ -54,7 +55,13 @@
 #   HERALD2_WORKERS    tokio worker threads of each of the two co-located Herald
 #                      nodes (TOKIO_WORKER_THREADS) [nproc / 2, at least 1]
 #   SEQ_CALLERS        callers of the sequential experiment's steps [1,16]
-#   EXPERIMENTS        which to run [sequential unicast-transient unicast-stored unicast-batch broadcast control idle]
+#   SENDER_ALONE_RATES rates of the Socket.IO sender alone (no Socket.IO server: its own
+#                      ceiling; `max`: back to back) [full: 10000,30000,60000,max; smoke: 1000,max]
+#   SIO_AUTO_PIPELINING 0: the Socket.IO sender's ioredis writes each PUBLISH on its own
+#                      [1: ioredis auto-pipelining, the emitter's best showing]
+#   SEND_BATCH         messages per SendBatch call of the batched Herald unicast row [100]
+#   EXPERIMENTS        which to run [sequential sender-alone unicast-transient unicast-stored
+#                      unicast-sendbatch unicast-batch broadcast control idle]
 #   HERALD_SERVER_BIN  run this herald binary as the server (A/B test of a patched build);
 #                      the bench client stays the one built here
 #   WRITE_REPORT       1: rewrite BENCHMARKS.md after a full run [1 when full]
@@ -80,20 +87,22 @@ if [ "$MODE" = smoke ]; then
     fi
     : "${UNICAST_CONNS:=200}" "${FIXED_RATES:=500}" "${STEP_SECS:=2}" "${BATCH:=20}"
     : "${BROADCAST_CONNS:=200}" "${BROADCASTS:=10}" "${IDLE_SIZES:=200}" "${IDLE_HOLD:=1s}"
-    : "${BIG_IDLE:=0}" "${ROUNDS:=1}" "${BENCH_PROFILE:=release}"
+    : "${BIG_IDLE:=0}" "${ROUNDS:=1}" "${BENCH_PROFILE:=release}" "${SENDER_ALONE_RATES:=1000,max}"
     : "${BENCH_OUT:=$ROOT/bench-out/smoke}"
 else
     : "${SYSTEMS:=herald1 herald2 herald2-cluster socketio socketio-http centrifugo centrifugo-live floor}"
     : "${UNICAST_CONNS:=10000}" "${FIXED_RATES:=5000 10000}" "${STEP_SECS:=4}" "${BATCH:=100}"
     : "${BROADCAST_CONNS:=10000}" "${BROADCASTS:=40}" "${IDLE_SIZES:=10000 50000}" "${IDLE_HOLD:=10s}"
-    : "${BIG_IDLE:=100000}" "${ROUNDS:=1}" "${BENCH_PROFILE:=production}"
+    : "${BIG_IDLE:=100000}" "${ROUNDS:=1}" "${BENCH_PROFILE:=production}" "${SENDER_ALONE_RATES:=10000,30000,60000,max}"
     : "${BENCH_OUT:=$ROOT/bench-out/full}"
 fi
 : "${RAMP_START:=2000}" "${SLO_P99:=50ms}"
 # Two nodes on one machine share its cores, as two Socket.IO processes do.
 : "${HERALD2_WORKERS:=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}"
 : "${SEQ_CALLERS:=1,16}"
-: "${EXPERIMENTS:=sequential unicast-transient unicast-stored unicast-batch broadcast control idle}"
+: "${EXPERIMENTS:=sequential sender-alone unicast-transient unicast-stored unicast-sendbatch unicast-batch broadcast control idle}"
+: "${SEND_BATCH:=100}" "${SIO_AUTO_PIPELINING:=1}"
+export SIO_AUTO_PIPELINING
 if [ "$MODE" = full ]; then : "${WRITE_REPORT:=1}"; else : "${WRITE_REPORT:=0}"; fi
 SECRET="bench-secret-$RANDOM$RANDOM"
 LOGS="$BENCH_OUT/logs"
@@ -371,7 +380,9 @@ start_system() {
         SYS_ARGS=(--target socketio --ws "ws://127.0.0.1:$p1/socket.io/,ws://127.0.0.1:$p2/socket.io/"
             --api "http://127.0.0.1:$p1,http://127.0.0.1:$p2")
         if [ "$name" = socketio ]; then
-            # The backend's side: @socket.io/redis-emitter publishing to Redis.
+            # The backend's side: @socket.io/redis-emitter publishing to Redis,
+            # called in-process by sender.js for unicast (herald-bench
+            # --remote-sender: one POST per step) and once per broadcast.
             # Its CPU is the sender's, like herald-bench's own gRPC client.
             local pe
             pe=$(free_port)
@@ -484,6 +495,27 @@ EOF
 }
 
 has() { [[ " $SYSTEMS " == *" $1 "* ]]; }
+# The Socket.IO system's unicast runs inside its sender (see start_system).
+sender_args() { [ "$1" = socketio ] && echo --remote-sender; true; }
+
+# The Socket.IO sender alone: sender.js emitting into Redis, no Socket.IO
+# server, no client (bench/socketio/alone.js); its JSON joins the results.
+run_sender_alone() {
+    local name=sender-alone-socketio json="$BENCH_OUT/r$ROUND/sender-alone-socketio.json" log="$LOGS/sender-alone-r$ROUND.log"
+    mkdir -p "$BENCH_OUT/r$ROUND"
+    redis_flush
+    echo "REDIS_URL=redis://127.0.0.1:PORT/0 node bench/socketio/alone.js --rates $SENDER_ALONE_RATES --duration $STEP_SECS --users $UNICAST_CONNS --redis-pid PID" >>"$COMMANDS"
+    if (cd bench/socketio && REDIS_URL=$REDIS_URL exec node alone.js --rates "$SENDER_ALONE_RATES" --duration "$STEP_SECS" \
+        --users "$UNICAST_CONNS" --redis-pid "$REDIS_PID" --label "$name" --out "$json") >"$log" 2>&1; then
+        say "ok   $name: $(tr '\n' ';' <"$log")"
+    else
+        FAILED=$((FAILED + 1))
+        say "FAIL $name:"
+        sed 's/^/    /' "$log" >&2
+        printf '{"label":"%s","system":"socketio","ok":false,"problems":["alone.js failed"]}\n' "$name" >"$json"
+    fi
+    redis_flush
+}
 want() { [[ " $EXPERIMENTS " == *" $1 "* ]]; }
 ramp_args() {
     local rates
@@ -517,6 +549,7 @@ meta = {
 meta["settings"] = dict(SYSTEMS="$SYSTEMS", ROUNDS="$ROUNDS", UNICAST_CONNS="$UNICAST_CONNS", FIXED_RATES="$FIXED_RATES",
   RAMP_START="$RAMP_START", STEP_SECS="$STEP_SECS", SLO_P99="$SLO_P99", BATCH="$BATCH", BROADCAST_CONNS="$BROADCAST_CONNS",
   BROADCASTS="$BROADCASTS", IDLE_SIZES="$IDLE_SIZES", IDLE_HOLD="$IDLE_HOLD", BIG_IDLE="$BIG_IDLE", BENCH_PROFILE="$BENCH_PROFILE", EXPERIMENTS="$EXPERIMENTS", SEQ_CALLERS="$SEQ_CALLERS", HERALD2_WORKERS="$HERALD2_WORKERS",
+  SENDER_ALONE_RATES="$SENDER_ALONE_RATES", SIO_AUTO_PIPELINING="$SIO_AUTO_PIPELINING", SEND_BATCH="$SEND_BATCH",
   HERALD_SERVER_BIN="${HERALD_SERVER_BIN:+patched}")
 json.dump(meta, open(sys.argv[1], "w"), indent=1)
 EOF
@@ -537,12 +570,14 @@ for ROUND in $(seq "$ROUNDS"); do
         centrifugo-live) run_bench "sequential-transient-$s" "$s" sequential -c 100 --duration "${STEP_SECS}s" --callers "$SEQ_CALLERS" --grpc-channels 1 ;;
         esac
     done
+    # The Socket.IO sender alone: what it can emit with no server to feed.
+    want sender-alone && has socketio && run_sender_alone
     # Unicast, live-only: fixed moderate rate, then step up to the max sustained.
     want unicast-transient && for s in $SYSTEMS; do
         [ "$s" = centrifugo ] && continue # with history: the stored comparison
         # shellcheck disable=SC2046
         run_bench "unicast-transient-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" $(ramp_args) \
-            $([ "${s#herald}" != "$s" ] && echo --transient)
+            $([ "${s#herald}" != "$s" ] && echo --transient) $(sender_args "$s")
     done
     # Unicast, stored (Herald only: the others have no store).
     want unicast-stored && for s in $SYSTEMS; do
@@ -550,12 +585,21 @@ for ROUND in $(seq "$ROUNDS"); do
         # shellcheck disable=SC2046
         run_bench "unicast-stored-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" $(ramp_args)
     done
+    # Unicast through SendBatch (Herald 2 nodes): SEND_BATCH independent
+    # messages per call, one user each, stored and live-only.
+    want unicast-sendbatch && for s in $SYSTEMS; do
+        [ "$s" = herald2 ] || continue
+        # shellcheck disable=SC2046
+        run_bench "unicast-sendbatch-stored-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" --send-batch "$SEND_BATCH" $(ramp_args)
+        # shellcheck disable=SC2046
+        run_bench "unicast-sendbatch-transient-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" --send-batch "$SEND_BATCH" $(ramp_args) --transient
+    done
     # Unicast, BATCH users per call, live-only.
     want unicast-batch && for s in $SYSTEMS; do
         [ "$s" = centrifugo ] && continue
         # shellcheck disable=SC2046
         run_bench "unicast-batch-$s" "$s" unicast -c "$UNICAST_CONNS" --duration "${STEP_SECS}s" --users-per-call "$BATCH" \
-            $(ramp_args) $([ "${s#herald}" != "$s" ] && echo --transient)
+            $(ramp_args) $([ "${s#herald}" != "$s" ] && echo --transient) $(sender_args "$s")
     done
     # Broadcast to every connection.
     want broadcast && for s in $SYSTEMS; do

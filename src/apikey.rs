@@ -2,7 +2,7 @@
 //!
 //! Each key has a name (logged and used as the `key` label of
 //! `herald_rpc_total`; the key itself is never logged) and a scope: `send`
-//! (SendToUser, Broadcast, MarkRead, MarkUnread, DeleteMessages,
+//! (SendToUser, SendBatch, Broadcast, MarkRead, MarkUnread, DeleteMessages,
 //! ListMessages, DisconnectUser: what a backend does for its users, message
 //! contents included), `read` (IsOnline, UnreadCount, Stats: presence and
 //! counts, never a message's contents) or `admin` (everything). Keys are held as SHA-256

@@ -29,6 +29,8 @@
 //! * `protocol`: wire protocol v1: message ids, frames, close codes.
 //! * `hub`: this node's connections and their bounded send queues.
 //! * `node`: the core: validation, routing, inbox semantics.
+//! * `batch`: `SendBatch` on the node: many independent sends, one inbox
+//!   append and one publish for all of them, a result per item.
 //! * `backend`: what nodes share (broker, presence, inbox), one trait per
 //!   concern, embedded in `backend::memory` or in Redis in `backend::redis`.
 //! * `error`: the error type and its gRPC status mapping.
@@ -39,7 +41,7 @@
 //!   listen` (a WebSocket client that connects like a browser), `herald
 //!   token` and `herald jwks` (development credentials).
 //!
-//! Modules depend downwards only: `server` → `ws`/`grpc`/`http` → `node` →
+//! Modules depend downwards only: `server` → `ws`/`grpc`/`http` → `batch` → `node` →
 //! `hub`/`backend` → `protocol`/`error`/`config`. Backends reach this node's
 //! connections through a trait, never the hub's concrete type.
 //!
@@ -49,6 +51,7 @@
 pub mod apikey;
 pub mod auth;
 mod backend;
+mod batch;
 pub mod cli;
 pub mod config;
 mod error;

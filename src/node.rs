@@ -118,7 +118,7 @@ impl Node {
         protocol::check_user_id(user, self.cfg.limits.max_user_id_bytes).map_err(Error::invalid)
     }
 
-    fn check_users(&self, users: &[String]) -> Result<()> {
+    pub(crate) fn check_users(&self, users: &[String]) -> Result<()> {
         let max = self.cfg.limits.max_users_per_call;
         if users.is_empty() {
             return Err(Error::invalid("user_ids must name at least one user"));
@@ -136,7 +136,7 @@ impl Node {
         Ok(())
     }
 
-    fn check_message(&self, topic: &str, payload_json: &str) -> Result<()> {
+    pub(crate) fn check_message(&self, topic: &str, payload_json: &str) -> Result<()> {
         if topic.len() > self.cfg.limits.max_topic_bytes {
             return Err(Error::invalid(format!(
                 "topic of {} bytes exceeds the limit of {} bytes",
@@ -165,7 +165,11 @@ impl Node {
     }
 
     /// The caller's idempotency key, checked; None when the call has none.
-    fn idem_key<'a>(&self, key: &'a str, fingerprint: &'a str) -> Result<Option<IdemKey<'a>>> {
+    pub(crate) fn idem_key<'a>(
+        &self,
+        key: &'a str,
+        fingerprint: &'a str,
+    ) -> Result<Option<IdemKey<'a>>> {
         if key.is_empty() {
             return Ok(None);
         }
@@ -645,7 +649,7 @@ const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 /// What a send asked for, hashed (64-bit FNV-1a, stable across versions and
 /// nodes): a key reused with another request is refused rather than
 /// answered with the first request's result.
-fn fingerprint(topic: &str, payload_json: &str, transient: bool) -> String {
+pub(crate) fn fingerprint(topic: &str, payload_json: &str, transient: bool) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let parts: [&[u8]; 5] = [
         topic.as_bytes(),

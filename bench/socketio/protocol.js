@@ -5,6 +5,9 @@
 //   GET  /healthz
 //   POST /send       {"users":["u1",...],"payload":<JSON>}  -> target().to(users).emit("m", payload)
 //   POST /broadcast  {"payload":<JSON>}                     -> target().emit("m", payload)
+//
+// plus, per server, `routes`: {"POST /path": async (body) => reply object}
+// (emitter.js's POST /unicast-step).
 "use strict";
 
 const http = require("http");
@@ -16,9 +19,21 @@ function reply(res, status, body) {
 
 // An HTTP server speaking the protocol. `target` is called per request, so
 // the Socket.IO server built on top of this HTTP server can be the target.
-function benchServer(target) {
+function benchServer(target, routes = {}) {
   const server = http.createServer((req, res) => {
     if (req.method === "GET" && req.url === "/healthz") return reply(res, 200, "{\"ok\":true}");
+    const route = routes[`${req.method} ${req.url}`];
+    if (route) {
+      const chunks = [];
+      req.on("data", (c) => chunks.push(c));
+      req.on("end", () => {
+        Promise.resolve()
+          .then(() => route(JSON.parse(Buffer.concat(chunks).toString("utf8"))))
+          .then((out) => reply(res, 200, JSON.stringify(out)))
+          .catch((e) => reply(res, 500, JSON.stringify({ error: String(e && e.stack ? e.stack : e) })));
+      });
+      return;
+    }
     if (req.method !== "POST" || (req.url !== "/send" && req.url !== "/broadcast")) {
       return reply(res, 404, "{\"error\":\"not found\"}");
     }

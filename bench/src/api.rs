@@ -10,7 +10,9 @@
 use crate::centrifugo::{user_channel, CentrifugoApi, BROADCAST_CHANNEL};
 use crate::http::HttpPool;
 use herald::proto::push_service_client::PushServiceClient;
-use herald::proto::{BroadcastRequest, IsOnlineRequest, SendToUserRequest, UnreadCountRequest};
+use herald::proto::{
+    BroadcastRequest, IsOnlineRequest, SendBatchRequest, SendToUserRequest, UnreadCountRequest,
+};
 use hyper::Method;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use tonic::transport::{Channel, Endpoint};
@@ -143,6 +145,33 @@ impl Api {
         }
     }
 
+    /// A POST with a JSON body to a bench-protocol node; the reply body of
+    /// a 200. For `--remote-sender`'s one call per step.
+    pub async fn post_json(
+        &self,
+        node: usize,
+        path: &str,
+        body: String,
+    ) -> Result<Vec<u8>, String> {
+        let Api::Http { nodes } = self else {
+            return Err(format!("POST {path}: only to a bench-protocol (HTTP) node"));
+        };
+        match nodes[node % nodes.len()]
+            .request(Method::POST, path, body)
+            .await
+        {
+            Ok((200, b)) => Ok(b.to_vec()),
+            Ok((s, b)) => Err(format!(
+                "POST {path}: HTTP {s}: {}",
+                String::from_utf8_lossy(&b)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            )),
+            Err(e) => Err(format!("POST {path}: {e}")),
+        }
+    }
+
     /// One send to `users` through API node `node`.
     pub async fn send(
         &self,
@@ -193,6 +222,51 @@ impl Api {
                 }
             }
         }
+    }
+
+    /// One SendBatch through API node `node` (Herald only): one item per
+    /// `(users, payload)`. Per item, Ok or the item's error.
+    pub async fn send_batch(
+        &self,
+        node: usize,
+        items: Vec<(Vec<String>, String)>,
+        transient: bool,
+    ) -> Result<Vec<Result<(), String>>, String> {
+        if !matches!(self, Api::Grpc { .. }) {
+            return Err("SendBatch is Herald's (--send-batch needs --target herald)".into());
+        }
+        let (mut c, key) = self.client(node);
+        let n = items.len();
+        let r = SendBatchRequest {
+            items: items
+                .into_iter()
+                .map(|(user_ids, payload_json)| SendToUserRequest {
+                    user_ids,
+                    payload_json,
+                    transient,
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let out = c
+            .send_batch(Self::req(r, key))
+            .await
+            .map_err(|s| format!("SendBatch: {}: {}", s.code(), s.message()))?
+            .into_inner();
+        if out.results.len() != n {
+            return Err(format!(
+                "SendBatch: {} results for {n} items",
+                out.results.len()
+            ));
+        }
+        Ok(out
+            .results
+            .into_iter()
+            .map(|r| match r.error_code {
+                0 => Ok(()),
+                c => Err(format!("SendBatch item: code {c}: {}", r.error_message)),
+            })
+            .collect())
     }
 
     pub async fn broadcast(&self, node: usize, payload: String) -> Result<(), String> {

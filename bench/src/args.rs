@@ -132,6 +132,23 @@ pub struct BenchArgs {
     /// counts as latency: the intended send time is kept).
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
+    /// The (one) --api URL is bench/socketio/emitter.js, and each
+    /// fixed-rate unicast step runs inside it: its own open-loop schedule,
+    /// one in-process `emitter.emit` per message (POST /unicast-step per
+    /// step, not per message). herald-bench sends it the connected clients
+    /// and books what it reports; receiving and checking are unchanged.
+    /// Socket.IO only; not with --max-rate or --remote-share.
+    #[arg(long)]
+    pub remote_sender: bool,
+    /// Herald: send unicast through SendBatch, up to this many messages
+    /// (each its own item, --users-per-call users each) per call, instead
+    /// of one SendToUser per message. A batch leaves when full or when its
+    /// first message has waited --send-batch-linger (the wait counts as
+    /// latency: each message keeps its intended send time). 0: SendToUser.
+    #[arg(long, default_value_t = 0)]
+    pub send_batch: usize,
+    #[arg(long, default_value = "1ms", value_parser = duration)]
+    pub send_batch_linger: Duration,
     /// gRPC connections per API node.
     #[arg(long, default_value_t = 4)]
     pub grpc_channels: usize,

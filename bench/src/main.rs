@@ -33,6 +33,7 @@ mod ctx;
 mod fleet;
 mod http;
 mod idle;
+mod remote;
 mod report;
 mod sequential;
 mod stats;
@@ -110,6 +111,20 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
     if args.remote_share.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
         return Err("--remote-share must be between 0 and 1".into());
     }
+    if args.remote_sender
+        && (args.target != Target::Socketio || args.max_rate || args.remote_share.is_some())
+    {
+        return Err(
+            "--remote-sender drives bench/socketio/emitter.js: --target socketio, fixed rates only (no --max-rate, no --remote-share)"
+                .into(),
+        );
+    }
+    if args.send_batch > 0 && (args.target != Target::Herald || args.max_rate) {
+        return Err(
+            "--send-batch drives Herald's SendBatch at fixed rates: --target herald, no --max-rate"
+                .into(),
+        );
+    }
     let needs_api = args.scenario != Scenario::Idle;
     if needs_api && args.api.is_empty() {
         return Err("--api is needed: the HTTP base URL of each node (http://H:P)".into());
@@ -161,6 +176,7 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
         "nodes": ctx.args.ws.len(),
         "connections": ctx.args.connections,
         "users_per_call": ctx.args.users_per_call,
+        "send_batch": ctx.args.send_batch,
         "transient": ctx.args.transient,
         "payload_bytes": ctx.args.payload_bytes,
         "connect": connect,

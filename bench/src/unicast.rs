@@ -33,6 +33,10 @@ pub struct Step {
     pub cpu: CpuUse,
     /// Server CPU (the --pid processes) per delivered message, microseconds.
     pub cpu_us_per_delivery: Option<f64>,
+    /// With --remote-sender: the sender process's CPU during the step
+    /// (it is the load generator's, like herald-bench's own gRPC client).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_cpu_us: Option<u64>,
     pub ok: bool,
     pub why_not: Vec<String>,
 }
@@ -59,6 +63,68 @@ fn spawn_call(
         call(&ctx, &c, node, &targets, seq, t).await;
         drop(permit);
     });
+}
+
+/// One message of a SendBatch: its recipients, sequence number and
+/// intended send time.
+type Pending = (Vec<usize>, u64, u64);
+
+/// Sends one SendBatch of `batch` through `node` and books each item like
+/// a call of its own.
+fn spawn_batch(
+    ctx: &Arc<Ctx>,
+    c: &Arc<StepCounters>,
+    node: usize,
+    batch: Vec<Pending>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (ctx, c) = (ctx.clone(), c.clone());
+    tokio::spawn(async move {
+        let items = batch
+            .iter()
+            .map(|(targets, seq, t)| {
+                let users = targets.iter().map(|&i| ctx.fleet.user(i)).collect();
+                (users, payload(*seq, *t, ctx.args.payload_bytes))
+            })
+            .collect();
+        let api = ctx.api.as_ref().expect("api");
+        let r = api.send_batch(node, items, ctx.args.transient).await;
+        let n = batch.len() as u64;
+        c.calls.fetch_add(n, Relaxed);
+        ctx.progress.calls.fetch_add(n, Relaxed);
+        let results = match r {
+            Ok(v) => v,
+            Err(e) => (0..batch.len()).map(|_| Err(e.clone())).collect(),
+        };
+        for ((targets, ..), r) in batch.iter().zip(results) {
+            match r {
+                Ok(()) => {
+                    for &i in targets {
+                        ctx.fleet.slots[i].expected.fetch_add(1, Relaxed);
+                    }
+                    c.expected.fetch_add(targets.len() as u64, Relaxed);
+                }
+                Err(e) => {
+                    c.errors.fetch_add(1, Relaxed);
+                    ctx.fleet.note_error(e);
+                }
+            }
+        }
+        drop(permit);
+    });
+}
+
+/// A permit for one more call in flight, waiting for one until `deadline`
+/// (bench clock) at most; None past it (the sender gives up).
+async fn acquire(sem: &Arc<Semaphore>, deadline: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(p) = sem.clone().try_acquire_owned() {
+        return Some(p);
+    }
+    let wait = Duration::from_nanos(deadline.saturating_sub(now_ns()));
+    match tokio::time::timeout(wait, sem.clone().acquire_owned()).await {
+        Ok(p) => Some(p.expect("never closed")),
+        Err(_) => None,
+    }
 }
 
 /// One API call to `targets` through `node`, booked: an answered call
@@ -143,17 +209,79 @@ async fn unicast_step(ctx: &Arc<Ctx>, rate: Option<f64>, phase: &str) -> Step {
             base = ctx.seq.fetch_add(n_calls, Relaxed);
             f.reset_step(base);
             cpu0 = CpuMark::take(&ctx.watched);
+            if a.remote_sender {
+                let o = crate::remote::step(ctx, &counters, rate, n_calls, base).await;
+                return finish_remote(ctx, phase, rate, o, &counters, disc0, cpu0).await;
+            }
             let interval = 1e9 / calls_per_s;
             start_ns = now_ns() + 2_000_000;
             // Give up on calls that are more than 5 s late.
             let deadline = start_ns + dur.as_nanos() as u64 + 5_000_000_000;
             let mut rng = small_rng();
             let mut targets = Vec::with_capacity(upc);
+            // --send-batch: messages waiting for their SendBatch, and the
+            // API node it goes to.
+            let mut pending: Vec<Pending> = Vec::new();
+            let mut batches = 0usize;
+            let linger = a.send_batch_linger.as_nanos() as u64;
             for k in 0..n_calls {
                 let intended = start_ns + (k as f64 * interval) as u64;
                 let now = now_ns();
                 if intended > now + 200_000 {
-                    tokio::time::sleep(Duration::from_nanos(intended - now)).await;
+                    // A batch leaves at its linger deadline, not with the
+                    // next message.
+                    if let Some(&(_, _, t0)) = pending.first() {
+                        if t0 + linger < intended {
+                            let wait = (t0 + linger).saturating_sub(now);
+                            tokio::time::sleep(Duration::from_nanos(wait)).await;
+                            let node = batches % n_api;
+                            batches += 1;
+                            match acquire(&sem, deadline).await {
+                                Some(p) => spawn_batch(
+                                    ctx,
+                                    &counters,
+                                    node,
+                                    std::mem::take(&mut pending),
+                                    p,
+                                ),
+                                None => {
+                                    unsent += (n_calls - k) + pending.len() as u64;
+                                    pending.clear();
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let now = now_ns();
+                    if intended > now {
+                        tokio::time::sleep(Duration::from_nanos(intended - now)).await;
+                    }
+                }
+                if a.send_batch > 0 {
+                    targets.clear();
+                    let node = batches % n_api;
+                    pick(ctx, &mut rng, node, upc, &mut targets);
+                    if targets.is_empty() {
+                        unsent += 1;
+                        continue;
+                    }
+                    pending.push((targets.clone(), base + k, intended));
+                    let full = pending.len() >= a.send_batch;
+                    let last = k + 1 == n_calls;
+                    if full || last || now_ns() >= pending[0].2 + linger {
+                        batches += 1;
+                        match acquire(&sem, deadline).await {
+                            Some(p) => {
+                                spawn_batch(ctx, &counters, node, std::mem::take(&mut pending), p)
+                            }
+                            None => {
+                                unsent += (n_calls - k - 1) + pending.len() as u64;
+                                pending.clear();
+                                break;
+                            }
+                        }
+                    }
+                    continue;
                 }
                 let permit = match sem.clone().try_acquire_owned() {
                     Ok(p) => p,
@@ -225,6 +353,33 @@ async fn unicast_step(ctx: &Arc<Ctx>, rate: Option<f64>, phase: &str) -> Step {
     finish_step(ctx, phase, rate, start_ns, &counters, unsent, disc0, cpu)
 }
 
+/// The end of a step the remote sender ran: every delivery in (bounded),
+/// then the same books as a local step.
+async fn finish_remote(
+    ctx: &Arc<Ctx>,
+    phase: &str,
+    rate: f64,
+    o: crate::remote::Outcome,
+    counters: &StepCounters,
+    disc0: u64,
+    cpu0: CpuMark,
+) -> Step {
+    drain(ctx, counters.expected.load(Relaxed)).await;
+    let cpu = cpu0.since(&ctx.watched);
+    let mut s = finish_step(
+        ctx,
+        phase,
+        Some(rate),
+        o.start_ns,
+        counters,
+        o.unsent,
+        disc0,
+        cpu,
+    );
+    s.sender_cpu_us = Some(o.sender_cpu_us);
+    s
+}
+
 #[allow(clippy::too_many_arguments)]
 fn finish_step(
     ctx: &Ctx,
@@ -259,6 +414,7 @@ fn finish_step(
         } else {
             0.0
         },
+        sender_cpu_us: None,
         cpu_us_per_delivery: if ctx.watched.is_empty() || tally.delivered == 0 {
             None
         } else {

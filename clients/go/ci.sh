@@ -2,7 +2,8 @@
 # CI for the Go client: vet, README.md's Install section followed as written
 # on what a new machine has (an empty module cache, the default module
 # proxy), its program's send to a live node, the tests (the end-to-end test
-# against a live node when HERALD_GRPC_ADDR is set) and the example.
+# against a live node when HERALD_GRPC_ADDR is set) and the examples (send,
+# and batch: SendBatch and its replayed rerun).
 #
 # Environment (see e2e_test.go):
 #   HERALD_GRPC_ADDR, HERALD_WS_URL, HERALD_JWT_SECRET    a running node
@@ -45,8 +46,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== go build example"
+echo "== go build examples"
 go build -o "$out/send" ./examples/send
+go build -o "$out/batch" ./examples/batch
 
 # README.md's go-install, go-main and go-run blocks, run as written in a
 # throwaway directory, with an empty module cache and this machine's own
@@ -92,4 +94,8 @@ if [[ -n "${HERALD_GRPC_ADDR:-}" ]]; then
   fi
   echo "== example against $HERALD_GRPC_ADDR"
   "$out/send" -grpc-addr "$HERALD_GRPC_ADDR" -user "ci-example-$$"
+  echo "== batch example against $HERALD_GRPC_ADDR"
+  "$out/batch" -grpc-addr "$HERALD_GRPC_ADDR" -users 200 -prefix "ci-batch-$$-$RANDOM" | tee "$out/batch.log"
+  grep -q '^batch again: 200 items replayed, none sent twice$' "$out/batch.log" \
+    || { echo "clients/go/ci.sh: the batch example did not confirm its replayed rerun" >&2; exit 1; }
 fi

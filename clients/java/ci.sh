@@ -5,7 +5,8 @@
 # (generate the stubs, compile with the example, unit tests, the end-to-end
 # test against a live Herald node, install the jar), then the consumer
 # project (its pom.xml and Send.java) against the same node. It checks that
-# the end-to-end test ran, runs the example against the node, and checks that
+# the end-to-end test ran, runs the examples (SendExample, BatchExample)
+# against the node, and checks that
 # the jar leaves the example out.
 #
 # Environment (all required):
@@ -62,6 +63,12 @@ echo "($((SECONDS - t0)) s so far)"
 
 echo "--- SendExample against $HERALD_GRPC_ADDR"
 "${MVN[@]}" -q exec:java -Dexec.args="$HERALD_GRPC_ADDR java-ci-example-$$-${RANDOM}"
+
+echo "--- BatchExample (SendBatch, then its replayed rerun) against $HERALD_GRPC_ADDR"
+"${MVN[@]}" -q exec:java -Dexec.mainClass=dev.herald.example.BatchExample \
+  -Dexec.args="$HERALD_GRPC_ADDR 200 java-ci-batch-$$-${RANDOM}" | tee "$out/batch.log"
+sed 's/\x1b\[[0-9;]*m//g' "$out/batch.log" | grep -q '^batch again: 200 items replayed, none sent twice$' \
+  || { echo "clients/java/ci.sh: BatchExample did not confirm its replayed rerun" >&2; exit 1; }
 
 echo "--- the library jar leaves the example out"
 jar="target/herald-client-0.1.0-SNAPSHOT.jar"

@@ -79,6 +79,7 @@ pub(crate) trait Dispatch: Send + Sync + 'static {
 }
 
 /// One message to store: the inbox assigns the id and builds the frame.
+#[derive(Clone, Copy)]
 pub struct NewMessage<'a> {
     pub topic: &'a str,
     /// Validated JSON, copied verbatim into the frame.
@@ -264,6 +265,24 @@ pub trait Inbox: Send + Sync + 'static {
     /// gets nothing stored or pushed and the record's answer
     /// (`replayed`); a record for another request is `InvalidArgument`.
     async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<Appended>>;
+    /// [`Inbox::append`] for each of several independent messages (a
+    /// `SendBatch`), with a result per message: a message whose key was
+    /// used for another request fails alone. `Err` when the batch as a
+    /// whole failed (the backend is unreachable): some of its messages may
+    /// have been stored, which a retry with the same keys finds.
+    ///
+    /// The default appends one message after the other; the Redis inbox
+    /// sends the whole batch as one pipeline.
+    async fn append_batch(
+        &self,
+        batch: &[(&[String], NewMessage<'_>)],
+    ) -> Result<Vec<Result<Vec<Appended>>>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for (users, msg) in batch {
+            out.push(self.append(users, *msg).await);
+        }
+        Ok(out)
+    }
     /// Stored messages newer than the read cursor.
     async fn unread(&self, user: &str) -> Result<u64>;
     /// With `since`: every stored message after it. Without: the newest

@@ -112,13 +112,51 @@ impl PushService for PushApi {
                 })
                 .await?;
             Ok(SendToUserResponse {
-                deliveries: deliveries
+                deliveries: deliveries.into_iter().map(delivery).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn send_batch(
+        &self,
+        req: Request<SendBatchRequest>,
+    ) -> Result<Response<SendBatchResponse>, Status> {
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        let recipients = Some(r.items.iter().map(|i| i.user_ids.len()).sum());
+        self.observed("SendBatch", Scopes::SEND, caller, recipients, async {
+            let items: Vec<SendToUser<'_>> = r
+                .items
+                .iter()
+                .map(|i| SendToUser {
+                    users: &i.user_ids,
+                    topic: &i.topic,
+                    payload_json: &i.payload_json,
+                    transient: i.transient,
+                    idempotency_key: &i.idempotency_key,
+                })
+                .collect();
+            let results = self.node.send_batch(&items).await?;
+            Ok(SendBatchResponse {
+                results: results
                     .into_iter()
-                    .map(|d| Delivery {
-                        user_id: d.user_id,
-                        message_id: d.message_id,
-                        online: d.online,
-                        replayed: d.replayed,
+                    .map(|r| match r {
+                        Ok(ds) => SendBatchResult {
+                            deliveries: ds.into_iter().map(delivery).collect(),
+                            error_code: 0,
+                            error_message: String::new(),
+                        },
+                        // The status SendToUser would have answered (logged
+                        // as it would be).
+                        Err(e) => {
+                            let st = Status::from(e);
+                            SendBatchResult {
+                                deliveries: Vec::new(),
+                                error_code: st.code() as i32,
+                                error_message: st.message().to_string(),
+                            }
+                        }
                     })
                     .collect(),
             })
@@ -357,5 +395,14 @@ impl PushService for PushApi {
             })
         })
         .await
+    }
+}
+
+fn delivery(d: crate::node::Delivery) -> Delivery {
+    Delivery {
+        user_id: d.user_id,
+        message_id: d.message_id,
+        online: d.online,
+        replayed: d.replayed,
     }
 }

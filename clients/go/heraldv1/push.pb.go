@@ -280,6 +280,179 @@ func (x *Delivery) GetReplayed() bool {
 	return false
 }
 
+type SendBatchRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1 to 1,000 items; at most 10,000 recipients summed over the items, and
+	// at most 1 MiB of payload_json and topic summed over the items (the
+	// whole request is also bounded by the node's gRPC message limit,
+	// --max-payload-bytes + 1 MiB). A batch over a limit is INVALID_ARGUMENT
+	// as a whole and does nothing.
+	//
+	// Each item is checked and sent as SendToUser would be (the same limits,
+	// the same idempotency records: a key is one logical send whether it
+	// came in a SendToUser or a batch item). An item that is wrong, or that
+	// fails, does not fail the others. Items are independent: their messages
+	// may reach a user who is named in several items in any order.
+	//
+	// Retrying: give every stored item an idempotency key and, on an error
+	// status for the whole call (UNAVAILABLE, DEADLINE_EXCEEDED, a reset
+	// connection, ...) or on an item result with a retryable code (see
+	// SendToUserRequest.idempotency_key), send the same items with the same
+	// keys again (the whole batch, or only the failed items): items that were
+	// already served answer `replayed` and each recipient gets each message
+	// exactly once.
+	Items         []*SendToUserRequest `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendBatchRequest) Reset() {
+	*x = SendBatchRequest{}
+	mi := &file_herald_v1_push_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendBatchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendBatchRequest) ProtoMessage() {}
+
+func (x *SendBatchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendBatchRequest.ProtoReflect.Descriptor instead.
+func (*SendBatchRequest) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *SendBatchRequest) GetItems() []*SendToUserRequest {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+type SendBatchResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One result per item, in request order.
+	Results       []*SendBatchResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendBatchResponse) Reset() {
+	*x = SendBatchResponse{}
+	mi := &file_herald_v1_push_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendBatchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendBatchResponse) ProtoMessage() {}
+
+func (x *SendBatchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendBatchResponse.ProtoReflect.Descriptor instead.
+func (*SendBatchResponse) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *SendBatchResponse) GetResults() []*SendBatchResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type SendBatchResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// As SendToUserResponse.deliveries; empty when the item failed.
+	Deliveries []*Delivery `protobuf:"bytes,1,rep,name=deliveries,proto3" json:"deliveries,omitempty"`
+	// 0 (OK) when the item was sent, else the gRPC status code SendToUser
+	// would have answered for it alone (3 INVALID_ARGUMENT, 8
+	// RESOURCE_EXHAUSTED, 14 UNAVAILABLE, 13 INTERNAL), with `error_message`
+	// saying what is wrong.
+	ErrorCode     int32  `protobuf:"varint,2,opt,name=error_code,json=errorCode,proto3" json:"error_code,omitempty"`
+	ErrorMessage  string `protobuf:"bytes,3,opt,name=error_message,json=errorMessage,proto3" json:"error_message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendBatchResult) Reset() {
+	*x = SendBatchResult{}
+	mi := &file_herald_v1_push_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendBatchResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendBatchResult) ProtoMessage() {}
+
+func (x *SendBatchResult) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendBatchResult.ProtoReflect.Descriptor instead.
+func (*SendBatchResult) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *SendBatchResult) GetDeliveries() []*Delivery {
+	if x != nil {
+		return x.Deliveries
+	}
+	return nil
+}
+
+func (x *SendBatchResult) GetErrorCode() int32 {
+	if x != nil {
+		return x.ErrorCode
+	}
+	return 0
+}
+
+func (x *SendBatchResult) GetErrorMessage() string {
+	if x != nil {
+		return x.ErrorMessage
+	}
+	return ""
+}
+
 type BroadcastRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// As in SendToUserRequest.
@@ -295,7 +468,7 @@ type BroadcastRequest struct {
 
 func (x *BroadcastRequest) Reset() {
 	*x = BroadcastRequest{}
-	mi := &file_herald_v1_push_proto_msgTypes[3]
+	mi := &file_herald_v1_push_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -307,7 +480,7 @@ func (x *BroadcastRequest) String() string {
 func (*BroadcastRequest) ProtoMessage() {}
 
 func (x *BroadcastRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[3]
+	mi := &file_herald_v1_push_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -320,7 +493,7 @@ func (x *BroadcastRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BroadcastRequest.ProtoReflect.Descriptor instead.
 func (*BroadcastRequest) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{3}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *BroadcastRequest) GetTopic() string {
@@ -357,7 +530,7 @@ type BroadcastResponse struct {
 
 func (x *BroadcastResponse) Reset() {
 	*x = BroadcastResponse{}
-	mi := &file_herald_v1_push_proto_msgTypes[4]
+	mi := &file_herald_v1_push_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -369,7 +542,7 @@ func (x *BroadcastResponse) String() string {
 func (*BroadcastResponse) ProtoMessage() {}
 
 func (x *BroadcastResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[4]
+	mi := &file_herald_v1_push_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -382,7 +555,7 @@ func (x *BroadcastResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BroadcastResponse.ProtoReflect.Descriptor instead.
 func (*BroadcastResponse) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{4}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *BroadcastResponse) GetMessageId() string {
@@ -409,7 +582,7 @@ type IsOnlineRequest struct {
 
 func (x *IsOnlineRequest) Reset() {
 	*x = IsOnlineRequest{}
-	mi := &file_herald_v1_push_proto_msgTypes[5]
+	mi := &file_herald_v1_push_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -421,7 +594,7 @@ func (x *IsOnlineRequest) String() string {
 func (*IsOnlineRequest) ProtoMessage() {}
 
 func (x *IsOnlineRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[5]
+	mi := &file_herald_v1_push_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -434,7 +607,7 @@ func (x *IsOnlineRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IsOnlineRequest.ProtoReflect.Descriptor instead.
 func (*IsOnlineRequest) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{5}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *IsOnlineRequest) GetUserIds() []string {
@@ -454,7 +627,7 @@ type IsOnlineResponse struct {
 
 func (x *IsOnlineResponse) Reset() {
 	*x = IsOnlineResponse{}
-	mi := &file_herald_v1_push_proto_msgTypes[6]
+	mi := &file_herald_v1_push_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -466,7 +639,7 @@ func (x *IsOnlineResponse) String() string {
 func (*IsOnlineResponse) ProtoMessage() {}
 
 func (x *IsOnlineResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[6]
+	mi := &file_herald_v1_push_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -479,7 +652,7 @@ func (x *IsOnlineResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IsOnlineResponse.ProtoReflect.Descriptor instead.
 func (*IsOnlineResponse) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{6}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *IsOnlineResponse) GetUsers() []*UserPresence {
@@ -503,7 +676,7 @@ type UserPresence struct {
 
 func (x *UserPresence) Reset() {
 	*x = UserPresence{}
-	mi := &file_herald_v1_push_proto_msgTypes[7]
+	mi := &file_herald_v1_push_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -515,7 +688,7 @@ func (x *UserPresence) String() string {
 func (*UserPresence) ProtoMessage() {}
 
 func (x *UserPresence) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[7]
+	mi := &file_herald_v1_push_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -528,7 +701,7 @@ func (x *UserPresence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserPresence.ProtoReflect.Descriptor instead.
 func (*UserPresence) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{7}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *UserPresence) GetUserId() string {
@@ -588,7 +761,7 @@ type UnreadCountRequest struct {
 
 func (x *UnreadCountRequest) Reset() {
 	*x = UnreadCountRequest{}
-	mi := &file_herald_v1_push_proto_msgTypes[8]
+	mi := &file_herald_v1_push_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -600,7 +773,7 @@ func (x *UnreadCountRequest) String() string {
 func (*UnreadCountRequest) ProtoMessage() {}
 
 func (x *UnreadCountRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[8]
+	mi := &file_herald_v1_push_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -613,7 +786,7 @@ func (x *UnreadCountRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnreadCountRequest.ProtoReflect.Descriptor instead.
 func (*UnreadCountRequest) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{8}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *UnreadCountRequest) GetUserId() string {
@@ -640,7 +813,7 @@ type UnreadCountResponse struct {
 
 func (x *UnreadCountResponse) Reset() {
 	*x = UnreadCountResponse{}
-	mi := &file_herald_v1_push_proto_msgTypes[9]
+	mi := &file_herald_v1_push_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -652,7 +825,7 @@ func (x *UnreadCountResponse) String() string {
 func (*UnreadCountResponse) ProtoMessage() {}
 
 func (x *UnreadCountResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[9]
+	mi := &file_herald_v1_push_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -665,7 +838,7 @@ func (x *UnreadCountResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnreadCountResponse.ProtoReflect.Descriptor instead.
 func (*UnreadCountResponse) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{9}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *UnreadCountResponse) GetCount() uint64 {
@@ -692,7 +865,7 @@ type MarkReadRequest struct {
 
 func (x *MarkReadRequest) Reset() {
 	*x = MarkReadRequest{}
-	mi := &file_herald_v1_push_proto_msgTypes[10]
+	mi := &file_herald_v1_push_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -704,7 +877,7 @@ func (x *MarkReadRequest) String() string {
 func (*MarkReadRequest) ProtoMessage() {}
 
 func (x *MarkReadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[10]
+	mi := &file_herald_v1_push_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -717,7 +890,7 @@ func (x *MarkReadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MarkReadRequest.ProtoReflect.Descriptor instead.
 func (*MarkReadRequest) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{10}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *MarkReadRequest) GetUserId() string {
@@ -753,7 +926,7 @@ type MarkReadResponse struct {
 
 func (x *MarkReadResponse) Reset() {
 	*x = MarkReadResponse{}
-	mi := &file_herald_v1_push_proto_msgTypes[11]
+	mi := &file_herald_v1_push_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -765,7 +938,7 @@ func (x *MarkReadResponse) String() string {
 func (*MarkReadResponse) ProtoMessage() {}
 
 func (x *MarkReadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[11]
+	mi := &file_herald_v1_push_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -778,7 +951,7 @@ func (x *MarkReadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MarkReadResponse.ProtoReflect.Descriptor instead.
 func (*MarkReadResponse) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{11}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *MarkReadResponse) GetUnread() uint64 {
@@ -816,7 +989,7 @@ type ListMessagesRequest struct {
 
 func (x *ListMessagesRequest) Reset() {
 	*x = ListMessagesRequest{}
-	mi := &file_herald_v1_push_proto_msgTypes[12]
+	mi := &file_herald_v1_push_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -828,7 +1001,7 @@ func (x *ListMessagesRequest) String() string {
 func (*ListMessagesRequest) ProtoMessage() {}
 
 func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[12]
+	mi := &file_herald_v1_push_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -841,7 +1014,7 @@ func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesRequest.ProtoReflect.Descriptor instead.
 func (*ListMessagesRequest) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{12}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListMessagesRequest) GetUserId() string {
@@ -903,7 +1076,7 @@ type ListMessagesResponse struct {
 
 func (x *ListMessagesResponse) Reset() {
 	*x = ListMessagesResponse{}
-	mi := &file_herald_v1_push_proto_msgTypes[13]
+	mi := &file_herald_v1_push_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -915,7 +1088,7 @@ func (x *ListMessagesResponse) String() string {
 func (*ListMessagesResponse) ProtoMessage() {}
 
 func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[13]
+	mi := &file_herald_v1_push_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -928,7 +1101,7 @@ func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesResponse.ProtoReflect.Descriptor instead.
 func (*ListMessagesResponse) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{13}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListMessagesResponse) GetMessages() []*StoredMessage {
@@ -967,7 +1140,7 @@ type StoredMessage struct {
 
 func (x *StoredMessage) Reset() {
 	*x = StoredMessage{}
-	mi := &file_herald_v1_push_proto_msgTypes[14]
+	mi := &file_herald_v1_push_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -979,7 +1152,7 @@ func (x *StoredMessage) String() string {
 func (*StoredMessage) ProtoMessage() {}
 
 func (x *StoredMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[14]
+	mi := &file_herald_v1_push_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -992,7 +1165,7 @@ func (x *StoredMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredMessage.ProtoReflect.Descriptor instead.
 func (*StoredMessage) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{14}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StoredMessage) GetMessageId() string {
@@ -1042,7 +1215,7 @@ type MarkUnreadRequest struct {
 
 func (x *MarkUnreadRequest) Reset() {
 	*x = MarkUnreadRequest{}
-	mi := &file_herald_v1_push_proto_msgTypes[15]
+	mi := &file_herald_v1_push_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1054,7 +1227,7 @@ func (x *MarkUnreadRequest) String() string {
 func (*MarkUnreadRequest) ProtoMessage() {}
 
 func (x *MarkUnreadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[15]
+	mi := &file_herald_v1_push_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1067,7 +1240,7 @@ func (x *MarkUnreadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MarkUnreadRequest.ProtoReflect.Descriptor instead.
 func (*MarkUnreadRequest) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{15}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *MarkUnreadRequest) GetUserId() string {
@@ -1096,7 +1269,7 @@ type MarkUnreadResponse struct {
 
 func (x *MarkUnreadResponse) Reset() {
 	*x = MarkUnreadResponse{}
-	mi := &file_herald_v1_push_proto_msgTypes[16]
+	mi := &file_herald_v1_push_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1108,7 +1281,7 @@ func (x *MarkUnreadResponse) String() string {
 func (*MarkUnreadResponse) ProtoMessage() {}
 
 func (x *MarkUnreadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[16]
+	mi := &file_herald_v1_push_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1121,7 +1294,7 @@ func (x *MarkUnreadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MarkUnreadResponse.ProtoReflect.Descriptor instead.
 func (*MarkUnreadResponse) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{16}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *MarkUnreadResponse) GetUnread() uint64 {
@@ -1154,7 +1327,7 @@ type DeleteMessagesRequest struct {
 
 func (x *DeleteMessagesRequest) Reset() {
 	*x = DeleteMessagesRequest{}
-	mi := &file_herald_v1_push_proto_msgTypes[17]
+	mi := &file_herald_v1_push_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1166,7 +1339,7 @@ func (x *DeleteMessagesRequest) String() string {
 func (*DeleteMessagesRequest) ProtoMessage() {}
 
 func (x *DeleteMessagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[17]
+	mi := &file_herald_v1_push_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1179,7 +1352,7 @@ func (x *DeleteMessagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteMessagesRequest.ProtoReflect.Descriptor instead.
 func (*DeleteMessagesRequest) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{17}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *DeleteMessagesRequest) GetUserId() string {
@@ -1217,7 +1390,7 @@ type DeleteMessagesResponse struct {
 
 func (x *DeleteMessagesResponse) Reset() {
 	*x = DeleteMessagesResponse{}
-	mi := &file_herald_v1_push_proto_msgTypes[18]
+	mi := &file_herald_v1_push_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1229,7 +1402,7 @@ func (x *DeleteMessagesResponse) String() string {
 func (*DeleteMessagesResponse) ProtoMessage() {}
 
 func (x *DeleteMessagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[18]
+	mi := &file_herald_v1_push_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1242,7 +1415,7 @@ func (x *DeleteMessagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteMessagesResponse.ProtoReflect.Descriptor instead.
 func (*DeleteMessagesResponse) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{18}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *DeleteMessagesResponse) GetUnread() uint64 {
@@ -1282,7 +1455,7 @@ type DisconnectUserRequest struct {
 
 func (x *DisconnectUserRequest) Reset() {
 	*x = DisconnectUserRequest{}
-	mi := &file_herald_v1_push_proto_msgTypes[19]
+	mi := &file_herald_v1_push_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1294,7 +1467,7 @@ func (x *DisconnectUserRequest) String() string {
 func (*DisconnectUserRequest) ProtoMessage() {}
 
 func (x *DisconnectUserRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[19]
+	mi := &file_herald_v1_push_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1307,7 +1480,7 @@ func (x *DisconnectUserRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectUserRequest.ProtoReflect.Descriptor instead.
 func (*DisconnectUserRequest) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{19}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *DisconnectUserRequest) GetUserId() string {
@@ -1334,7 +1507,7 @@ type DisconnectUserResponse struct {
 
 func (x *DisconnectUserResponse) Reset() {
 	*x = DisconnectUserResponse{}
-	mi := &file_herald_v1_push_proto_msgTypes[20]
+	mi := &file_herald_v1_push_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1346,7 +1519,7 @@ func (x *DisconnectUserResponse) String() string {
 func (*DisconnectUserResponse) ProtoMessage() {}
 
 func (x *DisconnectUserResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[20]
+	mi := &file_herald_v1_push_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1359,7 +1532,7 @@ func (x *DisconnectUserResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectUserResponse.ProtoReflect.Descriptor instead.
 func (*DisconnectUserResponse) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{20}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DisconnectUserResponse) GetClosed() uint32 {
@@ -1377,7 +1550,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_herald_v1_push_proto_msgTypes[21]
+	mi := &file_herald_v1_push_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1389,7 +1562,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[21]
+	mi := &file_herald_v1_push_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1402,7 +1575,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{21}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{24}
 }
 
 type StatsResponse struct {
@@ -1422,7 +1595,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_herald_v1_push_proto_msgTypes[22]
+	mi := &file_herald_v1_push_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1434,7 +1607,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[22]
+	mi := &file_herald_v1_push_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1447,7 +1620,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{22}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *StatsResponse) GetNode() *NodeStats {
@@ -1502,7 +1675,7 @@ type NodeStats struct {
 
 func (x *NodeStats) Reset() {
 	*x = NodeStats{}
-	mi := &file_herald_v1_push_proto_msgTypes[23]
+	mi := &file_herald_v1_push_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1514,7 +1687,7 @@ func (x *NodeStats) String() string {
 func (*NodeStats) ProtoMessage() {}
 
 func (x *NodeStats) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[23]
+	mi := &file_herald_v1_push_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1527,7 +1700,7 @@ func (x *NodeStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStats.ProtoReflect.Descriptor instead.
 func (*NodeStats) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{23}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *NodeStats) GetNodeId() string {
@@ -1592,7 +1765,18 @@ const file_herald_v1_push_proto_rawDesc = "" +
 	"\n" +
 	"message_id\x18\x02 \x01(\tR\tmessageId\x12\x16\n" +
 	"\x06online\x18\x03 \x01(\bR\x06online\x12\x1a\n" +
-	"\breplayed\x18\x04 \x01(\bR\breplayed\"t\n" +
+	"\breplayed\x18\x04 \x01(\bR\breplayed\"F\n" +
+	"\x10SendBatchRequest\x122\n" +
+	"\x05items\x18\x01 \x03(\v2\x1c.herald.v1.SendToUserRequestR\x05items\"I\n" +
+	"\x11SendBatchResponse\x124\n" +
+	"\aresults\x18\x01 \x03(\v2\x1a.herald.v1.SendBatchResultR\aresults\"\x8a\x01\n" +
+	"\x0fSendBatchResult\x123\n" +
+	"\n" +
+	"deliveries\x18\x01 \x03(\v2\x13.herald.v1.DeliveryR\n" +
+	"deliveries\x12\x1d\n" +
+	"\n" +
+	"error_code\x18\x02 \x01(\x05R\terrorCode\x12#\n" +
+	"\rerror_message\x18\x03 \x01(\tR\ferrorMessage\"t\n" +
 	"\x10BroadcastRequest\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12!\n" +
 	"\fpayload_json\x18\x02 \x01(\tR\vpayloadJson\x12'\n" +
@@ -1675,10 +1859,11 @@ const file_herald_v1_push_proto_rawDesc = "" +
 	"\x05users\x18\x03 \x01(\x04R\x05users\x12%\n" +
 	"\x0euptime_seconds\x18\x04 \x01(\x04R\ruptimeSeconds\x12-\n" +
 	"\x12messages_delivered\x18\x05 \x01(\x04R\x11messagesDelivered\x124\n" +
-	"\x16broker_events_received\x18\x06 \x01(\x04R\x14brokerEventsReceived2\xfe\x05\n" +
+	"\x16broker_events_received\x18\x06 \x01(\x04R\x14brokerEventsReceived2\xc6\x06\n" +
 	"\vPushService\x12I\n" +
 	"\n" +
 	"SendToUser\x12\x1c.herald.v1.SendToUserRequest\x1a\x1d.herald.v1.SendToUserResponse\x12F\n" +
+	"\tSendBatch\x12\x1b.herald.v1.SendBatchRequest\x1a\x1c.herald.v1.SendBatchResponse\x12F\n" +
 	"\tBroadcast\x12\x1b.herald.v1.BroadcastRequest\x1a\x1c.herald.v1.BroadcastResponse\x12C\n" +
 	"\bIsOnline\x12\x1a.herald.v1.IsOnlineRequest\x1a\x1b.herald.v1.IsOnlineResponse\x12L\n" +
 	"\vUnreadCount\x12\x1d.herald.v1.UnreadCountRequest\x1a\x1e.herald.v1.UnreadCountResponse\x12C\n" +
@@ -1703,64 +1888,72 @@ func file_herald_v1_push_proto_rawDescGZIP() []byte {
 	return file_herald_v1_push_proto_rawDescData
 }
 
-var file_herald_v1_push_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_herald_v1_push_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_herald_v1_push_proto_goTypes = []any{
 	(*SendToUserRequest)(nil),      // 0: herald.v1.SendToUserRequest
 	(*SendToUserResponse)(nil),     // 1: herald.v1.SendToUserResponse
 	(*Delivery)(nil),               // 2: herald.v1.Delivery
-	(*BroadcastRequest)(nil),       // 3: herald.v1.BroadcastRequest
-	(*BroadcastResponse)(nil),      // 4: herald.v1.BroadcastResponse
-	(*IsOnlineRequest)(nil),        // 5: herald.v1.IsOnlineRequest
-	(*IsOnlineResponse)(nil),       // 6: herald.v1.IsOnlineResponse
-	(*UserPresence)(nil),           // 7: herald.v1.UserPresence
-	(*UnreadCountRequest)(nil),     // 8: herald.v1.UnreadCountRequest
-	(*UnreadCountResponse)(nil),    // 9: herald.v1.UnreadCountResponse
-	(*MarkReadRequest)(nil),        // 10: herald.v1.MarkReadRequest
-	(*MarkReadResponse)(nil),       // 11: herald.v1.MarkReadResponse
-	(*ListMessagesRequest)(nil),    // 12: herald.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),   // 13: herald.v1.ListMessagesResponse
-	(*StoredMessage)(nil),          // 14: herald.v1.StoredMessage
-	(*MarkUnreadRequest)(nil),      // 15: herald.v1.MarkUnreadRequest
-	(*MarkUnreadResponse)(nil),     // 16: herald.v1.MarkUnreadResponse
-	(*DeleteMessagesRequest)(nil),  // 17: herald.v1.DeleteMessagesRequest
-	(*DeleteMessagesResponse)(nil), // 18: herald.v1.DeleteMessagesResponse
-	(*DisconnectUserRequest)(nil),  // 19: herald.v1.DisconnectUserRequest
-	(*DisconnectUserResponse)(nil), // 20: herald.v1.DisconnectUserResponse
-	(*StatsRequest)(nil),           // 21: herald.v1.StatsRequest
-	(*StatsResponse)(nil),          // 22: herald.v1.StatsResponse
-	(*NodeStats)(nil),              // 23: herald.v1.NodeStats
+	(*SendBatchRequest)(nil),       // 3: herald.v1.SendBatchRequest
+	(*SendBatchResponse)(nil),      // 4: herald.v1.SendBatchResponse
+	(*SendBatchResult)(nil),        // 5: herald.v1.SendBatchResult
+	(*BroadcastRequest)(nil),       // 6: herald.v1.BroadcastRequest
+	(*BroadcastResponse)(nil),      // 7: herald.v1.BroadcastResponse
+	(*IsOnlineRequest)(nil),        // 8: herald.v1.IsOnlineRequest
+	(*IsOnlineResponse)(nil),       // 9: herald.v1.IsOnlineResponse
+	(*UserPresence)(nil),           // 10: herald.v1.UserPresence
+	(*UnreadCountRequest)(nil),     // 11: herald.v1.UnreadCountRequest
+	(*UnreadCountResponse)(nil),    // 12: herald.v1.UnreadCountResponse
+	(*MarkReadRequest)(nil),        // 13: herald.v1.MarkReadRequest
+	(*MarkReadResponse)(nil),       // 14: herald.v1.MarkReadResponse
+	(*ListMessagesRequest)(nil),    // 15: herald.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),   // 16: herald.v1.ListMessagesResponse
+	(*StoredMessage)(nil),          // 17: herald.v1.StoredMessage
+	(*MarkUnreadRequest)(nil),      // 18: herald.v1.MarkUnreadRequest
+	(*MarkUnreadResponse)(nil),     // 19: herald.v1.MarkUnreadResponse
+	(*DeleteMessagesRequest)(nil),  // 20: herald.v1.DeleteMessagesRequest
+	(*DeleteMessagesResponse)(nil), // 21: herald.v1.DeleteMessagesResponse
+	(*DisconnectUserRequest)(nil),  // 22: herald.v1.DisconnectUserRequest
+	(*DisconnectUserResponse)(nil), // 23: herald.v1.DisconnectUserResponse
+	(*StatsRequest)(nil),           // 24: herald.v1.StatsRequest
+	(*StatsResponse)(nil),          // 25: herald.v1.StatsResponse
+	(*NodeStats)(nil),              // 26: herald.v1.NodeStats
 }
 var file_herald_v1_push_proto_depIdxs = []int32{
 	2,  // 0: herald.v1.SendToUserResponse.deliveries:type_name -> herald.v1.Delivery
-	7,  // 1: herald.v1.IsOnlineResponse.users:type_name -> herald.v1.UserPresence
-	14, // 2: herald.v1.ListMessagesResponse.messages:type_name -> herald.v1.StoredMessage
-	23, // 3: herald.v1.StatsResponse.node:type_name -> herald.v1.NodeStats
-	23, // 4: herald.v1.StatsResponse.nodes:type_name -> herald.v1.NodeStats
-	0,  // 5: herald.v1.PushService.SendToUser:input_type -> herald.v1.SendToUserRequest
-	3,  // 6: herald.v1.PushService.Broadcast:input_type -> herald.v1.BroadcastRequest
-	5,  // 7: herald.v1.PushService.IsOnline:input_type -> herald.v1.IsOnlineRequest
-	8,  // 8: herald.v1.PushService.UnreadCount:input_type -> herald.v1.UnreadCountRequest
-	10, // 9: herald.v1.PushService.MarkRead:input_type -> herald.v1.MarkReadRequest
-	12, // 10: herald.v1.PushService.ListMessages:input_type -> herald.v1.ListMessagesRequest
-	15, // 11: herald.v1.PushService.MarkUnread:input_type -> herald.v1.MarkUnreadRequest
-	17, // 12: herald.v1.PushService.DeleteMessages:input_type -> herald.v1.DeleteMessagesRequest
-	19, // 13: herald.v1.PushService.DisconnectUser:input_type -> herald.v1.DisconnectUserRequest
-	21, // 14: herald.v1.PushService.Stats:input_type -> herald.v1.StatsRequest
-	1,  // 15: herald.v1.PushService.SendToUser:output_type -> herald.v1.SendToUserResponse
-	4,  // 16: herald.v1.PushService.Broadcast:output_type -> herald.v1.BroadcastResponse
-	6,  // 17: herald.v1.PushService.IsOnline:output_type -> herald.v1.IsOnlineResponse
-	9,  // 18: herald.v1.PushService.UnreadCount:output_type -> herald.v1.UnreadCountResponse
-	11, // 19: herald.v1.PushService.MarkRead:output_type -> herald.v1.MarkReadResponse
-	13, // 20: herald.v1.PushService.ListMessages:output_type -> herald.v1.ListMessagesResponse
-	16, // 21: herald.v1.PushService.MarkUnread:output_type -> herald.v1.MarkUnreadResponse
-	18, // 22: herald.v1.PushService.DeleteMessages:output_type -> herald.v1.DeleteMessagesResponse
-	20, // 23: herald.v1.PushService.DisconnectUser:output_type -> herald.v1.DisconnectUserResponse
-	22, // 24: herald.v1.PushService.Stats:output_type -> herald.v1.StatsResponse
-	15, // [15:25] is the sub-list for method output_type
-	5,  // [5:15] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	0,  // 1: herald.v1.SendBatchRequest.items:type_name -> herald.v1.SendToUserRequest
+	5,  // 2: herald.v1.SendBatchResponse.results:type_name -> herald.v1.SendBatchResult
+	2,  // 3: herald.v1.SendBatchResult.deliveries:type_name -> herald.v1.Delivery
+	10, // 4: herald.v1.IsOnlineResponse.users:type_name -> herald.v1.UserPresence
+	17, // 5: herald.v1.ListMessagesResponse.messages:type_name -> herald.v1.StoredMessage
+	26, // 6: herald.v1.StatsResponse.node:type_name -> herald.v1.NodeStats
+	26, // 7: herald.v1.StatsResponse.nodes:type_name -> herald.v1.NodeStats
+	0,  // 8: herald.v1.PushService.SendToUser:input_type -> herald.v1.SendToUserRequest
+	3,  // 9: herald.v1.PushService.SendBatch:input_type -> herald.v1.SendBatchRequest
+	6,  // 10: herald.v1.PushService.Broadcast:input_type -> herald.v1.BroadcastRequest
+	8,  // 11: herald.v1.PushService.IsOnline:input_type -> herald.v1.IsOnlineRequest
+	11, // 12: herald.v1.PushService.UnreadCount:input_type -> herald.v1.UnreadCountRequest
+	13, // 13: herald.v1.PushService.MarkRead:input_type -> herald.v1.MarkReadRequest
+	15, // 14: herald.v1.PushService.ListMessages:input_type -> herald.v1.ListMessagesRequest
+	18, // 15: herald.v1.PushService.MarkUnread:input_type -> herald.v1.MarkUnreadRequest
+	20, // 16: herald.v1.PushService.DeleteMessages:input_type -> herald.v1.DeleteMessagesRequest
+	22, // 17: herald.v1.PushService.DisconnectUser:input_type -> herald.v1.DisconnectUserRequest
+	24, // 18: herald.v1.PushService.Stats:input_type -> herald.v1.StatsRequest
+	1,  // 19: herald.v1.PushService.SendToUser:output_type -> herald.v1.SendToUserResponse
+	4,  // 20: herald.v1.PushService.SendBatch:output_type -> herald.v1.SendBatchResponse
+	7,  // 21: herald.v1.PushService.Broadcast:output_type -> herald.v1.BroadcastResponse
+	9,  // 22: herald.v1.PushService.IsOnline:output_type -> herald.v1.IsOnlineResponse
+	12, // 23: herald.v1.PushService.UnreadCount:output_type -> herald.v1.UnreadCountResponse
+	14, // 24: herald.v1.PushService.MarkRead:output_type -> herald.v1.MarkReadResponse
+	16, // 25: herald.v1.PushService.ListMessages:output_type -> herald.v1.ListMessagesResponse
+	19, // 26: herald.v1.PushService.MarkUnread:output_type -> herald.v1.MarkUnreadResponse
+	21, // 27: herald.v1.PushService.DeleteMessages:output_type -> herald.v1.DeleteMessagesResponse
+	23, // 28: herald.v1.PushService.DisconnectUser:output_type -> herald.v1.DisconnectUserResponse
+	25, // 29: herald.v1.PushService.Stats:output_type -> herald.v1.StatsResponse
+	19, // [19:30] is the sub-list for method output_type
+	8,  // [8:19] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_herald_v1_push_proto_init() }
@@ -1774,7 +1967,7 @@ func file_herald_v1_push_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_herald_v1_push_proto_rawDesc), len(file_herald_v1_push_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

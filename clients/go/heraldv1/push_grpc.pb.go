@@ -41,6 +41,7 @@ const _ = grpc.SupportPackageIsVersion9
 
 const (
 	PushService_SendToUser_FullMethodName     = "/herald.v1.PushService/SendToUser"
+	PushService_SendBatch_FullMethodName      = "/herald.v1.PushService/SendBatch"
 	PushService_Broadcast_FullMethodName      = "/herald.v1.PushService/Broadcast"
 	PushService_IsOnline_FullMethodName       = "/herald.v1.PushService/IsOnline"
 	PushService_UnreadCount_FullMethodName    = "/herald.v1.PushService/UnreadCount"
@@ -62,6 +63,12 @@ type PushServiceClient interface {
 	// Stores a message in each user's inbox (unless `transient`) and pushes it
 	// to every live connection of each user, on whatever node it is.
 	SendToUser(ctx context.Context, in *SendToUserRequest, opts ...grpc.CallOption) (*SendToUserResponse, error)
+	// Many independent sends in one call: each item is a SendToUser of its
+	// own (recipients, payload, topic, transient flag, idempotency key), with
+	// a result of its own. Cheaper than one call per message: the node stores
+	// the batch's messages in one round trip to its backend and publishes
+	// them together.
+	SendBatch(ctx context.Context, in *SendBatchRequest, opts ...grpc.CallOption) (*SendBatchResponse, error)
 	// Pushes a live-only message to every connection on every node.
 	Broadcast(ctx context.Context, in *BroadcastRequest, opts ...grpc.CallOption) (*BroadcastResponse, error)
 	// Reports, for each user, whether any connection of theirs is live.
@@ -102,6 +109,16 @@ func (c *pushServiceClient) SendToUser(ctx context.Context, in *SendToUserReques
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(SendToUserResponse)
 	err := c.cc.Invoke(ctx, PushService_SendToUser_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *pushServiceClient) SendBatch(ctx context.Context, in *SendBatchRequest, opts ...grpc.CallOption) (*SendBatchResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SendBatchResponse)
+	err := c.cc.Invoke(ctx, PushService_SendBatch_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -208,6 +225,12 @@ type PushServiceServer interface {
 	// Stores a message in each user's inbox (unless `transient`) and pushes it
 	// to every live connection of each user, on whatever node it is.
 	SendToUser(context.Context, *SendToUserRequest) (*SendToUserResponse, error)
+	// Many independent sends in one call: each item is a SendToUser of its
+	// own (recipients, payload, topic, transient flag, idempotency key), with
+	// a result of its own. Cheaper than one call per message: the node stores
+	// the batch's messages in one round trip to its backend and publishes
+	// them together.
+	SendBatch(context.Context, *SendBatchRequest) (*SendBatchResponse, error)
 	// Pushes a live-only message to every connection on every node.
 	Broadcast(context.Context, *BroadcastRequest) (*BroadcastResponse, error)
 	// Reports, for each user, whether any connection of theirs is live.
@@ -246,6 +269,9 @@ type UnimplementedPushServiceServer struct{}
 
 func (UnimplementedPushServiceServer) SendToUser(context.Context, *SendToUserRequest) (*SendToUserResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SendToUser not implemented")
+}
+func (UnimplementedPushServiceServer) SendBatch(context.Context, *SendBatchRequest) (*SendBatchResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SendBatch not implemented")
 }
 func (UnimplementedPushServiceServer) Broadcast(context.Context, *BroadcastRequest) (*BroadcastResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Broadcast not implemented")
@@ -309,6 +335,24 @@ func _PushService_SendToUser_Handler(srv interface{}, ctx context.Context, dec f
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(PushServiceServer).SendToUser(ctx, req.(*SendToUserRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PushService_SendBatch_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SendBatchRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PushServiceServer).SendBatch(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PushService_SendBatch_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PushServiceServer).SendBatch(ctx, req.(*SendBatchRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -485,6 +529,10 @@ var PushService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SendToUser",
 			Handler:    _PushService_SendToUser_Handler,
+		},
+		{
+			MethodName: "SendBatch",
+			Handler:    _PushService_SendBatch_Handler,
 		},
 		{
 			MethodName: "Broadcast",

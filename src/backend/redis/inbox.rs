@@ -25,9 +25,10 @@ impl RedisBackend {
     }
 }
 
-#[async_trait]
-impl Inbox for RedisBackend {
-    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<Appended>> {
+impl RedisBackend {
+    /// The append script's call for each of `users` (one pipeline entry per
+    /// user; a batch concatenates several messages' calls).
+    fn append_cmds(&self, users: &[String], msg: &NewMessage<'_>) -> Vec<redis::Cmd> {
         // The frame around the id: the script puts the id it assigns between.
         let (head, tail) =
             protocol::message_frame_parts(msg.topic, msg.payload_json, msg.ts, false);
@@ -38,7 +39,7 @@ impl Inbox for RedisBackend {
         let window = msg
             .idempotency
             .map(|k| (k.window.as_millis() as u64).max(1).to_string());
-        let cmds = users
+        users
             .iter()
             .map(|u| {
                 let (inbox, meta, ch) = (keys::inbox(u), keys::meta(u), keys::user_channel(u));
@@ -61,24 +62,59 @@ impl Inbox for RedisBackend {
                     _ => self.scripts.append.cmd(&[&inbox, &meta], &args),
                 }
             })
-            .collect();
-        self.run(cmds)
-            .await?
-            .into_iter()
-            .zip(users)
-            .map(|(v, user)| {
-                let v = array(v)?;
-                match v.as_slice() {
-                    [_, _, flag] if int(flag)? == 2 => Err(reused(user)),
-                    [id, receivers, flag] => Ok(Appended {
-                        id: msg_id(id)?,
-                        online: int(receivers)? > 0,
-                        replayed: int(flag)? == 1,
-                    }),
-                    _ => Err(bad(&Value::Array(v))),
-                }
-            })
             .collect()
+    }
+}
+
+/// The append script's replies for `users`, in order.
+fn appended(replies: impl Iterator<Item = Value>, users: &[String]) -> Result<Vec<Appended>> {
+    replies
+        .zip(users)
+        .map(|(v, user)| {
+            let v = array(v)?;
+            match v.as_slice() {
+                [_, _, flag] if int(flag)? == 2 => Err(reused(user)),
+                [id, receivers, flag] => Ok(Appended {
+                    id: msg_id(id)?,
+                    online: int(receivers)? > 0,
+                    replayed: int(flag)? == 1,
+                }),
+                _ => Err(bad(&Value::Array(v))),
+            }
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Inbox for RedisBackend {
+    async fn append(&self, users: &[String], msg: NewMessage<'_>) -> Result<Vec<Appended>> {
+        let replies = self.run(self.append_cmds(users, &msg)).await?;
+        appended(replies.into_iter(), users)
+    }
+
+    /// One pipeline for the whole batch: every message's script calls, in
+    /// order, in one round trip (per Redis node on a cluster).
+    async fn append_batch(
+        &self,
+        batch: &[(&[String], NewMessage<'_>)],
+    ) -> Result<Vec<Result<Vec<Appended>>>> {
+        let cmds = batch
+            .iter()
+            .flat_map(|(users, msg)| self.append_cmds(users, msg))
+            .collect();
+        let mut replies = self.run(cmds).await?.into_iter();
+        Ok(batch
+            .iter()
+            .map(|(users, _)| {
+                let mine: Vec<Value> = replies.by_ref().take(users.len()).collect();
+                if mine.len() != users.len() {
+                    return Err(crate::error::Error::Backend(
+                        "a batch's pipeline reply is short".into(),
+                    ));
+                }
+                appended(mine.into_iter(), users)
+            })
+            .collect())
     }
 
     async fn unread(&self, user: &str) -> Result<u64> {
