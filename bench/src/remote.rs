@@ -13,7 +13,7 @@
 use crate::ctx::Ctx;
 use crate::fleet::Fleet;
 use crate::stats::now_ns;
-use crate::unicast::StepCounters;
+use crate::stats::StepCounters;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::atomic::Ordering::Relaxed;

@@ -11,8 +11,9 @@
 
 use crate::ctx::{pick, set_phase, settle, Ctx};
 use crate::fleet::Tally;
+use crate::stats::StepCounters;
 use crate::stats::{fmt_ms, now_ns, small_rng, CpuMark, CpuUse, Hists, Latency};
-use crate::unicast::{call, drain, StepCounters};
+use crate::unicast::{call, drain};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

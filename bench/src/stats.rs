@@ -249,3 +249,15 @@ mod tests {
         assert!(cpu_us(std::process::id()).is_some() && rss_bytes(std::process::id()).unwrap() > 0);
     }
 }
+
+/// What one fixed-rate step's senders did, counted as they go (shared by
+/// the tasks of a step, whoever sends: herald-bench's calls or a remote
+/// sender's report).
+pub(crate) struct StepCounters {
+    /// Calls made.
+    pub(crate) calls: std::sync::atomic::AtomicU64,
+    /// Calls that failed.
+    pub(crate) errors: std::sync::atomic::AtomicU64,
+    /// Deliveries the receiving clients should see.
+    pub(crate) expected: std::sync::atomic::AtomicU64,
+}

@@ -4,7 +4,7 @@
 use crate::api::payload;
 use crate::ctx::{pick, set_phase, settle, Ctx};
 use crate::fleet::Tally;
-use crate::stats::{fmt_ms, now_ns, small_rng, CpuMark, CpuUse, Latency};
+use crate::stats::{fmt_ms, now_ns, small_rng, CpuMark, CpuUse, Latency, StepCounters};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -39,12 +39,6 @@ pub struct Step {
     pub sender_cpu_us: Option<u64>,
     pub ok: bool,
     pub why_not: Vec<String>,
-}
-
-pub(crate) struct StepCounters {
-    pub(crate) calls: AtomicU64,
-    pub(crate) errors: AtomicU64,
-    pub(crate) expected: AtomicU64,
 }
 
 /// Sends one call and books its outcome.
