@@ -39,31 +39,12 @@ mod client_js;
 mod conn;
 mod frames;
 mod handshake;
+mod routes;
 use conn::run;
 use frames::*;
 use handshake::SUBPROTOCOL;
 use handshake::{credentials, Credentials};
-
-/// The demo page, embedded in the binary so a node serves it with no files
-/// beside it: (path, content type, body). The client, `/herald.js`, is
-/// served by [`client_js`].
-const DEMO: &[(&str, &str, &str)] = &[
-    (
-        "/",
-        "text/html; charset=utf-8",
-        include_str!("../../clients/js/demo/index.html"),
-    ),
-    (
-        "/demo/app.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../clients/js/demo/app.js"),
-    ),
-    (
-        "/demo/style.css",
-        "text/css; charset=utf-8",
-        include_str!("../../clients/js/demo/style.css"),
-    ),
-];
+use routes::text;
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -79,35 +60,16 @@ pub struct Gateway {
     pub tasks: TaskTracker,
 }
 
-fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
-    respond(
-        status,
-        "text/plain; charset=utf-8",
-        Bytes::from(body.into()),
-    )
-}
-
 impl Gateway {
     /// Serves one HTTP request on the public listener.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, hyper::Error> {
-        match (req.method(), req.uri().path()) {
-            (&hyper::Method::GET, "/ws") => Ok(self.upgrade(req)),
-            (&hyper::Method::GET, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
-            (_, "/herald.js") => Ok(client_js::serve(&req, &self.origins)),
-            (&hyper::Method::GET, path) => Ok(match DEMO.iter().find(|(p, _, _)| *p == path) {
-                Some((_, ctype, body)) => {
-                    let mut r = respond(StatusCode::OK, ctype, Bytes::from_static(body.as_bytes()));
-                    r.headers_mut()
-                        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-                    r
-                }
-                None => text(StatusCode::NOT_FOUND, "not found\n"),
-            }),
-            _ => Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")),
-        }
+        Ok(match (req.method(), req.uri().path()) {
+            (&hyper::Method::GET, "/ws") => self.upgrade(req),
+            _ => routes::serve(&req, &self.origins),
+        })
     }
 
     /// Logs a refused handshake and builds its response.
