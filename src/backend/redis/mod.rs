@@ -27,7 +27,9 @@
 //!   [`Inbox`](crate::backend::Inbox) implementations.
 //! * [`registrar`]: the task owning the pub/sub connection and this node's
 //!   presence record; [`sharded`]: its loop on a Redis Cluster, which proves
-//!   each subscription live after a failover or a slot move.
+//!   each subscription live after a failover or a slot move;
+//!   [`topology`]: the slot map read over a plain connection, which tells
+//!   that loop when the cluster changed and which node knows it first.
 //!
 //! # Data in Redis
 //!
@@ -95,6 +97,7 @@ mod presence;
 mod registrar;
 mod scripts;
 mod sharded;
+mod topology;
 
 use super::{Backend, Dispatch};
 use crate::config::{Config, InboxConfig};

@@ -49,6 +49,7 @@
 use super::codec;
 use super::keys;
 use super::registrar::{sharded, Registrar, Request, Sub, Subscribed, Sweep};
+use super::topology::{newly_serving, with_host, SlotMap, Topology};
 use super::Target;
 use crate::error::Error;
 use futures_util::future::join_all;
@@ -103,137 +104,234 @@ impl Unproven {
     }
 }
 
+/// The registrar's loop state on a Redis Cluster: the pub/sub connection
+/// and what this node must still prove (see the module doc). Owned by the
+/// loop's task; nothing else touches it.
+struct Shards {
+    seeds: Vec<String>,
+    /// The pub/sub connection and the pushes it delivers (replaced with a
+    /// new pair when its topology may be stale).
+    conn: ClusterConnection,
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+    subscribed: Subscribed,
+    broadcast_channel: String,
+    /// This node's incarnation: the probes it recognises as its own.
+    me: String,
+    unproven: Unproven,
+    topology: Topology,
+    /// The slot map at the last successful read.
+    slots: Option<SlotMap>,
+    /// A subscribe or probe of this loop's connection timed out or lost
+    /// its connection since the last topology check.
+    pubsub_trouble: bool,
+    /// Topology checks left in which the connections are replaced again
+    /// after a slot-map change: a fresh connection reads its map from one
+    /// node, which may not have heard of the change yet.
+    again: u32,
+    health: Health,
+    sweep: Sweep,
+    /// A primary that took slots over in the last slot-map change, as a
+    /// seed URL: new connections read their first slot map from it (see
+    /// [`Registrar::on_topology`]).
+    newest: Option<String>,
+}
+
+impl Shards {
+    /// The seeds a new connection starts from: the primary that knows the
+    /// newest slot map alone, when there is one, then every seed.
+    fn seeds_for_new(&self) -> Vec<Vec<String>> {
+        let mut tries = Vec::with_capacity(2);
+        if let Some(n) = &self.newest {
+            tries.push(vec![n.clone()]);
+        }
+        tries.push(self.seeds.clone());
+        tries
+    }
+}
+
 impl Registrar {
-    /// Redis Cluster: the registrar's loop (see the module doc).
+    /// Redis Cluster: the registrar's loop (see the module doc). Each
+    /// event is one method; none may hold the loop for long (each Redis
+    /// step is bounded), since the topology checks are what replace a
+    /// stuck connection.
     pub(super) async fn run_cluster(
         self,
         seeds: Vec<String>,
         mut rx: mpsc::UnboundedReceiver<Request>,
         ready: oneshot::Sender<crate::error::Result<()>>,
     ) {
-        let (mut conn, mut pushes) = match pubsub_connection(&seeds).await {
+        let (conn, pushes) = match pubsub_connection(&seeds).await {
             Ok(c) => c,
             Err(e) => {
                 let _ = ready.send(Err(e));
                 return;
             }
         };
-        let mut subscribed = Subscribed::new();
-        let broadcast_channel = keys::broadcast_channel();
-        let me = self.incarnation();
-        let mut unproven = Unproven::default();
+        let mut st = Shards {
+            conn,
+            pushes,
+            subscribed: Subscribed::new(),
+            broadcast_channel: keys::broadcast_channel(),
+            me: self.incarnation(),
+            unproven: Unproven::default(),
+            slots: None,
+            pubsub_trouble: false,
+            again: 0,
+            health: Health::default(),
+            sweep: Sweep::default(),
+            topology: Topology::new(&seeds),
+            newest: None,
+            seeds,
+        };
         let restored = self
-            .restore(&mut Sub::Cluster(&mut conn), &mut subscribed)
+            .restore(&mut Sub::Cluster(&mut st.conn), &mut st.subscribed)
             .await;
         let _ = ready.send(restored);
-        let mut topology_reader = Topology::new(&seeds);
-        let mut slots = topology_reader.read().await.ok();
-        // A subscribe or probe of this loop's connection timed out or lost
-        // its connection since the last topology check.
-        let mut pubsub_trouble = false;
-        // Topology checks left in which the connections are replaced again
-        // after a slot-map change: a fresh connection reads its map from
-        // one node, which may not have heard of the change yet.
-        let mut again = 0u32;
-        let mut health = Health::default();
-        let mut sweep = Sweep::default();
+        st.slots = st.topology.read().await.ok();
         let mut renew = tokio::time::interval(self.lease / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         renew.tick().await; // restore renewed just now
         let mut repair = tokio::time::interval(REPAIR_EVERY);
         repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut topology = tokio::time::interval(TOPOLOGY_EVERY);
-        topology.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut topology_tick = tokio::time::interval(TOPOLOGY_EVERY);
+        topology_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::new();
         loop {
             tokio::select! {
-                push = pushes.recv() => {
+                push = st.pushes.recv() => {
                     let Some(push) = push else { return };
-                    self.on_push(push, &broadcast_channel, &me, &subscribed, &mut unproven);
+                    self.on_push(push, &st.broadcast_channel, &st.me, &st.subscribed, &mut st.unproven);
                 }
                 n = rx.recv_many(&mut batch, 1024) => {
                     if n == 0 { return }
-                    let batch = std::mem::take(&mut batch);
-                    let before = subscribed.clone();
-                    let synced = tokio::time::timeout(
-                        STEP_AT_MOST,
-                        self.process(&mut Sub::Cluster(&mut conn), &mut subscribed, batch),
-                    )
-                    .await;
-                    match synced {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::warn!(error = %e, "subscription sync failed"),
-                        Err(_) => {
-                            pubsub_trouble = true;
-                            tracing::warn!("subscription sync timed out");
-                        }
-                    }
-                    // While a topology event is being worked off, a new
-                    // subscription's confirmation is no proof either.
-                    if unproven.pending() {
-                        for u in subscribed.difference(&before) {
-                            unproven.channels.insert(keys::user_channel(u), None);
-                        }
-                    }
+                    self.on_requests(&mut st, std::mem::take(&mut batch)).await;
                 }
-                _ = renew.tick() => {
-                    // Bounded: a connection stuck on an old slot map must
-                    // not hold up this loop, whose topology checks replace
-                    // it (a lapsed renewal is retried at the next tick).
-                    match tokio::time::timeout(STEP_AT_MOST, self.renew()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::warn!(error = %e, "node lease renewal failed"),
-                        Err(_) => tracing::warn!("node lease renewal timed out"),
-                    }
-                    let _ = tokio::time::timeout(STEP_AT_MOST, self.sweep(&mut sweep)).await;
+                _ = renew.tick() => self.on_renew(&mut st.sweep).await,
+                _ = topology_tick.tick() => self.on_topology(&mut st).await,
+                _ = repair.tick(), if st.unproven.pending() => {
+                    st.pubsub_trouble |= !self
+                        .prove(&st.conn, &st.subscribed, &st.broadcast_channel, &st.me, &mut st.unproven)
+                        .await;
                 }
-                _ = topology.tick() => {
-                    let commands_ok = self.commands_answer().await;
-                    let read = topology_reader.read().await;
-                    let read_ok = read.is_ok();
-                    let changed = matches!((&slots, &read), (Some(before), Ok(now)) if before != now);
-                    let renew_conns = changed || again > 0;
-                    again = if changed { AGAIN_AFTER_A_CHANGE } else { again.saturating_sub(1) };
-                    if changed {
-                        tracing::info!("the Redis Cluster slot map changed; new connections, every subscription proven again");
-                        metrics::counter!("herald_redis_resubscribes_total", "why" => "topology").increment(1);
-                    }
-                    match read {
-                        Ok(now) => slots = Some(now),
-                        Err(ref e) => tracing::debug!(error = %e, "reading the slot map failed"),
-                    }
-                    // See `Swappable`. A connection is replaced when the
-                    // slot map changed; when, the map being readable, its
-                    // requests met timeouts or lost connections (a fresh
-                    // connection may have read its map from a node that
-                    // had not heard of the change yet), at most every
-                    // [`REPLACE_AT_MOST_EVERY`]; and when it stops
-                    // answering altogether.
-                    let commands_troubled = read_ok && self.commands_troubled();
-                    if renew_conns
-                        || health.commands.failed(commands_ok)
-                        || (commands_troubled && health.commands.may_replace())
-                    {
-                        self.replace_commands(&seeds).await;
-                        health.commands.replaced();
-                    }
-                    let pubsub_troubled = read_ok && std::mem::take(&mut pubsub_trouble);
-                    if renew_conns
-                        || (pubsub_troubled && health.pubsub.may_replace())
-                    {
-                        match pubsub_connection(&seeds).await {
-                            Ok((c, p)) => {
-                                (conn, pushes) = (c, p);
-                                health.pubsub.replaced();
-                                metrics::counter!("herald_redis_connections_replaced_total", "conn" => "pubsub").increment(1);
-                                unproven.everything(&subscribed);
-                            }
-                            Err(e) => tracing::debug!(error = %e, "a new Redis Cluster pub/sub connection failed; retrying"),
-                        }
-                    }
+            }
+        }
+    }
+
+    /// Subscription requests (a batch of up to 1,024, one round trip).
+    async fn on_requests(&self, st: &mut Shards, batch: Vec<Request>) {
+        let before = st.subscribed.clone();
+        let synced = tokio::time::timeout(
+            STEP_AT_MOST,
+            self.process(&mut Sub::Cluster(&mut st.conn), &mut st.subscribed, batch),
+        )
+        .await;
+        match synced {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "subscription sync failed"),
+            Err(_) => {
+                st.pubsub_trouble = true;
+                tracing::warn!("subscription sync timed out");
+            }
+        }
+        // While a topology event is being worked off, a new subscription's
+        // confirmation is no proof either.
+        if st.unproven.pending() {
+            for u in st.subscribed.difference(&before) {
+                st.unproven.channels.insert(keys::user_channel(u), None);
+            }
+        }
+    }
+
+    /// The lease renewal and a step of the reservation sweep. Bounded: a
+    /// connection stuck on an old slot map must not hold up the loop, whose
+    /// topology checks replace it (a lapsed renewal is retried at the next
+    /// tick).
+    async fn on_renew(&self, sweep: &mut Sweep) {
+        match tokio::time::timeout(STEP_AT_MOST, self.renew()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "node lease renewal failed"),
+            Err(_) => tracing::warn!("node lease renewal timed out"),
+        }
+        let _ = tokio::time::timeout(STEP_AT_MOST, self.sweep(sweep)).await;
+    }
+
+    /// Reads the slot map and replaces the connections that may be stale
+    /// (see `Swappable`): when the slot map changed (and again in the next
+    /// [`AGAIN_AFTER_A_CHANGE`] checks); when, the map being readable,
+    /// requests met timeouts or lost connections (a fresh connection may
+    /// have read its map from a node that had not heard of the change
+    /// yet), at most every [`REPLACE_AT_MOST_EVERY`]; and the command
+    /// connection when it stops answering altogether.
+    ///
+    /// A new connection of the `redis` crate reads its slot map from
+    /// whichever node it asks first; right after a failover most nodes may
+    /// not have heard of the promotion yet (gossip takes a while on a busy
+    /// machine), and a connection built on their map sends the shard's
+    /// requests to the dead primary until it happens to ask a node that
+    /// knows. So new connections start from the promoted primary alone:
+    /// it knows it serves those slots, and what serves the others did not
+    /// change.
+    async fn on_topology(&self, st: &mut Shards) {
+        let commands_ok = self.commands_answer().await;
+        let read = st.topology.read().await;
+        let read_ok = read.is_ok();
+        let changed = matches!((&st.slots, &read), (Some(before), Ok(now)) if before != now);
+        let renew_conns = changed || st.again > 0;
+        st.again = if changed {
+            AGAIN_AFTER_A_CHANGE
+        } else {
+            st.again.saturating_sub(1)
+        };
+        if let (true, Some(before), Ok(now)) = (changed, &st.slots, &read) {
+            // The ranges that changed hands, as "first-last host port id".
+            let moved: Vec<String> = now
+                .iter()
+                .filter(|r| !before.contains(r))
+                .take(8)
+                .map(|(a, b, who)| format!("{a}-{b} {who}"))
+                .collect();
+            tracing::info!(
+                moved = moved.join(", "),
+                "the Redis Cluster slot map changed; new connections, every subscription proven again"
+            );
+            metrics::counter!("herald_redis_resubscribes_total", "why" => "topology").increment(1);
+        }
+        match read {
+            Ok(now) => {
+                if let Some((host, port)) = st.slots.as_ref().and_then(|b| newly_serving(b, &now)) {
+                    st.newest = Some(with_host(&st.seeds[0], &host, port));
                 }
-                _ = repair.tick(), if unproven.pending() => {
-                    pubsub_trouble |= !self.prove(&conn, &subscribed, &broadcast_channel, &me, &mut unproven).await;
+                st.slots = Some(now);
+            }
+            Err(ref e) => tracing::debug!(error = %e, "reading the slot map failed"),
+        }
+        let commands_troubled = read_ok && self.commands_troubled();
+        if renew_conns
+            || st.health.commands.failed(commands_ok)
+            || (commands_troubled && st.health.commands.may_replace())
+        {
+            self.replace_commands(&st.seeds_for_new()).await;
+            st.health.commands.replaced();
+        }
+        let pubsub_troubled = read_ok && std::mem::take(&mut st.pubsub_trouble);
+        if renew_conns || (pubsub_troubled && st.health.pubsub.may_replace()) {
+            let mut made = Err(Error::Unavailable("no seeds".into()));
+            for seeds in st.seeds_for_new() {
+                made = pubsub_connection(&seeds).await;
+                if made.is_ok() {
+                    break;
+                }
+            }
+            match made {
+                Ok((c, p)) => {
+                    (st.conn, st.pushes) = (c, p);
+                    st.health.pubsub.replaced();
+                    metrics::counter!("herald_redis_connections_replaced_total", "conn" => "pubsub")
+                        .increment(1);
+                    st.unproven.everything(&st.subscribed);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "a new Redis Cluster pub/sub connection failed; retrying")
                 }
             }
         }
@@ -266,13 +364,21 @@ impl Registrar {
 
     /// Puts a new command connection in place of a wedged one (kept if no
     /// new one can be made now: the next check tries again).
-    async fn replace_commands(&self, seeds: &[String]) {
+    /// `tries`: seed lists tried in turn (see [`Shards::seeds_for_new`]).
+    async fn replace_commands(&self, tries: &[Vec<String>]) {
         let super::Conn::Cluster(c) = &self.conn else {
             return;
         };
-        match tokio::time::timeout(Duration::from_secs(5), Target::cluster_connection(seeds)).await
-        {
-            Ok(Ok(fresh)) => {
+        let mut made = None;
+        for seeds in tries {
+            let fresh = Target::cluster_connection(seeds);
+            if let Ok(Ok(fresh)) = tokio::time::timeout(Duration::from_secs(5), fresh).await {
+                made = Some(fresh);
+                break;
+            }
+        }
+        match made {
+            Some(fresh) => {
                 c.replace(fresh);
                 tracing::info!(
                     "the Redis Cluster command connection was replaced (slot map changed, or it stopped answering)"
@@ -280,7 +386,7 @@ impl Registrar {
                 metrics::counter!("herald_redis_connections_replaced_total", "conn" => "commands")
                     .increment(1);
             }
-            _ => tracing::debug!("a new Redis Cluster command connection failed; retrying"),
+            None => tracing::debug!("a new Redis Cluster command connection failed; retrying"),
         }
     }
 
@@ -505,117 +611,4 @@ async fn pubsub_connection(
             "Redis Cluster pub/sub connect timed out".into(),
         )),
     }
-}
-
-/// The slot map as a live node reports it: (first slot, last slot,
-/// primary) per range, sorted. Compared, not interpreted: any change is a
-/// reason to replace the connections and prove subscriptions again.
-type SlotMap = Vec<(i64, i64, String)>;
-
-/// Reads the slot map over a plain connection to one cluster node at a
-/// time, not through the crate's cluster connection, whose routing is what
-/// may be stale: the seeds first, then every primary a map named; a node
-/// that fails is left for the next.
-struct Topology {
-    nodes: Vec<String>,
-    next: usize,
-    conn: Option<redis::aio::MultiplexedConnection>,
-}
-
-impl Topology {
-    fn new(seeds: &[String]) -> Self {
-        Topology {
-            nodes: seeds.to_vec(),
-            next: 0,
-            conn: None,
-        }
-    }
-
-    async fn read(&mut self) -> crate::error::Result<SlotMap> {
-        let mut last = Error::Unavailable("no cluster node to ask".into());
-        for _ in 0..self.nodes.len() {
-            if self.conn.is_none() {
-                let url = &self.nodes[self.next % self.nodes.len()];
-                let connected = async {
-                    let client = redis::Client::open(url.as_str())?;
-                    client.get_multiplexed_async_connection().await
-                };
-                match tokio::time::timeout(Duration::from_millis(500), connected).await {
-                    Ok(Ok(c)) => self.conn = Some(c),
-                    _ => {
-                        self.next += 1;
-                        continue;
-                    }
-                }
-            }
-            let conn = self.conn.as_mut().expect("just connected");
-            let mut cmd = redis::cmd("CLUSTER");
-            cmd.arg("SLOTS");
-            let asked = cmd.query_async::<Value>(conn);
-            match tokio::time::timeout(Duration::from_secs(1), asked).await {
-                Ok(Ok(v)) => {
-                    let (map, primaries) = parse_slots(v)?;
-                    // Auth and options as in the seeds (the first one's).
-                    for (host, port) in primaries {
-                        let url = with_host(&self.nodes[0], &host, port);
-                        if !self.nodes.contains(&url) {
-                            self.nodes.push(url);
-                        }
-                    }
-                    return Ok(map);
-                }
-                Ok(Err(e)) => last = e.into(),
-                Err(_) => last = Error::Unavailable("CLUSTER SLOTS timed out".into()),
-            }
-            self.conn = None;
-            self.next += 1;
-        }
-        Err(last)
-    }
-}
-
-/// `seed` (a `redis://[auth@]host:port` URL) with another host and port.
-fn with_host(seed: &str, host: &str, port: u16) -> String {
-    let rest = seed.strip_prefix("redis://").unwrap_or(seed);
-    match rest.rsplit_once('@') {
-        Some((auth, _)) => format!("redis://{auth}@{host}:{port}"),
-        None => format!("redis://{host}:{port}"),
-    }
-}
-
-/// The slot map of a `CLUSTER SLOTS` reply, and its primaries' addresses.
-fn parse_slots(v: Value) -> crate::error::Result<(SlotMap, Vec<(String, u16)>)> {
-    let mut primaries = Vec::new();
-    let Value::Array(ranges) = v else {
-        return Err(Error::Backend("CLUSTER SLOTS: not an array".into()));
-    };
-    let mut map = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        let Value::Array(f) = r else { continue };
-        let (Some(Value::Int(a)), Some(Value::Int(b)), Some(Value::Array(primary))) =
-            (f.first(), f.get(1), f.get(2))
-        else {
-            continue;
-        };
-        // [host, port, id, ...]: the id names the node across restarts.
-        let who = primary
-            .iter()
-            .map(|x| match x {
-                Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                Value::Int(i) => i.to_string(),
-                _ => String::new(),
-            })
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ");
-        if let (Some(Value::BulkString(h)), Some(Value::Int(p))) = (primary.first(), primary.get(1))
-        {
-            if let Ok(p) = u16::try_from(*p) {
-                primaries.push((String::from_utf8_lossy(h).into_owned(), p));
-            }
-        }
-        map.push((*a, *b, who));
-    }
-    map.sort();
-    Ok((map, primaries))
 }
