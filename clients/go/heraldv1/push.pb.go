@@ -1415,7 +1415,9 @@ type StatsResponse struct {
 	// Users with at least one live connection anywhere in the cluster.
 	OnlineUsers uint64 `protobuf:"varint,3,opt,name=online_users,json=onlineUsers,proto3" json:"online_users,omitempty"`
 	// Live connections across the cluster.
-	Connections   uint64 `protobuf:"varint,4,opt,name=connections,proto3" json:"connections,omitempty"`
+	Connections uint64 `protobuf:"varint,4,opt,name=connections,proto3" json:"connections,omitempty"`
+	// The answering node's PostgreSQL outbox consumer (--outbox-postgres).
+	Outbox        *OutboxStats `protobuf:"bytes,5,opt,name=outbox,proto3" json:"outbox,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1478,6 +1480,99 @@ func (x *StatsResponse) GetConnections() uint64 {
 	return 0
 }
 
+func (x *StatsResponse) GetOutbox() *OutboxStats {
+	if x != nil {
+		return x.Outbox
+	}
+	return nil
+}
+
+// One node's outbox consumer. Every node with --outbox-postgres runs one;
+// one at a time is "active" (it holds the table's advisory lock), the
+// others are "standby" and take over when it goes away.
+type OutboxStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "off" (no --outbox-postgres), "connecting", "standby", "active", or
+	// "unreachable" (the database cannot be reached; retrying).
+	State string `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	// Rows this node delivered and deleted since it started.
+	RowsDelivered uint64 `protobuf:"varint,2,opt,name=rows_delivered,json=rowsDelivered,proto3" json:"rows_delivered,omitempty"`
+	// Rows this node moved to the dead-letter table since it started.
+	RowsDeadLettered uint64 `protobuf:"varint,3,opt,name=rows_dead_lettered,json=rowsDeadLettered,proto3" json:"rows_dead_lettered,omitempty"`
+	// Sends of rows that failed for a transient reason and were retried.
+	SendFailures uint64 `protobuf:"varint,4,opt,name=send_failures,json=sendFailures,proto3" json:"send_failures,omitempty"`
+	// Age of the oldest pending row when this node last looked, in
+	// milliseconds (0: the table was empty, or this node is not active).
+	LagMs         uint64 `protobuf:"varint,5,opt,name=lag_ms,json=lagMs,proto3" json:"lag_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OutboxStats) Reset() {
+	*x = OutboxStats{}
+	mi := &file_herald_v1_push_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OutboxStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OutboxStats) ProtoMessage() {}
+
+func (x *OutboxStats) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OutboxStats.ProtoReflect.Descriptor instead.
+func (*OutboxStats) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *OutboxStats) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *OutboxStats) GetRowsDelivered() uint64 {
+	if x != nil {
+		return x.RowsDelivered
+	}
+	return 0
+}
+
+func (x *OutboxStats) GetRowsDeadLettered() uint64 {
+	if x != nil {
+		return x.RowsDeadLettered
+	}
+	return 0
+}
+
+func (x *OutboxStats) GetSendFailures() uint64 {
+	if x != nil {
+		return x.SendFailures
+	}
+	return 0
+}
+
+func (x *OutboxStats) GetLagMs() uint64 {
+	if x != nil {
+		return x.LagMs
+	}
+	return 0
+}
+
 // One node's figures. The answering node reports its own live; every other
 // node's are as that node last wrote them to Redis with its lease renewal
 // (every --node-lease / 3), so they may lag by that much.
@@ -1502,7 +1597,7 @@ type NodeStats struct {
 
 func (x *NodeStats) Reset() {
 	*x = NodeStats{}
-	mi := &file_herald_v1_push_proto_msgTypes[23]
+	mi := &file_herald_v1_push_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1514,7 +1609,7 @@ func (x *NodeStats) String() string {
 func (*NodeStats) ProtoMessage() {}
 
 func (x *NodeStats) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[23]
+	mi := &file_herald_v1_push_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1527,7 +1622,7 @@ func (x *NodeStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStats.ProtoReflect.Descriptor instead.
 func (*NodeStats) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{23}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *NodeStats) GetNodeId() string {
@@ -1663,12 +1758,19 @@ const file_herald_v1_push_proto_rawDesc = "" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"0\n" +
 	"\x16DisconnectUserResponse\x12\x16\n" +
 	"\x06closed\x18\x01 \x01(\rR\x06closed\"\x0e\n" +
-	"\fStatsRequest\"\xaa\x01\n" +
+	"\fStatsRequest\"\xda\x01\n" +
 	"\rStatsResponse\x12(\n" +
 	"\x04node\x18\x01 \x01(\v2\x14.herald.v1.NodeStatsR\x04node\x12*\n" +
 	"\x05nodes\x18\x02 \x03(\v2\x14.herald.v1.NodeStatsR\x05nodes\x12!\n" +
 	"\fonline_users\x18\x03 \x01(\x04R\vonlineUsers\x12 \n" +
-	"\vconnections\x18\x04 \x01(\x04R\vconnections\"\xe8\x01\n" +
+	"\vconnections\x18\x04 \x01(\x04R\vconnections\x12.\n" +
+	"\x06outbox\x18\x05 \x01(\v2\x16.herald.v1.OutboxStatsR\x06outbox\"\xb4\x01\n" +
+	"\vOutboxStats\x12\x14\n" +
+	"\x05state\x18\x01 \x01(\tR\x05state\x12%\n" +
+	"\x0erows_delivered\x18\x02 \x01(\x04R\rrowsDelivered\x12,\n" +
+	"\x12rows_dead_lettered\x18\x03 \x01(\x04R\x10rowsDeadLettered\x12#\n" +
+	"\rsend_failures\x18\x04 \x01(\x04R\fsendFailures\x12\x15\n" +
+	"\x06lag_ms\x18\x05 \x01(\x04R\x05lagMs\"\xe8\x01\n" +
 	"\tNodeStats\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12 \n" +
 	"\vconnections\x18\x02 \x01(\x04R\vconnections\x12\x14\n" +
@@ -1703,7 +1805,7 @@ func file_herald_v1_push_proto_rawDescGZIP() []byte {
 	return file_herald_v1_push_proto_rawDescData
 }
 
-var file_herald_v1_push_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_herald_v1_push_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_herald_v1_push_proto_goTypes = []any{
 	(*SendToUserRequest)(nil),      // 0: herald.v1.SendToUserRequest
 	(*SendToUserResponse)(nil),     // 1: herald.v1.SendToUserResponse
@@ -1728,39 +1830,41 @@ var file_herald_v1_push_proto_goTypes = []any{
 	(*DisconnectUserResponse)(nil), // 20: herald.v1.DisconnectUserResponse
 	(*StatsRequest)(nil),           // 21: herald.v1.StatsRequest
 	(*StatsResponse)(nil),          // 22: herald.v1.StatsResponse
-	(*NodeStats)(nil),              // 23: herald.v1.NodeStats
+	(*OutboxStats)(nil),            // 23: herald.v1.OutboxStats
+	(*NodeStats)(nil),              // 24: herald.v1.NodeStats
 }
 var file_herald_v1_push_proto_depIdxs = []int32{
 	2,  // 0: herald.v1.SendToUserResponse.deliveries:type_name -> herald.v1.Delivery
 	7,  // 1: herald.v1.IsOnlineResponse.users:type_name -> herald.v1.UserPresence
 	14, // 2: herald.v1.ListMessagesResponse.messages:type_name -> herald.v1.StoredMessage
-	23, // 3: herald.v1.StatsResponse.node:type_name -> herald.v1.NodeStats
-	23, // 4: herald.v1.StatsResponse.nodes:type_name -> herald.v1.NodeStats
-	0,  // 5: herald.v1.PushService.SendToUser:input_type -> herald.v1.SendToUserRequest
-	3,  // 6: herald.v1.PushService.Broadcast:input_type -> herald.v1.BroadcastRequest
-	5,  // 7: herald.v1.PushService.IsOnline:input_type -> herald.v1.IsOnlineRequest
-	8,  // 8: herald.v1.PushService.UnreadCount:input_type -> herald.v1.UnreadCountRequest
-	10, // 9: herald.v1.PushService.MarkRead:input_type -> herald.v1.MarkReadRequest
-	12, // 10: herald.v1.PushService.ListMessages:input_type -> herald.v1.ListMessagesRequest
-	15, // 11: herald.v1.PushService.MarkUnread:input_type -> herald.v1.MarkUnreadRequest
-	17, // 12: herald.v1.PushService.DeleteMessages:input_type -> herald.v1.DeleteMessagesRequest
-	19, // 13: herald.v1.PushService.DisconnectUser:input_type -> herald.v1.DisconnectUserRequest
-	21, // 14: herald.v1.PushService.Stats:input_type -> herald.v1.StatsRequest
-	1,  // 15: herald.v1.PushService.SendToUser:output_type -> herald.v1.SendToUserResponse
-	4,  // 16: herald.v1.PushService.Broadcast:output_type -> herald.v1.BroadcastResponse
-	6,  // 17: herald.v1.PushService.IsOnline:output_type -> herald.v1.IsOnlineResponse
-	9,  // 18: herald.v1.PushService.UnreadCount:output_type -> herald.v1.UnreadCountResponse
-	11, // 19: herald.v1.PushService.MarkRead:output_type -> herald.v1.MarkReadResponse
-	13, // 20: herald.v1.PushService.ListMessages:output_type -> herald.v1.ListMessagesResponse
-	16, // 21: herald.v1.PushService.MarkUnread:output_type -> herald.v1.MarkUnreadResponse
-	18, // 22: herald.v1.PushService.DeleteMessages:output_type -> herald.v1.DeleteMessagesResponse
-	20, // 23: herald.v1.PushService.DisconnectUser:output_type -> herald.v1.DisconnectUserResponse
-	22, // 24: herald.v1.PushService.Stats:output_type -> herald.v1.StatsResponse
-	15, // [15:25] is the sub-list for method output_type
-	5,  // [5:15] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	24, // 3: herald.v1.StatsResponse.node:type_name -> herald.v1.NodeStats
+	24, // 4: herald.v1.StatsResponse.nodes:type_name -> herald.v1.NodeStats
+	23, // 5: herald.v1.StatsResponse.outbox:type_name -> herald.v1.OutboxStats
+	0,  // 6: herald.v1.PushService.SendToUser:input_type -> herald.v1.SendToUserRequest
+	3,  // 7: herald.v1.PushService.Broadcast:input_type -> herald.v1.BroadcastRequest
+	5,  // 8: herald.v1.PushService.IsOnline:input_type -> herald.v1.IsOnlineRequest
+	8,  // 9: herald.v1.PushService.UnreadCount:input_type -> herald.v1.UnreadCountRequest
+	10, // 10: herald.v1.PushService.MarkRead:input_type -> herald.v1.MarkReadRequest
+	12, // 11: herald.v1.PushService.ListMessages:input_type -> herald.v1.ListMessagesRequest
+	15, // 12: herald.v1.PushService.MarkUnread:input_type -> herald.v1.MarkUnreadRequest
+	17, // 13: herald.v1.PushService.DeleteMessages:input_type -> herald.v1.DeleteMessagesRequest
+	19, // 14: herald.v1.PushService.DisconnectUser:input_type -> herald.v1.DisconnectUserRequest
+	21, // 15: herald.v1.PushService.Stats:input_type -> herald.v1.StatsRequest
+	1,  // 16: herald.v1.PushService.SendToUser:output_type -> herald.v1.SendToUserResponse
+	4,  // 17: herald.v1.PushService.Broadcast:output_type -> herald.v1.BroadcastResponse
+	6,  // 18: herald.v1.PushService.IsOnline:output_type -> herald.v1.IsOnlineResponse
+	9,  // 19: herald.v1.PushService.UnreadCount:output_type -> herald.v1.UnreadCountResponse
+	11, // 20: herald.v1.PushService.MarkRead:output_type -> herald.v1.MarkReadResponse
+	13, // 21: herald.v1.PushService.ListMessages:output_type -> herald.v1.ListMessagesResponse
+	16, // 22: herald.v1.PushService.MarkUnread:output_type -> herald.v1.MarkUnreadResponse
+	18, // 23: herald.v1.PushService.DeleteMessages:output_type -> herald.v1.DeleteMessagesResponse
+	20, // 24: herald.v1.PushService.DisconnectUser:output_type -> herald.v1.DisconnectUserResponse
+	22, // 25: herald.v1.PushService.Stats:output_type -> herald.v1.StatsResponse
+	16, // [16:26] is the sub-list for method output_type
+	6,  // [6:16] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_herald_v1_push_proto_init() }
@@ -1774,7 +1878,7 @@ func file_herald_v1_push_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_herald_v1_push_proto_rawDesc), len(file_herald_v1_push_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
