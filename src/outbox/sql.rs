@@ -95,3 +95,13 @@ pub fn lock_name(table: &str) -> String {
 /// is dropped and created again (ids from 1 again) does not collide with
 /// keys Herald still remembers.
 pub const TABLE_OID: &str = "SELECT to_regclass($1)::oid";
+
+#[cfg(test)]
+mod tests {
+    /// README's Outbox section shows the DDL `herald outbox init` prints.
+    #[test]
+    fn the_readme_shows_the_ddl() {
+        let readme = include_str!("../../README.md");
+        assert!(readme.contains(&super::ddl("herald_outbox")));
+    }
+}
