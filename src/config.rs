@@ -17,8 +17,10 @@ use crate::origin::Origins;
 use crate::telemetry::{LogFormat, LogLevel};
 
 mod client;
+mod outbox;
 mod parse;
 pub use client::{ClientTls, JwksArgs, ListenArgs, PrivateKeyArgs, SendArgs, TokenArgs};
+pub use outbox::{OutboxArgs, OutboxConfig, OutboxInitArgs, MAX_OUTBOX_BATCH};
 use parse::*;
 
 #[derive(Parser, Debug)]
@@ -44,6 +46,15 @@ pub enum Command {
     Send(SendArgs),
     /// Connect to a node's WebSocket like a browser and print the frames it sends.
     Listen(ListenArgs),
+    /// The PostgreSQL outbox a node consumes (--outbox-postgres).
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OutboxCommand {
+    /// Print the DDL of the outbox table, its dead-letter table and its notify trigger (or apply it with --apply).
+    Init(OutboxInitArgs),
 }
 
 /// Flags of `herald serve`. Each setting, its environment variable and its
@@ -197,6 +208,8 @@ pub struct ServeArgs {
     /// Level of the log: off, error, warn, info, debug, trace. HTTP/2, hyper, tower, tonic and rustls stay at warn; RUST_LOG, if set, adds directives on top (a target it names follows it; a bare level replaces this one).
     #[arg(long, env = "HERALD_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
 }
 
 impl Default for ServeArgs {
@@ -384,6 +397,8 @@ pub struct Config {
     pub idempotency_window: Duration,
     /// None: one per core.
     pub worker_threads: Option<usize>,
+    /// The PostgreSQL outbox consumer; None: off.
+    pub outbox: Option<OutboxConfig>,
 }
 
 impl Default for Config {
@@ -501,6 +516,7 @@ impl Config {
             presence_ttl: args.presence_ttl.max(node_lease * PRESENCE_TTL_LEASES),
             idempotency_window: args.idempotency_window.max(Duration::from_secs(1)),
             worker_threads: args.worker_threads.filter(|n| *n > 0),
+            outbox: args.outbox.resolve(),
         })
     }
 }

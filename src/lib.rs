@@ -33,6 +33,10 @@
 //!   append and one publish for all of them, a result per item.
 //! * `backend`: what nodes share (broker, presence, inbox), one trait per
 //!   concern, embedded in `backend::memory` or in Redis in `backend::redis`.
+//! * `outbox`: the PostgreSQL outbox consumer (`--outbox-postgres`): one
+//!   node at a time (an advisory lock) delivers the rows services commit,
+//!   with a key per row, in per-user order; `outbox/sql.rs` holds the DDL
+//!   and the statements, `outbox/deliver.rs` a batch's order and retries.
 //! * `error`: the error type and its gRPC status mapping.
 //! * [`telemetry`]: the log: its format and filter, the event-log lines
 //!   (connections, refusals, calls), the rate limit on repeated refusals.
@@ -41,7 +45,7 @@
 //!   listen` (a WebSocket client that connects like a browser), `herald
 //!   token` and `herald jwks` (development credentials).
 //!
-//! Modules depend downwards only: `server` → `ws`/`grpc`/`http` → `batch` → `node` →
+//! Modules depend downwards only: `server` → `ws`/`grpc`/`http`/`outbox` → `batch` → `node` →
 //! `hub`/`backend` → `protocol`/`error`/`config`. Backends reach this node's
 //! connections through a trait, never the hub's concrete type.
 //!
@@ -61,6 +65,7 @@ mod http;
 mod hub;
 mod node;
 pub mod origin;
+mod outbox;
 mod protocol;
 pub mod server;
 pub mod telemetry;

@@ -1,4 +1,4 @@
-use herald::config::{Cli, Command, Config};
+use herald::config::{Cli, Command, Config, OutboxCommand};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -40,6 +40,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Jwks(j) => print_or_fail("jwks", herald::cli::jwks(&j.key)),
         Command::Send(args) => herald::cli::send(args).await,
         Command::Listen(args) => herald::cli::listen(args).await,
+        Command::Outbox(OutboxCommand::Init(args)) => herald::cli::outbox_init(args).await,
         Command::Serve(args) => {
             herald::telemetry::init(args.log_format, args.log_level);
             let cfg = match Config::resolve(args) {

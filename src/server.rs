@@ -30,6 +30,10 @@ use tokio_util::task::TaskTracker;
 /// How long shutdown waits for connections to take their close frames.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long shutdown waits for the outbox consumer to end its current
+/// send (its statements' own timeout is longer; it is aborted then).
+const OUTBOX_STOP_DEADLINE: Duration = Duration::from_secs(2);
+
 /// The three listeners of a node.
 pub struct Listeners {
     pub ws: TcpListener,
@@ -119,9 +123,16 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let tasks = TaskTracker::new();
+    let outbox_status = Arc::new(crate::outbox::Status::default());
+    let outbox = cfg.outbox.clone().map(|o| {
+        tracing::info!(postgres = %crate::telemetry::redact_url(&o.url), table = %o.table,
+            "outbox consumer on");
+        crate::outbox::Consumer::start(o, node.clone(), outbox_status.clone(), stop_rx.clone())
+    });
     let grpc = serve_grpc(
         &cfg,
         &node,
+        &outbox_status,
         &api_keys,
         listeners.grpc,
         tls.grpc.clone(),
@@ -163,6 +174,7 @@ pub async fn run(
         admin,
         grpc,
         tickers,
+        outbox,
     }
     .drain()
     .await;
@@ -259,6 +271,7 @@ type GrpcServer = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
 async fn serve_grpc(
     cfg: &Config,
     node: &Arc<Node>,
+    outbox: &Arc<crate::outbox::Status>,
     api_keys: &ApiKeys,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -274,7 +287,7 @@ async fn serve_grpc(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let push = tonic::service::interceptor::InterceptedService::new(
-        PushServiceServer::new(crate::grpc::PushApi::new(node.clone()))
+        PushServiceServer::new(crate::grpc::PushApi::new(node.clone(), outbox.clone()))
             .max_decoding_message_size(cfg.limits.max_payload_bytes + 1024 * 1024),
         api_keys.clone(),
     );
@@ -399,6 +412,8 @@ struct Running {
     admin: tokio::task::JoinHandle<()>,
     grpc: GrpcServer,
     tickers: Vec<tokio::task::JoinHandle<()>>,
+    /// The outbox consumer; it sees `stop` and ends between sends.
+    outbox: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -425,6 +440,16 @@ impl Running {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
             Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
+        }
+        // Before the backend goes: a send it abandons is sent again, under
+        // the same key, by the next consumer.
+        if let Some(mut outbox) = self.outbox {
+            if tokio::time::timeout(OUTBOX_STOP_DEADLINE, &mut outbox)
+                .await
+                .is_err()
+            {
+                outbox.abort();
+            }
         }
         self.node.shutdown().await;
         crate::telemetry::flush_suppressed(true);

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
-const SUBCOMMANDS: [&str; 5] = ["serve", "send", "listen", "token", "jwks"];
+const SUBCOMMANDS: [&str; 6] = ["serve", "send", "listen", "token", "jwks", "outbox init"];
 
 /// variable -> {(subcommand, flag)}
 type Table = BTreeMap<String, BTreeSet<(String, String)>>;
@@ -15,7 +15,7 @@ fn from_help() -> Table {
     let mut table = Table::new();
     for sub in SUBCOMMANDS {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-        cmd.args([sub, "--help"]);
+        cmd.args(sub.split(' ')).arg("--help");
         for (k, _) in std::env::vars() {
             if k.starts_with("HERALD_") {
                 cmd.env_remove(k);

@@ -1,13 +1,16 @@
 //! The client subcommands: `herald send` pushes a message through a node's
 //! gRPC API, `herald listen` connects to its WebSocket like a browser,
-//! `herald token` and `herald jwks` make development credentials. How they
+//! `herald token` and `herald jwks` make development credentials, `herald
+//! outbox init` prints or applies the outbox's DDL. How they
 //! reach a node, and what they say when they cannot, is in `reach`.
 
 mod listen;
+mod outbox;
 mod reach;
 mod token;
 
 pub use listen::listen;
+pub use outbox::outbox_init;
 pub use token::{jwks, token};
 
 use crate::config::SendArgs;

@@ -22,11 +22,13 @@ const SERVICE: &str = "herald.v1.PushService";
 
 pub struct PushApi {
     node: Arc<Node>,
+    /// The outbox consumer's figures (state `off` without one).
+    outbox: Arc<crate::outbox::Status>,
 }
 
 impl PushApi {
-    pub fn new(node: Arc<Node>) -> Self {
-        PushApi { node }
+    pub fn new(node: Arc<Node>, outbox: Arc<crate::outbox::Status>) -> Self {
+        PushApi { node, outbox }
     }
 }
 
@@ -387,7 +389,15 @@ impl PushService for PushApi {
                 None => nodes.push(me.clone()),
             }
             nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+            let o = self.outbox.snapshot();
             Ok(StatsResponse {
+                outbox: Some(OutboxStats {
+                    state: o.state.name().to_string(),
+                    rows_delivered: o.delivered,
+                    rows_dead_lettered: o.dead_lettered,
+                    send_failures: o.send_failures,
+                    lag_ms: o.lag_ms,
+                }),
                 online_users: s.cluster.online_users,
                 connections: nodes.iter().map(|x| x.connections).sum(),
                 node: Some(me),

@@ -1107,3 +1107,175 @@ pub fn ready_addr(ready: &str, key: &str) -> SocketAddr {
         .parse()
         .unwrap()
 }
+
+/// The directory of PostgreSQL's server programs: `initdb` on PATH, or
+/// Debian's `/usr/lib/postgresql/<version>/bin` (the newest).
+pub fn postgres_bin_dir() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .find(|d| d.join("initdb").is_file() && d.join("postgres").is_file())
+    }) {
+        return p;
+    }
+    let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL installed (Debian: apt-get install postgresql)")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|d| d.join("initdb").is_file())
+        .collect();
+    dirs.sort_by_key(|d| {
+        d.parent()
+            .and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.pop().expect("initdb under /usr/lib/postgresql/*/bin")
+}
+
+/// A real PostgreSQL server on a free loopback port, in a temporary data
+/// directory, with trust authentication for the user `herald`. Tests run
+/// as root and PostgreSQL refuses root, so it runs as the `postgres`
+/// system user (Debian's package creates it) through `setpriv`, which
+/// execs (unlike `runuser`, which forks): the child's PID is the
+/// postmaster's, so stopping it by PID stops the server. Stopped (and its
+/// directory removed) on drop.
+pub struct PostgresServer {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PostgresServer {
+    pub fn start() -> PostgresServer {
+        let bin = postgres_bin_dir();
+        let dir =
+            std::env::temp_dir().join(format!("herald-test-pg-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = std::process::Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .expect("chown runs")
+            .success();
+        assert!(
+            ok,
+            "chown postgres {} (the postgres user exists?)",
+            dir.display()
+        );
+        let out = Self::as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-A", "trust", "-U", "herald", "--no-sync"])
+            .output()
+            .expect("initdb runs");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = PostgresServer {
+            port: free_port(),
+            dir,
+            bin,
+            child: None,
+        };
+        pg.spawn();
+        pg
+    }
+
+    fn as_postgres(program: &std::path::Path) -> std::process::Command {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(program);
+        c
+    }
+
+    fn spawn(&mut self) {
+        let child = Self::as_postgres(&self.bin.join("postgres"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-k")
+            .arg(&self.dir)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+            ])
+            .args(["-c", "fsync=off", "-c", "max_connections=50"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("server.log")).unwrap())
+            .spawn()
+            .expect("setpriv runs postgres");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            // Debian ships pg_isready on PATH, not beside postgres.
+            let isready = Some(self.bin.join("pg_isready"))
+                .filter(|p| p.is_file())
+                .unwrap_or_else(|| "pg_isready".into());
+            let ready = std::process::Command::new(isready)
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ready {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "postgres did not start on port {}: {}",
+                self.port,
+                std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://herald@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// A client of the server (its connection driven by a task).
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL accepts a connection");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Stops the server: SIGINT (fast shutdown: clients cut off, data
+    /// kept), or SIGKILL after 10 s.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "-INT");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops it and starts it again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

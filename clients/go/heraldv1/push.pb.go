@@ -1588,7 +1588,9 @@ type StatsResponse struct {
 	// Users with at least one live connection anywhere in the cluster.
 	OnlineUsers uint64 `protobuf:"varint,3,opt,name=online_users,json=onlineUsers,proto3" json:"online_users,omitempty"`
 	// Live connections across the cluster.
-	Connections   uint64 `protobuf:"varint,4,opt,name=connections,proto3" json:"connections,omitempty"`
+	Connections uint64 `protobuf:"varint,4,opt,name=connections,proto3" json:"connections,omitempty"`
+	// The answering node's PostgreSQL outbox consumer (--outbox-postgres).
+	Outbox        *OutboxStats `protobuf:"bytes,5,opt,name=outbox,proto3" json:"outbox,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1651,6 +1653,99 @@ func (x *StatsResponse) GetConnections() uint64 {
 	return 0
 }
 
+func (x *StatsResponse) GetOutbox() *OutboxStats {
+	if x != nil {
+		return x.Outbox
+	}
+	return nil
+}
+
+// One node's outbox consumer. Every node with --outbox-postgres runs one;
+// one at a time is "active" (it holds the table's advisory lock), the
+// others are "standby" and take over when it goes away.
+type OutboxStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "off" (no --outbox-postgres), "connecting", "standby", "active", or
+	// "unreachable" (the database cannot be reached; retrying).
+	State string `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	// Rows this node delivered and deleted since it started.
+	RowsDelivered uint64 `protobuf:"varint,2,opt,name=rows_delivered,json=rowsDelivered,proto3" json:"rows_delivered,omitempty"`
+	// Rows this node moved to the dead-letter table since it started.
+	RowsDeadLettered uint64 `protobuf:"varint,3,opt,name=rows_dead_lettered,json=rowsDeadLettered,proto3" json:"rows_dead_lettered,omitempty"`
+	// Sends of rows that failed for a transient reason and were retried.
+	SendFailures uint64 `protobuf:"varint,4,opt,name=send_failures,json=sendFailures,proto3" json:"send_failures,omitempty"`
+	// Age of the oldest pending row when this node last looked, in
+	// milliseconds (0: the table was empty, or this node is not active).
+	LagMs         uint64 `protobuf:"varint,5,opt,name=lag_ms,json=lagMs,proto3" json:"lag_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OutboxStats) Reset() {
+	*x = OutboxStats{}
+	mi := &file_herald_v1_push_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OutboxStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OutboxStats) ProtoMessage() {}
+
+func (x *OutboxStats) ProtoReflect() protoreflect.Message {
+	mi := &file_herald_v1_push_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OutboxStats.ProtoReflect.Descriptor instead.
+func (*OutboxStats) Descriptor() ([]byte, []int) {
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *OutboxStats) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *OutboxStats) GetRowsDelivered() uint64 {
+	if x != nil {
+		return x.RowsDelivered
+	}
+	return 0
+}
+
+func (x *OutboxStats) GetRowsDeadLettered() uint64 {
+	if x != nil {
+		return x.RowsDeadLettered
+	}
+	return 0
+}
+
+func (x *OutboxStats) GetSendFailures() uint64 {
+	if x != nil {
+		return x.SendFailures
+	}
+	return 0
+}
+
+func (x *OutboxStats) GetLagMs() uint64 {
+	if x != nil {
+		return x.LagMs
+	}
+	return 0
+}
+
 // One node's figures. The answering node reports its own live; every other
 // node's are as that node last wrote them to Redis with its lease renewal
 // (every --node-lease / 3), so they may lag by that much.
@@ -1675,7 +1770,7 @@ type NodeStats struct {
 
 func (x *NodeStats) Reset() {
 	*x = NodeStats{}
-	mi := &file_herald_v1_push_proto_msgTypes[26]
+	mi := &file_herald_v1_push_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1687,7 +1782,7 @@ func (x *NodeStats) String() string {
 func (*NodeStats) ProtoMessage() {}
 
 func (x *NodeStats) ProtoReflect() protoreflect.Message {
-	mi := &file_herald_v1_push_proto_msgTypes[26]
+	mi := &file_herald_v1_push_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1700,7 +1795,7 @@ func (x *NodeStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStats.ProtoReflect.Descriptor instead.
 func (*NodeStats) Descriptor() ([]byte, []int) {
-	return file_herald_v1_push_proto_rawDescGZIP(), []int{26}
+	return file_herald_v1_push_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *NodeStats) GetNodeId() string {
@@ -1847,12 +1942,19 @@ const file_herald_v1_push_proto_rawDesc = "" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"0\n" +
 	"\x16DisconnectUserResponse\x12\x16\n" +
 	"\x06closed\x18\x01 \x01(\rR\x06closed\"\x0e\n" +
-	"\fStatsRequest\"\xaa\x01\n" +
+	"\fStatsRequest\"\xda\x01\n" +
 	"\rStatsResponse\x12(\n" +
 	"\x04node\x18\x01 \x01(\v2\x14.herald.v1.NodeStatsR\x04node\x12*\n" +
 	"\x05nodes\x18\x02 \x03(\v2\x14.herald.v1.NodeStatsR\x05nodes\x12!\n" +
 	"\fonline_users\x18\x03 \x01(\x04R\vonlineUsers\x12 \n" +
-	"\vconnections\x18\x04 \x01(\x04R\vconnections\"\xe8\x01\n" +
+	"\vconnections\x18\x04 \x01(\x04R\vconnections\x12.\n" +
+	"\x06outbox\x18\x05 \x01(\v2\x16.herald.v1.OutboxStatsR\x06outbox\"\xb4\x01\n" +
+	"\vOutboxStats\x12\x14\n" +
+	"\x05state\x18\x01 \x01(\tR\x05state\x12%\n" +
+	"\x0erows_delivered\x18\x02 \x01(\x04R\rrowsDelivered\x12,\n" +
+	"\x12rows_dead_lettered\x18\x03 \x01(\x04R\x10rowsDeadLettered\x12#\n" +
+	"\rsend_failures\x18\x04 \x01(\x04R\fsendFailures\x12\x15\n" +
+	"\x06lag_ms\x18\x05 \x01(\x04R\x05lagMs\"\xe8\x01\n" +
 	"\tNodeStats\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12 \n" +
 	"\vconnections\x18\x02 \x01(\x04R\vconnections\x12\x14\n" +
@@ -1888,7 +1990,7 @@ func file_herald_v1_push_proto_rawDescGZIP() []byte {
 	return file_herald_v1_push_proto_rawDescData
 }
 
-var file_herald_v1_push_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_herald_v1_push_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_herald_v1_push_proto_goTypes = []any{
 	(*SendToUserRequest)(nil),      // 0: herald.v1.SendToUserRequest
 	(*SendToUserResponse)(nil),     // 1: herald.v1.SendToUserResponse
@@ -1916,7 +2018,8 @@ var file_herald_v1_push_proto_goTypes = []any{
 	(*DisconnectUserResponse)(nil), // 23: herald.v1.DisconnectUserResponse
 	(*StatsRequest)(nil),           // 24: herald.v1.StatsRequest
 	(*StatsResponse)(nil),          // 25: herald.v1.StatsResponse
-	(*NodeStats)(nil),              // 26: herald.v1.NodeStats
+	(*OutboxStats)(nil),            // 26: herald.v1.OutboxStats
+	(*NodeStats)(nil),              // 27: herald.v1.NodeStats
 }
 var file_herald_v1_push_proto_depIdxs = []int32{
 	2,  // 0: herald.v1.SendToUserResponse.deliveries:type_name -> herald.v1.Delivery
@@ -1925,35 +2028,36 @@ var file_herald_v1_push_proto_depIdxs = []int32{
 	2,  // 3: herald.v1.SendBatchResult.deliveries:type_name -> herald.v1.Delivery
 	10, // 4: herald.v1.IsOnlineResponse.users:type_name -> herald.v1.UserPresence
 	17, // 5: herald.v1.ListMessagesResponse.messages:type_name -> herald.v1.StoredMessage
-	26, // 6: herald.v1.StatsResponse.node:type_name -> herald.v1.NodeStats
-	26, // 7: herald.v1.StatsResponse.nodes:type_name -> herald.v1.NodeStats
-	0,  // 8: herald.v1.PushService.SendToUser:input_type -> herald.v1.SendToUserRequest
-	3,  // 9: herald.v1.PushService.SendBatch:input_type -> herald.v1.SendBatchRequest
-	6,  // 10: herald.v1.PushService.Broadcast:input_type -> herald.v1.BroadcastRequest
-	8,  // 11: herald.v1.PushService.IsOnline:input_type -> herald.v1.IsOnlineRequest
-	11, // 12: herald.v1.PushService.UnreadCount:input_type -> herald.v1.UnreadCountRequest
-	13, // 13: herald.v1.PushService.MarkRead:input_type -> herald.v1.MarkReadRequest
-	15, // 14: herald.v1.PushService.ListMessages:input_type -> herald.v1.ListMessagesRequest
-	18, // 15: herald.v1.PushService.MarkUnread:input_type -> herald.v1.MarkUnreadRequest
-	20, // 16: herald.v1.PushService.DeleteMessages:input_type -> herald.v1.DeleteMessagesRequest
-	22, // 17: herald.v1.PushService.DisconnectUser:input_type -> herald.v1.DisconnectUserRequest
-	24, // 18: herald.v1.PushService.Stats:input_type -> herald.v1.StatsRequest
-	1,  // 19: herald.v1.PushService.SendToUser:output_type -> herald.v1.SendToUserResponse
-	4,  // 20: herald.v1.PushService.SendBatch:output_type -> herald.v1.SendBatchResponse
-	7,  // 21: herald.v1.PushService.Broadcast:output_type -> herald.v1.BroadcastResponse
-	9,  // 22: herald.v1.PushService.IsOnline:output_type -> herald.v1.IsOnlineResponse
-	12, // 23: herald.v1.PushService.UnreadCount:output_type -> herald.v1.UnreadCountResponse
-	14, // 24: herald.v1.PushService.MarkRead:output_type -> herald.v1.MarkReadResponse
-	16, // 25: herald.v1.PushService.ListMessages:output_type -> herald.v1.ListMessagesResponse
-	19, // 26: herald.v1.PushService.MarkUnread:output_type -> herald.v1.MarkUnreadResponse
-	21, // 27: herald.v1.PushService.DeleteMessages:output_type -> herald.v1.DeleteMessagesResponse
-	23, // 28: herald.v1.PushService.DisconnectUser:output_type -> herald.v1.DisconnectUserResponse
-	25, // 29: herald.v1.PushService.Stats:output_type -> herald.v1.StatsResponse
-	19, // [19:30] is the sub-list for method output_type
-	8,  // [8:19] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	27, // 6: herald.v1.StatsResponse.node:type_name -> herald.v1.NodeStats
+	27, // 7: herald.v1.StatsResponse.nodes:type_name -> herald.v1.NodeStats
+	26, // 8: herald.v1.StatsResponse.outbox:type_name -> herald.v1.OutboxStats
+	0,  // 9: herald.v1.PushService.SendToUser:input_type -> herald.v1.SendToUserRequest
+	3,  // 10: herald.v1.PushService.SendBatch:input_type -> herald.v1.SendBatchRequest
+	6,  // 11: herald.v1.PushService.Broadcast:input_type -> herald.v1.BroadcastRequest
+	8,  // 12: herald.v1.PushService.IsOnline:input_type -> herald.v1.IsOnlineRequest
+	11, // 13: herald.v1.PushService.UnreadCount:input_type -> herald.v1.UnreadCountRequest
+	13, // 14: herald.v1.PushService.MarkRead:input_type -> herald.v1.MarkReadRequest
+	15, // 15: herald.v1.PushService.ListMessages:input_type -> herald.v1.ListMessagesRequest
+	18, // 16: herald.v1.PushService.MarkUnread:input_type -> herald.v1.MarkUnreadRequest
+	20, // 17: herald.v1.PushService.DeleteMessages:input_type -> herald.v1.DeleteMessagesRequest
+	22, // 18: herald.v1.PushService.DisconnectUser:input_type -> herald.v1.DisconnectUserRequest
+	24, // 19: herald.v1.PushService.Stats:input_type -> herald.v1.StatsRequest
+	1,  // 20: herald.v1.PushService.SendToUser:output_type -> herald.v1.SendToUserResponse
+	4,  // 21: herald.v1.PushService.SendBatch:output_type -> herald.v1.SendBatchResponse
+	7,  // 22: herald.v1.PushService.Broadcast:output_type -> herald.v1.BroadcastResponse
+	9,  // 23: herald.v1.PushService.IsOnline:output_type -> herald.v1.IsOnlineResponse
+	12, // 24: herald.v1.PushService.UnreadCount:output_type -> herald.v1.UnreadCountResponse
+	14, // 25: herald.v1.PushService.MarkRead:output_type -> herald.v1.MarkReadResponse
+	16, // 26: herald.v1.PushService.ListMessages:output_type -> herald.v1.ListMessagesResponse
+	19, // 27: herald.v1.PushService.MarkUnread:output_type -> herald.v1.MarkUnreadResponse
+	21, // 28: herald.v1.PushService.DeleteMessages:output_type -> herald.v1.DeleteMessagesResponse
+	23, // 29: herald.v1.PushService.DisconnectUser:output_type -> herald.v1.DisconnectUserResponse
+	25, // 30: herald.v1.PushService.Stats:output_type -> herald.v1.StatsResponse
+	20, // [20:31] is the sub-list for method output_type
+	9,  // [9:20] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_herald_v1_push_proto_init() }
@@ -1967,7 +2071,7 @@ func file_herald_v1_push_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_herald_v1_push_proto_rawDesc), len(file_herald_v1_push_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
