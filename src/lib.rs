@@ -56,6 +56,7 @@ pub mod apikey;
 pub mod auth;
 mod backend;
 mod batch;
+mod center;
 pub mod cli;
 pub mod config;
 mod error;

@@ -6,9 +6,9 @@
 //! the same messages.
 
 use crate::backend::{
-    reused, Backend, Change, Changed, Claim, ClaimScope, Cluster, Event, IdemKey, ListQuery,
-    NewMessage, NodeInfo, Page, Replay,
+    reused, Backend, Claim, ClaimScope, Cluster, Event, IdemKey, NewMessage, NodeInfo, Replay,
 };
+use crate::center::{Done, Op};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hub::{Conn, Hub};
@@ -17,24 +17,6 @@ use serde_json::value::RawValue;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// A client's message-center request, validated.
-#[derive(Debug)]
-pub enum ClientOp {
-    Read(Vec<MessageId>),
-    ReadAll,
-    Unread(Vec<MessageId>),
-    Delete(Vec<MessageId>),
-    DeleteAll,
-    History {
-        cursor: Option<MessageId>,
-        limit: usize,
-        oldest_first: bool,
-        unread_only: bool,
-        topic: String,
-        req: Option<String>,
-    },
-}
 
 /// A `SendToUser` as the node takes it, whatever the entry point: named
 /// fields, not a run of positional flags.
@@ -46,17 +28,6 @@ pub struct SendToUser<'a> {
     pub transient: bool,
     /// Empty: none.
     pub idempotency_key: &'a str,
-}
-
-/// A page of a user's message center, as the node takes it.
-pub struct ListMessages<'a> {
-    pub user: &'a str,
-    /// Empty: from the newest (or the oldest, with `oldest_first`).
-    pub cursor: &'a str,
-    pub oldest_first: bool,
-    pub limit: u32,
-    pub unread_only: bool,
-    pub topic_prefix: &'a str,
 }
 
 /// The result of a send, per user, in request order.
@@ -114,7 +85,7 @@ impl Node {
 
     /// A user id from a gRPC request: the same check as a token's `sub`
     /// ([`protocol::check_user_id`]).
-    fn check_user(&self, user: &str) -> Result<()> {
+    pub(crate) fn check_user(&self, user: &str) -> Result<()> {
         protocol::check_user_id(user, self.cfg.limits.max_user_id_bytes).map_err(Error::invalid)
     }
 
@@ -159,7 +130,7 @@ impl Node {
         Ok(())
     }
 
-    fn parse_id(field: &str, id: &str) -> Result<MessageId> {
+    pub(crate) fn parse_id(field: &str, id: &str) -> Result<MessageId> {
         id.parse()
             .map_err(|e| Error::invalid(format!("{field}: {e}")))
     }
@@ -345,22 +316,6 @@ impl Node {
         }
     }
 
-    /// Moves the read cursor; when the count changed, the backend tells
-    /// every connection of the user (on every node) in the same step.
-    pub async fn mark_read(&self, user: &str, up_to: &str) -> Result<u64> {
-        self.check_user(user)?;
-        let up_to = if up_to.is_empty() {
-            None
-        } else {
-            Some(Self::parse_id("up_to_message_id", up_to)?)
-        };
-        self.mark_read_at(user, up_to).await
-    }
-
-    async fn mark_read_at(&self, user: &str, up_to: Option<MessageId>) -> Result<u64> {
-        Ok(self.backend.inbox.mark_read(user, up_to).await?.0)
-    }
-
     fn check_prefix(&self, prefix: &str) -> Result<()> {
         if prefix.len() > self.cfg.limits.max_topic_bytes {
             return Err(Error::invalid(format!(
@@ -389,64 +344,6 @@ impl Node {
             .enumerate()
             .map(|(i, id)| Self::parse_id(&format!("{field}[{i}]"), id))
             .collect()
-    }
-
-    /// A page of the user's stored messages (the message center).
-    pub async fn list_messages(&self, query: ListMessages<'_>) -> Result<Page> {
-        let ListMessages {
-            user,
-            cursor,
-            oldest_first,
-            limit,
-            unread_only,
-            topic_prefix,
-        } = query;
-        self.check_user(user)?;
-        self.check_prefix(topic_prefix)?;
-        let cursor = if cursor.is_empty() {
-            None
-        } else {
-            Some(Self::parse_id("cursor", cursor)?)
-        };
-        let limit = match limit as usize {
-            0 => DEFAULT_LIST_LIMIT,
-            n if n > MAX_LIST_LIMIT => {
-                return Err(Error::invalid(format!(
-                    "limit {n} exceeds the cap of {MAX_LIST_LIMIT} messages per page"
-                )))
-            }
-            n => n,
-        };
-        let q = ListQuery {
-            cursor,
-            oldest_first,
-            limit,
-            unread_only,
-            topic_prefix,
-        };
-        self.backend.inbox.list(user, &q).await
-    }
-
-    /// Marks messages read (`read`) or unread by id; the backend tells
-    /// every connection of the user.
-    pub async fn set_read(&self, user: &str, ids: &[MessageId], read: bool) -> Result<Changed> {
-        self.check_user(user)?;
-        let change = if read {
-            Change::Read(ids)
-        } else {
-            Change::Unread(ids)
-        };
-        self.backend.inbox.change(user, change).await
-    }
-
-    /// Deletes messages by id, or all (`ids` None).
-    pub async fn delete_messages(&self, user: &str, ids: Option<&[MessageId]>) -> Result<Changed> {
-        self.check_user(user)?;
-        let change = match ids {
-            Some(ids) => Change::Delete(ids),
-            None => Change::DeleteAll,
-        };
-        self.backend.inbox.change(user, change).await
     }
 
     pub async fn disconnect_user(&self, user: &str, reason: &str) -> Result<u32> {
@@ -557,61 +454,13 @@ impl Node {
             .await
     }
 
-    /// A client's `read` frame.
+    /// A client's `read` frame (the reads that arrived together, as one
+    /// move of the read cursor).
     pub async fn client_read(&self, user: &str, up_to: MessageId) -> Result<u64> {
-        self.mark_read_at(user, Some(up_to)).await
-    }
-
-    /// A client's message-center frame (validated by the gateway). Returns
-    /// the reply for this connection (a `history` page); changes reach
-    /// every connection of the user through the backend instead.
-    pub async fn client_center(&self, user: &str, op: ClientOp) -> Result<Option<Frame>> {
-        match op {
-            ClientOp::ReadAll => {
-                self.mark_read_at(user, None).await?;
-            }
-            ClientOp::Read(ids) => {
-                self.set_read(user, &ids, true).await?;
-            }
-            ClientOp::Unread(ids) => {
-                self.set_read(user, &ids, false).await?;
-            }
-            ClientOp::Delete(ids) => {
-                self.delete_messages(user, Some(&ids)).await?;
-            }
-            ClientOp::DeleteAll => {
-                self.delete_messages(user, None).await?;
-            }
-            ClientOp::History {
-                cursor,
-                limit,
-                oldest_first,
-                unread_only,
-                topic,
-                req,
-            } => {
-                let q = ListQuery {
-                    cursor,
-                    oldest_first,
-                    limit,
-                    unread_only,
-                    topic_prefix: &topic,
-                };
-                let page = self.backend.inbox.list(user, &q).await?;
-                let messages: Vec<(String, bool)> = page
-                    .messages
-                    .iter()
-                    .map(|m| (m.frame.to_string(), m.read))
-                    .collect();
-                return Ok(Some(protocol::history_frame(
-                    req.as_deref(),
-                    &messages,
-                    page.next,
-                    page.unread,
-                )));
-            }
+        match self.apply(user, Op::ReadUpTo(Some(up_to))).await? {
+            Done::Unread(n) => Ok(n),
+            other => Err(Error::Backend(format!("a read answered {other:?}"))),
         }
-        Ok(None)
     }
 
     /// Leaves the cluster (clean shutdown).
@@ -635,13 +484,6 @@ impl Node {
         self.release(&conn.user).await;
     }
 }
-
-/// Ids per gRPC call that names messages (MarkRead, MarkUnread,
-/// DeleteMessages).
-pub const MAX_IDS_PER_CALL: usize = 1000;
-/// Messages per ListMessages page: the default and the cap.
-pub const DEFAULT_LIST_LIMIT: usize = 20;
-pub const MAX_LIST_LIMIT: usize = 100;
 
 /// The longest idempotency key accepted.
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;

@@ -424,11 +424,8 @@ pub enum ClientFrame {
     Ping,
 }
 
-/// Ids one client frame may name.
-pub const MAX_IDS_PER_FRAME: usize = 100;
-/// Messages per `history` page over WebSocket: default and cap.
-pub const DEFAULT_HISTORY_LIMIT: u32 = 20;
-pub const MAX_HISTORY_LIMIT: u32 = 50;
+// Ids per frame and messages per `history` page: `crate::center`'s
+// limits of `Entry::Client`.
 /// The longest `req` tag a client may attach to a `history` request.
 pub const MAX_REQ_TAG_BYTES: usize = 64;
 

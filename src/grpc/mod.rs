@@ -5,8 +5,9 @@
 pub(crate) mod limits;
 
 use crate::apikey::{Caller, Scopes};
+use crate::center::{Done, Entry, ListMessages, Request as Center};
 use crate::error::Error;
-use crate::node::{ListMessages, Node, SendToUser, MAX_IDS_PER_CALL};
+use crate::node::{Node, SendToUser};
 use crate::proto::push_service_server::PushService;
 use crate::proto::*;
 use crate::protocol;
@@ -231,23 +232,33 @@ impl PushService for PushApi {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         self.observed("MarkRead", Scopes::SEND, caller, Some(1), async {
-            if r.message_ids.is_empty() {
-                return Ok(MarkReadResponse {
-                    unread: self.node.mark_read(&r.user_id, &r.up_to_message_id).await?,
-                    changed_message_ids: Vec::new(),
-                });
-            }
-            if !r.up_to_message_id.is_empty() {
-                return Err(Error::invalid(
-                    "give either up_to_message_id or message_ids, not both",
-                ));
-            }
-            let ids = Node::parse_ids("message_ids", &r.message_ids, MAX_IDS_PER_CALL)?;
-            let c = self.node.set_read(&r.user_id, &ids, true).await?;
-            Ok(MarkReadResponse {
-                unread: c.unread,
-                changed_message_ids: c.ids.iter().map(|i| i.to_string()).collect(),
-            })
+            let req = match (r.message_ids.is_empty(), r.up_to_message_id.is_empty()) {
+                (true, _) => Center::ReadUpTo(&r.up_to_message_id),
+                (false, true) => Center::SetRead {
+                    ids: &r.message_ids,
+                    read: true,
+                },
+                (false, false) => {
+                    return Err(Error::invalid(
+                        "give either up_to_message_id or message_ids, not both",
+                    ))
+                }
+            };
+            Ok(
+                match self.node.center(&r.user_id, Entry::Backend, req).await? {
+                    Done::Unread(unread) => MarkReadResponse {
+                        unread,
+                        changed_message_ids: Vec::new(),
+                    },
+                    done => {
+                        let c = changed(done)?;
+                        MarkReadResponse {
+                            unread: c.unread,
+                            changed_message_ids: c.ids.iter().map(|i| i.to_string()).collect(),
+                        }
+                    }
+                },
+            )
         })
         .await
     }
@@ -259,17 +270,16 @@ impl PushService for PushApi {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         self.observed("ListMessages", Scopes::SEND, caller, Some(1), async {
-            let page = self
-                .node
-                .list_messages(ListMessages {
-                    user: &r.user_id,
-                    cursor: &r.cursor,
-                    oldest_first: r.oldest_first,
-                    limit: r.limit,
-                    unread_only: r.unread_only,
-                    topic_prefix: &r.topic_prefix,
-                })
-                .await?;
+            let req = Center::List(ListMessages {
+                cursor: &r.cursor,
+                oldest_first: r.oldest_first,
+                limit: r.limit,
+                unread_only: r.unread_only,
+                topic_prefix: &r.topic_prefix,
+            });
+            let Done::Page(page) = self.node.center(&r.user_id, Entry::Backend, req).await? else {
+                return Err(Error::Backend("a page request answered no page".into()));
+            };
             let messages = page
                 .messages
                 .iter()
@@ -302,8 +312,11 @@ impl PushService for PushApi {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         self.observed("MarkUnread", Scopes::SEND, caller, Some(1), async {
-            let ids = Node::parse_ids("message_ids", &r.message_ids, MAX_IDS_PER_CALL)?;
-            let c = self.node.set_read(&r.user_id, &ids, false).await?;
+            let req = Center::SetRead {
+                ids: &r.message_ids,
+                read: false,
+            };
+            let c = changed(self.node.center(&r.user_id, Entry::Backend, req).await?)?;
             Ok(MarkUnreadResponse {
                 unread: c.unread,
                 changed_message_ids: c.ids.iter().map(|i| i.to_string()).collect(),
@@ -319,8 +332,8 @@ impl PushService for PushApi {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         self.observed("DeleteMessages", Scopes::SEND, caller, Some(1), async {
-            let c = match (r.all, r.message_ids.is_empty()) {
-                (true, true) => self.node.delete_messages(&r.user_id, None).await?,
+            let req = match (r.all, r.message_ids.is_empty()) {
+                (true, true) => Center::Delete(None),
                 (true, false) => {
                     return Err(Error::invalid("give either message_ids or all, not both"))
                 }
@@ -329,11 +342,9 @@ impl PushService for PushApi {
                         "message_ids must name at least one message (or set all)",
                     ))
                 }
-                (false, false) => {
-                    let ids = Node::parse_ids("message_ids", &r.message_ids, MAX_IDS_PER_CALL)?;
-                    self.node.delete_messages(&r.user_id, Some(&ids)).await?
-                }
+                (false, false) => Center::Delete(Some(&r.message_ids)),
             };
+            let c = changed(self.node.center(&r.user_id, Entry::Backend, req).await?)?;
             Ok(DeleteMessagesResponse {
                 unread: c.unread,
                 deleted_message_ids: c.ids.iter().map(|i| i.to_string()).collect(),
@@ -414,5 +425,14 @@ fn delivery(d: crate::node::Delivery) -> Delivery {
         message_id: d.message_id,
         online: d.online,
         replayed: d.replayed,
+    }
+}
+
+/// The change a message-center call made (what every call but a page and
+/// a read-cursor move answers).
+fn changed(done: Done) -> crate::error::Result<crate::backend::Changed> {
+    match done {
+        Done::Changed(c) => Ok(c),
+        other => Err(Error::Backend(format!("a change answered {other:?}"))),
     }
 }

@@ -318,7 +318,7 @@ impl<'a> Session<'a> {
         }
         match msg {
             Err(e) => ControlFlow::Break(refused_frame(e, limits.max_client_frame_bytes)),
-            Ok(Message::Text(t)) => match client_frame(t.as_str(), limits.max_topic_bytes) {
+            Ok(Message::Text(t)) => match client_frame(t.as_str()) {
                 Asked::Read(id) => {
                     self.pending_read = self.pending_read.max(Some(id));
                     ControlFlow::Continue(())
@@ -377,7 +377,26 @@ impl<'a> Session<'a> {
                     .map(|_| None),
             );
         }
-        center_reply(conn, Box::pin(node.client_center(&conn.user, op)).await);
+        let done = Box::pin(node.center(&conn.user, Entry::Client, op.request())).await;
+        center_reply(
+            conn,
+            done.map(|d| match (d, &op) {
+                (Done::Page(page), ClientOp::History { req, .. }) => {
+                    let messages: Vec<(String, bool)> = page
+                        .messages
+                        .iter()
+                        .map(|m| (m.frame.to_string(), m.read))
+                        .collect();
+                    Some(protocol::history_frame(
+                        req.as_deref(),
+                        &messages,
+                        page.next,
+                        page.unread,
+                    ))
+                }
+                _ => None,
+            }),
+        );
         ControlFlow::Continue(())
     }
 

@@ -85,13 +85,55 @@ pub(super) fn bad_request(m: impl AsRef<str>) -> Asked {
     Asked::Reply(protocol::error_frame("bad_request", m.as_ref()))
 }
 
-/// Parses the `ids` of a client frame: 1 to [`protocol::MAX_IDS_PER_FRAME`].
-pub(super) fn frame_ids(ids: &[String]) -> Result<Vec<MessageId>, Asked> {
-    Node::parse_ids("ids", ids, protocol::MAX_IDS_PER_FRAME).map_err(|e| bad_request(e.to_string()))
+/// A client's message-center request: the frame's shape checked, what
+/// it names still text (the node validates it, see `crate::center`).
+#[derive(Debug)]
+pub(crate) enum ClientOp {
+    Read(Vec<String>),
+    ReadAll,
+    Unread(Vec<String>),
+    Delete(Vec<String>),
+    DeleteAll,
+    History {
+        page: HistoryPage,
+        /// The client's tag, echoed in the reply.
+        req: Option<String>,
+    },
+}
+
+/// A `history` frame's page, as sent.
+#[derive(Debug, Default)]
+pub(crate) struct HistoryPage {
+    pub(crate) cursor: String,
+    pub(crate) limit: u32,
+    pub(crate) oldest_first: bool,
+    pub(crate) unread_only: bool,
+    pub(crate) topic: String,
+}
+
+impl ClientOp {
+    /// The request the node validates and applies.
+    pub(crate) fn request(&self) -> center::Request<'_> {
+        use center::Request as R;
+        match self {
+            ClientOp::Read(ids) => R::SetRead { ids, read: true },
+            ClientOp::ReadAll => R::ReadUpTo(""),
+            ClientOp::Unread(ids) => R::SetRead { ids, read: false },
+            ClientOp::Delete(ids) => R::Delete(Some(ids)),
+            ClientOp::DeleteAll => R::Delete(None),
+            ClientOp::History { page, .. } => R::List(center::ListMessages {
+                cursor: &page.cursor,
+                oldest_first: page.oldest_first,
+                limit: page.limit,
+                unread_only: page.unread_only,
+                topic_prefix: &page.topic,
+            }),
+        }
+    }
 }
 
 /// Parses one untrusted client text frame.
-pub(super) fn client_frame(text: &str, max_topic: usize) -> Asked {
+pub(super) fn client_frame(text: &str) -> Asked {
     let parsed = match protocol::parse_client_frame(text) {
         Ok(f) => f,
         Err(m) => {
@@ -116,10 +158,7 @@ pub(super) fn client_frame(text: &str, max_topic: usize) -> Asked {
             up_to: None,
             ids: Some(ids),
             all: None,
-        } => match frame_ids(&ids) {
-            Ok(ids) => ClientOp::Read(ids),
-            Err(a) => return a,
-        },
+        } => ClientOp::Read(ids),
         ClientFrame::Read {
             up_to: None,
             ids: None,
@@ -128,17 +167,11 @@ pub(super) fn client_frame(text: &str, max_topic: usize) -> Asked {
         ClientFrame::Read { .. } => {
             return bad_request("read takes exactly one of up_to, ids or \"all\":true")
         }
-        ClientFrame::Unread { ids } => match frame_ids(&ids) {
-            Ok(ids) => ClientOp::Unread(ids),
-            Err(a) => return a,
-        },
+        ClientFrame::Unread { ids } => ClientOp::Unread(ids),
         ClientFrame::Delete {
             ids: Some(ids),
             all: None,
-        } => match frame_ids(&ids) {
-            Ok(ids) => ClientOp::Delete(ids),
-            Err(a) => return a,
-        },
+        } => ClientOp::Delete(ids),
         ClientFrame::Delete {
             ids: None,
             all: Some(true),
@@ -154,28 +187,6 @@ pub(super) fn client_frame(text: &str, max_topic: usize) -> Asked {
             topic,
             req,
         } => {
-            let cursor = match cursor
-                .filter(|c| !c.is_empty())
-                .map(|c| c.parse::<MessageId>())
-            {
-                None => None,
-                Some(Ok(id)) => Some(id),
-                Some(Err(e)) => return bad_request(format!("cursor: {e}")),
-            };
-            let limit = match limit.unwrap_or(protocol::DEFAULT_HISTORY_LIMIT) {
-                0 => protocol::DEFAULT_HISTORY_LIMIT,
-                n if n > protocol::MAX_HISTORY_LIMIT => {
-                    return bad_request(format!(
-                        "limit {n} exceeds the cap of {} messages per page",
-                        protocol::MAX_HISTORY_LIMIT
-                    ))
-                }
-                n => n,
-            };
-            let topic = topic.unwrap_or_default();
-            if topic.len() > max_topic {
-                return bad_request(format!("topic prefix over {max_topic} bytes"));
-            }
             if req
                 .as_ref()
                 .is_some_and(|r| r.len() > protocol::MAX_REQ_TAG_BYTES)
@@ -183,11 +194,13 @@ pub(super) fn client_frame(text: &str, max_topic: usize) -> Asked {
                 return bad_request(format!("req over {} bytes", protocol::MAX_REQ_TAG_BYTES));
             }
             ClientOp::History {
-                cursor,
-                limit: limit as usize,
-                oldest_first: oldest_first.unwrap_or(false),
-                unread_only: unread_only.unwrap_or(false),
-                topic,
+                page: HistoryPage {
+                    cursor: cursor.unwrap_or_default(),
+                    limit: limit.unwrap_or(0),
+                    oldest_first: oldest_first.unwrap_or(false),
+                    unread_only: unread_only.unwrap_or(false),
+                    topic: topic.unwrap_or_default(),
+                },
                 req,
             }
         }

@@ -8,11 +8,12 @@
 //! task state are the connection's whole memory (see BENCHMARKS.md).
 
 use crate::auth::{bearer, TokenVerifier, Verified};
+use crate::center::{self, Done, Entry};
 use crate::error::Error;
 use crate::expiry::Expiries;
 use crate::http::{respond, ConnPermit, Peer};
 use crate::hub::{Conn, Outbound};
-use crate::node::{ClientOp, Node};
+use crate::node::Node;
 use crate::origin::Origins;
 use crate::protocol::{self, ClientFrame, Disconnect, MessageId};
 use crate::telemetry::{self, Closed, ClosedBy, Refused};

@@ -306,6 +306,12 @@ impl Registrar {
             Err(ref e) => tracing::debug!(error = %e, "reading the slot map failed"),
         }
         let commands_troubled = read_ok && self.commands_troubled();
+        if !commands_ok || commands_troubled {
+            // Requests fail while the map reads unchanged: the node asked
+            // may be one that has not heard of a failover yet (gossip is
+            // slow on a busy machine); ask another next time.
+            st.topology.rotate();
+        }
         if renew_conns
             || st.health.commands.failed(commands_ok)
             || (commands_troubled && st.health.commands.may_replace())

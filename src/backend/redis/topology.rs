@@ -33,6 +33,13 @@ impl Topology {
         }
     }
 
+    /// Asks the next node from the next read on: the one asked so far may
+    /// not have heard of a change yet (called while requests fail).
+    pub(super) fn rotate(&mut self) {
+        self.conn = None;
+        self.next += 1;
+    }
+
     pub(super) async fn read(&mut self) -> crate::error::Result<SlotMap> {
         let mut last = Error::Unavailable("no cluster node to ask".into());
         for _ in 0..self.nodes.len() {
