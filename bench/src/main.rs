@@ -14,7 +14,9 @@
 //!
 //! Scenarios:
 //! * `unicast`: sends to random connected users (`--users-per-call` per
-//!   call, `--remote-share` of them on another node than the one called).
+//!   call, `--remote-share` of them on another node than the one called);
+//!   with `--outbox-postgres`, by committing rows into Herald's outbox
+//!   table instead of calling the API.
 //! * `broadcast`: one message to every connection; the time until the last
 //!   one has it, then sustained fan-out with `--in-flight` broadcasts pending.
 //! * `idle`: connections only; resident memory per connection.
@@ -33,6 +35,7 @@ mod ctx;
 mod fleet;
 mod http;
 mod idle;
+mod outbox;
 mod remote;
 mod report;
 mod sequential;
@@ -44,6 +47,7 @@ use args::{BenchArgs, Scenario};
 use clap::Parser;
 use ctx::{connect_all, progress_loop, Ctx, Progress};
 use fleet::{Fleet, FleetConfig, Target};
+use outbox::OutboxWriter;
 use serde_json::json;
 use stats::{now_ns, Watched};
 use std::io::IsTerminal;
@@ -125,11 +129,33 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
                 .into(),
         );
     }
-    let needs_api = args.scenario != Scenario::Idle;
+    let outbox = args.outbox_postgres.clone();
+    if outbox.is_some()
+        && (!matches!(args.target, Target::Herald | Target::Centrifugo)
+            || args.scenario != Scenario::Unicast
+            || args.send_batch > 0
+            || args.remote_share.is_some())
+    {
+        return Err(
+            "--outbox-postgres feeds Herald's (or Centrifugo's) outbox consumer: --target herald or centrifugo, the unicast scenario, no --send-batch or --remote-share"
+                .into(),
+        );
+    }
+    let needs_api = args.scenario != Scenario::Idle && outbox.is_none();
     if needs_api && args.api.is_empty() {
         return Err("--api is needed: the HTTP base URL of each node (http://H:P)".into());
     }
-    let api = if needs_api {
+    let api = if let Some(url) = &outbox {
+        let format = match args.target {
+            Target::Centrifugo => outbox::Format::Centrifugo {
+                partitions: args.outbox_partitions,
+            },
+            _ => outbox::Format::Herald,
+        };
+        Some(Arc::new(Api::Outbox(
+            OutboxWriter::connect(url, args.outbox_writers, &args.outbox_table, format).await?,
+        )))
+    } else if needs_api {
         Some(Arc::new(match args.target {
             Target::Herald => {
                 Api::grpc(&args.api, args.grpc_channels, args.api_key.clone()).await?
@@ -177,6 +203,7 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
         "connections": ctx.args.connections,
         "users_per_call": ctx.args.users_per_call,
         "send_batch": ctx.args.send_batch,
+        "sender": if ctx.args.outbox_postgres.is_some() { "outbox" } else { "api" },
         "transient": ctx.args.transient,
         "payload_bytes": ctx.args.payload_bytes,
         "connect": connect,
