@@ -9,6 +9,7 @@
 
 use crate::centrifugo::{user_channel, CentrifugoApi, BROADCAST_CHANNEL};
 use crate::http::HttpPool;
+use crate::outbox::OutboxWriter;
 use herald::proto::push_service_client::PushServiceClient;
 use herald::proto::{
     BroadcastRequest, IsOnlineRequest, SendBatchRequest, SendToUserRequest, UnreadCountRequest,
@@ -31,6 +32,9 @@ pub enum Api {
         nodes: Vec<Vec<CentrifugoApi>>,
         rr: AtomicUsize,
     },
+    /// Rows committed into Herald's outbox table (`--outbox-postgres`);
+    /// a "node" is one of its PostgreSQL connections.
+    Outbox(OutboxWriter),
 }
 
 impl Api {
@@ -107,6 +111,7 @@ impl Api {
             Api::Grpc { nodes, .. } => nodes.len(),
             Api::Http { nodes } => nodes.len(),
             Api::Centrifugo { nodes, .. } => nodes.len(),
+            Api::Outbox(w) => w.connections(),
         }
     }
 
@@ -221,6 +226,7 @@ impl Api {
                     c.broadcast(channels, payload.into_bytes()).await
                 }
             }
+            Api::Outbox(w) => w.send(node, users, payload, transient).await,
         }
     }
 
@@ -296,6 +302,7 @@ impl Api {
                     .publish(BROADCAST_CHANNEL.into(), payload.into_bytes())
                     .await
             }
+            Api::Outbox(_) => Err("--outbox-postgres runs the unicast scenario only".into()),
         }
     }
 

@@ -149,6 +149,27 @@ pub struct BenchArgs {
     pub send_batch: usize,
     #[arg(long, default_value = "1ms", value_parser = duration)]
     pub send_batch_linger: Duration,
+    /// Herald: send unicast by committing rows into the outbox table of
+    /// this PostgreSQL database (postgres://user:password@host:port/db), one
+    /// transaction per message, instead of calling the gRPC API; the nodes'
+    /// outbox consumer delivers them (Centrifugo: its PostgreSQL consumer's
+    /// table). Latency then runs from each row's
+    /// intended INSERT time (its commit included) to the socket. Unicast
+    /// only; --api is not needed.
+    #[arg(long)]
+    pub outbox_postgres: Option<String>,
+    /// PostgreSQL connections committing outbox rows (calls go round-robin;
+    /// up to --max-in-flight transactions in flight in all).
+    #[arg(long, default_value_t = 8)]
+    pub outbox_writers: usize,
+    /// The outbox table (as the nodes' --outbox-table; with --target
+    /// centrifugo, its consumer's outbox_table_name).
+    #[arg(long, default_value = "herald_outbox")]
+    pub outbox_table: String,
+    /// With --target centrifugo: its consumer's num_partitions (a user's
+    /// rows all go to one partition, picked from a hash of its id).
+    #[arg(long, default_value_t = 1)]
+    pub outbox_partitions: u32,
     /// gRPC connections per API node.
     #[arg(long, default_value_t = 4)]
     pub grpc_channels: usize,

@@ -14,7 +14,9 @@
 //!
 //! Scenarios:
 //! * `unicast`: sends to random connected users (`--users-per-call` per
-//!   call, `--remote-share` of them on another node than the one called).
+//!   call, `--remote-share` of them on another node than the one called);
+//!   with `--outbox-postgres`, by committing rows into Herald's outbox
+//!   table instead of calling the API.
 //! * `broadcast`: one message to every connection; the time until the last
 //!   one has it, then sustained fan-out with `--in-flight` broadcasts pending.
 //! * `idle`: connections only; resident memory per connection.
@@ -33,6 +35,7 @@ mod ctx;
 mod fleet;
 mod http;
 mod idle;
+mod outbox;
 mod remote;
 mod report;
 mod sequential;
@@ -44,6 +47,7 @@ use args::{BenchArgs, Scenario};
 use clap::Parser;
 use ctx::{connect_all, progress_loop, Ctx, Progress};
 use fleet::{Fleet, FleetConfig, Target};
+use outbox::OutboxWriter;
 use serde_json::json;
 use stats::{now_ns, Watched};
 use std::io::IsTerminal;
@@ -96,50 +100,8 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
         .iter()
         .map(|p| Watched::parse(p))
         .collect::<Result<_, _>>()?;
-    if args.api.is_empty() && args.target == Target::Herald {
-        args.api = vec!["http://127.0.0.1:50051".into()];
-    }
-    if matches!(args.target, Target::Herald | Target::Centrifugo) && args.jwt_secret.is_none() {
-        return Err("--jwt-secret (or HERALD_JWT_SECRET) is needed to mint client tokens".into());
-    }
-    if args.scenario == Scenario::Control && args.target != Target::Herald {
-        return Err("the control scenario queries Herald's gRPC API; use --target herald".into());
-    }
-    if args.users_per_call == 0 {
-        return Err("--users-per-call must be at least 1".into());
-    }
-    if args.remote_share.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
-        return Err("--remote-share must be between 0 and 1".into());
-    }
-    if args.remote_sender
-        && (args.target != Target::Socketio || args.max_rate || args.remote_share.is_some())
-    {
-        return Err(
-            "--remote-sender drives bench/socketio/emitter.js: --target socketio, fixed rates only (no --max-rate, no --remote-share)"
-                .into(),
-        );
-    }
-    if args.send_batch > 0 && (args.target != Target::Herald || args.max_rate) {
-        return Err(
-            "--send-batch drives Herald's SendBatch at fixed rates: --target herald, no --max-rate"
-                .into(),
-        );
-    }
-    let needs_api = args.scenario != Scenario::Idle;
-    if needs_api && args.api.is_empty() {
-        return Err("--api is needed: the HTTP base URL of each node (http://H:P)".into());
-    }
-    let api = if needs_api {
-        Some(Arc::new(match args.target {
-            Target::Herald => {
-                Api::grpc(&args.api, args.grpc_channels, args.api_key.clone()).await?
-            }
-            Target::Centrifugo => Api::centrifugo(&args.api, args.grpc_channels).await?,
-            _ => Api::http(&args.api, args.http_conns)?,
-        }))
-    } else {
-        None
-    };
+    check_args(&mut args)?;
+    let api = sender(&args).await?;
     let fleet = Fleet::new(FleetConfig {
         target: args.target,
         secret: args.jwt_secret.clone(),
@@ -177,6 +139,7 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
         "connections": ctx.args.connections,
         "users_per_call": ctx.args.users_per_call,
         "send_batch": ctx.args.send_batch,
+        "sender": if ctx.args.outbox_postgres.is_some() { "outbox" } else { "api" },
         "transient": ctx.args.transient,
         "payload_bytes": ctx.args.payload_bytes,
         "connect": connect,
@@ -230,4 +193,81 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::from(3));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What sends the messages: the outbox table (`--outbox-postgres`), the
+/// target's API, or nothing (idle).
+async fn sender(args: &BenchArgs) -> Result<Option<Arc<Api>>, String> {
+    let outbox = args.outbox_postgres.clone();
+    if outbox.is_some()
+        && (!matches!(args.target, Target::Herald | Target::Centrifugo)
+            || args.scenario != Scenario::Unicast
+            || args.send_batch > 0
+            || args.remote_share.is_some())
+    {
+        return Err(
+            "--outbox-postgres feeds Herald's (or Centrifugo's) outbox consumer: --target herald or centrifugo, the unicast scenario, no --send-batch or --remote-share"
+                .into(),
+        );
+    }
+    let needs_api = args.scenario != Scenario::Idle && outbox.is_none();
+    if needs_api && args.api.is_empty() {
+        return Err("--api is needed: the HTTP base URL of each node (http://H:P)".into());
+    }
+    Ok(if let Some(url) = &outbox {
+        let format = match args.target {
+            Target::Centrifugo => outbox::Format::Centrifugo {
+                partitions: args.outbox_partitions,
+            },
+            _ => outbox::Format::Herald,
+        };
+        Some(Arc::new(Api::Outbox(
+            OutboxWriter::connect(url, args.outbox_writers, &args.outbox_table, format).await?,
+        )))
+    } else if needs_api {
+        Some(Arc::new(match args.target {
+            Target::Herald => {
+                Api::grpc(&args.api, args.grpc_channels, args.api_key.clone()).await?
+            }
+            Target::Centrifugo => Api::centrifugo(&args.api, args.grpc_channels).await?,
+            _ => Api::http(&args.api, args.http_conns)?,
+        }))
+    } else {
+        None
+    })
+}
+
+/// Rejects flag combinations that cannot run, with what to change; fills
+/// in Herald's default API address.
+fn check_args(args: &mut BenchArgs) -> Result<(), String> {
+    if args.api.is_empty() && args.target == Target::Herald {
+        args.api = vec!["http://127.0.0.1:50051".into()];
+    }
+    if matches!(args.target, Target::Herald | Target::Centrifugo) && args.jwt_secret.is_none() {
+        return Err("--jwt-secret (or HERALD_JWT_SECRET) is needed to mint client tokens".into());
+    }
+    if args.scenario == Scenario::Control && args.target != Target::Herald {
+        return Err("the control scenario queries Herald's gRPC API; use --target herald".into());
+    }
+    if args.users_per_call == 0 {
+        return Err("--users-per-call must be at least 1".into());
+    }
+    if args.remote_share.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+        return Err("--remote-share must be between 0 and 1".into());
+    }
+    if args.remote_sender
+        && (args.target != Target::Socketio || args.max_rate || args.remote_share.is_some())
+    {
+        return Err(
+            "--remote-sender drives bench/socketio/emitter.js: --target socketio, fixed rates only (no --max-rate, no --remote-share)"
+                .into(),
+        );
+    }
+    if args.send_batch > 0 && (args.target != Target::Herald || args.max_rate) {
+        return Err(
+            "--send-batch drives Herald's SendBatch at fixed rates: --target herald, no --max-rate"
+                .into(),
+        );
+    }
+    Ok(())
 }
