@@ -344,6 +344,13 @@ fn serve_admin(
     ))
 }
 
+/// How many groups the heartbeat spreads the node's connections over: one
+/// per 20 ms of the interval, at most one per hub shard (64 for the
+/// default 25 s: a group every 390 ms).
+fn heartbeat_parts(every: Duration) -> usize {
+    ((every.as_millis() / 20) as usize).clamp(1, crate::hub::SHARDS)
+}
+
 /// The node's timers, one each for all connections: the heartbeat, the
 /// token-expiry sweep (closes with 4401 at `exp`, checked four times a
 /// second; `exp` is in whole seconds), the reload of the certificate and
@@ -357,13 +364,14 @@ fn tickers(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let heartbeat = {
         let hub = node.hub.clone();
-        let every = cfg.heartbeat;
+        let parts = heartbeat_parts(cfg.heartbeat);
+        let step = cfg.heartbeat / parts as u32;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + step, step);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            for part in (0..parts).cycle() {
                 tick.tick().await;
-                hub.heartbeat_all();
+                hub.heartbeat_part(part, parts);
             }
         })
     };
