@@ -22,8 +22,11 @@
 # Settings (environment): C100K_CONNS (100000), C100K_NODES and
 # C100K_HOLDERS (one per 17,000 clients, at least 2 nodes), C100K_BROADCASTS
 # (5), C100K_ISONLINE_RATE (2000 calls/s, one user each), C100K_ISONLINE_SECS
-# (10), C100K_OUT (bench-out/c100k), C100K_BUILD (1: cargo build --release
-# --workspace first).
+# (10), C100K_SRC_IPS (16: the clients' source addresses 127.0.0.1-16;
+# one address to six node ports slows connects past ~13k per port, in
+# the kernel's search for a free source port), C100K_OUT (bench-out/c100k),
+# C100K_BUILD (1: cargo build --release --workspace first),
+# C100K_SERVER_BIN (another herald binary as the nodes, for an A/B).
 #
 # Every process it starts is stopped by PID on exit; every wait is bounded;
 # ports are picked free at run time, below the ephemeral range (32768+) so
@@ -43,7 +46,9 @@ BROADCASTS=${C100K_BROADCASTS:-5}
 ISONLINE_RATE=${C100K_ISONLINE_RATE:-2000}
 ISONLINE_SECS=${C100K_ISONLINE_SECS:-10}
 OUT=${C100K_OUT:-bench-out/c100k}
+SRC_IPS=${C100K_SRC_IPS:-16}
 BIN=target/release
+SERVER=${C100K_SERVER_BIN:-$BIN/herald}
 SECRET=c100k-secret-$RANDOM$RANDOM
 STORM_NODE=1
 
@@ -137,7 +142,7 @@ wait_ready "$OUT/redis.log" "$REDIS_PID" "Ready to accept connections"
 declare -a WS GRPC ADMIN NODE_PID
 start_node() { # start_node I: node I on its ports (the same ones again on a restart)
     local i=$1
-    "$BIN/herald" serve --node-id "n$i" --jwt-secret "$SECRET" \
+    "$SERVER" serve --node-id "n$i" --jwt-secret "$SECRET" \
         --redis-url "redis://127.0.0.1:$REDIS_PORT/0" \
         --ws-listen "127.0.0.1:${WS[$i]}" --grpc-listen "127.0.0.1:${GRPC[$i]}" \
         --admin-listen "127.0.0.1:${ADMIN[$i]}" >>"$OUT/node$i.log" 2>&1 &
@@ -173,7 +178,7 @@ for h in $(seq 1 "$HOLDERS"); do
     left=$((left - n))
     "$BIN/herald-bench" hold -c "$n" --ws "$WS_LIST" --jwt-secret "$SECRET" --run-id "h$h" \
         --status "$OUT/h$h.status" --hold 20m --time-limit 25m --connect-timeout 300s \
-        --connect-concurrency 100 --quiet --out "$OUT/h$h.json" >"$OUT/h$h.log" 2>&1 &
+        --connect-concurrency 100 --src-ips "$SRC_IPS" --quiet --out "$OUT/h$h.json" >"$OUT/h$h.log" 2>&1 &
     PIDS+=("$!")
     HOLDER_ARGS+=(--holder "$OUT/h$h.status")
 done

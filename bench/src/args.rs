@@ -85,6 +85,9 @@ pub struct BenchArgs {
     pub connect_concurrency: usize,
     /// Loopback source addresses (127.0.0.1, .2, ...) to spread clients over;
     /// 0 picks enough for the count (one per 20k connections per node).
+    /// Past about 13k connections from one address to one port, Linux's
+    /// search for a free source port costs more CPU than the connection
+    /// (it tries even ports first): bench/c100k.sh uses 16.
     #[arg(long, default_value_t = 0)]
     pub src_ips: usize,
     /// Offered rate in deliveries/s (a call to k users counts k); several
