@@ -30,6 +30,27 @@ use tokio_util::task::TaskTracker;
 /// How long shutdown waits for connections to take their close frames.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Connections the kernel completes and queues for a listener before the
+/// node accepts them; Linux caps it at `net.core.somaxconn` (4096 by
+/// default since 5.4). `TcpListener::bind`'s 128 (the standard library's)
+/// overflowed when the 16,667 clients of a restarted node reconnected at
+/// once (bench/c100k.sh): every SYN beyond the queue is dropped and its
+/// client waits for TCP's retransmit, 1 s and then 3 s, 7 s, ... later.
+const BACKLOG: u32 = 8192;
+
+/// A listener on `a` with [`BACKLOG`] (and SO_REUSEADDR on Unix, as
+/// `TcpListener::bind` sets: a restarted node rebinds its port at once).
+fn listen(a: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match a {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(a)?;
+    socket.listen(BACKLOG)
+}
+
 /// The three listeners of a node.
 pub struct Listeners {
     pub ws: TcpListener,
@@ -40,7 +61,7 @@ pub struct Listeners {
 impl Listeners {
     pub async fn bind(cfg: &Config) -> std::io::Result<Listeners> {
         let bind = |a: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(a).await.map_err(|e| {
+            listen(a).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {a} ({what}): {e}"))
             })
         };
