@@ -33,7 +33,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
-const SHARDS: usize = 64;
+/// Shards of the connection map (each its own lock); also the most parts
+/// a heartbeat interval is cut into (see [`Hub::heartbeat_part`]).
+pub const SHARDS: usize = 64;
 
 /// One queued frame. `id` is set for stored messages only.
 pub struct Outbound {
@@ -288,10 +290,21 @@ impl Hub {
         self.for_all(|c| c.flag(|st| st.resync = true));
     }
 
-    /// One heartbeat tick for every connection: each checks its silence and
-    /// pings its client. One node-wide timer instead of one per connection.
-    pub fn heartbeat_all(&self) {
-        self.for_all(|c| c.flag(|st| st.heartbeat = true));
+    /// One heartbeat tick for the connections of part `part` of `parts`
+    /// (the shards `k` with `k % parts == part`): each checks its silence
+    /// and pings its client. The node's one heartbeat timer (no timer per
+    /// connection) walks the parts in turn over an interval, so each
+    /// connection is still pinged once per interval but the node's pings
+    /// leave in `parts` small groups instead of one burst: 16,667 pings
+    /// (and as many pongs) at once held up every other request of a loaded
+    /// node for up to two seconds (bench/c100k.sh, BENCHMARKS.md).
+    pub fn heartbeat_part(&self, part: usize, parts: usize) {
+        let parts = parts.clamp(1, SHARDS);
+        for shard in self.shards.iter().skip(part % parts).step_by(parts) {
+            for conn in shard.lock().values().flatten() {
+                conn.flag(|st| st.heartbeat = true);
+            }
+        }
     }
 
     /// Asks every connection to close (graceful shutdown).

@@ -34,6 +34,27 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// send (its statements' own timeout is longer; it is aborted then).
 const OUTBOX_STOP_DEADLINE: Duration = Duration::from_secs(2);
 
+/// Connections the kernel completes and queues for a listener before the
+/// node accepts them; Linux caps it at `net.core.somaxconn` (4096 by
+/// default since 5.4). `TcpListener::bind`'s 128 (the standard library's)
+/// overflowed when the 16,667 clients of a restarted node reconnected at
+/// once (bench/c100k.sh): every SYN beyond the queue is dropped and its
+/// client waits for TCP's retransmit, 1 s and then 3 s, 7 s, ... later.
+const BACKLOG: u32 = 8192;
+
+/// A listener on `a` with [`BACKLOG`] (and SO_REUSEADDR on Unix, as
+/// `TcpListener::bind` sets: a restarted node rebinds its port at once).
+fn listen(a: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match a {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(a)?;
+    socket.listen(BACKLOG)
+}
+
 /// The three listeners of a node.
 pub struct Listeners {
     pub ws: TcpListener,
@@ -44,7 +65,7 @@ pub struct Listeners {
 impl Listeners {
     pub async fn bind(cfg: &Config) -> std::io::Result<Listeners> {
         let bind = |a: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(a).await.map_err(|e| {
+            listen(a).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {a} ({what}): {e}"))
             })
         };
@@ -357,6 +378,13 @@ fn serve_admin(
     ))
 }
 
+/// How many groups the heartbeat spreads the node's connections over: one
+/// per 20 ms of the interval, at most one per hub shard (64 for the
+/// default 25 s: a group every 390 ms).
+fn heartbeat_parts(every: Duration) -> usize {
+    ((every.as_millis() / 20) as usize).clamp(1, crate::hub::SHARDS)
+}
+
 /// The node's timers, one each for all connections: the heartbeat, the
 /// token-expiry sweep (closes with 4401 at `exp`, checked four times a
 /// second; `exp` is in whole seconds), the reload of the certificate and
@@ -370,13 +398,14 @@ fn tickers(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let heartbeat = {
         let hub = node.hub.clone();
-        let every = cfg.heartbeat;
+        let parts = heartbeat_parts(cfg.heartbeat);
+        let step = cfg.heartbeat / parts as u32;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + step, step);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            for part in (0..parts).cycle() {
                 tick.tick().await;
-                hub.heartbeat_all();
+                hub.heartbeat_part(part, parts);
             }
         })
     };

@@ -19,6 +19,15 @@ pub enum Scenario {
     /// SendToUser one call at a time (closed loop), then --callers at a
     /// time: the time per call a plain backend sees.
     Sequential,
+    /// Connections held for --hold, their state written to --status every
+    /// 100 ms for a `probe` in another process: one of several client
+    /// processes of a fleet too big for one process's open-files limit.
+    Hold,
+    /// Drives and measures the fleets of several `hold` processes (their
+    /// --holder status files): waits for all --expect clients, times
+    /// broadcasts to all of them, runs IsOnline at --rate; with
+    /// --storm-kill, kills that node and times the reconnect storm.
+    Probe,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -76,6 +85,9 @@ pub struct BenchArgs {
     pub connect_concurrency: usize,
     /// Loopback source addresses (127.0.0.1, .2, ...) to spread clients over;
     /// 0 picks enough for the count (one per 20k connections per node).
+    /// Past about 13k connections from one address to one port, Linux's
+    /// search for a free source port costs more CPU than the connection
+    /// (it tries even ports first): bench/c100k.sh uses 16.
     #[arg(long, default_value_t = 0)]
     pub src_ips: usize,
     /// Offered rate in deliveries/s (a call to k users counts k); several
@@ -213,6 +225,24 @@ pub struct BenchArgs {
     /// Reconnect dropped clients (with a fresh user id) between and during steps.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub reconnect: bool,
+    /// Hold: the prefix of the user ids (`<run-id>-<slot>-<generation>`),
+    /// so that a probe can name them. Default: random.
+    #[arg(long)]
+    pub run_id: Option<String>,
+    /// Hold: the file the state is written to (replaced every 100 ms).
+    #[arg(long)]
+    pub status: Option<std::path::PathBuf>,
+    /// Probe: the status file of each hold process (repeat).
+    #[arg(long = "holder")]
+    pub holders: Vec<std::path::PathBuf>,
+    /// Probe: the clients the hold processes open in all.
+    #[arg(long, default_value_t = 0)]
+    pub expect: usize,
+    /// Probe: instead of the load phase, SIGKILL this node process (which
+    /// the caller restarts on the same ports) and time until every client
+    /// is connected again and a broadcast reaches all of them.
+    #[arg(long)]
+    pub storm_kill: Option<u32>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,

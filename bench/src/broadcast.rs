@@ -6,7 +6,7 @@ use crate::ctx::{set_phase, settle, Ctx};
 use crate::fleet::{Bcast, BcastSlot};
 use crate::stats::{fmt_ms, now_ns, CpuMark, Latency};
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,15 +26,7 @@ pub async fn broadcast(ctx: &Arc<Ctx>, report: &mut Value, problems: &mut Vec<St
     let n_api = api.nodes();
     let total = a.single + a.broadcasts;
     let base = ctx.seq.fetch_add(total as u64, Relaxed);
-    let slots: Vec<BcastSlot> = (0..total)
-        .map(|_| BcastSlot {
-            target: AtomicU32::new(u32::MAX),
-            count: AtomicU32::new(0),
-            sent_ns: AtomicU64::new(0),
-            done_ns: AtomicU64::new(0),
-            last_ns: AtomicU64::new(0),
-        })
-        .collect();
+    let slots: Vec<BcastSlot> = (0..total).map(|_| BcastSlot::new(u32::MAX)).collect();
     let _ = f.bcast.set(Bcast {
         base,
         slots,

@@ -63,7 +63,23 @@ pub struct BcastSlot {
     pub count: AtomicU32,
     pub sent_ns: AtomicU64,
     pub done_ns: AtomicU64,
+    /// The first delivery (u64::MAX until one).
+    pub first_ns: AtomicU64,
     pub last_ns: AtomicU64,
+}
+
+impl BcastSlot {
+    /// A broadcast nobody has received yet; `target` deliveries complete it.
+    pub fn new(target: u32) -> BcastSlot {
+        BcastSlot {
+            target: AtomicU32::new(target),
+            count: AtomicU32::new(0),
+            sent_ns: AtomicU64::new(0),
+            done_ns: AtomicU64::new(0),
+            first_ns: AtomicU64::new(u64::MAX),
+            last_ns: AtomicU64::new(0),
+        }
+    }
 }
 
 pub struct Bcast {
@@ -143,6 +159,9 @@ pub struct FleetConfig {
     pub connections: usize,
     pub src_ips: usize,
     pub reconnect: bool,
+    /// The prefix of every user id (a random one if None): another process
+    /// that knows it can name this fleet's users (`<run_id>-<slot>-<gen>`).
+    pub run_id: Option<String>,
 }
 
 impl Fleet {
@@ -196,7 +215,9 @@ impl Fleet {
         for (i, s) in slots.iter().enumerate() {
             by_node[s.node].push(i);
         }
-        let run_id = format!("b{:08x}", rand::random::<u32>());
+        let run_id = c
+            .run_id
+            .unwrap_or_else(|| format!("b{:08x}", rand::random::<u32>()));
         Ok(Arc::new(Fleet {
             target: c.target,
             run_id,
@@ -318,6 +339,14 @@ impl Fleet {
         t
     }
 
+    /// How many clients of each node are connected now.
+    pub fn connected_by_node(&self) -> Vec<usize> {
+        self.by_node
+            .iter()
+            .map(|list| list.iter().filter(|&&i| self.is_connected(i)).count())
+            .collect()
+    }
+
     /// Connected slots of `node` (indices), for picking targets.
     pub fn is_connected(&self, i: usize) -> bool {
         self.slots[i].connected.load(Relaxed)
@@ -340,6 +369,7 @@ impl Fleet {
         if let Some(b) = self.bcast.get() {
             if let Some(k) = seq.checked_sub(b.base) {
                 if let Some(bs) = b.slots.get(k as usize) {
+                    bs.first_ns.fetch_min(now, Relaxed);
                     bs.last_ns.fetch_max(now, Relaxed);
                     let c = bs.count.fetch_add(1, Relaxed) + 1;
                     if c == bs.target.load(Relaxed) {
@@ -358,6 +388,7 @@ impl Fleet {
         let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
         if !self.src_ips.is_empty() {
             let ip = self.src_ips[(i / self.ws_urls.len()) % self.src_ips.len()];
+            bind_address_no_port(&sock);
             sock.bind(SocketAddr::new(IpAddr::V4(ip), 0))
                 .map_err(|e| format!("bind {ip}: {e}"))?;
         }
@@ -430,6 +461,30 @@ impl Fleet {
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Leaves the choice of the source port to `connect`, which needs it
+/// unique for the whole (source, destination) pair, instead of `bind`,
+/// which reserves it on that address for every destination
+/// (IP_BIND_ADDRESS_NO_PORT). Without it the ports of one source address
+/// run out at ~28k connections in all, not per node.
+#[cfg(target_os = "linux")]
+fn bind_address_no_port(sock: &TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket and an option value of the size given.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn bind_address_no_port(_: &TcpSocket) {}
 
 /// One client's life: connect (holding the connect permit), receive until
 /// the socket ends, reconnect with a fresh user id if asked to.

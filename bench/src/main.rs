@@ -23,6 +23,10 @@
 //! * `control`: IsOnline / UnreadCount queries per second (Herald only).
 //! * `sequential`: SendToUser one call at a time, then a few callers at a
 //!   time (closed loop): per-call latency.
+//! * `hold` and `probe`: a fleet spread over several client processes (each
+//!   under its open-files limit): `hold` processes connect and hold their
+//!   clients, one `probe` times broadcasts to all of them, IsOnline, and a
+//!   node's reconnect storm (bench/c100k.sh).
 //!
 //! Every loop is bounded by count and time (`--duration`, `--time-limit`).
 
@@ -33,9 +37,11 @@ mod centrifugo;
 mod control;
 mod ctx;
 mod fleet;
+mod hold;
 mod http;
 mod idle;
 mod outbox;
+mod probe;
 mod remote;
 mod report;
 mod sequential;
@@ -80,6 +86,32 @@ async fn run(args: BenchArgs) -> ExitCode {
     }
 }
 
+/// The probe scenario: no clients of its own, the holders' status files
+/// and Herald's gRPC API.
+async fn run_probe(args: BenchArgs) -> Result<ExitCode, String> {
+    if args.target != Target::Herald || args.api.is_empty() || args.holders.is_empty() {
+        return Err(
+            "probe: --target herald, --api of every node, --holder FILE of every hold process"
+                .into(),
+        );
+    }
+    let api = Arc::new(Api::grpc(&args.api, args.grpc_channels, args.api_key.clone()).await?);
+    let (report, problems) = probe::probe(&args, api).await;
+    let text = serde_json::to_string_pretty(&report).expect("serializable");
+    if let Some(path) = &args.out {
+        std::fs::write(path, text.clone() + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if args.json {
+        println!("{text}");
+    }
+    if args.check && !problems.is_empty() {
+        eprintln!("herald-bench: check failed: {}", problems.join("; "));
+        return Ok(ExitCode::from(3));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
     let limit = args.time_limit;
     tokio::spawn(async move {
@@ -101,6 +133,9 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
         .map(|p| Watched::parse(p))
         .collect::<Result<_, _>>()?;
     check_args(&mut args)?;
+    if args.scenario == Scenario::Probe {
+        return run_probe(args).await;
+    }
     let api = sender(&args).await?;
     let fleet = Fleet::new(FleetConfig {
         target: args.target,
@@ -109,6 +144,7 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
         connections: args.connections,
         src_ips: args.src_ips,
         reconnect: args.reconnect && args.scenario != Scenario::Idle,
+        run_id: args.run_id.clone(),
     })?;
     let progress = Arc::new(Progress {
         phase: Mutex::new("connect".into()),
@@ -155,6 +191,8 @@ async fn run_inner(mut args: BenchArgs) -> Result<ExitCode, String> {
             Scenario::Idle => idle::idle(&ctx, rss_before, &mut report).await,
             Scenario::Control => control::control(&ctx, &mut report, &mut problems).await,
             Scenario::Sequential => sequential::sequential(&ctx, &mut report, &mut problems).await,
+            Scenario::Hold => hold::hold(&ctx, &mut report).await,
+            Scenario::Probe => unreachable!("run_probe"),
         }
     }
     fleet.stop();
@@ -210,7 +248,7 @@ async fn sender(args: &BenchArgs) -> Result<Option<Arc<Api>>, String> {
                 .into(),
         );
     }
-    let needs_api = args.scenario != Scenario::Idle && outbox.is_none();
+    let needs_api = !matches!(args.scenario, Scenario::Idle | Scenario::Hold) && outbox.is_none();
     if needs_api && args.api.is_empty() {
         return Err("--api is needed: the HTTP base URL of each node (http://H:P)".into());
     }
@@ -242,6 +280,9 @@ async fn sender(args: &BenchArgs) -> Result<Option<Arc<Api>>, String> {
 fn check_args(args: &mut BenchArgs) -> Result<(), String> {
     if args.api.is_empty() && args.target == Target::Herald {
         args.api = vec!["http://127.0.0.1:50051".into()];
+    }
+    if args.scenario == Scenario::Hold && args.status.is_none() {
+        return Err("the hold scenario writes its state to --status FILE".into());
     }
     if matches!(args.target, Target::Herald | Target::Centrifugo) && args.jwt_secret.is_none() {
         return Err("--jwt-secret (or HERALD_JWT_SECRET) is needed to mint client tokens".into());

@@ -12,8 +12,7 @@
 
 use crate::ctx::Ctx;
 use crate::fleet::Fleet;
-use crate::stats::now_ns;
-use crate::stats::StepCounters;
+use crate::stats::{monotonic_ns, now_ns, StepCounters};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::atomic::Ordering::Relaxed;
@@ -35,17 +34,6 @@ pub struct Outcome {
     pub start_ns: u64,
     pub unsent: u64,
     pub sender_cpu_us: u64,
-}
-
-/// CLOCK_MONOTONIC in ns (what `Instant` and Node's `process.hrtime` read).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The connected clients of each node, as `[slot, user id]`.

@@ -16,6 +16,28 @@ pub fn now_ns() -> u64 {
     BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+/// CLOCK_MONOTONIC in ns: one clock for every process of the machine
+/// (what `Instant` and Node's `process.hrtime` read), so times taken by
+/// several bench processes can be compared.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A time of the bench clock ([`now_ns`]) on the machine's monotonic clock
+/// ([`monotonic_ns`]). Both count from the same boot, so the offset read
+/// once holds for the whole run.
+pub fn to_monotonic(bench_ns: u64) -> u64 {
+    static OFFSET: OnceLock<u64> = OnceLock::new();
+    let offset = *OFFSET.get_or_init(|| monotonic_ns().saturating_sub(now_ns()));
+    bench_ns + offset
+}
+
 /// Highest latency a histogram records (longer ones are clamped).
 const MAX_US: u64 = 3_600_000_000;
 
