@@ -155,6 +155,15 @@ impl Node {
         self.apply(user, op).await
     }
 
+    /// A client's `read` frame (the reads that arrived together, as one
+    /// move of the read cursor: parsed already, to keep the newest).
+    pub async fn client_read(&self, user: &str, up_to: MessageId) -> Result<u64> {
+        match self.apply(user, Op::ReadUpTo(Some(up_to))).await? {
+            Done::Unread(n) => Ok(n),
+            other => Err(Error::Backend(format!("a read answered {other:?}"))),
+        }
+    }
+
     /// Applies a validated operation: the one place the message center
     /// reaches the inbox.
     pub(crate) async fn apply(&self, user: &str, op: Op<'_>) -> Result<Done> {

@@ -23,12 +23,16 @@
 //! * [`tls`]: rustls acceptors and the certificate that reloads itself.
 //! * `expiry`: closes connections whose token expired (one map per node).
 //! * `ws`: the public listener's gateway (`ws/mod.rs`), what a handshake
-//!   carries (`ws/handshake.rs`), the per-connection task (`ws/conn.rs`),
-//!   client frames and their budget (`ws/frames.rs`), `/herald.js` with
-//!   CORS (`ws/client_js.rs`).
+//!   carries (`ws/handshake.rs`), the per-connection task (`ws/conn.rs`: a
+//!   `Session` with one method per event), client frames and their budget
+//!   (`ws/frames.rs`), the plain HTTP routes and the embedded demo page
+//!   (`ws/routes.rs`), `/herald.js` with CORS (`ws/client_js.rs`).
 //! * `protocol`: wire protocol v1: message ids, frames, close codes.
 //! * `hub`: this node's connections and their bounded send queues.
 //! * `node`: the core: validation, routing, inbox semantics.
+//! * `center`: the message center's operations from either entry point (a
+//!   client frame, an RPC): one request type, validated once against the
+//!   entry point's limits, applied by one function.
 //! * `batch`: `SendBatch` on the node: many independent sends, one inbox
 //!   append and one publish for all of them, a result per item.
 //! * `backend`: what nodes share (broker, presence, inbox), one trait per
@@ -45,7 +49,7 @@
 //!   listen` (a WebSocket client that connects like a browser), `herald
 //!   token` and `herald jwks` (development credentials).
 //!
-//! Modules depend downwards only: `server` → `ws`/`grpc`/`http`/`outbox` → `batch` → `node` →
+//! Modules depend downwards only: `server` → `ws`/`grpc`/`http`/`outbox` → `batch`/`center` → `node` →
 //! `hub`/`backend` → `protocol`/`error`/`config`. Backends reach this node's
 //! connections through a trait, never the hub's concrete type.
 //!

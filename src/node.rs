@@ -8,7 +8,6 @@
 use crate::backend::{
     reused, Backend, Claim, ClaimScope, Cluster, Event, IdemKey, NewMessage, NodeInfo, Replay,
 };
-use crate::center::{Done, Op};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hub::{Conn, Hub};
@@ -452,15 +451,6 @@ impl Node {
             .inbox
             .replay(user, since, self.cfg.inbox.replay_limit)
             .await
-    }
-
-    /// A client's `read` frame (the reads that arrived together, as one
-    /// move of the read cursor).
-    pub async fn client_read(&self, user: &str, up_to: MessageId) -> Result<u64> {
-        match self.apply(user, Op::ReadUpTo(Some(up_to))).await? {
-            Done::Unread(n) => Ok(n),
-            other => Err(Error::Backend(format!("a read answered {other:?}"))),
-        }
     }
 
     /// Leaves the cluster (clean shutdown).
