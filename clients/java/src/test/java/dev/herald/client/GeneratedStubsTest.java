@@ -35,6 +35,7 @@ class GeneratedStubsTest {
                 "herald.v1.PushService/ListMessages",
                 "herald.v1.PushService/MarkRead",
                 "herald.v1.PushService/MarkUnread",
+                "herald.v1.PushService/SendBatch",
                 "herald.v1.PushService/SendToUser",
                 "herald.v1.PushService/Stats",
                 "herald.v1.PushService/UnreadCount"), names);
