@@ -23,7 +23,7 @@
 //! count what the client would have to read, not what the node holds: a
 //! broadcast frame is shared by every queue it is in.
 
-use crate::backend::{Dispatch, Event};
+use crate::backend::{Event, EventSink, LocalView};
 pub use crate::config::QueueLimits;
 use crate::protocol::{self, Disconnect, Frame, MessageId};
 use parking_lot::Mutex;
@@ -330,9 +330,9 @@ impl Hub {
     }
 }
 
-/// What the backends use of the hub; every method but `dispatch` is the
-/// inherent method of the same name.
-impl Dispatch for Hub {
+/// What the backends ask of the hub; each method is the inherent method of
+/// the same name.
+impl LocalView for Hub {
     fn has_user(&self, user: &str) -> bool {
         Hub::has_user(self, user)
     }
@@ -354,6 +354,10 @@ impl Dispatch for Hub {
             self.events_received.load(Ordering::Relaxed),
         )
     }
+}
+
+/// Where the backends hand the events they receive.
+impl EventSink for Hub {
     fn resync_all(&self) {
         Hub::resync_all(self)
     }

@@ -67,7 +67,7 @@ impl Node {
     pub fn in_memory(cfg: Config) -> Arc<Node> {
         let hub = Hub::new(&cfg.node_id);
         let backend = crate::backend::memory::MemoryBackend::new(
-            hub.clone(),
+            crate::backend::Local::of(hub.clone()),
             &cfg.node_id,
             cfg.inbox.clone(),
         )
@@ -78,7 +78,9 @@ impl Node {
     /// A node on the Redis backend at `url`.
     pub async fn on_redis(cfg: Config, url: &str) -> Result<Arc<Node>> {
         let hub = Hub::new(&cfg.node_id);
-        let backend = crate::backend::redis::connect(&cfg, url, hub.clone()).await?;
+        let backend =
+            crate::backend::redis::connect(&cfg, url, crate::backend::Local::of(hub.clone()))
+                .await?;
         Ok(Node::new(cfg, hub, backend))
     }
 

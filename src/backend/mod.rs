@@ -12,10 +12,11 @@
 //! [`redis`] (a cluster of nodes sharing one Redis). The gRPC and WebSocket
 //! layers see only these traits, through the node.
 //!
-//! Backends reach this node's connections through [`Dispatch`] (the node's
-//! hub implements it): events a broker receives are handed to it
+//! Backends reach this node's connections through [`Local`]: an
+//! [`EventSink`] where the events a broker receives are handed,
 //! synchronously and without blocking (a dispatch only queues frames), and
-//! presence reads its counts. Nothing here names the hub or the node.
+//! a [`LocalView`] that presence reads its counts from (the node's hub
+//! implements both). Nothing here names the hub or the node.
 
 pub(crate) mod memory;
 pub(crate) mod redis;
@@ -46,16 +47,25 @@ pub enum Event {
     Broadcast { frame: Frame },
 }
 
-/// This node's connections, as a backend sees them: where a broker hands
-/// the events it receives, and what the backends ask about who is connected
-/// here. The node's hub implements it; backends hold an `Arc<dyn Dispatch>`,
-/// never the hub itself.
-///
-/// No method blocks or awaits: they only read counts and queue frames, and
-/// backends call them under their own locks and on the pub/sub task.
-pub(crate) trait Dispatch: Send + Sync + 'static {
+/// Where a backend hands the live events it receives for this node's
+/// connections (the hub implements it). Every method only queues frames or
+/// sets flags: none blocks or awaits, so backends call them under their own
+/// locks and on the pub/sub task.
+pub(crate) trait EventSink: Send + Sync + 'static {
     /// Queues the event's frames on the connections it is for.
     fn dispatch(&self, event: Event);
+    /// Asks every connection here to catch up from the inbox: live
+    /// delivery had a gap.
+    fn resync_all(&self);
+    /// Asks the connections of `user` here to catch up from the inbox: the
+    /// user's live delivery had a gap (on Redis Cluster, the user's slot
+    /// moved or its shard failed over).
+    fn resync(&self, user: &str);
+}
+
+/// What a backend may ask about this node's connections (the hub answers):
+/// counts read under the hub's shard locks, never awaited.
+pub(crate) trait LocalView: Send + Sync + 'static {
     /// Whether `user` has a connection here.
     fn has_user(&self, user: &str) -> bool;
     /// Connections here.
@@ -66,16 +76,28 @@ pub(crate) trait Dispatch: Send + Sync + 'static {
     fn local_counts(&self, users: &[String]) -> Vec<u32>;
     /// Every user with a connection here.
     fn users_snapshot(&self) -> Vec<String>;
-    /// Asks every connection here to catch up from the inbox: live
-    /// delivery had a gap.
-    fn resync_all(&self);
-    /// Asks the connections of `user` here to catch up from the inbox: the
-    /// user's live delivery had a gap (on Redis Cluster, the user's slot
-    /// moved or its shard failed over).
-    fn resync(&self, user: &str);
     /// Message frames queued to connections here, and events received from
     /// the broker, since the node started (for other nodes' `Stats`).
     fn counters(&self) -> (u64, u64);
+}
+
+/// This node's connections as a backend holds them: where events go and
+/// what it may ask, each behind its own narrow trait; backends never name
+/// the hub. Cheap to clone (two handles to one hub).
+#[derive(Clone)]
+pub(crate) struct Local {
+    pub(crate) sink: Arc<dyn EventSink>,
+    pub(crate) view: Arc<dyn LocalView>,
+}
+
+impl Local {
+    /// Both sides of one hub.
+    pub(crate) fn of<H: EventSink + LocalView>(hub: Arc<H>) -> Local {
+        Local {
+            sink: hub.clone(),
+            view: hub,
+        }
+    }
 }
 
 /// One message to store: the inbox assigns the id and builds the frame.

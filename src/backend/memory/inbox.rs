@@ -260,12 +260,12 @@ impl MemoryBackend {
     /// queues).
     fn announce(&self, user: &Arc<str>, before: u64, after: u64, frame: Frame) {
         if after != before {
-            self.local.dispatch(Event::Unread {
+            self.local.sink.dispatch(Event::Unread {
                 user: user.clone(),
                 count: after,
             });
         }
-        self.local.dispatch(Event::State {
+        self.local.sink.dispatch(Event::State {
             user: user.clone(),
             frame,
         });

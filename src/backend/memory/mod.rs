@@ -8,7 +8,7 @@ mod inbox;
 mod store;
 
 use super::reused;
-use super::{Appended, Backend, Broker, Cluster, Dispatch, Event, NewMessage, NodeInfo, Presence};
+use super::{Appended, Backend, Broker, Cluster, Event, Local, NewMessage, NodeInfo, Presence};
 use crate::config::InboxConfig;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, MessageId};
@@ -39,13 +39,13 @@ type Shard = HashMap<Arc<str>, UserInbox>;
 
 pub(crate) struct MemoryBackend {
     /// This node's connections: where events go.
-    local: Arc<dyn Dispatch>,
+    local: Local,
     node_id: String,
     cfg: InboxConfig,
     hasher: RandomState,
     /// Synchronous (parking_lot) mutexes, never held across an `.await`:
     /// every critical section is a few map/deque operations and
-    /// non-blocking queue pushes ([`Dispatch`] never blocks). No method
+    /// non-blocking queue pushes ([`super::EventSink`] never blocks). No method
     /// here awaits while a shard is locked; keep it so.
     inboxes: Box<[Mutex<Shard>]>,
     /// Stored bodies and their bytes, for `--inbox-memory-limit`.
@@ -72,7 +72,7 @@ pub(crate) struct MemoryBackend {
 }
 
 impl MemoryBackend {
-    pub(crate) fn new(local: Arc<dyn Dispatch>, node_id: &str, cfg: InboxConfig) -> Arc<Self> {
+    pub(crate) fn new(local: Local, node_id: &str, cfg: InboxConfig) -> Arc<Self> {
         Arc::new(MemoryBackend {
             local,
             node_id: node_id.to_string(),
@@ -138,7 +138,7 @@ impl MemoryBackend {
             let mut shard = shard.lock();
             shard.retain(|user, inbox| {
                 inbox.trim(&self.cfg, now);
-                if !inbox.messages.is_empty() || self.local.has_user(user) {
+                if !inbox.messages.is_empty() || self.local.view.has_user(user) {
                     let m = &mut inbox.messages;
                     if m.capacity() > 64 && m.capacity() > 4 * m.len() {
                         m.shrink_to(2 * m.len());
@@ -221,7 +221,7 @@ impl MemoryBackend {
                 dropped += inbox.drop_message(*id, &body) as u64;
                 // An inbox left with nothing (and no connection here) goes
                 // too, as the sweep would free it: the budget counts it.
-                if inbox.messages.is_empty() && !self.local.has_user(user) {
+                if inbox.messages.is_empty() && !self.local.view.has_user(user) {
                     if let Some((user, inbox)) = shard.remove_entry(user.as_ref()) {
                         over = over.saturating_sub(self.forget_inbox(&user, &inbox));
                     }
@@ -350,9 +350,9 @@ impl MemoryBackend {
             // Only a connected user's frame is built, and it is freed once
             // sent. One who connects after this check reads the message in
             // the replay, which waits for this lock.
-            let online = self.local.has_user(user);
+            let online = self.local.view.has_user(user);
             if online {
-                self.local.dispatch(Event::Message {
+                self.local.sink.dispatch(Event::Message {
                     user: inbox.user.clone(),
                     id: Some(id),
                     frame: body.frame(id),
@@ -395,16 +395,16 @@ impl Broker for MemoryBackend {
                     Event::Message { user, .. }
                     | Event::Unread { user, .. }
                     | Event::State { user, .. }
-                    | Event::Disconnect { user, .. } => self.local.has_user(user),
-                    Event::Broadcast { .. } => self.local.connections() > 0,
+                    | Event::Disconnect { user, .. } => self.local.view.has_user(user),
+                    Event::Broadcast { .. } => self.local.view.connections() > 0,
                 };
-                self.local.dispatch(e);
+                self.local.sink.dispatch(e);
                 online
             })
             .collect())
     }
     async fn broadcast(&self, frame: Frame) -> Result<()> {
-        self.local.dispatch(Event::Broadcast { frame });
+        self.local.sink.dispatch(Event::Broadcast { frame });
         Ok(())
     }
 }
@@ -441,14 +441,14 @@ impl Presence for MemoryBackend {
         Ok(())
     }
     async fn lookup(&self, users: &[String]) -> Result<Vec<u32>> {
-        Ok(self.local.local_counts(users))
+        Ok(self.local.view.local_counts(users))
     }
     async fn cluster(&self) -> Result<Cluster> {
-        let users = self.local.users();
+        let users = self.local.view.users();
         Ok(Cluster {
             nodes: vec![NodeInfo {
                 node_id: self.node_id.clone(),
-                connections: self.local.connections(),
+                connections: self.local.view.connections(),
                 users,
                 // This node's own entry is filled in by the node itself.
                 ..Default::default()

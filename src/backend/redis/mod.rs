@@ -99,7 +99,7 @@ mod scripts;
 mod sharded;
 mod topology;
 
-use super::{Backend, Dispatch};
+use super::{Backend, Local};
 use crate::config::{Config, InboxConfig};
 use crate::error::{Error, Result};
 use futures_util::future::{join_all, FutureExt};
@@ -381,7 +381,7 @@ pub(crate) struct RedisBackend {
 
 /// Connects this node to Redis: checks the server, then starts the
 /// registrar, which delivers the events this node receives to `local`.
-pub(crate) async fn connect(cfg: &Config, url: &str, local: Arc<dyn Dispatch>) -> Result<Backend> {
+pub(crate) async fn connect(cfg: &Config, url: &str, local: Local) -> Result<Backend> {
     // The URL may hold a password: errors name the address only.
     let target = Target::parse(url)?;
     let addr = target.describe();

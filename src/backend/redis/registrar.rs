@@ -18,7 +18,7 @@ use super::keys;
 use super::leases::Leases;
 use super::scripts::Scripts;
 use super::{Conn, Target};
-use crate::backend::Dispatch;
+use crate::backend::Local;
 use crate::error::{Error, Result};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
@@ -132,7 +132,7 @@ pub(super) struct Registrar {
     pub(super) leases: Arc<Leases>,
     /// This node's connections: where received events go, and what
     /// subscriptions and presence are made to match.
-    pub(super) local: Arc<dyn Dispatch>,
+    pub(super) local: Local,
     pub(super) node_id: String,
     /// This incarnation of the node (see `keys::boots`).
     pub(super) boot: String,
@@ -250,7 +250,7 @@ impl Registrar {
                         "Redis pub/sub restored; connections catch up from their inboxes"
                     );
                     metrics::counter!("herald_redis_reconnects_total").increment(1);
-                    self.local.resync_all();
+                    self.local.sink.resync_all();
                 }
             }
             // Serve until the pub/sub connection drops. Subscription
@@ -261,7 +261,7 @@ impl Registrar {
                     msg = stream.next() => match msg {
                         Some(m) => {
                             if let Some(e) = codec::decode(&broadcast_channel, m.get_channel_name(), m.get_payload_bytes()) {
-                                self.local.dispatch(e);
+                                self.local.sink.dispatch(e);
                             }
                         }
                         None => {
@@ -296,7 +296,7 @@ impl Registrar {
     ) -> Result<()> {
         subscribed.clear();
         sub.subscribe(&[keys::broadcast_channel()]).await?;
-        let users = self.local.users_snapshot();
+        let users = self.local.view.users_snapshot();
         for chunk in users.chunks(1000) {
             let channels: Vec<String> = chunk.iter().map(|u| keys::user_channel(u)).collect();
             sub.subscribe(&channels).await?;
@@ -312,7 +312,7 @@ impl Registrar {
     /// lately ([`Departures`]: set to what is held, deleted when nothing
     /// is), then renews the lease.
     pub(super) async fn rewrite_presence(&self, users: &[String]) -> Result<()> {
-        let counts = self.local.local_counts(users);
+        let counts = self.local.view.local_counts(users);
         let conns = keys::node_conns(&self.node_id);
         // This node's hash in one transaction (one key, so one slot).
         let mut pipe = redis::pipe();
@@ -345,7 +345,7 @@ impl Registrar {
             .filter(|u| !held.contains(u))
             .collect();
         if !gone.is_empty() {
-            let counts = self.local.local_counts(&gone);
+            let counts = self.local.view.local_counts(&gone);
             let mut pipe = redis::pipe();
             for (u, n) in gone.iter().zip(&counts) {
                 let key = keys::user_conns(u);
@@ -390,7 +390,7 @@ impl Registrar {
             if sweep.started.is_some_and(|t| t.elapsed() < quarter) {
                 return;
             }
-            sweep.todo = self.local.users_snapshot();
+            sweep.todo = self.local.view.users_snapshot();
             sweep.started = Some(std::time::Instant::now());
             // Renewal ticks in a quarter of the TTL (at least 3, as the TTL
             // is at least 4 leases; a tick is lease/3).
@@ -421,7 +421,7 @@ impl Registrar {
     /// reader sees this incarnation's lease with the previous boot.
     pub(super) async fn renew(&self) -> Result<()> {
         let lease_ms = self.lease.as_millis() as u64;
-        let (delivered, events) = self.local.counters();
+        let (delivered, events) = self.local.view.counters();
         let stats = keys::node_stats(&self.node_id);
         let mut conn = self.conn.clone();
         redis::pipe()
@@ -480,7 +480,7 @@ impl Registrar {
             }
             acks.extend(ack);
         }
-        let counts = self.local.local_counts(&users);
+        let counts = self.local.view.local_counts(&users);
         let (mut sub, mut unsub) = (vec![], vec![]);
         for (u, n) in users.iter().zip(&counts) {
             match (*n > 0, subscribed.contains(u)) {

@@ -509,13 +509,13 @@ impl Registrar {
                     if unproven.channels.remove(ch).is_some() {
                         metrics::counter!("herald_redis_subscriptions_proven_total").increment(1);
                         if let Some(u) = keys::channel_user(ch) {
-                            self.local.resync(&u);
+                            self.local.sink.resync(&u);
                         }
                     }
                     return;
                 }
                 if let Some(e) = codec::decode(broadcast_channel, ch, payload) {
-                    self.local.dispatch(e);
+                    self.local.sink.dispatch(e);
                 }
             }
             PushKind::SUnsubscribe => {
