@@ -16,9 +16,9 @@
 //! [`Inbox::append_batch`]: crate::backend::Inbox::append_batch
 //! [`Broker::publish`]: crate::backend::Broker::publish
 
-use crate::backend::{reused, Appended, Claim, ClaimScope, Event, IdemKey, NewMessage};
+use crate::backend::{reused, Claim, ClaimScope, Event, IdemKey, NewMessage};
 use crate::error::{Error, Result};
-use crate::node::{fingerprint, Delivery, Node, SendToUser};
+use crate::node::{fingerprint, live_deliveries, Delivery, Node, SendToUser};
 use crate::protocol::{self, Frame};
 use futures_util::future::join_all;
 use std::sync::Arc;
@@ -184,20 +184,6 @@ impl Node {
         }
     }
 
-    fn stored_deliveries(&self, users: &[String], appended: Vec<Appended>) -> Vec<Delivery> {
-        users
-            .iter()
-            .zip(appended)
-            .map(|(u, a)| Delivery {
-                user_id: u.clone(),
-                message_id: a.id.to_string(),
-                // As in send_to_user: a connection here is proof enough.
-                online: a.online || self.hub.has_user(u),
-                replayed: a.replayed,
-            })
-            .collect()
-    }
-
     /// The live-only items: their claims (keyed items only, concurrently),
     /// then one publish of every event.
     async fn batch_live(&self, items: &[Checked<'_>], ts: u64) -> Vec<(usize, ItemResult)> {
@@ -256,27 +242,8 @@ impl Node {
             }
         };
         for (c, id, claims, first) in sending {
-            let mut on = online[first..].iter();
-            let deliveries = c
-                .send
-                .users
-                .iter()
-                .zip(claims)
-                .map(|(u, claim)| match claim {
-                    Claim::Seen(first) => Delivery {
-                        user_id: u.clone(),
-                        message_id: first,
-                        online: false,
-                        replayed: true,
-                    },
-                    _ => Delivery {
-                        user_id: u.clone(),
-                        message_id: id.clone(),
-                        online: on.next().copied().unwrap_or(false),
-                        replayed: false,
-                    },
-                })
-                .collect();
+            let on = online[first..].iter().copied();
+            let deliveries = live_deliveries(c.send.users, claims, &id, on);
             out.push((c.index, Ok(deliveries)));
         }
         out

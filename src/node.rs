@@ -6,7 +6,8 @@
 //! the same messages.
 
 use crate::backend::{
-    reused, Backend, Claim, ClaimScope, Cluster, Event, IdemKey, NewMessage, NodeInfo, Replay,
+    reused, Appended, Backend, Claim, ClaimScope, Cluster, Event, IdemKey, NewMessage, NodeInfo,
+    Replay,
 };
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -210,25 +211,8 @@ impl Node {
                     Claim::Conflict => return Err(reused(u)),
                 }
             }
-            let mut online = self.backend.broker.publish(events).await?.into_iter();
-            users
-                .iter()
-                .zip(claims)
-                .map(|(u, claim)| match claim {
-                    Claim::Seen(first) => Delivery {
-                        user_id: u.clone(),
-                        message_id: first,
-                        online: false,
-                        replayed: true,
-                    },
-                    _ => Delivery {
-                        user_id: u.clone(),
-                        message_id: id.clone(),
-                        online: online.next().unwrap_or(false),
-                        replayed: false,
-                    },
-                })
-                .collect()
+            let online = self.backend.broker.publish(events).await?;
+            live_deliveries(users, claims, &id, online.into_iter())
         } else {
             let msg = NewMessage {
                 topic,
@@ -237,20 +221,7 @@ impl Node {
                 idempotency: idem,
             };
             let stored = self.backend.inbox.append(users, msg).await?;
-            users
-                .iter()
-                .zip(stored)
-                .map(|(u, a)| Delivery {
-                    user_id: u.clone(),
-                    message_id: a.id.to_string(),
-                    // A connection on this node is proof enough: it gets a
-                    // stored message live, or from the inbox when its
-                    // subscription is re-proven after a Redis failover,
-                    // while the publish may have reached nobody yet.
-                    online: a.online || self.hub.has_user(u),
-                    replayed: a.replayed,
-                })
-                .collect()
+            self.stored_deliveries(users, stored)
         };
         let pushed = deliveries.iter().filter(|d| !d.replayed).count() as u64;
         metrics::counter!("herald_messages_pushed_total", "kind" => if transient { "transient" } else { "stored" })
@@ -455,6 +426,27 @@ impl Node {
             .await
     }
 
+    /// The deliveries of a stored send, per user in order. A connection
+    /// on this node is proof enough of `online`: it gets a stored message
+    /// live, or from the inbox when its subscription is re-proven after a
+    /// Redis failover, while the publish may have reached nobody yet.
+    pub(crate) fn stored_deliveries(
+        &self,
+        users: &[String],
+        stored: Vec<Appended>,
+    ) -> Vec<Delivery> {
+        users
+            .iter()
+            .zip(stored)
+            .map(|(u, a)| Delivery {
+                user_id: u.clone(),
+                message_id: a.id.to_string(),
+                online: a.online || self.hub.has_user(u),
+                replayed: a.replayed,
+            })
+            .collect()
+    }
+
     /// Leaves the cluster (clean shutdown).
     pub async fn shutdown(&self) {
         if let Err(e) = self.backend.presence.leave().await {
@@ -497,4 +489,34 @@ pub(crate) fn fingerprint(topic: &str, payload_json: &str, transient: bool) -> S
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+/// The deliveries of a live-only send, per user in order: a user an
+/// earlier call with the same key already reached gets that call's id
+/// (replayed); the others get `id`, and whether the publish reached a node
+/// holding them (`online`: one answer per user published to, in order).
+pub(crate) fn live_deliveries(
+    users: &[String],
+    claims: Vec<Claim>,
+    id: &str,
+    mut online: impl Iterator<Item = bool>,
+) -> Vec<Delivery> {
+    users
+        .iter()
+        .zip(claims)
+        .map(|(u, claim)| match claim {
+            Claim::Seen(first) => Delivery {
+                user_id: u.clone(),
+                message_id: first,
+                online: false,
+                replayed: true,
+            },
+            _ => Delivery {
+                user_id: u.clone(),
+                message_id: id.to_string(),
+                online: online.next().unwrap_or(false),
+                replayed: false,
+            },
+        })
+        .collect()
 }

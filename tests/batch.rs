@@ -193,12 +193,7 @@ on_both_backends!(
 #[tokio::test]
 async fn a_batch_retried_after_a_redis_freeze_is_sent_once_across_nodes() {
     let redis = RedisServer::start();
-    let mut a1 = args();
-    a1.redis_url = Some(redis.url());
-    let mut a2 = args();
-    a2.redis_url = Some(redis.url());
-    let n1 = TestNode::start_with(a1).await;
-    let n2 = TestNode::start_with(a2).await;
+    let (n1, n2) = TestNode::pair_on(&redis).await;
     let mut c1 = n1.client().await;
     let mut c2 = n2.client().await;
     let users: Vec<String> = (0..4).map(|i| uid(&format!("fz{i}"))).collect();

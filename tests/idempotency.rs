@@ -281,12 +281,7 @@ async fn an_idempotency_key_cannot_take_another_users_inbox() {
 #[tokio::test]
 async fn a_retry_after_a_redis_freeze_stores_once_across_nodes() {
     let redis = RedisServer::start();
-    let mut a1 = args();
-    a1.redis_url = Some(redis.url());
-    let mut a2 = args();
-    a2.redis_url = Some(redis.url());
-    let n1 = TestNode::start_with(a1).await;
-    let n2 = TestNode::start_with(a2).await;
+    let (n1, n2) = TestNode::pair_on(&redis).await;
     let mut c1 = n1.client().await;
     let mut c2 = n2.client().await;
     let u = uid("frozen");

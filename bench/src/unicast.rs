@@ -91,18 +91,7 @@ fn spawn_batch(
             Err(e) => (0..batch.len()).map(|_| Err(e.clone())).collect(),
         };
         for ((targets, ..), r) in batch.iter().zip(results) {
-            match r {
-                Ok(()) => {
-                    for &i in targets {
-                        ctx.fleet.slots[i].expected.fetch_add(1, Relaxed);
-                    }
-                    c.expected.fetch_add(targets.len() as u64, Relaxed);
-                }
-                Err(e) => {
-                    c.errors.fetch_add(1, Relaxed);
-                    ctx.fleet.note_error(e);
-                }
-            }
+            book(&ctx, &c, targets, r);
         }
         drop(permit);
     });
@@ -137,6 +126,11 @@ pub(crate) async fn call(
     let r = api.send(node, users, body, ctx.args.transient).await;
     c.calls.fetch_add(1, Relaxed);
     ctx.progress.calls.fetch_add(1, Relaxed);
+    book(ctx, c, targets, r);
+}
+
+/// Books one answered send: one expected delivery per target, or an error.
+fn book(ctx: &Ctx, c: &StepCounters, targets: &[usize], r: Result<(), String>) {
     match r {
         Ok(()) => {
             for &i in targets {

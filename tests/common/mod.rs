@@ -84,6 +84,16 @@ impl TestNode {
         node
     }
 
+    /// Two in-process nodes sharing `redis`.
+    pub async fn pair_on(redis: &RedisServer) -> (TestNode, TestNode) {
+        let on = || {
+            let mut a = args();
+            a.redis_url = Some(redis.url());
+            a
+        };
+        (Self::start_with(on()).await, Self::start_with(on()).await)
+    }
+
     pub async fn start_with(args: ServeArgs) -> TestNode {
         Self::try_start_with(args).await.expect("node starts")
     }
