@@ -28,6 +28,14 @@ NAMES = {
     "centrifugo-live": "Centrifugo v6, 2 nodes + Redis, no history",
     "floor": "herald-floor (bare fan-out)",
 }
+# The full run before issue 23's changes (BENCHMARKS.md as generated then),
+# for the "nothing regresses" targets. RSS: 4.53 KiB per idle connection.
+BEFORE = {
+    "run": "2026-12-01, git 73f9d52",
+    "broadcast-herald1": 174931,
+    "broadcast-herald2": 146475,
+    "idle-10000-herald1": 4.53 * 1024,
+}
 ORDER = ["herald1", "herald2", "herald2-cluster", "socketio", "socketio-http", "centrifugo", "centrifugo-live", "floor"]
 
 
@@ -322,6 +330,22 @@ def generate(runs, meta, commands):
     for mode, want, what in [("transient", 1.5, "live-only"), ("stored", 1.2, "stored")]:
         r_ = ratio(sus(f"unicast-sendbatch-{mode}-herald2"), sus("unicast-transient-socketio"))
         row(f"Herald 2 nodes unicast {what} through SendBatch >= {want}x Socket.IO's sustained rate (emitter called in-process)", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= want)
+    # The unicast cost against Socket.IO's (in-process emitter), all at the
+    # last fixed rate: server and Redis CPU per delivery.
+    rate_n = rates[-1] if rates else None
+
+    def cpu_at(label):
+        return fig(runs, label, lambda r: get(fixed_step(r, rate_n) or {}, "cpu_us_per_delivery")) if rate_n else None
+    sio_cpu = cpu_at("unicast-transient-socketio")
+    for mode, want, what in [("stored", 1.0, "stored"), ("transient", 0.7, "live-only")]:
+        v = cpu_at(f"unicast-{mode}-herald2")
+        r_ = ratio(v, sio_cpu)
+        row(f"Herald 2 nodes unicast {what}: server + Redis CPU per delivery at {rate_n or 0:,.0f}/s <= {want}x Socket.IO's (live)",
+            "n/a" if r_ is None else f"{r_:.2f}x ({f1(v)} vs {f1(sio_cpu)} µs)", None if r_ is None else r_ <= want)
+    for mode, what in [("stored", "stored"), ("transient", "live-only")]:
+        r_ = ratio(sus(f"unicast-{mode}-herald2"), sus("unicast-transient-socketio"))
+        row(f"Herald 2 nodes unicast {what} sustains Socket.IO's highest sustained rate (>= 1.0x)",
+            "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= 1.0)
     r_ = ratio(sus("unicast-stored-herald2"), sus("unicast-stored-centrifugo"))
     row("Herald 2 nodes unicast stored >= 2x Centrifugo with history", "n/a" if r_ is None else f"{r_:.2f}x", None if r_ is None else r_ >= 2)
     # CPU per message at the first fixed rate, split by process.
@@ -357,6 +381,18 @@ def generate(runs, meta, commands):
         t = fig(runs, f"broadcast-{s}", lambda r: get(r, "single", "time_to_all_median_ms"))
         r_ = ratio(t, fig(runs, "broadcast-floor", lambda r: get(r, "single", "time_to_all_median_ms")))
         row(f"{NAMES[s]}: one broadcast reaches all within 1.2x the floor's time", "n/a" if r_ is None else f"{r_:.2f}x ({ms(t)})", None if r_ is None else r_ <= 1.2)
+    # Nothing regresses: against the full run before issue 23's changes
+    # (BEFORE, below), on the same kind of machine.
+    for s in ("herald1", "herald2"):
+        b = fig(runs, f"broadcast-{s}", lambda r: get(r, "sustained", "deliveries_per_s"))
+        r_ = ratio(b, BEFORE[f"broadcast-{s}"])
+        row(f"{NAMES[s]}: broadcast deliveries/s within 10% of before ({BEFORE[f'broadcast-{s}']:,.0f}/s, {BEFORE['run']})",
+            "n/a" if r_ is None else f"{100*r_:.0f}%", None if r_ is None else r_ >= 0.9)
+    v = fig(runs, "idle-10000-herald1", lambda r: get(r, "idle", "bytes_per_connection"))
+    row(f"Herald 1 node: RSS per idle connection at 10,000 <= before ({BEFORE['idle-10000-herald1'] / 1024:.2f} KiB, {BEFORE['run']})",
+        "n/a" if v is None else f"{v/1024:.2f} KiB", None if v is None else v <= BEFORE["idle-10000-herald1"])
+    p50 = seq1("sequential-stored-herald1")
+    row("Herald, 1 node: sequential SendToUser (stored, one call in flight) p50 <= 0.25 ms", ms(p50), None if p50 is None else p50 <= 0.25)
     if idle_labels:
         big = idle_labels[-1]
         n = fig(runs, f"{big}-herald1", lambda r: get(r, "idle", "connected"))

@@ -32,7 +32,9 @@
 #   CLUSTER_REPLICAS   replicas per primary [0: the sharding path alone; with
 #                      1 every write is also replicated, on the same cores]
 #   ROUNDS             repetitions of the whole set; the tables show medians [1]
-#   UNICAST_CONNS      clients for the unicast experiments [10000]
+#   UNICAST_CONNS      clients for the unicast experiments [2000: enough recipients to spread
+#                      the load, few enough that the bench client's own receiving does not
+#                      saturate the cores before the servers do]
 #   FIXED_RATES        fixed rates measured first, deliveries/s [5000 10000]
 #   RAMP_START         first rate of the step-up search [2000]
 #   STEP_SECS          seconds per rate step [4]
@@ -91,7 +93,7 @@ if [ "$MODE" = smoke ]; then
     : "${BENCH_OUT:=$ROOT/bench-out/smoke}"
 else
     : "${SYSTEMS:=herald1 herald2 herald2-cluster socketio socketio-http centrifugo centrifugo-live floor}"
-    : "${UNICAST_CONNS:=10000}" "${FIXED_RATES:=5000 10000}" "${STEP_SECS:=4}" "${BATCH:=100}"
+    : "${UNICAST_CONNS:=2000}" "${FIXED_RATES:=5000 10000}" "${STEP_SECS:=4}" "${BATCH:=100}"
     : "${BROADCAST_CONNS:=10000}" "${BROADCASTS:=40}" "${IDLE_SIZES:=10000 50000}" "${IDLE_HOLD:=10s}"
     : "${BIG_IDLE:=100000}" "${ROUNDS:=1}" "${BENCH_PROFILE:=production}" "${SENDER_ALONE_RATES:=10000,30000,60000,max}"
     : "${BENCH_OUT:=$ROOT/bench-out/full}"
