@@ -28,13 +28,15 @@ NAMES = {
     "centrifugo-live": "Centrifugo v6, 2 nodes + Redis, no history",
     "floor": "herald-floor (bare fan-out)",
 }
-# The full run before issue 23's changes (BENCHMARKS.md as generated then),
-# for the "nothing regresses" targets. RSS: 4.53 KiB per idle connection.
+# Herald before issue 23's allocator change (git 08d6dc3, the production
+# build), measured on the same machine right after the full run with the
+# same sizes (HERALD_SERVER_BIN, BENCHMARKS.md's before/after), for the
+# "nothing regresses" targets.
 BEFORE = {
-    "run": "2026-12-01, git 73f9d52",
-    "broadcast-herald1": 174931,
-    "broadcast-herald2": 146475,
-    "idle-10000-herald1": 4.53 * 1024,
+    "run": "git 08d6dc3, same machine",
+    "broadcast-herald1": 369043,
+    "broadcast-herald2": 310137,
+    "idle-10000-herald1": 5157,
 }
 ORDER = ["herald1", "herald2", "herald2-cluster", "socketio", "socketio-http", "centrifugo", "centrifugo-live", "floor"]
 

@@ -4,10 +4,10 @@ use std::process::ExitCode;
 /// jemalloc, not glibc's malloc: a node allocates and frees small buffers
 /// for every message (frames, protobuf decodes, Redis replies), where glibc
 /// spent about a tenth of a node's CPU in `malloc`/`free` (perf, unicast at
-/// 10k/s). Measured with bench/run.sh (BENCHMARKS.md): node CPU per stored
-/// unicast down about 13%, broadcast deliveries/s up about 30%, RSS per
-/// idle connection unchanged (mimalloc was as fast but held 2 KiB more per
-/// idle connection).
+/// 10k/s). Measured with bench/run.sh (BENCHMARKS.md, before and after):
+/// node CPU per unicast 10% (stored) to 28% (live-only) lower, broadcast
+/// deliveries/s about 14% higher, no more RSS per idle connection
+/// (mimalloc was as fast but held 2 KiB more per idle connection).
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
