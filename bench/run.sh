@@ -32,9 +32,8 @@
 #   CLUSTER_REPLICAS   replicas per primary [0: the sharding path alone; with
 #                      1 every write is also replicated, on the same cores]
 #   ROUNDS             repetitions of the whole set; the tables show medians [1]
-#   UNICAST_CONNS      clients for the unicast experiments [2000: enough recipients to spread
-#                      the load, few enough that the bench client's own receiving does not
-#                      saturate the cores before the servers do]
+#   UNICAST_CONNS      clients for the unicast experiments [2000, the size of issue 23's
+#                      measurement; the run before used 10000]
 #   FIXED_RATES        fixed rates measured first, deliveries/s [5000 10000]
 #   RAMP_START         first rate of the step-up search [2000]
 #   STEP_SECS          seconds per rate step [4]
