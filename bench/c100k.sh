@@ -122,6 +122,13 @@ wait_ready() {
 
 # running PID: the process exists and is not a zombie (a child killed and
 # not yet waited for).
+# forget PID: a process already waited for leaves PIDS, so cleanup cannot
+# signal whatever process reuses its PID.
+forget() {
+    local keep=() q
+    for q in "${PIDS[@]+"${PIDS[@]}"}"; do [ "$q" = "$1" ] || keep+=("$q"); done
+    PIDS=("${keep[@]+"${keep[@]}"}")
+}
 running() { [ -e "/proc/$1" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 now_ms() { date +%s%3N; }
@@ -218,15 +225,19 @@ for _ in $(seq 1200); do # until the probe has killed the node (or gave up): 120
 done
 running "$killed" && die "the probe did not kill node $STORM_NODE (see $OUT/storm.json)"
 { wait "$killed"; } 2>/dev/null || true
+forget "$killed"
 t0=$(now_ms)
 mark=$(grep -c "herald ready" "$OUT/node$STORM_NODE.log" || true)
 start_node "$STORM_NODE"
+ready=0
 for _ in $(seq 300); do
-    [ "$(grep -c "herald ready" "$OUT/node$STORM_NODE.log" || true)" -gt "$mark" ] && break
+    [ "$(grep -c "herald ready" "$OUT/node$STORM_NODE.log" || true)" -gt "$mark" ] && { ready=1; break; }
     sleep 0.05
 done
+[ $ready = 1 ] || die "node $STORM_NODE was not ready 15 s after its restart (see $OUT/node$STORM_NODE.log)"
 echo "$(($(now_ms) - t0))" >"$OUT/restart-ms.txt"
 wait "$PROBE_PID" || true
+forget "$PROBE_PID"
 OVF3=$(listen_overflows)
 
 # --- the summary -----------------------------------------------------------------

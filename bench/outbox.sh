@@ -64,12 +64,23 @@ PG_BIN=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | 
 [ -x "$PG_BIN/postgres" ] || die "PostgreSQL is needed (apt-get install postgresql)"
 
 REDIS_PID="" PG_PID="" NODE_PIDS=() PG_DIR=""
+# stop SIGNAL PID...: sends SIGNAL, gives each process 10 s, then SIGKILL,
+# so a process that ignores the signal cannot hold the script.
+stop() {
+    local sig=$1 p
+    shift
+    for p in "$@"; do kill "-$sig" "$p" 2>/dev/null || true; done
+    for p in "$@"; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+}
 cleanup() {
-    for p in "${NODE_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${NODE_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null || true
+    stop TERM "${NODE_PIDS[@]}"
+    [ -n "$REDIS_PID" ] && stop TERM "$REDIS_PID"
     # SIGINT: PostgreSQL's fast shutdown.
-    [ -n "$PG_PID" ] && kill -INT "$PG_PID" 2>/dev/null && wait "$PG_PID" 2>/dev/null || true
+    [ -n "$PG_PID" ] && stop INT "$PG_PID"
     [ -n "$PG_DIR" ] && rm -rf "$PG_DIR"
 }
 trap cleanup EXIT
@@ -217,12 +228,11 @@ for name in $SYSTEMS; do
     results+=("$out")
     # Herald's consumer's own figures (batch latency, rows, lag), for the log.
     for k in "${!ADMINS[@]}"; do
-        curl -s "http://127.0.0.1:${ADMINS[$k]}/metrics" | grep '^herald_outbox' >"$BENCH_OUT/$name-$((k + 1)).metrics" || true
+        curl -s -m 5 "http://127.0.0.1:${ADMINS[$k]}/metrics" | grep '^herald_outbox' >"$BENCH_OUT/$name-$((k + 1)).metrics" || true
     done
     left=$(psql -h 127.0.0.1 -p "$PG_PORT" -U herald -d postgres -Atc "SELECT count(*) FROM $TABLE")
     [ "$left" = 0 ] || die "$name: $left rows left in $TABLE after the run"
-    for p in "${NODE_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${NODE_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    stop TERM "${NODE_PIDS[@]}"
     NODE_PIDS=()
 done
 

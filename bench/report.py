@@ -383,8 +383,8 @@ def generate(runs, meta, commands):
         t = fig(runs, f"broadcast-{s}", lambda r: get(r, "single", "time_to_all_median_ms"))
         r_ = ratio(t, fig(runs, "broadcast-floor", lambda r: get(r, "single", "time_to_all_median_ms")))
         row(f"{NAMES[s]}: one broadcast reaches all within 1.2x the floor's time", "n/a" if r_ is None else f"{r_:.2f}x ({ms(t)})", None if r_ is None else r_ <= 1.2)
-    # Nothing regresses: against the full run before issue 23's changes
-    # (BEFORE, below), on the same kind of machine.
+    # Nothing regresses: against Herald before issue 23's allocator change
+    # (BEFORE, at the top of this file, measured on the same machine).
     for s in ("herald1", "herald2"):
         b = fig(runs, f"broadcast-{s}", lambda r: get(r, "sustained", "deliveries_per_s"))
         r_ = ratio(b, BEFORE[f"broadcast-{s}"])

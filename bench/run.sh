@@ -506,7 +506,8 @@ run_sender_alone() {
     mkdir -p "$BENCH_OUT/r$ROUND"
     redis_flush
     echo "REDIS_URL=redis://127.0.0.1:PORT/0 node bench/socketio/alone.js --rates $SENDER_ALONE_RATES --duration $STEP_SECS --users $UNICAST_CONNS --redis-pid PID" >>"$COMMANDS"
-    if (cd bench/socketio && REDIS_URL=$REDIS_URL exec node alone.js --rates "$SENDER_ALONE_RATES" --duration "$STEP_SECS" \
+    # Bounded like every herald-bench run (its --time-limit).
+    if (cd bench/socketio && REDIS_URL=$REDIS_URL exec timeout 15m node alone.js --rates "$SENDER_ALONE_RATES" --duration "$STEP_SECS" \
         --users "$UNICAST_CONNS" --redis-pid "$REDIS_PID" --label "$name" --out "$json") >"$log" 2>&1; then
         say "ok   $name: $(tr '\n' ';' <"$log")"
     else

@@ -16,12 +16,11 @@
 //! [`Inbox::append_batch`]: crate::backend::Inbox::append_batch
 //! [`Broker::publish`]: crate::backend::Broker::publish
 
-use crate::backend::{reused, Claim, ClaimScope, Event, IdemKey, NewMessage};
+use crate::backend::{Claim, ClaimScope, IdemKey, NewMessage};
 use crate::error::{Error, Result};
-use crate::node::{fingerprint, live_deliveries, Delivery, Node, SendToUser};
+use crate::node::{live_deliveries, live_events, Delivery, Node, SendToUser};
 use crate::protocol::{self, Frame};
 use futures_util::future::join_all;
-use std::sync::Arc;
 
 /// Items per `SendBatch` call.
 pub const MAX_BATCH_ITEMS: usize = 1000;
@@ -38,16 +37,6 @@ struct Checked<'a> {
     index: usize,
     send: &'a SendToUser<'a>,
     idem: Option<IdemKey<'a>>,
-}
-
-/// A copy of `e` for every item a shared failure (one pipeline) hit.
-fn dup(e: &Error) -> Error {
-    match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
-        Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
-        Error::Unavailable(m) => Error::Unavailable(m.clone()),
-        Error::Backend(m) => Error::Backend(m.clone()),
-    }
 }
 
 fn refuse(reason: &'static str, msg: String) -> Error {
@@ -96,41 +85,17 @@ impl Node {
         check_batch(items)?;
         let mut results: Vec<Option<ItemResult>> = (0..items.len()).map(|_| None).collect();
         // Fingerprints first: the keys borrow them.
-        let prints: Vec<String> = items
-            .iter()
-            .map(|i| {
-                if i.idempotency_key.is_empty() {
-                    String::new()
-                } else {
-                    fingerprint(i.topic, i.payload_json, i.transient)
-                }
-            })
-            .collect();
+        let prints: Vec<String> = items.iter().map(SendToUser::fingerprint).collect();
         let mut ok: Vec<Checked<'_>> = Vec::with_capacity(items.len());
         for (index, (send, fp)) in items.iter().zip(&prints).enumerate() {
-            let checked = self
-                .check_users(send.users)
-                .and_then(|()| self.check_message(send.topic, send.payload_json))
-                .and_then(|()| self.idem_key(send.idempotency_key, fp));
-            match checked {
+            match self.check_send(send, fp) {
                 Ok(idem) => ok.push(Checked { index, send, idem }),
                 Err(e) => results[index] = Some(Err(e)),
             }
         }
         // All or nothing per item, as for SendToUser: a key reused for
         // another request refuses its item before any effect.
-        let conflicts = join_all(ok.iter().map(|c| async move {
-            match c.idem {
-                Some(k) => self
-                    .backend
-                    .idempotency
-                    .first_conflict(c.send.users, k)
-                    .await
-                    .and_then(|i| i.map_or(Ok(()), |i| Err(reused(&c.send.users[i])))),
-                None => Ok(()),
-            }
-        }))
-        .await;
+        let conflicts = join_all(ok.iter().map(|c| self.refuse_reused(c.send.users, c.idem))).await;
         let mut stored = Vec::new();
         let mut live = Vec::new();
         for (c, r) in ok.into_iter().zip(conflicts) {
@@ -180,7 +145,7 @@ impl Node {
                 .zip(per_item)
                 .map(|(c, r)| (c.index, r.map(|a| self.stored_deliveries(c.send.users, a))))
                 .collect(),
-            Err(e) => items.iter().map(|c| (c.index, Err(dup(&e)))).collect(),
+            Err(e) => items.iter().map(|c| (c.index, Err(e.clone()))).collect(),
         }
     }
 
@@ -214,20 +179,14 @@ impl Node {
                     continue;
                 }
             };
-            if let Some(i) = claims.iter().position(|cl| *cl == Claim::Conflict) {
-                out.push((c.index, Err(reused(&c.send.users[i]))));
-                continue;
-            }
             let frame: Frame =
                 protocol::message_frame(id, c.send.topic, c.send.payload_json, ts, true).into();
             let first = events.len();
-            for (u, claim) in c.send.users.iter().zip(&claims) {
-                if *claim == Claim::New {
-                    events.push(Event::Message {
-                        user: Arc::from(u.as_str()),
-                        id: None,
-                        frame: frame.clone(),
-                    });
+            match live_events(c.send.users, &claims, &frame) {
+                Ok(mine) => events.extend(mine),
+                Err(e) => {
+                    out.push((c.index, Err(e)));
+                    continue;
                 }
             }
             sending.push((c, id, claims, first));
@@ -236,7 +195,7 @@ impl Node {
             Ok(v) => v,
             Err(e) => {
                 for (c, ..) in &sending {
-                    out.push((c.index, Err(dup(&e))));
+                    out.push((c.index, Err(e.clone())));
                 }
                 return out;
             }

@@ -113,12 +113,7 @@ impl<'a> Request<'a> {
             Request::Delete(None) => Op::Delete(None),
             Request::Delete(Some(list)) => Op::Delete(Some(ids(list)?)),
             Request::List(q) => {
-                if q.topic_prefix.len() > max_topic_bytes {
-                    return Err(Error::invalid(format!(
-                        "topic_prefix of {} bytes exceeds the limit of {max_topic_bytes} bytes",
-                        q.topic_prefix.len(),
-                    )));
-                }
+                Node::check_prefix(q.topic_prefix, max_topic_bytes)?;
                 let cursor = match q.cursor {
                     "" => None,
                     c => Some(Node::parse_id("cursor", c)?),

@@ -6,7 +6,8 @@
 
 use tonic::{Code, Status};
 
-#[derive(Debug, thiserror::Error)]
+/// `Clone`: one failed pipeline answers every batch item it carried.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The request is wrong and will stay wrong if retried.
     #[error("{0}")]

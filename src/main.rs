@@ -7,7 +7,7 @@ use std::process::ExitCode;
 /// 10k/s). Measured with bench/run.sh (BENCHMARKS.md, before and after):
 /// node CPU per unicast 10% (stored) to 28% (live-only) lower, broadcast
 /// deliveries/s about 14% higher, no more RSS per idle connection
-/// (mimalloc was as fast but held 2 KiB more per idle connection).
+/// (mimalloc broadcast less and held 2 KiB more per idle connection).
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

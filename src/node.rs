@@ -30,6 +30,18 @@ pub struct SendToUser<'a> {
     pub idempotency_key: &'a str,
 }
 
+impl SendToUser<'_> {
+    /// What the send asks for, hashed ([`fingerprint`]); empty without an
+    /// idempotency key, so only keyed calls pay for hashing the payload.
+    pub(crate) fn fingerprint(&self) -> String {
+        if self.idempotency_key.is_empty() {
+            String::new()
+        } else {
+            fingerprint(self.topic, self.payload_json, self.transient)
+        }
+    }
+}
+
 /// The result of a send, per user, in request order.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -159,32 +171,50 @@ impl Node {
         }))
     }
 
-    /// Stores (unless `transient`) and pushes a message to each user. With
-    /// an idempotency key, a user that an earlier call with the key already
-    /// served gets nothing now and that call's delivery (`replayed`).
-    pub async fn send_to_user(&self, send: SendToUser<'_>) -> Result<Vec<Delivery>> {
-        let SendToUser {
-            users,
-            topic,
-            payload_json,
-            transient,
-            idempotency_key,
-        } = send;
-        self.check_users(users)?;
-        self.check_message(topic, payload_json)?;
-        // Hashing the payload costs only calls that carry a key.
-        let fingerprint = (!idempotency_key.is_empty())
-            .then(|| fingerprint(topic, payload_json, transient))
-            .unwrap_or_default();
-        let idem = self.idem_key(idempotency_key, &fingerprint)?;
-        // All or nothing: a key used for another request (for any of the
-        // users, stored or transient) refuses the call before anything is
-        // stored, pushed or recorded.
+    /// Checks one send (users, topic, payload, key) before any effect.
+    /// `print` is the send's [`SendToUser::fingerprint`], which the key
+    /// borrows.
+    pub(crate) fn check_send<'a>(
+        &self,
+        send: &SendToUser<'a>,
+        print: &'a str,
+    ) -> Result<Option<IdemKey<'a>>> {
+        self.check_users(send.users)?;
+        self.check_message(send.topic, send.payload_json)?;
+        self.idem_key(send.idempotency_key, print)
+    }
+
+    /// All or nothing: a key used for another request (for any of the
+    /// users, stored or transient) refuses the send before anything is
+    /// stored, pushed or recorded.
+    pub(crate) async fn refuse_reused(
+        &self,
+        users: &[String],
+        idem: Option<IdemKey<'_>>,
+    ) -> Result<()> {
         if let Some(k) = idem {
             if let Some(i) = self.backend.idempotency.first_conflict(users, k).await? {
                 return Err(reused(&users[i]));
             }
         }
+        Ok(())
+    }
+
+    /// Stores (unless `transient`) and pushes a message to each user. With
+    /// an idempotency key, a user that an earlier call with the key already
+    /// served gets nothing now and that call's delivery (`replayed`).
+    pub async fn send_to_user(&self, send: SendToUser<'_>) -> Result<Vec<Delivery>> {
+        // Hashing the payload costs only calls that carry a key.
+        let print = send.fingerprint();
+        let idem = self.check_send(&send, &print)?;
+        let SendToUser {
+            users,
+            topic,
+            payload_json,
+            transient,
+            ..
+        } = send;
+        self.refuse_reused(users, idem).await?;
         let ts = protocol::now_ms();
         // `online` comes from the publish itself (did a node holding the
         // user receive it?), so a send costs no separate presence lookup.
@@ -199,18 +229,7 @@ impl Node {
                 }
             };
             let frame: Frame = protocol::message_frame(&id, topic, payload_json, ts, true).into();
-            let mut events = Vec::with_capacity(users.len());
-            for (u, claim) in users.iter().zip(&claims) {
-                match claim {
-                    Claim::New => events.push(Event::Message {
-                        user: Arc::from(u.as_str()),
-                        id: None,
-                        frame: frame.clone(),
-                    }),
-                    Claim::Seen(_) => {}
-                    Claim::Conflict => return Err(reused(u)),
-                }
-            }
+            let events = live_events(users, &claims, &frame)?;
             let online = self.backend.broker.publish(events).await?;
             live_deliveries(users, claims, &id, online.into_iter())
         } else {
@@ -280,7 +299,7 @@ impl Node {
     /// The unread count, optionally among topics starting with `prefix`.
     pub async fn unread_count(&self, user: &str, prefix: &str) -> Result<u64> {
         self.check_user(user)?;
-        self.check_prefix(prefix)?;
+        Self::check_prefix(prefix, self.cfg.limits.max_topic_bytes)?;
         if prefix.is_empty() {
             self.backend.inbox.unread(user).await
         } else {
@@ -288,12 +307,12 @@ impl Node {
         }
     }
 
-    fn check_prefix(&self, prefix: &str) -> Result<()> {
-        if prefix.len() > self.cfg.limits.max_topic_bytes {
+    /// A topic prefix of at most `max` bytes (`--max-topic-bytes`).
+    pub(crate) fn check_prefix(prefix: &str, max: usize) -> Result<()> {
+        if prefix.len() > max {
             return Err(Error::invalid(format!(
-                "topic_prefix of {} bytes exceeds the limit of {} bytes",
+                "topic_prefix of {} bytes exceeds the limit of {max} bytes",
                 prefix.len(),
-                self.cfg.limits.max_topic_bytes
             )));
         }
         Ok(())
@@ -489,6 +508,25 @@ pub(crate) fn fingerprint(topic: &str, payload_json: &str, transient: bool) -> S
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+/// The events of a live-only send: one per user its claims let through
+/// (`New`), each sharing `frame`; a key reused for another request
+/// (`Conflict`) refuses the send.
+pub(crate) fn live_events(users: &[String], claims: &[Claim], frame: &Frame) -> Result<Vec<Event>> {
+    let mut events = Vec::with_capacity(users.len());
+    for (u, claim) in users.iter().zip(claims) {
+        match claim {
+            Claim::New => events.push(Event::Message {
+                user: Arc::from(u.as_str()),
+                id: None,
+                frame: frame.clone(),
+            }),
+            Claim::Seen(_) => {}
+            Claim::Conflict => return Err(reused(u)),
+        }
+    }
+    Ok(events)
 }
 
 /// The deliveries of a live-only send, per user in order: a user an

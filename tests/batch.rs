@@ -226,7 +226,13 @@ async fn a_batch_retried_after_a_redis_freeze_is_sent_once_across_nodes() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.signal("CONT");
 
+    // Bounded: a Redis that never comes back fails the test, not hangs it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let answer = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retried batch did not succeed within 30 s of Redis coming back"
+        );
         match c2.send_batch(batch(items.clone())).await {
             Ok(r) if r.get_ref().results.iter().all(|x| x.error_code == 0) => break r.into_inner(),
             Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,

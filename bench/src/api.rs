@@ -137,17 +137,7 @@ impl Api {
     }
 
     async fn post(pool: &HttpPool, path: &str, body: String) -> Result<(), String> {
-        match pool.request(Method::POST, path, body).await {
-            Ok((200, _)) => Ok(()),
-            Ok((s, b)) => Err(format!(
-                "POST {path}: HTTP {s}: {}",
-                String::from_utf8_lossy(&b)
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
-            )),
-            Err(e) => Err(format!("POST {path}: {e}")),
-        }
+        post_ok(pool, path, body).await.map(|_| ())
     }
 
     /// A POST with a JSON body to a bench-protocol node; the reply body of
@@ -161,20 +151,7 @@ impl Api {
         let Api::Http { nodes } = self else {
             return Err(format!("POST {path}: only to a bench-protocol (HTTP) node"));
         };
-        match nodes[node % nodes.len()]
-            .request(Method::POST, path, body)
-            .await
-        {
-            Ok((200, b)) => Ok(b.to_vec()),
-            Ok((s, b)) => Err(format!(
-                "POST {path}: HTTP {s}: {}",
-                String::from_utf8_lossy(&b)
-                    .chars()
-                    .take(300)
-                    .collect::<String>()
-            )),
-            Err(e) => Err(format!("POST {path}: {e}")),
-        }
+        post_ok(&nodes[node % nodes.len()], path, body).await
     }
 
     /// One send to `users` through API node `node`.
@@ -354,5 +331,21 @@ mod tests {
         assert_eq!(v["t"], 67890);
         // Too small a size still gives valid JSON.
         assert!(serde_json::from_str::<serde_json::Value>(&payload(1, 2, 5)).is_ok());
+    }
+}
+
+/// A POST to a bench-protocol node: the reply body of a 200, or what went
+/// wrong (the start of any other reply's body).
+async fn post_ok(pool: &HttpPool, path: &str, body: String) -> Result<Vec<u8>, String> {
+    match pool.request(Method::POST, path, body).await {
+        Ok((200, b)) => Ok(b.to_vec()),
+        Ok((s, b)) => Err(format!(
+            "POST {path}: HTTP {s}: {}",
+            String::from_utf8_lossy(&b)
+                .chars()
+                .take(300)
+                .collect::<String>()
+        )),
+        Err(e) => Err(format!("POST {path}: {e}")),
     }
 }

@@ -353,7 +353,8 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// A validated message-center request.
+    /// A message-center request, its shape checked; `Node::center` validates
+    /// and applies it.
     async fn on_center(&mut self, op: ClientOp) -> Step {
         // A history page costs more of the budget: its reply can be large.
         if matches!(op, ClientOp::History { .. }) && !self.budget.take_more(HISTORY_EXTRA_COST) {

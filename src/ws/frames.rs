@@ -48,7 +48,8 @@ impl Budget {
 }
 
 /// A `history` request costs this many budget tokens on top of the one
-/// every frame costs (a page can be up to 50 stored messages).
+/// every frame costs (a page can be up to `Entry::Client`'s `max_page`
+/// stored messages).
 pub(super) const HISTORY_EXTRA_COST: f32 = 4.0;
 
 /// Sends the reply of a message-center request, or its error frame.
@@ -77,7 +78,7 @@ pub(super) enum Asked {
     Read(MessageId),
     /// Answer with this frame (pong, or an error frame).
     Reply(protocol::Frame),
-    /// A message-center request, validated.
+    /// A message-center request, its shape checked (the node validates it).
     Center(ClientOp),
 }
 
